@@ -1,0 +1,77 @@
+"""Timing harness shared by the benchmarks: interleaved medians, machine description, outputs."""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+
+def interleaved_medians(contenders: Dict[str, Callable[[], None]], reps: int, warmup: int = 1,
+                        setup: Callable[[], None] | None = None) -> Dict[str, float]:
+    """Runs every contender once per round (A B C A B C ...), `reps` timed rounds after `warmup`
+    untimed ones, and returns each contender's median seconds. `setup` runs untimed before each call."""
+    times: Dict[str, List[float]] = {k: [] for k in contenders}
+    for r in range(warmup + reps):
+        for name, fn in contenders.items():
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_header() -> List[str]:
+    import numpy as np
+
+    import sparsebp
+
+    info = sparsebp.build_info()
+    lines = [
+        f"cpu: {cpu_name()} ({os.cpu_count()} logical CPUs)",
+        f"sparsebp {info['version']}: active ISA {info['active_isa']}, available {', '.join(info['available_isas'])}",
+        f"python {platform.python_version()}, numpy {np.__version__}",
+    ]
+    try:
+        import torch
+
+        lines.append(f"torch {torch.__version__}")
+    except ImportError:
+        lines.append("torch: not installed (dense and torch.sparse contenders skipped)")
+    try:
+        import importlib.metadata as md
+
+        lines.append(f"sparseprop {md.version('sparseprop')}")
+    except Exception:
+        lines.append("sparseprop: not installed (contender skipped; see PEERS.md for how to install it)")
+    return lines
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    if not rows:
+        return
+    keys: List[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)

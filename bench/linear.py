@@ -1,0 +1,374 @@
+"""Sparse linear layer, forward + full backward: sparsebp vs dense torch, torch.sparse and SparseProp.
+
+Run through `sparsebp bench` (or `python -m sparsebp.bench.linear`). Each thread count runs in its
+own worker process (SparseProp reads OMP_NUM_THREADS once, at load), every case is checked against
+dense torch before it is timed, contenders are interleaved and medians reported.
+
+Contenders (all: forward, then backward giving the input, weight and bias gradients):
+  dense        torch.nn.Linear (the baseline every ratio is taken against)
+  torch.sparse torch.sparse.mm with a CSR weight that requires grad
+  sparseprop   sparseprop.modules.SparseLinear (when installed), C-ordered tensors in and out
+  sparsebp     sparsebp.ops with Fortran-ordered activations: the layout sparsebp keeps between
+               layers, so no transposes (see sparsebp.ops)
+  sparsebp-C   sparsebp.ops with C-ordered activations, transposes included
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import List
+
+import numpy as np
+
+LAYERS = [(768, 3072), (3072, 768), (4096, 4096)]  # (in_features, out_features)
+BATCHES = [64, 256]
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
+THREADS = [1, 2]
+# Real pruned weights from ../shared/data/dlmc (Gale, Zaharia, Elsen, SC 2020), batch 256.
+DLMC = [
+    ("rn50", "magnitude_pruning/0.9", "bottleneck_2_block_group3_4_1"),
+    ("rn50", "magnitude_pruning/0.98", "bottleneck_2_block_group3_4_1"),
+    ("transformer", "magnitude_pruning/0.9", "body_decoder_layer_0_ffn_conv1_fully_connected"),
+]
+DLMC_BATCH = 256
+# The bar (issue #2): minimum speed-up over dense at 1 thread, forward + full backward.
+BAR = {0.7: 1.0, 0.9: 2.5, 0.95: 5.0, 0.98: 10.0, 0.99: 16.0}
+CONTENDERS = ["dense", "torch.sparse", "sparseprop", "sparsebp", "sparsebp-C"]
+
+
+def dlmc_root() -> str | None:
+    env = os.environ.get("SPARSEBP_DLMC")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in [env, os.path.join(os.getcwd(), "..", "shared", "data", "dlmc"),
+                 os.path.join(here, "..", "..", "..", "shared", "data", "dlmc")]:
+        if cand and os.path.isdir(cand):
+            return os.path.abspath(cand)
+    return None
+
+
+def read_smtx(path: str):
+    """DLMC .smtx(.gz): 'rows, cols, nnz', then indptr, then column indices (no values)."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        rows, cols, nnz = (int(t) for t in f.readline().replace(",", " ").split())
+        indptr = np.array(f.readline().split(), dtype=np.int64)
+        indices = np.array(f.readline().split(), dtype=np.int64) if nnz else np.zeros(0, np.int64)
+    if len(indptr) != rows + 1 or len(indices) != nnz:
+        raise ValueError(f"{path}: malformed smtx file")
+    return rows, cols, indptr, indices
+
+
+def random_mask(out_f: int, in_f: int, sparsity: float, rng) -> tuple:
+    """Uniformly random positions, exactly round((1 - s) * out * in) of them, as (indptr, indices)."""
+    total = out_f * in_f
+    nnz = int(round((1.0 - sparsity) * total))
+    flat = np.sort(rng.choice(total, size=nnz, replace=False))
+    rows, cols = np.divmod(flat, in_f)
+    indptr = np.zeros(out_f + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=out_f), out=indptr[1:])
+    return indptr, cols.astype(np.int32)
+
+
+def cases(quick: bool) -> List[dict]:
+    if quick:
+        return [dict(kind="random", in_f=4096, out_f=4096, batch=256, sparsity=s) for s in (0.9, 0.99)] + [
+            dict(kind="random", in_f=768, out_f=3072, batch=64, sparsity=0.95)]
+    out = [dict(kind="random", in_f=i, out_f=o, batch=b, sparsity=s)
+           for (i, o) in LAYERS for b in BATCHES for s in SPARSITIES]
+    root = dlmc_root()
+    for model, sub, name in DLMC:
+        if root:
+            out.append(dict(kind="dlmc", path=os.path.join(root, model, sub, name + ".smtx.gz"),
+                            label=f"dlmc {model} {sub.split('/')[-1]} {name}", batch=DLMC_BATCH))
+    return out
+
+
+def run_case(case: dict, reps: int, have_sparseprop: bool) -> List[dict]:
+    import torch
+
+    import sparsebp
+    from sparsebp import ops
+
+    rng = np.random.default_rng(0)
+    if case["kind"] == "dlmc":
+        out_f, in_f, indptr, indices = read_smtx(case["path"])
+        label = case["label"]
+    else:
+        in_f, out_f = case["in_f"], case["out_f"]
+        indptr, indices = random_mask(out_f, in_f, case["sparsity"], rng)
+        label = f"{in_f}->{out_f}"
+    B = case["batch"]
+    nnz = int(indptr[-1])
+    values = (rng.standard_normal(nnz) / np.sqrt(max(in_f * (nnz / (in_f * out_f)), 1))).astype(np.float32)
+    W = sparsebp.CSR(indptr, indices, values, (out_f, in_f))
+    sparsity = 1.0 - W.density
+    bias = rng.standard_normal(out_f).astype(np.float32)
+    x = rng.standard_normal((B, in_f)).astype(np.float32)
+    g = rng.standard_normal((B, out_f)).astype(np.float32)
+
+    dense_w = torch.from_numpy(W.to_dense())
+    lin = torch.nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.weight.copy_(dense_w)
+        lin.bias.copy_(torch.from_numpy(bias))
+    xt = torch.from_numpy(x.copy()).requires_grad_()
+    gt = torch.from_numpy(g.copy())
+
+    # ---- check sparsebp against dense torch before timing ----
+    yd = lin(xt)
+    yd.backward(gt)
+    rows_of = W.row_indices()
+    ref_gv = lin.weight.grad.numpy()[rows_of, W.indices]
+    res = {}
+    for name, order in (("sparsebp", "F"), ("sparsebp-C", "C")):
+        xo, go = np.asarray(x, order=order), np.asarray(g, order=order)
+        y = ops.linear_forward(xo, W, bias)
+        gr = ops.linear_backward(go, xo, W)
+        scale = float(np.abs(yd.detach().numpy()).max()) + 1.0
+        err = max(np.abs(y - yd.detach().numpy()).max() / scale,
+                  np.abs(gr.grad_input - xt.grad.numpy()).max() / (np.abs(xt.grad.numpy()).max() + 1.0),
+                  np.abs(gr.grad_values - ref_gv).max() / (np.abs(ref_gv).max() + 1.0) if nnz else 0.0,
+                  np.abs(gr.grad_bias - lin.bias.grad.numpy()).max() / (np.abs(lin.bias.grad.numpy()).max() + 1.0))
+        if not err < 1e-3:
+            raise AssertionError(f"{name} disagrees with dense torch on {label} B={B}: relative error {err:.2e}")
+        res[name] = (xo, go, ops.empty((B, out_f), order), ops.empty((B, in_f), order),
+                     np.empty(nnz, np.float32), np.empty(out_f, np.float32))
+
+    contenders = {}
+
+    def zero_grads():
+        for p in (lin.weight, lin.bias, xt):
+            p.grad = None
+        if ts is not None:
+            ts.grad = None
+            tb.grad = None
+        if sp_mod is not None:
+            for p in sp_mod.parameters():
+                p.grad = None
+
+    def dense():
+        y = lin(xt)
+        y.backward(gt)
+
+    contenders["dense"] = dense
+    ts = tb = None
+    ts = dense_w.to_sparse_csr().requires_grad_()
+    tb = lin.bias.detach().clone().requires_grad_()
+
+    def torch_sparse():
+        y = torch.sparse.mm(ts, xt.t()).t() + tb
+        y.backward(gt)
+
+    contenders["torch.sparse"] = torch_sparse
+    sp_mod = None
+    if have_sparseprop:
+        from sparseprop.modules import SparseLinear as SPLinear
+
+        sp_mod = SPLinear.from_dense(lin)
+
+        def sparseprop_run():
+            y = sp_mod(xt)
+            y.backward(gt)
+
+        contenders["sparseprop"] = sparseprop_run
+
+    for name in ("sparsebp", "sparsebp-C"):
+        xo, go, yb, gib, gvb, gbb = res[name]
+
+        def run(xo=xo, go=go, yb=yb, gib=gib, gvb=gvb, gbb=gbb):
+            ops.linear_forward(xo, W, bias, out=yb)
+            ops.linear_backward(go, xo, W, grad_input=gib, grad_values=gvb, grad_bias=gbb)
+
+        contenders[name] = run
+
+    from sparsebp.bench.harness import interleaved_medians
+
+    med = interleaved_medians(contenders, reps=reps, warmup=1, setup=zero_grads)
+    dense_t = med["dense"]
+    dense_rate = 3 * 2 * out_f * in_f * B / dense_t
+    rows = []
+    for name, t in med.items():
+        useful = 3 * 2 * nnz * B  # forward, input gradient, weight gradient
+        rows.append(dict(case=label, in_features=in_f, out_features=out_f, batch=B, sparsity=round(sparsity, 4),
+                         threads=sparsebp.get_num_threads(), contender=name, time_ms=t * 1e3,
+                         speedup=dense_t / t, efficiency=(useful / t) / dense_rate if name != "dense" else 1.0,
+                         isa=sparsebp.active_isa()))
+    return rows
+
+
+def worker(threads: int, quick: bool, reps: int) -> None:
+    import torch
+
+    import sparsebp
+
+    torch.set_num_threads(threads)
+    sparsebp.set_num_threads(threads)
+    try:
+        import sparseprop  # noqa: F401
+
+        have_sp = True
+    except Exception:
+        have_sp = False
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+    from tqdm import tqdm
+
+    todo = cases(quick)
+    if threads > 1 and not quick:
+        # The 2-thread bar concerns 4096^2 at batch 256; the other layers show scaling.
+        todo = [c for c in todo if c["kind"] == "random" and c["sparsity"] >= 0.8]
+    for case in tqdm(todo, desc=f"linear, {threads} thread(s)", file=sys.stderr):
+        for row in run_case(case, reps, have_sp):
+            print("RESULT " + json.dumps(row), flush=True)
+
+
+def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, reps: int | None = None) -> List[dict]:
+    """Runs the linear benchmark (each thread count in a worker process) and writes
+    linear.csv, linear.md and linear.png into out_dir. Returns the result rows."""
+    threads = threads or ([1] if quick else THREADS)
+    reps = reps or (3 if quick else 7)
+    rows: List[dict] = []
+    for n in threads:
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+        cmd = [sys.executable, "-m", "sparsebp.bench.linear", "--worker", "--threads", str(n), "--reps", str(reps)]
+        if quick:
+            cmd.append("--quick")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                rows.append(json.loads(line[7:]))
+        if proc.wait() != 0:
+            raise RuntimeError(f"benchmark worker for {n} thread(s) failed (exit {proc.returncode})")
+    os.makedirs(out_dir, exist_ok=True)
+    from sparsebp.bench.harness import machine_header, write_csv
+
+    write_csv(os.path.join(out_dir, "linear.csv"), rows)
+    md = report(rows, machine_header())
+    with open(os.path.join(out_dir, "linear.md"), "w") as f:
+        f.write(md)
+    print(md)
+    plot(rows, os.path.join(out_dir, "linear.png"))
+    return rows
+
+
+def _by(rows, **kw):
+    return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+
+def report(rows: List[dict], header: List[str]) -> str:
+    lines = ["# Sparse linear layer: forward + full backward", ""] + [f"- {h}" for h in header] + [
+        "",
+        "Speed-up = dense torch time / contender time (medians, interleaved, one run). "
+        "Efficiency = useful flops/s (3 x 2 x nnz x batch) / dense torch's flops/s in the same case. "
+        "sparsebp = Fortran-ordered activations (no transposes); sparsebp-C = C-ordered, transposes included. "
+        "vs SP = sparsebp speed-up / SparseProp speed-up.", ""]
+    keys = []
+    for r in rows:
+        k = (r["case"], r["batch"], r["threads"])
+        if k not in keys:
+            keys.append(k)
+    lines.append("| layer | batch | threads | sparsity | dense ms | sparsebp ms | sparsebp | sparsebp-C | SparseProp "
+                 "| torch.sparse | efficiency | vs SP | bar | meets bar |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for case, batch, th in keys:
+        sub = _by(rows, case=case, batch=batch, threads=th)
+        for s in sorted({r["sparsity"] for r in sub}):
+            c = {r["contender"]: r for r in _by(sub, sparsity=s)}
+            if "dense" not in c or "sparsebp" not in c:
+                continue
+            sb = c["sparsebp"]
+            sp = c.get("sparseprop")
+            bar = BAR.get(round(s, 2)) if th == 1 and not case.startswith("dlmc") else None
+            vs = sb["speedup"] / sp["speedup"] if sp else None
+            ok = []
+            if bar is not None:
+                ok.append(sb["speedup"] >= bar)
+            if vs is not None and s >= 0.8 - 1e-9:
+                ok.append(vs >= 1.3)
+
+            def f(name):
+                return f"{c[name]['speedup']:.2f}x" if name in c else "-"
+
+            lines.append(
+                f"| {case} | {batch} | {th} | {s:.2f} | {c['dense']['time_ms']:.2f} | {sb['time_ms']:.2f} "
+                f"| {f('sparsebp')} | {f('sparsebp-C')} | {f('sparseprop')} | {f('torch.sparse')} "
+                f"| {sb['efficiency']:.2f} | {f'{vs:.2f}x' if vs else '-'} | {f'{bar}x' if bar else '-'} "
+                f"| {('yes' if all(ok) else 'NO') if ok else '-'} |")
+    # Thread scaling: 4096^2, batch 256.
+    scal = []
+    for s in sorted({r["sparsity"] for r in _by(rows, case="4096->4096", batch=256, threads=2)}):
+        one = _by(rows, case="4096->4096", batch=256, threads=1, sparsity=s, contender="sparsebp")
+        two = _by(rows, case="4096->4096", batch=256, threads=2, sparsity=s, contender="sparsebp")
+        if one and two:
+            scal.append(f"| {s:.2f} | {one[0]['time_ms']:.2f} | {two[0]['time_ms']:.2f} "
+                        f"| {one[0]['time_ms'] / two[0]['time_ms']:.2f}x | {'yes' if s > 0.95 + 1e-9 or one[0]['time_ms'] / two[0]['time_ms'] >= 1.7 else 'NO'} |")
+    if scal:
+        lines += ["", "## 2 threads vs 1, 4096->4096, batch 256 (bar: >= 1.7x for s <= 0.95)", "",
+                  "| sparsity | 1 thread ms | 2 threads ms | throughput ratio | meets bar |", "|---|---|---|---|---|"] + scal
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: {path} not written (pip install sparsebp[bench])")
+        return
+    panels = []
+    for r in rows:
+        k = (r["case"], r["batch"])
+        if r["threads"] == 1 and not r["case"].startswith("dlmc") and k not in panels:
+            panels.append(k)
+    if not panels:
+        return
+    ncol = min(3, len(panels))
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False)
+    for ax, (case, batch) in zip(axes.flat, panels):
+        sub = _by(rows, case=case, batch=batch, threads=1)
+        for name in CONTENDERS[1:]:
+            pts = sorted((r["sparsity"], r["speedup"]) for r in sub if r["contender"] == name)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        bs = sorted(BAR.items())
+        ax.plot([b[0] for b in bs], [b[1] for b in bs], "k--", label="bar", linewidth=1)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"{case}, batch {batch}, 1 thread")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("speed-up over dense torch")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Sparse linear layer, forward + full backward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sparsebp.bench.linear")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, nargs="*", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", default="bench-results")
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a.threads[0], a.quick, a.reps or 3)
+    else:
+        run(a.out, quick=a.quick, threads=a.threads, reps=a.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+// pybind11 module sparsebp._core: converts, releases the GIL, calls. No policy, no algorithm:
+// the Python layer (python/sparsebp/ops.py) gives friendly errors first; the checks here and in
+// ops.cpp are the safety net that keeps a bad call from touching memory it should not.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "sparsebp/csr.h"
+#include "sparsebp/dispatch.h"
+#include "sparsebp/errors.h"
+#include "sparsebp/ops.h"
+#include "sparsebp/threading.h"
+
+namespace py = pybind11;
+using sparsebp::CsrStructure;
+using sparsebp::str_cat;
+
+namespace {
+
+bool is_float32(const py::array& a) { return py::array_t<float>::check_(a); }
+
+void check_float32(const py::array& a, const char* name) {
+  if (!is_float32(a))
+    throw sparsebp::TypeError(str_cat(name, " must be a float32 array; got dtype ", std::string(py::str(a.dtype()))));
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw sparsebp::ValueError(str_cat(name, " must be aligned"));
+}
+
+template <typename T>
+sparsebp::Dense<T> dense_of(const py::array& a, const char* name, bool writable) {
+  check_float32(a, name);
+  if (a.ndim() != 2) throw sparsebp::ValueError(str_cat(name, " must be 2-D; got ", a.ndim(), "-D"));
+  if (writable && !a.writeable()) throw sparsebp::ValueError(str_cat(name, " must be writeable"));
+  if (a.strides(0) % 4 != 0 || a.strides(1) % 4 != 0 || a.strides(0) < 0 || a.strides(1) < 0)
+    throw sparsebp::ValueError(str_cat(name, " has unsupported strides"));
+  T* data = static_cast<T*>(const_cast<void*>(a.data()));
+  return {data, a.shape(0), a.shape(1), a.strides(0) / 4, a.strides(1) / 4};
+}
+
+// A 1-D float32 vector (values, bias, gradients). Returns its pointer; len via out-parameter.
+template <typename T>
+T* vector_of(const py::array& a, const char* name, bool writable, int64_t* len) {
+  check_float32(a, name);
+  if (a.ndim() != 1) throw sparsebp::ValueError(str_cat(name, " must be 1-D; got ", a.ndim(), "-D"));
+  if (a.shape(0) > 1 && a.strides(0) != 4) throw sparsebp::ValueError(str_cat(name, " must be contiguous"));
+  if (writable && !a.writeable()) throw sparsebp::ValueError(str_cat(name, " must be writeable"));
+  *len = a.shape(0);
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+template <typename IP>
+CsrStructure build_with_indices(int64_t rows, int64_t cols, const py::array& indptr, const py::array& indices) {
+  const IP* ip = static_cast<const IP*>(indptr.data());
+  if (py::array_t<int32_t>::check_(indices))
+    return CsrStructure::build(rows, cols, ip, indptr.shape(0), static_cast<const int32_t*>(indices.data()), indices.shape(0));
+  if (py::array_t<int64_t>::check_(indices))
+    return CsrStructure::build(rows, cols, ip, indptr.shape(0), static_cast<const int64_t*>(indices.data()), indices.shape(0));
+  throw sparsebp::TypeError(str_cat("indices must be an int32 or int64 array; got dtype ",
+                                    std::string(py::str(indices.dtype()))));
+}
+
+CsrStructure make_structure(int64_t rows, int64_t cols, const py::array& indptr, const py::array& indices) {
+  for (const auto& [arr, name] : {std::pair<const py::array&, const char*>{indptr, "indptr"}, {indices, "indices"}}) {
+    if (arr.ndim() != 1) throw sparsebp::ValueError(str_cat(name, " must be 1-D; got ", arr.ndim(), "-D"));
+    if (!(arr.flags() & py::array::c_style)) throw sparsebp::ValueError(str_cat(name, " must be C-contiguous"));
+  }
+  if (indptr.shape(0) < 1) throw sparsebp::ValueError("indptr must have shape[0] + 1 >= 1 entries; got 0");
+  if (py::array_t<int32_t>::check_(indptr)) return build_with_indices<int32_t>(rows, cols, indptr, indices);
+  if (py::array_t<int64_t>::check_(indptr)) return build_with_indices<int64_t>(rows, cols, indptr, indices);
+  throw sparsebp::TypeError(str_cat("indptr must be an int32 or int64 array; got dtype ",
+                                    std::string(py::str(indptr.dtype()))));
+}
+
+// A read-only NumPy view of memory owned by `owner`.
+template <typename T>
+py::array readonly_view(const T* data, int64_t n, py::handle owner) {
+  py::array_t<T> a({n}, {static_cast<py::ssize_t>(sizeof(T))}, data, owner);
+  py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return std::move(a);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "sparsebp engine (C++). Use the Python package sparsebp, not this module directly.";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const sparsebp::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const sparsebp::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  sparsebp::init_isa_from_environment();
+
+  py::class_<CsrStructure>(m, "CsrStructure")
+      .def(py::init(&make_structure), py::arg("rows"), py::arg("cols"), py::arg("indptr"), py::arg("indices"))
+      .def_property_readonly("shape", [](const CsrStructure& s) { return py::make_tuple(s.rows(), s.cols()); })
+      .def_property_readonly("nnz", &CsrStructure::nnz)
+      .def_property_readonly("indptr",
+                             [](py::object self) {
+                               const auto& s = self.cast<const CsrStructure&>();
+                               return readonly_view(s.indptr(), s.rows() + 1, self);
+                             })
+      .def_property_readonly("indices",
+                             [](py::object self) {
+                               const auto& s = self.cast<const CsrStructure&>();
+                               return readonly_view(s.indices(), s.nnz(), self);
+                             })
+      .def(py::pickle(
+          [](py::object self) {
+            const auto& s = self.cast<const CsrStructure&>();
+            return py::make_tuple(s.rows(), s.cols(), readonly_view(s.indptr(), s.rows() + 1, self),
+                                  readonly_view(s.indices(), s.nnz(), self));
+          },
+          [](const py::tuple& t) {
+            if (t.size() != 4) throw sparsebp::ValueError("invalid CsrStructure pickle state");
+            return make_structure(t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<py::array>(),
+                                  t[3].cast<py::array>());
+          }));
+
+  m.def(
+      "linear_forward",
+      [](const CsrStructure& w, const py::array& values, const py::array& x, const py::object& bias,
+         const py::array& out) {
+        int64_t nv = 0, nb = 0;
+        const float* v = vector_of<const float>(values, "values", false, &nv);
+        const float* b = bias.is_none() ? nullptr : vector_of<const float>(bias.cast<py::array>(), "bias", false, &nb);
+        const auto xd = dense_of<const float>(x, "x", false);
+        const auto yd = dense_of<float>(out, "out", true);
+        py::gil_scoped_release nogil;
+        sparsebp::linear_forward(w, v, nv, b, nb, xd, yd);
+      },
+      py::arg("structure"), py::arg("values"), py::arg("x"), py::arg("bias"), py::arg("out"));
+
+  m.def(
+      "linear_backward",
+      [](const CsrStructure& w, const py::array& values, const py::array& grad_output, const py::array& x,
+         const py::object& grad_input, const py::array& grad_values, const py::object& grad_bias) {
+        int64_t nv = 0, ngv = 0, ngb = 0;
+        const float* v = vector_of<const float>(values, "values", false, &nv);
+        const auto gd = dense_of<const float>(grad_output, "grad_output", false);
+        const auto xd = dense_of<const float>(x, "x", false);
+        sparsebp::DenseOut gid{};
+        const bool want_gi = !grad_input.is_none();
+        if (want_gi) gid = dense_of<float>(grad_input.cast<py::array>(), "grad_input", true);
+        float* gv = vector_of<float>(grad_values, "grad_values", true, &ngv);
+        float* gb = grad_bias.is_none() ? nullptr : vector_of<float>(grad_bias.cast<py::array>(), "grad_bias", true, &ngb);
+        py::gil_scoped_release nogil;
+        sparsebp::linear_backward(w, v, nv, gd, xd, want_gi ? &gid : nullptr, gv, ngv, gb, ngb);
+      },
+      py::arg("structure"), py::arg("values"), py::arg("grad_output"), py::arg("x"), py::arg("grad_input"),
+      py::arg("grad_values"), py::arg("grad_bias"));
+
+  m.def("active_isa", &sparsebp::active_isa);
+  m.def("available_isas", &sparsebp::available_isas);
+  m.def("compiled_isas", &sparsebp::compiled_isas);
+  m.def("set_isa", &sparsebp::set_isa, py::arg("name"));
+  m.def("cpu_features", &sparsebp::cpu_features);
+  m.def("get_num_threads", &sparsebp::get_num_threads);
+  m.def("set_num_threads", &sparsebp::set_num_threads, py::arg("n"));
+  m.def("max_job_threads", &sparsebp::max_job_threads, py::arg("reset") = false);
+  m.def("backward_chunk_width", &sparsebp::backward_chunk_width, py::arg("batch"), py::arg("tile"));
+  m.attr("build_tables") = SPARSEBP_BUILD_TABLES;
+  m.attr("compiler") = SPARSEBP_COMPILER;
+  m.attr("build_type") = SPARSEBP_BUILD_TYPE;
+  m.attr("version") = SPARSEBP_VERSION_STR;
+}

@@ -1,0 +1,29 @@
+// Which kernel table runs: chosen once at import (the best one this CPU supports, or the one named
+// by the environment variable SPARSEBP_ISA), switchable by tests.
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace sparsebp {
+namespace kernels {
+struct KernelTable;
+}
+
+// The table every op uses. Never null.
+const kernels::KernelTable& active_table();
+std::string active_isa();
+// Tables compiled into this build, in preference order: "avx512", "avx2", "scalar", "avx512-emulated".
+std::vector<std::string> compiled_isas();
+// Compiled tables this CPU (and OS) can run, same order.
+std::vector<std::string> available_isas();
+// Makes `name` the active table. Throws ValueError listing the valid choices if `name` is unknown,
+// not compiled in, or not runnable on this CPU.
+void set_isa(const std::string& name);
+// Reads SPARSEBP_ISA (if set and non-empty) and selects it; else selects the first available table
+// that is not emulated. Called once at import.
+void init_isa_from_environment();
+// CPU features relevant to dispatch, as (name, present) pairs.
+std::vector<std::pair<std::string, bool>> cpu_features();
+
+}  // namespace sparsebp

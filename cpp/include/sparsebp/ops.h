@@ -1,0 +1,44 @@
+// The engine's operations over plain pointers. Every argument check and the threading policy
+// live in ops.cpp; kernels trust what they are given.
+#pragma once
+#include <cstdint>
+
+#include "sparsebp/csr.h"
+
+namespace sparsebp {
+
+// A logical (batch x features) float32 matrix: element (b, f) at data[b * stride_batch +
+// f * stride_feature] (strides in elements). It must be contiguous along one axis: stride_batch == 1
+// (feature-major, the kernels' own layout: no copy) or stride_feature == 1 (batch-major, transposed
+// into a scratch buffer first). Size-1 axes may have any stride.
+template <typename T>
+struct Dense {
+  T* data;
+  int64_t batch;
+  int64_t features;
+  int64_t stride_batch;
+  int64_t stride_feature;
+};
+using DenseIn = Dense<const float>;
+using DenseOut = Dense<float>;
+
+// Y = X W^T + b. w: out x in structure; values: w.nnz() floats; bias: out floats or null;
+// x: B x in; y: B x out, overwritten. y must not overlap any input.
+void linear_forward(const CsrStructure& w, const float* values, int64_t values_len, const float* bias,
+                    int64_t bias_len, const DenseIn& x, const DenseOut& y);
+
+// Backward of linear_forward from grad_output G (B x out):
+//   grad_input  = G W                    (B x in; skipped when null), overwritten
+//   grad_values[p] = sum_b G[b, row(p)] X[b, col(p)]   (nnz; at the stored positions), overwritten
+//   grad_bias   = sum_b G[b, :]          (out; skipped when null), overwritten
+// Outputs must not overlap inputs or each other. Results are bit-identical for any thread count.
+void linear_backward(const CsrStructure& w, const float* values, int64_t values_len, const DenseIn& grad_output,
+                     const DenseIn& x, const DenseOut* grad_input, float* grad_values, int64_t grad_values_len,
+                     float* grad_bias, int64_t grad_bias_len);
+
+// The batch-column chunk width the backward splits work into for `batch` columns on a table whose
+// register tile is `tile` columns: a function of these two only (so results do not depend on the
+// thread count), halved from `tile` until there are two chunks or it reaches 8.
+int64_t backward_chunk_width(int64_t batch, int tile);
+
+}  // namespace sparsebp

@@ -1,0 +1,46 @@
+// AVX2 + FMA kernel set: 8 float lanes. Files of this folder are compiled with -mavx2 -mfma.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define SPARSEBP_ISA_NS avx2
+#define SPARSEBP_TABLE_GETTER get_avx2_table
+#define SPARSEBP_TABLE_NAME "avx2"
+#define SPARSEBP_BATCH_TILE 32
+#define SPARSEBP_MAX_TILE_VECTORS 4
+
+namespace sparsebp {
+namespace kernels {
+namespace SPARSEBP_ISA_NS {
+namespace {
+
+// The vector vocabulary the shared kernels in ../simd/*.inc are written in.
+struct Simd {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float reduce(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // Lanes [0, n) active, n in [1, kLanes]. Masked lanes are never read or written (no faults).
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load_partial(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_partial(float* p, V v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
+};
+
+}  // namespace
+}  // namespace SPARSEBP_ISA_NS
+}  // namespace kernels
+}  // namespace sparsebp

@@ -1,0 +1,75 @@
+// AVX-512 kernel set: 16 float lanes. Compiled natively with -mavx512f -mavx512vl -mavx512bw
+// -mavx512dq -mfma, or (SPARSEBP_EMULATE_AVX512) with baseline flags against SIMDe, whose native
+// aliases map every _mm512_* onto portable code: the table "avx512-emulated" that tests select to
+// check the AVX-512 logic (tails, masks) on machines without AVX-512.
+#pragma once
+#if defined(SPARSEBP_EMULATE_AVX512)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define SPARSEBP_ISA_NS avx512_emulated
+#define SPARSEBP_TABLE_GETTER get_avx512_emulated_table
+#define SPARSEBP_TABLE_NAME "avx512-emulated"
+#else
+#include <immintrin.h>
+#define SPARSEBP_ISA_NS avx512
+#define SPARSEBP_TABLE_GETTER get_avx512_table
+#define SPARSEBP_TABLE_NAME "avx512"
+#endif
+
+#include <cstdint>
+
+#define SPARSEBP_BATCH_TILE 64
+#define SPARSEBP_MAX_TILE_VECTORS 4
+
+namespace sparsebp {
+namespace kernels {
+namespace SPARSEBP_ISA_NS {
+namespace {
+
+struct Simd {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // Halves, then quarters, then pairs: the same fixed order on every machine (SIMDe has no
+  // _mm512_reduce_add_ps, and GCC's warns about an undefined operand).
+  static float reduce(V v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                   _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2))));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // Lanes [0, n) active, n in [1, kLanes]; masked lanes are neither read nor written.
+  static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+#if defined(SPARSEBP_EMULATE_AVX512)
+  // NOTE [ SIMDe masked memory ops ]
+  // SIMDe 0.8 emulates _mm512_mask_storeu_ps as a full 16-lane store (zeros in masked lanes) and
+  // _mm512_maskz_loadu_ps as a full load: both touch memory the real instructions leave alone,
+  // which corrupts neighbours and can fault at a page end. The emulated table moves lanes one by one.
+  static V load_partial(const float* p, int n) {
+    alignas(64) float t[16] = {0};
+    for (int i = 0; i < n; ++i) t[i] = p[i];
+    return _mm512_load_ps(t);
+  }
+  static void store_partial(float* p, V v, int n) {
+    alignas(64) float t[16];
+    _mm512_store_ps(t, v);
+    for (int i = 0; i < n; ++i) p[i] = t[i];
+  }
+#else
+  static V load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store_partial(float* p, V v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+#endif
+};
+
+}  // namespace
+}  // namespace SPARSEBP_ISA_NS
+}  // namespace kernels
+}  // namespace sparsebp

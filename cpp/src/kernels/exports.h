@@ -1,0 +1,18 @@
+// Declarations of one kernel set's functions. Included by the files of every ISA folder after its
+// isa.h, which defines SPARSEBP_ISA_NS (the namespace that keeps each ISA's symbols apart: see
+// NOTE [ One namespace per ISA ] in table.inc).
+#pragma once
+#include "kernels/kernel_table.h"
+
+namespace sparsebp {
+namespace kernels {
+namespace SPARSEBP_ISA_NS {
+
+void linear_forward(const LinearForwardArgs& a, int64_t row_begin, int64_t row_end);
+void linear_backward(const LinearBackwardArgs& a, int64_t b_begin, int64_t b_end);
+void transpose(const TransposeArgs& a, int64_t row_begin, int64_t row_end);
+void row_sum(const float* a, int64_t lda, int64_t cols, float* out, int64_t row_begin, int64_t row_end);
+
+}  // namespace SPARSEBP_ISA_NS
+}  // namespace kernels
+}  // namespace sparsebp

@@ -1,0 +1,100 @@
+// Plain-data kernel arguments and the function-pointer table: the only header the ISA files include.
+// Kernels trust their arguments (ops.cpp checks everything) and work on a range given by the caller,
+// so that the threading policy lives in ops.cpp alone.
+//
+// Layout. Dense operands are *feature-major*: element (feature f, batch b) lives at data[f * ld + b],
+// so the batch is the contiguous dimension. A NumPy array of shape (batch, features) in Fortran order
+// is exactly this layout with ld = its column stride.
+#pragma once
+#include <cstdint>
+
+namespace sparsebp {
+namespace kernels {
+
+// The structure of a CSR matrix of shape rows x cols; indices strictly increasing within a row.
+struct CsrPattern {
+  int64_t rows;
+  int64_t cols;
+  const int64_t* indptr;   // rows + 1 entries
+  const int32_t* indices;  // indptr[rows] entries
+};
+
+// Forward of a sparse linear layer, Y = X W^T + b, in feature-major form:
+//   yt[o, b] = bias[o] + sum_{p in row o} values[p] * xt[indices[p], b]
+// for rows o in [row_begin, row_end) and b in [0, batch). Overwrites those rows of yt.
+// bias may be null (then 0). yt must not alias xt.
+//
+// Column panels: the nonzeros are visited panel by panel (columns [0, panel), [panel, 2 panel),
+// ...), so that the rows of xt one panel touches stay in cache while all output rows use them.
+// `cursor` (w.rows entries, caller-owned scratch; disjoint row ranges may share it) remembers
+// where each row's next panel starts. panel >= w.cols means a single sweep. The summation order
+// depends on panel, so callers choose it from the shapes alone (never from the thread count).
+struct LinearForwardArgs {
+  CsrPattern w;
+  const float* values;
+  const float* bias;
+  const float* xt;  // w.cols x batch, leading dimension ldx >= batch
+  int64_t ldx;
+  float* yt;        // w.rows x batch, leading dimension ldy >= batch
+  int64_t ldy;
+  int64_t batch;
+  int64_t panel;
+  int64_t* cursor;
+};
+using LinearForwardFn = void (*)(const LinearForwardArgs&, int64_t row_begin, int64_t row_end);
+
+// Backward of a sparse linear layer over the batch columns [b_begin, b_end), one fused sweep:
+//   dxt[c, b]   = sum_{p: indices[p] = c} values[p] * gt[row(p), b]     (if dxt != null; overwrites
+//                 columns [b_begin, b_end) of every row c, including rows no nonzero touches)
+//   dvalues[p]  = (accumulate ? dvalues[p] : 0) + sum_{b in range} gt[row(p), b] * xt[indices[p], b]
+// The weight gradient is computed at the stored positions only (an SDDMM). Different callers may
+// run disjoint batch ranges concurrently as long as their dvalues and cursor buffers differ.
+// panel / cursor: as for the forward (the panel bounds the rows of xt and dxt kept in cache).
+struct LinearBackwardArgs {
+  CsrPattern w;
+  const float* values;
+  const float* gt;  // w.rows x batch, leading dimension ldg
+  int64_t ldg;
+  const float* xt;  // w.cols x batch, leading dimension ldx
+  int64_t ldx;
+  float* dxt;       // w.cols x batch, leading dimension lddx; may be null (input gradient skipped)
+  int64_t lddx;
+  float* dvalues;   // nnz entries
+  bool accumulate;
+  int64_t panel;
+  int64_t* cursor;  // w.rows entries
+};
+using LinearBackwardFn = void (*)(const LinearBackwardArgs&, int64_t b_begin, int64_t b_end);
+
+// dst[j * ldd + i] = src[i * lds + j] for i in [row_begin, row_end), j in [0, cols). No aliasing.
+struct TransposeArgs {
+  const float* src;
+  int64_t lds;
+  float* dst;
+  int64_t ldd;
+  int64_t cols;
+};
+using TransposeFn = void (*)(const TransposeArgs&, int64_t row_begin, int64_t row_end);
+
+// out[r] = sum_{j < cols} a[r * lda + j] for r in [row_begin, row_end) (the bias gradient).
+using RowSumFn = void (*)(const float* a, int64_t lda, int64_t cols, float* out, int64_t row_begin,
+                          int64_t row_end);
+
+struct KernelTable {
+  const char* name;
+  // Batch columns one register tile covers; ops.cpp sizes the backward's batch chunks from it.
+  int batch_tile;
+  LinearForwardFn linear_forward;
+  LinearBackwardFn linear_backward;
+  TransposeFn transpose;
+  RowSumFn row_sum;
+};
+
+// Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.
+const KernelTable* get_scalar_table();
+const KernelTable* get_avx2_table();
+const KernelTable* get_avx512_table();
+const KernelTable* get_avx512_emulated_table();
+
+}  // namespace kernels
+}  // namespace sparsebp

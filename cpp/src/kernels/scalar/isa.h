@@ -1,0 +1,6 @@
+// Scalar kernel set: the executable specification. Compiled with the baseline flags only.
+#pragma once
+#define SPARSEBP_ISA_NS scalar
+#define SPARSEBP_TABLE_GETTER get_scalar_table
+#define SPARSEBP_TABLE_NAME "scalar"
+#define SPARSEBP_BATCH_TILE 32

@@ -1,0 +1,58 @@
+// Scalar sparse linear kernels: the executable specification of kernel_table.h's contracts.
+// Plain loops in the natural summation order; compiled with the baseline flags only.
+#include <cstring>
+
+#include "kernels/scalar/isa.h"
+#include "kernels/exports.h"
+
+namespace sparsebp {
+namespace kernels {
+namespace SPARSEBP_ISA_NS {
+
+void linear_forward(const LinearForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t batch = a.batch;
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    float* y = a.yt + o * a.ldy;
+    const float init = a.bias ? a.bias[o] : 0.0f;
+    for (int64_t b = 0; b < batch; ++b) y[b] = init;
+    for (int64_t p = a.w.indptr[o]; p < a.w.indptr[o + 1]; ++p) {
+      const float v = a.values[p];
+      const float* x = a.xt + static_cast<int64_t>(a.w.indices[p]) * a.ldx;
+      for (int64_t b = 0; b < batch; ++b) y[b] += v * x[b];
+    }
+  }
+}
+
+void linear_backward(const LinearBackwardArgs& a, int64_t b_begin, int64_t b_end) {
+  const int64_t n = b_end - b_begin;
+  if (a.dxt) {
+    for (int64_t c = 0; c < a.w.cols; ++c) std::memset(a.dxt + c * a.lddx + b_begin, 0, n * sizeof(float));
+  }
+  for (int64_t o = 0; o < a.w.rows; ++o) {
+    const float* g = a.gt + o * a.ldg + b_begin;
+    for (int64_t p = a.w.indptr[o]; p < a.w.indptr[o + 1]; ++p) {
+      const int64_t c = a.w.indices[p];
+      const float* x = a.xt + c * a.ldx + b_begin;
+      float s = 0.0f;
+      for (int64_t b = 0; b < n; ++b) s += g[b] * x[b];
+      a.dvalues[p] = a.accumulate ? a.dvalues[p] + s : s;
+      if (a.dxt) {
+        float* d = a.dxt + c * a.lddx + b_begin;
+        const float v = a.values[p];
+        for (int64_t b = 0; b < n; ++b) d[b] += v * g[b];
+      }
+    }
+  }
+}
+
+void row_sum(const float* a, int64_t lda, int64_t cols, float* out, int64_t row_begin, int64_t row_end) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < cols; ++j) s += a[r * lda + j];
+    out[r] = s;
+  }
+}
+
+}  // namespace SPARSEBP_ISA_NS
+}  // namespace kernels
+}  // namespace sparsebp

@@ -1,0 +1,299 @@
+// All argument checks and the threading policy of the engine. Compiled at baseline flags; the
+// kernels it calls come from the active table (dispatch.cpp).
+#include "sparsebp/ops.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "kernels/kernel_table.h"
+#include "sparsebp/dispatch.h"
+#include "sparsebp/errors.h"
+#include "sparsebp/threading.h"
+
+namespace sparsebp {
+namespace {
+
+using kernels::KernelTable;
+
+// Below this many multiply-adds a job runs on the calling thread: waking workers costs more.
+constexpr int64_t kMinWorkPerThread = 1 << 16;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Grow-only, 64-byte aligned scratch buffers, one set per calling thread (the GIL is released
+// during kernels, so several Python threads may be inside ops at once).
+class Workspace {
+ public:
+  template <typename T = float>
+  T* get(int slot, int64_t count) {
+    if (slot >= static_cast<int>(bufs_.size())) bufs_.resize(slot + 1);
+    Buf& b = bufs_[slot];
+    const int64_t bytes = round_up(std::max<int64_t>(count, 16) * static_cast<int64_t>(sizeof(T)), 64);
+    if (b.bytes < bytes) {
+      void* p = std::aligned_alloc(64, static_cast<size_t>(bytes));
+      if (!p) throw std::bad_alloc();
+      b.ptr.reset(p);
+      b.bytes = bytes;
+    }
+    return static_cast<T*>(b.ptr.get());
+  }
+
+ private:
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  struct Buf {
+    std::unique_ptr<void, Free> ptr;
+    int64_t bytes = 0;
+  };
+  std::vector<Buf> bufs_;
+};
+
+Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+
+// How a Dense is laid out: feature-major (element (b, f) at data[f * ld + b]) or batch-major
+// (at data[b * ld + f]).
+struct Layout {
+  bool feature_major;
+  int64_t ld;
+};
+
+template <typename T>
+Layout layout_of(const Dense<T>& d, const char* name) {
+  const int64_t B = d.batch, F = d.features;
+  if ((d.stride_batch == 1 || B <= 1) && (F <= 1 || d.stride_feature >= B)) return {true, F <= 1 ? std::max<int64_t>(B, 1) : d.stride_feature};
+  if ((d.stride_feature == 1 || F <= 1) && (B <= 1 || d.stride_batch >= F)) return {false, B <= 1 ? std::max<int64_t>(F, 1) : d.stride_batch};
+  throw ValueError(str_cat(name, " must be contiguous along one axis (C or Fortran order); got strides (",
+                           d.stride_batch, ", ", d.stride_feature, ") in elements for shape (", B, ", ", F, ")"));
+}
+
+template <typename T>
+void check_shape(const Dense<T>& d, int64_t batch, int64_t features, const char* name, const char* expect) {
+  SPARSEBP_CHECK_VALUE(d.batch == batch && d.features == features, name, " must have shape ", expect, " = (", batch,
+                       ", ", features, "); got (", d.batch, ", ", d.features, ")");
+}
+
+// Byte span a Dense covers (for overlap checks).
+struct Span {
+  const char* lo;
+  const char* hi;
+};
+template <typename T>
+Span span_of(const Dense<T>& d, const Layout& l) {
+  if (d.batch == 0 || d.features == 0) return {nullptr, nullptr};
+  const int64_t outer = l.feature_major ? d.features : d.batch;
+  const int64_t inner = l.feature_major ? d.batch : d.features;
+  const char* lo = reinterpret_cast<const char*>(d.data);
+  return {lo, lo + ((outer - 1) * l.ld + inner) * static_cast<int64_t>(sizeof(float))};
+}
+Span span_of(const float* p, int64_t n) {
+  const char* lo = reinterpret_cast<const char*>(p);
+  return {lo, n > 0 && p ? lo + n * static_cast<int64_t>(sizeof(float)) : lo};
+}
+bool overlaps(const Span& a, const Span& b) { return a.lo < b.hi && b.lo < a.hi && a.lo != a.hi && b.lo != b.hi; }
+
+void check_no_overlap(const Span& out, const char* out_name, std::initializer_list<std::pair<Span, const char*>> others) {
+  for (const auto& o : others)
+    SPARSEBP_CHECK_VALUE(!overlaps(out, o.first), out_name, " must not share memory with ", o.second);
+}
+
+kernels::CsrPattern pattern_of(const CsrStructure& w) { return {w.rows(), w.cols(), w.indptr(), w.indices()}; }
+
+// Splits rows [0, rows) into at most `parts` ranges of about equal cost (nonzeros + a per-row
+// overhead). Returns the boundaries (size = ranges + 1).
+std::vector<int64_t> balanced_rows(const CsrStructure& w, int64_t parts) {
+  const int64_t rows = w.rows();
+  constexpr int64_t kRowCost = 4;
+  const int64_t total = w.nnz() + rows * kRowCost;
+  std::vector<int64_t> cut{0};
+  for (int64_t i = 1; i < parts; ++i) {
+    const int64_t target = total * i / parts;
+    // First row r with cost(prefix up to r) >= target.
+    int64_t lo = cut.back(), hi = rows;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (w.indptr()[mid] + mid * kRowCost < target) lo = mid + 1; else hi = mid;
+    }
+    if (lo > cut.back() && lo < rows) cut.push_back(lo);
+  }
+  cut.push_back(rows);
+  return cut;
+}
+
+int64_t threads_for(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), work / kMinWorkPerThread));
+}
+
+// dst (cols x rows, leading dim ldd) = transpose of src (rows x cols, leading dim lds).
+void transpose_parallel(const KernelTable& t, const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
+                        int64_t ldd) {
+  if (rows == 0 || cols == 0) return;
+  const kernels::TransposeArgs args{src, lds, dst, ldd, cols};
+  const int64_t nt = threads_for(rows * cols / 4);
+  parallel_for(nt, [&](int64_t i) {
+    const int64_t r0 = round_up(rows * i / nt, 8), r1 = i + 1 == nt ? rows : round_up(rows * (i + 1) / nt, 8);
+    if (r0 < r1) t.transpose(args, r0, std::min(r1, rows));
+  });
+}
+
+// A feature-major view of `d`: itself if already so, else a transposed copy in workspace `slot`.
+const float* feature_major_in(const KernelTable& t, const DenseIn& d, const Layout& l, int slot, int64_t* ld) {
+  if (l.feature_major) {
+    *ld = l.ld;
+    return d.data;
+  }
+  *ld = round_up(std::max<int64_t>(d.batch, 1), 16);
+  float* buf = workspace().get(slot, d.features * *ld);
+  transpose_parallel(t, d.data, d.batch, d.features, l.ld, buf, *ld);
+  return buf;
+}
+
+// Column-panel width for a kernel whose tile is `tile` batch columns and which keeps `streams`
+// feature-major matrices (x; or x and dx) hot: about kPanelBytes of them per panel.
+int64_t panel_width(int64_t cols, int64_t tile, int streams) {
+  static const int64_t kPanelBytes = [] {
+    const char* e = std::getenv("SPARSEBP_PANEL_KB");
+    return (e && *e ? std::atoll(e) : 384) * 1024;
+  }();
+  const int64_t p = std::max<int64_t>(64, kPanelBytes / (tile * 4 * streams));
+  return p >= cols ? std::max<int64_t>(cols, 1) : p;
+}
+
+}  // namespace
+
+int64_t backward_chunk_width(int64_t batch, int tile) {
+  int64_t c = tile;
+  while (c > 8 && (batch + c - 1) / c < 2) c /= 2;
+  return c;
+}
+
+void linear_forward(const CsrStructure& w, const float* values, int64_t values_len, const float* bias,
+                    int64_t bias_len, const DenseIn& x, const DenseOut& y) {
+  SPARSEBP_CHECK_VALUE(values_len == w.nnz(), "values must have nnz = ", w.nnz(), " entries; got ", values_len);
+  if (bias) SPARSEBP_CHECK_VALUE(bias_len == w.rows(), "bias must have shape (", w.rows(), ",); got (", bias_len, ",)");
+  check_shape(x, x.batch, w.cols(), "x", "(batch, in_features)");
+  check_shape(y, x.batch, w.rows(), "out", "(batch, out_features)");
+  const Layout lx = layout_of(x, "x"), ly = layout_of(y, "out");
+  check_no_overlap(span_of(y, ly), "out",
+                   {{span_of(x, lx), "x"}, {span_of(values, values_len), "values"}, {span_of(bias, bias_len), "bias"}});
+  const int64_t B = x.batch;
+  if (B == 0 || w.rows() == 0) return;
+
+  const KernelTable& t = active_table();
+  int64_t ldx;
+  const float* xt = feature_major_in(t, x, lx, 0, &ldx);
+  int64_t ldy = ly.ld;
+  float* yt = y.data;
+  if (!ly.feature_major) {
+    ldy = round_up(B, 16);
+    yt = workspace().get(1, w.rows() * ldy);
+  }
+  const int64_t tile = std::min<int64_t>(t.batch_tile, round_up(B, 8));
+  int64_t* cursor = workspace().get<int64_t>(4, w.rows());
+  const kernels::LinearForwardArgs args{pattern_of(w), values, bias, xt,   ldx,
+                                        yt,            ldy,    B,    panel_width(w.cols(), tile, 1), cursor};
+  const std::vector<int64_t> cut = balanced_rows(w, threads_for((w.nnz() + w.rows()) * B));
+  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.linear_forward(args, cut[i], cut[i + 1]); });
+  if (!ly.feature_major) transpose_parallel(t, yt, w.rows(), B, ldy, y.data, ly.ld);
+}
+
+void linear_backward(const CsrStructure& w, const float* values, int64_t values_len, const DenseIn& grad_output,
+                     const DenseIn& x, const DenseOut* grad_input, float* grad_values, int64_t grad_values_len,
+                     float* grad_bias, int64_t grad_bias_len) {
+  const int64_t nnz = w.nnz();
+  SPARSEBP_CHECK_VALUE(values_len == nnz, "values must have nnz = ", nnz, " entries; got ", values_len);
+  SPARSEBP_CHECK_VALUE(grad_values_len == nnz, "grad_values must have nnz = ", nnz, " entries; got ", grad_values_len);
+  check_shape(x, x.batch, w.cols(), "x", "(batch, in_features)");
+  check_shape(grad_output, x.batch, w.rows(), "grad_output", "(batch, out_features)");
+  if (grad_bias)
+    SPARSEBP_CHECK_VALUE(grad_bias_len == w.rows(), "grad_bias must have shape (", w.rows(), ",); got (", grad_bias_len,
+                         ",)");
+  const Layout lx = layout_of(x, "x"), lg = layout_of(grad_output, "grad_output");
+  Layout ldx_l{true, 0};
+  const Span sx = span_of(x, lx), sg = span_of(grad_output, lg), sv = span_of(values, values_len);
+  const Span sgv = span_of(grad_values, grad_values_len), sgb = span_of(grad_bias, grad_bias_len);
+  check_no_overlap(sgv, "grad_values", {{sx, "x"}, {sg, "grad_output"}, {sv, "values"}, {sgb, "grad_bias"}});
+  check_no_overlap(sgb, "grad_bias", {{sx, "x"}, {sg, "grad_output"}, {sv, "values"}});
+  if (grad_input) {
+    check_shape(*grad_input, x.batch, w.cols(), "grad_input", "(batch, in_features)");
+    ldx_l = layout_of(*grad_input, "grad_input");
+    check_no_overlap(span_of(*grad_input, ldx_l), "grad_input",
+                     {{sx, "x"}, {sg, "grad_output"}, {sv, "values"}, {sgv, "grad_values"}, {sgb, "grad_bias"}});
+  }
+  const int64_t B = x.batch;
+  if (B == 0) {
+    std::fill(grad_values, grad_values + nnz, 0.0f);
+    if (grad_bias) std::fill(grad_bias, grad_bias + w.rows(), 0.0f);
+    return;
+  }
+
+  const KernelTable& t = active_table();
+  int64_t ldg, ldx;
+  const float* gt = feature_major_in(t, grad_output, lg, 0, &ldg);
+  const float* xt = feature_major_in(t, x, lx, 1, &ldx);
+  float* dxt = nullptr;
+  int64_t lddx = 0;
+  if (grad_input) {
+    if (ldx_l.feature_major) {
+      dxt = grad_input->data;
+      lddx = ldx_l.ld;
+    } else {
+      lddx = round_up(B, 16);
+      dxt = workspace().get(2, w.cols() * lddx);
+    }
+  }
+
+  // NOTE [ Deterministic weight gradient ]
+  // Threads split the batch into fixed chunks (backward_chunk_width: a function of B and the table,
+  // never of the thread count). grad_values[p] is the sum of the chunks' partial dot products taken
+  // in chunk order: thread 0 accumulates its chunks in place, every other chunk writes its own
+  // buffer, and those are added afterwards in chunk order. Same operations, same order, same bits,
+  // whatever the number of threads.
+  const int64_t chunk = backward_chunk_width(B, t.batch_tile);
+  const int64_t nchunks = (B + chunk - 1) / chunk;
+  const int64_t work = (nnz * (grad_input ? 2 : 1) + w.cols()) * B;
+  const int64_t nt = std::min<int64_t>(nchunks, threads_for(work));
+  const int64_t own0 = nchunks / nt;  // chunks [0, own0) belong to thread 0
+  float* partials = nchunks > own0 && nnz > 0 ? workspace().get(3, (nchunks - own0) * nnz) : nullptr;
+  int64_t* cursors = workspace().get<int64_t>(4, nt * w.rows());
+  const int64_t panel = panel_width(w.cols(), chunk, grad_input ? 2 : 1);
+  const kernels::CsrPattern pat = pattern_of(w);
+  parallel_for(nt, [&](int64_t i) {
+    const int64_t c0 = nchunks * i / nt, c1 = nchunks * (i + 1) / nt;
+    for (int64_t c = c0; c < c1; ++c) {
+      kernels::LinearBackwardArgs a{pat, values, gt, ldg, xt, ldx, dxt, lddx, nullptr, false, panel,
+                                    cursors + i * w.rows()};
+      if (i == 0) {
+        a.dvalues = grad_values;
+        a.accumulate = c > 0;
+      } else {
+        a.dvalues = partials + (c - own0) * nnz;
+      }
+      t.linear_backward(a, c * chunk, std::min(B, (c + 1) * chunk));
+    }
+  });
+  if (partials) {
+    const int64_t nr = threads_for(nnz * (nchunks - own0));
+    parallel_for(nr, [&](int64_t i) {
+      const int64_t p0 = nnz * i / nr, p1 = nnz * (i + 1) / nr;
+      for (int64_t c = own0; c < nchunks; ++c) {
+        const float* part = partials + (c - own0) * nnz;
+        for (int64_t p = p0; p < p1; ++p) grad_values[p] += part[p];
+      }
+    });
+  }
+  if (grad_bias) {
+    const int64_t rows = w.rows();
+    const int64_t nr = threads_for(rows * B);
+    parallel_for(nr, [&](int64_t i) { t.row_sum(gt, ldg, B, grad_bias, rows * i / nr, rows * (i + 1) / nr); });
+  }
+  if (grad_input && !ldx_l.feature_major) transpose_parallel(t, dxt, w.cols(), B, lddx, grad_input->data, ldx_l.ld);
+}
+
+}  // namespace sparsebp

@@ -1,0 +1,182 @@
+// The engine's thread pool: nthreads - 1 workers plus the calling thread, a static schedule, no
+// barriers inside a job. Workers spin briefly after each job (kernels come in quick succession
+// during training) and then sleep on a condition variable.
+#include "sparsebp/threading.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <sched.h>
+#include <thread>
+#include <vector>
+
+#include "sparsebp/errors.h"
+
+namespace sparsebp {
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+int default_threads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+class Pool {
+ public:
+  explicit Pool(int nthreads) : nthreads_(nthreads) {
+    for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this, i] { worker(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return nthreads_; }
+
+  // Returns how many threads ran at least one task.
+  int run(int64_t ntasks, const std::function<void(int64_t)>& fn) {
+    job_ = &fn;
+    ntasks_ = ntasks;
+    error_ = nullptr;
+    pending_.store(nthreads_ - 1, std::memory_order_relaxed);
+    participants_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    run_share(0);
+    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+    job_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+    return participants_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  void run_share(int tid) {
+    if (tid < ntasks_) participants_.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t t = tid; t < ntasks_; t += nthreads_) {
+      try {
+        (*job_)(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(err_mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+  }
+
+  void worker(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin for a while (cheap hand-off between consecutive kernels), then sleep.
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      uint64_t gen;
+      while ((gen = generation_.load(std::memory_order_acquire)) == seen &&
+             std::chrono::steady_clock::now() < spin_until) {
+        for (int i = 0; i < 64; ++i) cpu_relax();
+      }
+      if (gen == seen) {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        gen = generation_.load(std::memory_order_acquire);
+      }
+      seen = gen;
+      if (stop_) return;
+      run_share(tid);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  const int nthreads_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> participants_{0};
+  bool stop_ = false;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t ntasks_ = 0;
+  std::mutex err_mu_;
+  std::exception_ptr error_;
+};
+
+std::mutex g_pool_mu;            // one job at a time; also guards g_pool / g_nthreads
+std::unique_ptr<Pool> g_pool;
+pid_t g_pool_pid = 0;
+std::atomic<int> g_nthreads{0};  // 0: not set yet
+std::atomic<int> g_max_job_threads{0};
+
+void note_job_threads(int n) {
+  int cur = g_max_job_threads.load(std::memory_order_relaxed);
+  while (n > cur && !g_max_job_threads.compare_exchange_weak(cur, n, std::memory_order_relaxed)) {
+  }
+}
+
+}  // namespace
+
+int get_num_threads() {
+  int n = g_nthreads.load(std::memory_order_relaxed);
+  if (n == 0) {
+    n = default_threads();
+    int expected = 0;
+    g_nthreads.compare_exchange_strong(expected, n);
+    n = g_nthreads.load(std::memory_order_relaxed);
+  }
+  return n;
+}
+
+void set_num_threads(int n) {
+  SPARSEBP_CHECK_VALUE(n >= 1, "num_threads must be an integer >= 1; got ", n);
+  g_nthreads.store(n, std::memory_order_relaxed);
+}
+
+void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn) {
+  if (ntasks <= 0) return;
+  const int want = get_num_threads();
+  std::unique_lock<std::mutex> lk(g_pool_mu, std::try_to_lock);
+  if (want == 1 || ntasks == 1 || !lk.owns_lock()) {
+    // Single thread, or another Python thread is using the pool: run here. The split into tasks
+    // was made by the caller, so the results are the same either way.
+    for (int64_t t = 0; t < ntasks; ++t) fn(t);
+    note_job_threads(1);
+    return;
+  }
+  const pid_t pid = getpid();
+  if (g_pool && g_pool_pid != pid) {
+    // We are in a forked child: the parent's workers do not exist here. Abandon the object.
+    (void)g_pool.release();
+  }
+  if (!g_pool || g_pool->size() != want) {
+    g_pool.reset();
+    g_pool = std::make_unique<Pool>(want);
+    g_pool_pid = pid;
+  }
+  note_job_threads(g_pool->run(ntasks, fn));
+}
+
+int max_job_threads(bool reset) {
+  return reset ? g_max_job_threads.exchange(0, std::memory_order_relaxed)
+               : g_max_job_threads.load(std::memory_order_relaxed);
+}
+
+}  // namespace sparsebp

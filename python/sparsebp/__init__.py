@@ -1,0 +1,26 @@
+"""sparsebp: CPU-first sparse training. Backprop that costs what the nonzeros cost.
+
+Sparse weights in CSR (forward, input gradient and weight gradient at the stored positions, all
+proportional to nnz), with C++ kernels for scalar, AVX2 and AVX-512 chosen at import.
+"""
+from ._runtime import (
+    __version__,
+    active_isa,
+    available_isas,
+    build_info,
+    get_num_threads,
+    set_num_threads,
+)
+from .csr import CSR
+from . import ops
+
+__all__ = [
+    "CSR",
+    "ops",
+    "active_isa",
+    "available_isas",
+    "build_info",
+    "get_num_threads",
+    "set_num_threads",
+    "__version__",
+]

@@ -1,0 +1,65 @@
+"""Which kernels run and on how many threads: thin wrappers over the engine's dispatch."""
+from __future__ import annotations
+
+import numbers
+import os
+
+from . import _core
+
+__version__ = _core.version
+
+
+def active_isa() -> str:
+    """Name of the kernel table in use: 'avx512', 'avx2', 'scalar' (or 'avx512-emulated' in tests).
+
+    Chosen once at import: the best table this CPU runs, unless the environment variable
+    ``SPARSEBP_ISA`` names one (an unknown or unsupported name makes the import fail with the list
+    of valid choices).
+    """
+    return _core.active_isa()
+
+
+def available_isas() -> list[str]:
+    """Kernel tables compiled into this build that this CPU can run, best first.
+
+    'avx512-emulated' (the AVX-512 code compiled against SIMDe, runnable anywhere) is listed last:
+    tests select it to check the AVX-512 logic on machines without AVX-512; it is never the default.
+    """
+    return list(_core.available_isas())
+
+
+def _set_isa(name: str) -> None:
+    """Select a kernel table by name (for tests and benchmarks). ValueError lists the choices."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str; got {type(name).__name__}")
+    _core.set_isa(name)
+
+
+def get_num_threads() -> int:
+    """Number of threads the kernels use (default: the CPUs this process may run on)."""
+    return _core.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the kernels use. Results are bit-identical for any n."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int >= 1; got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be an int >= 1; got {n}")
+    _core.set_num_threads(int(n))
+
+
+def build_info() -> dict:
+    """What this build contains and what it runs on."""
+    return {
+        "version": __version__,
+        "compiled_isas": list(_core.compiled_isas()),
+        "available_isas": available_isas(),
+        "active_isa": active_isa(),
+        "isa_override": os.environ.get("SPARSEBP_ISA") or None,
+        "num_threads": get_num_threads(),
+        "compiler": _core.compiler,
+        "build_type": _core.build_type,
+        "cpu_features": dict(_core.cpu_features()),
+        "cuda": False,
+    }

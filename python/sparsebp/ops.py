@@ -1,0 +1,181 @@
+"""Sparse-weight linear layer kernels over NumPy arrays.
+
+Layout. The kernels keep the batch innermost (feature-major). A float32 array of shape
+(batch, features) in Fortran order *is* that layout, so Fortran-ordered inputs go straight to the
+kernels, and outputs made for them are Fortran-ordered too: a network whose activations stay in
+Fortran order pays no transposes. C-ordered arrays work the same and give C-ordered outputs; they
+are transposed (by a fast blocked kernel) on the way in and out. Arrays contiguous along neither
+axis are copied first.
+
+All functions release the GIL, use ``sparsebp.get_num_threads()`` threads, and give bit-identical
+results for any thread count.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _core
+from .csr import CSR, _values_array
+
+__all__ = ["linear_forward", "linear_backward", "LinearGrads", "empty"]
+
+_F32 = np.dtype(np.float32)
+
+
+def empty(shape, order: str = "C") -> np.ndarray:
+    """An uninitialised float32 array whose data starts on a 64-byte boundary (a cache line, and
+    the width of an AVX-512 register), which the kernels read fastest."""
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(n * 4 + 64, dtype=np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n * 4].view(np.float32).reshape(shape, order=order)
+
+
+def _check_weight(weight) -> CSR:
+    if not isinstance(weight, CSR):
+        raise TypeError(f"weight must be a sparsebp.CSR; got {type(weight).__name__}")
+    return weight
+
+
+def _dense_in(a, name: str, shape_desc: str, features: Optional[int], batch: Optional[int] = None) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of float32 with shape {shape_desc}; got {type(a).__name__}")
+    if a.dtype != _F32:
+        raise TypeError(f"{name} must be float32 with shape {shape_desc}; got {a.dtype} {a.shape}"
+                        " (convert with .astype(np.float32))")
+    if a.ndim != 2 or (features is not None and a.shape[1] != features) or (batch is not None and a.shape[0] != batch):
+        raise ValueError(f"{name} must have shape {shape_desc}; got {a.shape}")
+    if not (a.flags.c_contiguous or a.flags.f_contiguous) or not a.flags.aligned:
+        # Contiguous along one axis with a larger leading stride is fine for the kernels.
+        s0, s1 = a.strides
+        ok = a.flags.aligned and s0 >= 0 and s1 >= 0 and (
+            (s0 == 4 and s1 >= 4 * a.shape[0]) or (s1 == 4 and s0 >= 4 * a.shape[1]))
+        if not ok:
+            a = np.ascontiguousarray(a)
+    return a
+
+
+def _feature_major(a: np.ndarray) -> bool:
+    # A (batch, features) array with the batch innermost (Fortran-like), and not also C-contiguous.
+    return a.strides[0] == 4 and not a.flags.c_contiguous
+
+
+def _dense_out(out, name: str, shape: tuple, like: np.ndarray) -> np.ndarray:
+    if out is None:
+        return empty(shape, order="F" if _feature_major(like) else "C")
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; got {type(out).__name__}")
+    if out.dtype != _F32:
+        raise TypeError(f"{name} must be float32 with shape {shape}; got {out.dtype} {out.shape}")
+    if out.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}; got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    s0, s1 = out.strides
+    if not out.flags.aligned or not ((s0 == 4 and s1 >= 4 * shape[0]) or (s1 == 4 and s0 >= 4 * shape[1])
+                                     or out.flags.c_contiguous or out.flags.f_contiguous):
+        raise ValueError(f"{name} must be aligned and contiguous along one axis (C or Fortran order); "
+                         f"got strides {out.strides}")
+    return out
+
+
+def _vec_out(out, name: str, n: int) -> np.ndarray:
+    if out is None:
+        return np.empty(n, dtype=np.float32)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; got {type(out).__name__}")
+    if out.dtype != _F32:
+        raise TypeError(f"{name} must be float32 with shape ({n},); got {out.dtype} {out.shape}")
+    if out.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},); got {out.shape}")
+    if not out.flags.writeable or not out.flags.c_contiguous or not out.flags.aligned:
+        raise ValueError(f"{name} must be a writeable, contiguous, aligned array")
+    return out
+
+
+def _no_overlap(out: np.ndarray, out_name: str, **inputs) -> None:
+    for name, arr in inputs.items():
+        # Memory bounds, not exact elements (as the engine checks): interleaved views count as overlap.
+        if arr is not None and np.may_share_memory(out, arr):
+            raise ValueError(f"{out_name} must not share memory with {name}")
+
+
+def linear_forward(x: np.ndarray, weight: CSR, bias: Optional[np.ndarray] = None, *,
+                   values: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``y = x @ weight.T + bias`` for a sparse ``weight`` (out_features x in_features).
+
+    Parameters
+    ----------
+    x : float32 (batch, in_features)
+    weight : sparsebp.CSR
+    bias : float32 (out_features,), optional
+    values : float32 (nnz,), optional; used instead of ``weight.values`` (same structure)
+    out : float32 (batch, out_features), optional; overwritten and returned. Must not overlap
+        the inputs.
+
+    Returns
+    -------
+    y : float32 (batch, out_features); Fortran-ordered if ``x`` is (see the module doc).
+
+    Cost: 2 * nnz * batch flops.
+    """
+    w = _check_weight(weight)
+    rows, cols = w.shape
+    v = w.values if values is None else _values_array(values, w.nnz)
+    x = _dense_in(x, "x", f"(batch, {cols})", cols)
+    if bias is not None:
+        if not isinstance(bias, np.ndarray) or bias.dtype != _F32:
+            raise TypeError(f"bias must be a float32 numpy.ndarray with shape ({rows},); got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        if bias.shape != (rows,):
+            raise ValueError(f"bias must have shape ({rows},); got {bias.shape}")
+        bias = np.ascontiguousarray(bias)
+    y = _dense_out(out, "out", (x.shape[0], rows), x)
+    _no_overlap(y, "out", x=x, values=v, bias=bias)
+    _core.linear_forward(w.structure, v, x, bias, y)
+    return y
+
+
+class LinearGrads(NamedTuple):
+    """Gradients of a sparse linear layer. ``grad_values[p]`` is the gradient of stored entry p."""
+
+    grad_input: Optional[np.ndarray]
+    grad_values: np.ndarray
+    grad_bias: Optional[np.ndarray]
+
+
+def linear_backward(grad_output: np.ndarray, x: np.ndarray, weight: CSR, *, input_grad: bool = True,
+                    bias_grad: bool = True, values: Optional[np.ndarray] = None,
+                    grad_input: Optional[np.ndarray] = None, grad_values: Optional[np.ndarray] = None,
+                    grad_bias: Optional[np.ndarray] = None) -> LinearGrads:
+    """Gradients of ``y = x @ weight.T + b`` given ``grad_output = dL/dy``, in one fused sweep.
+
+    - ``grad_input = grad_output @ weight_dense`` (batch, in_features); skipped when
+      ``input_grad=False`` (e.g. the first layer), which saves half the work;
+    - ``grad_values[p] = sum_b grad_output[b, row(p)] * x[b, col(p)]`` at the stored entries only
+      (stored zeros included: the structure, not the values, decides);
+    - ``grad_bias = grad_output.sum(0)``; skipped when ``bias_grad=False``.
+
+    ``grad_input`` / ``grad_values`` / ``grad_bias`` may be given to be overwritten. Cost:
+    2 * nnz * batch flops per product. Returns a ``LinearGrads`` tuple (skipped entries are None).
+    """
+    w = _check_weight(weight)
+    rows, cols = w.shape
+    v = w.values if values is None else _values_array(values, w.nnz)
+    x = _dense_in(x, "x", f"(batch, {cols})", cols)
+    batch = x.shape[0]
+    g = _dense_in(grad_output, "grad_output", f"({batch}, {rows})", rows, batch)
+    gi = _dense_out(grad_input, "grad_input", (batch, cols), g) if input_grad else None
+    gv = _vec_out(grad_values, "grad_values", w.nnz)
+    gb = _vec_out(grad_bias, "grad_bias", rows) if bias_grad else None
+    ins = dict(x=x, grad_output=g, values=v)
+    if gi is not None:
+        _no_overlap(gi, "grad_input", **ins)
+    _no_overlap(gv, "grad_values", grad_input=gi, **ins)
+    if gb is not None:
+        _no_overlap(gb, "grad_bias", grad_input=gi, grad_values=gv, **ins)
+    _core.linear_backward(w.structure, v, g, x, gi, gv, gb)
+    return LinearGrads(gi, gv, gb)

@@ -1,0 +1,31 @@
+"""Shared fixtures: every kernel test runs once per available ISA (the emulated AVX-512 table included)."""
+import os
+
+import pytest
+
+import sparsebp
+from sparsebp._runtime import _set_isa
+
+ISAS = sparsebp.available_isas()
+
+# CI names the tables that must be present (so a build that silently lost one fails loudly).
+_required = [s for s in os.environ.get("SPARSEBP_REQUIRE_ISAS", "").split(",") if s]
+_missing = [s for s in _required if s not in ISAS]
+if _missing:
+    raise RuntimeError(f"SPARSEBP_REQUIRE_ISAS wants {_missing}, but this build offers only {ISAS}")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = sparsebp.active_isa()
+    _set_isa(request.param)
+    yield request.param
+    _set_isa(before)
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread count a test changes."""
+    before = sparsebp.get_num_threads()
+    yield
+    sparsebp.set_num_threads(before)

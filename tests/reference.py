@@ -1,0 +1,71 @@
+"""Independent truth for the tests: everything recomputed densely in float64 NumPy from the raw CSR
+arrays (indptr, indices, values), never through sparsebp's own code."""
+from __future__ import annotations
+
+import numpy as np
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+
+
+def dense_from_csr(indptr, indices, values, shape) -> np.ndarray:
+    d = np.zeros(shape, dtype=np.float64)
+    np.add.at(d, (rows_of(indptr), np.asarray(indices, dtype=np.int64)), np.asarray(values, dtype=np.float64))
+    return d
+
+
+def rows_of(indptr) -> np.ndarray:
+    return np.repeat(np.arange(len(indptr) - 1), np.diff(np.asarray(indptr)))
+
+
+def linear_forward(x, indptr, indices, values, shape, bias=None):
+    wd = dense_from_csr(indptr, indices, values, shape)
+    y = x.astype(np.float64) @ wd.T
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    # |x| @ |W|^T (+|b|): the scale the float32 rounding error is proportional to.
+    scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+    if bias is not None:
+        scale = scale + np.abs(bias.astype(np.float64))
+    return y, scale
+
+
+def linear_backward(g, x, indptr, indices, values, shape):
+    """(grad_input, grad_values, grad_bias) and their error scales. grad_values is picked by the
+    sparsity pattern (indptr/indices), never by values != 0."""
+    wd = dense_from_csr(indptr, indices, values, shape)
+    g64, x64 = g.astype(np.float64), x.astype(np.float64)
+    r, c = rows_of(indptr), np.asarray(indices, dtype=np.int64)
+    gi = g64 @ wd
+    gi_scale = np.abs(g64) @ np.abs(wd)
+    full = g64.T @ x64
+    full_scale = np.abs(g64).T @ np.abs(x64)
+    gb = g64.sum(axis=0)
+    gb_scale = np.abs(g64).sum(axis=0)
+    return (gi, gi_scale), (full[r, c], full_scale[r, c]), (gb, gb_scale)
+
+
+def assert_close(actual, expected, scale, k: int, what: str = "") -> None:
+    """|actual - expected| <= 8 * u32 * sqrt(k) * scale elementwise (k: the reduction length), the
+    size of float32 rounding over k terms, plus a floor for exact zeros."""
+    actual = np.asarray(actual, dtype=np.float64)
+    assert actual.shape == np.shape(expected), f"{what}: shape {actual.shape} != {np.shape(expected)}"
+    tol = 8.0 * U32 * np.sqrt(max(k, 1)) * np.asarray(scale) + 1e-30
+    err = np.abs(actual - expected)
+    bad = err > tol
+    if np.any(bad):
+        i = np.unravel_index(np.argmax(err - tol), err.shape)
+        raise AssertionError(f"{what}: {bad.sum()} of {bad.size} entries off; worst at {i}: got {actual[i]!r}, "
+                             f"expected {expected[i]!r} (tolerance {tol[i]:.3g})")
+
+
+def random_csr(rng, rows: int, cols: int, density: float, empty_rows=(), dtype=np.float32):
+    """indptr (int64), indices (int32), values; a uniformly random pattern, some rows forced empty."""
+    mask = rng.random((rows, cols)) < density
+    for r in empty_rows:
+        if r < rows:
+            mask[r] = False
+    r_idx, c_idx = np.nonzero(mask)
+    indptr = np.zeros(rows + 1, np.int64)
+    np.cumsum(mask.sum(axis=1), out=indptr[1:])
+    values = rng.standard_normal(len(c_idx)).astype(dtype)
+    return indptr, c_idx.astype(np.int32), values

@@ -1,0 +1,98 @@
+"""Threading: set_num_threads really changes how many threads the kernels use, results are
+bit-identical whatever the thread count, and concurrent callers from Python threads are safe."""
+import threading
+
+import numpy as np
+import pytest
+
+import sparsebp
+from sparsebp import _core, ops
+
+import reference as ref
+
+
+def big_case(rng, batch):
+    indptr, indices, values = ref.random_csr(rng, 300, 400, 0.4, empty_rows=(5, 6, 7))
+    W = sparsebp.CSR(indptr, indices, values, (300, 400))
+    return W
+
+
+def run_all(W, x, g, b):
+    y = ops.linear_forward(x, W, b)
+    gr = ops.linear_backward(g, x, W)
+    return [y, gr.grad_input, gr.grad_values, gr.grad_bias]
+
+
+@pytest.mark.parametrize("batch", [7, 64, 100, 257])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_bit_identical_across_thread_counts(isa, threads, batch, order):
+    rng = np.random.default_rng(batch)
+    W = big_case(rng, batch)
+    x = np.asarray(rng.standard_normal((batch, 400)), np.float32, order=order)
+    g = np.asarray(rng.standard_normal((batch, 300)), np.float32, order=order)
+    b = rng.standard_normal(300).astype(np.float32)
+    results = {}
+    for n in (1, 2, 3, 5):
+        sparsebp.set_num_threads(n)
+        results[n] = run_all(W, x, g, b)
+    for n in (2, 3, 5):
+        for a, c in zip(results[1], results[n]):
+            assert np.array_equal(a.view(np.uint32), c.view(np.uint32)), f"{n} threads differ from 1 thread"
+
+
+def test_set_num_threads_changes_what_kernels_use(threads):
+    rng = np.random.default_rng(0)
+    W = big_case(rng, 256)
+    x = np.asfortranarray(rng.standard_normal((256, 400)).astype(np.float32))
+    g = np.asfortranarray(rng.standard_normal((256, 300)).astype(np.float32))
+    for n in (1, 2, 3):
+        sparsebp.set_num_threads(n)
+        assert sparsebp.get_num_threads() == n
+        _core.max_job_threads(reset=True)
+        ops.linear_forward(x, W)
+        assert _core.max_job_threads(reset=True) == n, "forward"
+        ops.linear_backward(g, x, W, bias_grad=False)
+        assert _core.max_job_threads(reset=True) == n, "backward"  # 256 columns: 4 chunks
+
+
+def test_tiny_problems_stay_on_one_thread(threads):
+    sparsebp.set_num_threads(2)
+    W = sparsebp.CSR.from_dense(np.eye(4, dtype=np.float32))
+    _core.max_job_threads(reset=True)
+    ops.linear_forward(np.ones((2, 4), np.float32), W)
+    assert _core.max_job_threads(reset=True) == 1
+
+
+def test_concurrent_python_threads(threads):
+    # The GIL is released inside kernels; each Python thread has its own scratch space.
+    sparsebp.set_num_threads(2)
+    rng = np.random.default_rng(1)
+    W = big_case(rng, 64)
+    inputs = [rng.standard_normal((64, 400)).astype(np.float32) for _ in range(4)]
+    expected = [ops.linear_forward(x, W) for x in inputs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                y = ops.linear_forward(inputs[i], W)
+                if not np.array_equal(y, expected[i]):
+                    errors.append(i)
+        except Exception as e:  # pragma: no cover
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+
+
+def test_set_num_threads_errors(threads):
+    with pytest.raises(ValueError, match="n must be an int >= 1; got 0"):
+        sparsebp.set_num_threads(0)
+    with pytest.raises(TypeError, match="n must be an int"):
+        sparsebp.set_num_threads("2")
+    with pytest.raises(TypeError):
+        sparsebp.set_num_threads(2.0)
