@@ -164,7 +164,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &sparsebp::get_num_threads);
   m.def("set_num_threads", &sparsebp::set_num_threads, py::arg("n"));
   m.def("max_job_threads", &sparsebp::max_job_threads, py::arg("reset") = false);
-  m.def("backward_chunk_width", &sparsebp::backward_chunk_width, py::arg("batch"), py::arg("tile"));
   m.attr("build_tables") = SPARSEBP_BUILD_TABLES;
   m.attr("compiler") = SPARSEBP_COMPILER;
   m.attr("build_type") = SPARSEBP_BUILD_TYPE;

@@ -105,12 +105,11 @@ void check_no_overlap(const Span& out, const char* out_name, std::initializer_li
 
 kernels::CsrPattern pattern_of(const CsrStructure& w) { return {w.rows(), w.cols(), w.indptr(), w.indices()}; }
 
-// Splits rows [0, rows) into at most `parts` ranges of about equal cost (nonzeros + a per-row
-// overhead). Returns the boundaries (size = ranges + 1).
-std::vector<int64_t> balanced_rows(const CsrStructure& w, int64_t parts) {
-  const int64_t rows = w.rows();
+// Splits rows [0, rows) of a compressed structure into at most `parts` ranges of about equal
+// cost (nonzeros + a per-row overhead). Returns the boundaries (size = ranges + 1).
+std::vector<int64_t> balanced_rows(const int64_t* indptr, int64_t rows, int64_t parts) {
   constexpr int64_t kRowCost = 4;
-  const int64_t total = w.nnz() + rows * kRowCost;
+  const int64_t total = indptr[rows] + rows * kRowCost;
   std::vector<int64_t> cut{0};
   for (int64_t i = 1; i < parts; ++i) {
     const int64_t target = total * i / parts;
@@ -118,7 +117,7 @@ std::vector<int64_t> balanced_rows(const CsrStructure& w, int64_t parts) {
     int64_t lo = cut.back(), hi = rows;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (w.indptr()[mid] + mid * kRowCost < target) lo = mid + 1; else hi = mid;
+      if (indptr[mid] + mid * kRowCost < target) lo = mid + 1; else hi = mid;
     }
     if (lo > cut.back() && lo < rows) cut.push_back(lo);
   }
@@ -142,36 +141,51 @@ void transpose_parallel(const KernelTable& t, const float* src, int64_t rows, in
   });
 }
 
-// A feature-major view of `d`: itself if already so, else a transposed copy in workspace `slot`.
+// Leading dimension for a feature-major scratch copy of `batch` columns: rows start on 64-byte
+// boundaries, and a multiple of 512 bytes is avoided (such strides map the rows a kernel gathers
+// onto a fraction of the cache sets; measured: up to 40% slower).
+int64_t padded_ld(int64_t batch) {
+  int64_t ld = round_up(std::max<int64_t>(batch, 1), 16);
+  if (ld % 128 == 0) ld += 16;
+  return ld;
+}
+
+// A feature-major view of `d` for the kernels: itself if already so (and its stride is harmless),
+// else a transposed or re-strided copy in workspace `slot`.
 const float* feature_major_in(const KernelTable& t, const DenseIn& d, const Layout& l, int slot, int64_t* ld) {
-  if (l.feature_major) {
+  if (l.feature_major && (l.ld % 128 != 0 || d.batch <= 16 || d.features <= 1)) {
     *ld = l.ld;
     return d.data;
   }
-  *ld = round_up(std::max<int64_t>(d.batch, 1), 16);
+  *ld = padded_ld(d.batch);
   float* buf = workspace().get(slot, d.features * *ld);
-  transpose_parallel(t, d.data, d.batch, d.features, l.ld, buf, *ld);
+  if (l.feature_major) {
+    const int64_t nt = threads_for(d.batch * d.features / 4);
+    parallel_for(nt, [&](int64_t i) {
+      for (int64_t f = d.features * i / nt; f < d.features * (i + 1) / nt; ++f)
+        std::memcpy(buf + f * *ld, d.data + f * l.ld, static_cast<size_t>(d.batch) * sizeof(float));
+    });
+  } else {
+    transpose_parallel(t, d.data, d.batch, d.features, l.ld, buf, *ld);
+  }
   return buf;
 }
 
-// Column-panel width for a kernel whose tile is `tile` batch columns and which keeps `streams`
-// feature-major matrices (x; or x and dx) hot: about kPanelBytes of them per panel.
-int64_t panel_width(int64_t cols, int64_t tile, int streams) {
+// Column-panel width for a gather over `cols` feature rows of `tile` batch columns each: about
+// kPanelBytes of rows per panel (they stay in L2), but at least ~32 nonzeros per row and panel
+// (each row pays a little per panel), and a single sweep when splitting would barely help.
+int64_t panel_width(int64_t cols, int64_t tile, int64_t nnz, int64_t rows) {
   static const int64_t kPanelBytes = [] {
     const char* e = std::getenv("SPARSEBP_PANEL_KB");
-    return (e && *e ? std::atoll(e) : 384) * 1024;
+    return (e && *e ? std::atoll(e) : 512) * 1024;
   }();
-  const int64_t p = std::max<int64_t>(64, kPanelBytes / (tile * 4 * streams));
-  return p >= cols ? std::max<int64_t>(cols, 1) : p;
+  const double density = rows > 0 && cols > 0 ? static_cast<double>(nnz) / (static_cast<double>(rows) * cols) : 1.0;
+  int64_t p = std::max<int64_t>(64, kPanelBytes / (tile * 4));
+  p = std::max<int64_t>(p, static_cast<int64_t>(32.0 / std::max(density, 1e-9)));
+  return p * 3 / 2 >= cols ? std::max<int64_t>(cols, 1) : p;
 }
 
 }  // namespace
-
-int64_t backward_chunk_width(int64_t batch, int tile) {
-  int64_t c = tile;
-  while (c > 8 && (batch + c - 1) / c < 2) c /= 2;
-  return c;
-}
 
 void linear_forward(const CsrStructure& w, const float* values, int64_t values_len, const float* bias,
                     int64_t bias_len, const DenseIn& x, const DenseOut& y) {
@@ -191,14 +205,14 @@ void linear_forward(const CsrStructure& w, const float* values, int64_t values_l
   int64_t ldy = ly.ld;
   float* yt = y.data;
   if (!ly.feature_major) {
-    ldy = round_up(B, 16);
+    ldy = padded_ld(B);
     yt = workspace().get(1, w.rows() * ldy);
   }
   const int64_t tile = std::min<int64_t>(t.batch_tile, round_up(B, 8));
   int64_t* cursor = workspace().get<int64_t>(4, w.rows());
-  const kernels::LinearForwardArgs args{pattern_of(w), values, bias, xt,   ldx,
-                                        yt,            ldy,    B,    panel_width(w.cols(), tile, 1), cursor};
-  const std::vector<int64_t> cut = balanced_rows(w, threads_for((w.nnz() + w.rows()) * B));
+  const kernels::LinearForwardArgs args{pattern_of(w), values, bias, xt, ldx, yt, ldy, B,
+                                        panel_width(w.cols(), tile, w.nnz(), w.rows()), cursor};
+  const std::vector<int64_t> cut = balanced_rows(w.indptr(), w.rows(), threads_for((w.nnz() + w.rows()) * B));
   parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.linear_forward(args, cut[i], cut[i + 1]); });
   if (!ly.feature_major) transpose_parallel(t, yt, w.rows(), B, ldy, y.data, ly.ld);
 }
@@ -237,63 +251,47 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
   int64_t ldg, ldx;
   const float* gt = feature_major_in(t, grad_output, lg, 0, &ldg);
   const float* xt = feature_major_in(t, x, lx, 1, &ldx);
-  float* dxt = nullptr;
-  int64_t lddx = 0;
-  if (grad_input) {
-    if (ldx_l.feature_major) {
-      dxt = grad_input->data;
-      lddx = ldx_l.ld;
-    } else {
-      lddx = round_up(B, 16);
-      dxt = workspace().get(2, w.cols() * lddx);
-    }
+  const int64_t tile = std::min<int64_t>(t.batch_tile, round_up(B, 8));
+  const int64_t rows = w.rows(), cols = w.cols();
+
+  // Weight gradient at the stored entries: rows split across threads; every entry is computed by
+  // one thread in a fixed order, so the bits do not depend on the thread count.
+  {
+    int64_t* cursor = workspace().get<int64_t>(4, rows);
+    const kernels::SddmmArgs a{pattern_of(w), gt, ldg, xt, ldx, grad_values, B,
+                               panel_width(cols, tile, nnz, rows), cursor};
+    const std::vector<int64_t> cut = balanced_rows(w.indptr(), rows, threads_for((nnz + rows) * B));
+    parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.sddmm(a, cut[i], cut[i + 1]); });
   }
 
-  // NOTE [ Deterministic weight gradient ]
-  // Threads split the batch into fixed chunks (backward_chunk_width: a function of B and the table,
-  // never of the thread count). grad_values[p] is the sum of the chunks' partial dot products taken
-  // in chunk order: thread 0 accumulates its chunks in place, every other chunk writes its own
-  // buffer, and those are added afterwards in chunk order. Same operations, same order, same bits,
-  // whatever the number of threads.
-  const int64_t chunk = backward_chunk_width(B, t.batch_tile);
-  const int64_t nchunks = (B + chunk - 1) / chunk;
-  const int64_t work = (nnz * (grad_input ? 2 : 1) + w.cols()) * B;
-  const int64_t nt = std::min<int64_t>(nchunks, threads_for(work));
-  const int64_t own0 = nchunks / nt;  // chunks [0, own0) belong to thread 0
-  float* partials = nchunks > own0 && nnz > 0 ? workspace().get(3, (nchunks - own0) * nnz) : nullptr;
-  int64_t* cursors = workspace().get<int64_t>(4, nt * w.rows());
-  const int64_t panel = panel_width(w.cols(), chunk, grad_input ? 2 : 1);
-  const kernels::CsrPattern pat = pattern_of(w);
-  parallel_for(nt, [&](int64_t i) {
-    const int64_t c0 = nchunks * i / nt, c1 = nchunks * (i + 1) / nt;
-    for (int64_t c = c0; c < c1; ++c) {
-      kernels::LinearBackwardArgs a{pat, values, gt, ldg, xt, ldx, dxt, lddx, nullptr, false, panel,
-                                    cursors + i * w.rows()};
-      if (i == 0) {
-        a.dvalues = grad_values;
-        a.accumulate = c > 0;
-      } else {
-        a.dvalues = partials + (c - own0) * nnz;
-      }
-      t.linear_backward(a, c * chunk, std::min(B, (c + 1) * chunk));
+  // Input gradient dX^T = W^T G^T: the forward kernel over the transposed structure, whose values
+  // are gathered into CSC order first (measured faster than scattering into dX^T in the SDDMM
+  // sweep: the scatter's read-modify-write of dX^T rows costs more than a second, gathering sweep).
+  if (grad_input) {
+    float* dxt = grad_input->data;
+    int64_t lddx = ldx_l.ld;
+    if (!ldx_l.feature_major) {
+      lddx = padded_ld(B);
+      dxt = workspace().get(2, cols * lddx);
     }
-  });
-  if (partials) {
-    const int64_t nr = threads_for(nnz * (nchunks - own0));
-    parallel_for(nr, [&](int64_t i) {
-      const int64_t p0 = nnz * i / nr, p1 = nnz * (i + 1) / nr;
-      for (int64_t c = own0; c < nchunks; ++c) {
-        const float* part = partials + (c - own0) * nnz;
-        for (int64_t p = p0; p < p1; ++p) grad_values[p] += part[p];
-      }
+    const CscStructure& csc = w.csc();
+    float* vt = workspace().get(3, nnz);
+    const int64_t ng = threads_for(nnz * 4);
+    parallel_for(ng, [&](int64_t i) {
+      for (int64_t q = nnz * i / ng; q < nnz * (i + 1) / ng; ++q) vt[q] = values[csc.perm[q]];
     });
+    int64_t* cursor = workspace().get<int64_t>(5, cols);
+    const kernels::LinearForwardArgs a{{cols, rows, csc.colptr.data(), csc.rowidx.data()},
+                                       vt, nullptr, gt, ldg, dxt, lddx, B,
+                                       panel_width(rows, tile, nnz, cols), cursor};
+    const std::vector<int64_t> cut = balanced_rows(csc.colptr.data(), cols, threads_for((nnz + cols) * B));
+    parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.linear_forward(a, cut[i], cut[i + 1]); });
+    if (!ldx_l.feature_major) transpose_parallel(t, dxt, cols, B, lddx, grad_input->data, ldx_l.ld);
   }
   if (grad_bias) {
-    const int64_t rows = w.rows();
     const int64_t nr = threads_for(rows * B);
     parallel_for(nr, [&](int64_t i) { t.row_sum(gt, ldg, B, grad_bias, rows * i / nr, rows * (i + 1) / nr); });
   }
-  if (grad_input && !ldx_l.feature_major) transpose_parallel(t, dxt, w.cols(), B, lddx, grad_input->data, ldx_l.ld);
 }
 
 }  // namespace sparsebp

@@ -36,9 +36,4 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
                      const DenseIn& x, const DenseOut* grad_input, float* grad_values, int64_t grad_values_len,
                      float* grad_bias, int64_t grad_bias_len);
 
-// The batch-column chunk width the backward splits work into for `batch` columns on a table whose
-// register tile is `tile` columns: a function of these two only (so results do not depend on the
-// thread count), halved from `tile` until there are two chunks or it reaches 8.
-int64_t backward_chunk_width(int64_t batch, int tile);
-
 }  // namespace sparsebp

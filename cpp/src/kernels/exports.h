@@ -9,7 +9,7 @@ namespace kernels {
 namespace SPARSEBP_ISA_NS {
 
 void linear_forward(const LinearForwardArgs& a, int64_t row_begin, int64_t row_end);
-void linear_backward(const LinearBackwardArgs& a, int64_t b_begin, int64_t b_end);
+void sddmm(const SddmmArgs& a, int64_t row_begin, int64_t row_end);
 void transpose(const TransposeArgs& a, int64_t row_begin, int64_t row_end);
 void row_sum(const float* a, int64_t lda, int64_t cols, float* out, int64_t row_begin, int64_t row_end);
 

@@ -43,28 +43,25 @@ struct LinearForwardArgs {
 };
 using LinearForwardFn = void (*)(const LinearForwardArgs&, int64_t row_begin, int64_t row_end);
 
-// Backward of a sparse linear layer over the batch columns [b_begin, b_end), one fused sweep:
-//   dxt[c, b]   = sum_{p: indices[p] = c} values[p] * gt[row(p), b]     (if dxt != null; overwrites
-//                 columns [b_begin, b_end) of every row c, including rows no nonzero touches)
-//   dvalues[p]  = (accumulate ? dvalues[p] : 0) + sum_{b in range} gt[row(p), b] * xt[indices[p], b]
-// The weight gradient is computed at the stored positions only (an SDDMM). Different callers may
-// run disjoint batch ranges concurrently as long as their dvalues and cursor buffers differ.
-// panel / cursor: as for the forward (the panel bounds the rows of xt and dxt kept in cache).
-struct LinearBackwardArgs {
+// Weight gradient at the stored positions (a sampled dense-dense product, SDDMM):
+//   dvalues[p] = sum_{b < batch} gt[row(p), b] * xt[indices[p], b]   for rows [row_begin, row_end)
+// Overwrites those rows' entries of dvalues. panel / cursor as for the forward (cursor: w.rows
+// entries; disjoint row ranges may share it).
+struct SddmmArgs {
   CsrPattern w;
-  const float* values;
   const float* gt;  // w.rows x batch, leading dimension ldg
   int64_t ldg;
   const float* xt;  // w.cols x batch, leading dimension ldx
   int64_t ldx;
-  float* dxt;       // w.cols x batch, leading dimension lddx; may be null (input gradient skipped)
-  int64_t lddx;
   float* dvalues;   // nnz entries
-  bool accumulate;
+  int64_t batch;
   int64_t panel;
-  int64_t* cursor;  // w.rows entries
+  int64_t* cursor;
 };
-using LinearBackwardFn = void (*)(const LinearBackwardArgs&, int64_t b_begin, int64_t b_end);
+using SddmmFn = void (*)(const SddmmArgs&, int64_t row_begin, int64_t row_end);
+
+// The input gradient dX^T = W^T G^T is the forward kernel run over the transposed structure (CSC
+// of W, values permuted into its order): see ops.cpp.
 
 // dst[j * ldd + i] = src[i * lds + j] for i in [row_begin, row_end), j in [0, cols). No aliasing.
 struct TransposeArgs {
@@ -82,10 +79,10 @@ using RowSumFn = void (*)(const float* a, int64_t lda, int64_t cols, float* out,
 
 struct KernelTable {
   const char* name;
-  // Batch columns one register tile covers; ops.cpp sizes the backward's batch chunks from it.
+  // Batch columns one register tile covers (ops.cpp sizes cache panels from it).
   int batch_tile;
   LinearForwardFn linear_forward;
-  LinearBackwardFn linear_backward;
+  SddmmFn sddmm;
   TransposeFn transpose;
   RowSumFn row_sum;
 };

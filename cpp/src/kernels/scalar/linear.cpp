@@ -1,7 +1,5 @@
 // Scalar sparse linear kernels: the executable specification of kernel_table.h's contracts.
 // Plain loops in the natural summation order; compiled with the baseline flags only.
-#include <cstring>
-
 #include "kernels/scalar/isa.h"
 #include "kernels/exports.h"
 
@@ -23,24 +21,14 @@ void linear_forward(const LinearForwardArgs& a, int64_t row_begin, int64_t row_e
   }
 }
 
-void linear_backward(const LinearBackwardArgs& a, int64_t b_begin, int64_t b_end) {
-  const int64_t n = b_end - b_begin;
-  if (a.dxt) {
-    for (int64_t c = 0; c < a.w.cols; ++c) std::memset(a.dxt + c * a.lddx + b_begin, 0, n * sizeof(float));
-  }
-  for (int64_t o = 0; o < a.w.rows; ++o) {
-    const float* g = a.gt + o * a.ldg + b_begin;
+void sddmm(const SddmmArgs& a, int64_t row_begin, int64_t row_end) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const float* g = a.gt + o * a.ldg;
     for (int64_t p = a.w.indptr[o]; p < a.w.indptr[o + 1]; ++p) {
-      const int64_t c = a.w.indices[p];
-      const float* x = a.xt + c * a.ldx + b_begin;
+      const float* x = a.xt + static_cast<int64_t>(a.w.indices[p]) * a.ldx;
       float s = 0.0f;
-      for (int64_t b = 0; b < n; ++b) s += g[b] * x[b];
-      a.dvalues[p] = a.accumulate ? a.dvalues[p] + s : s;
-      if (a.dxt) {
-        float* d = a.dxt + c * a.lddx + b_begin;
-        const float v = a.values[p];
-        for (int64_t b = 0; b < n; ++b) d[b] += v * g[b];
-      }
+      for (int64_t b = 0; b < a.batch; ++b) s += g[b] * x[b];
+      a.dvalues[p] = s;
     }
   }
 }
