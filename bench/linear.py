@@ -8,8 +8,8 @@ Contenders (all: forward, then backward giving the input, weight and bias gradie
   dense        torch.nn.Linear (the baseline every ratio is taken against)
   torch.sparse torch.sparse.mm with a CSR weight that requires grad
   sparseprop   sparseprop.modules.SparseLinear (when installed), C-ordered tensors in and out
-  sparsebp     sparsebp.ops with Fortran-ordered activations: the layout sparsebp keeps between
-               layers, so no transposes (see sparsebp.ops)
+  sparsebp     sparsebp.ops with Fortran-ordered activations as sparsebp allocates them (ops.empty):
+               the layout it keeps between layers, so no transposes or copies (see sparsebp.ops)
   sparsebp-C   sparsebp.ops with C-ordered activations, transposes included
 """
 from __future__ import annotations
@@ -126,7 +126,11 @@ def run_case(case: dict, reps: int, have_sparseprop: bool) -> List[dict]:
     ref_gv = lin.weight.grad.numpy()[rows_of, W.indices]
     res = {}
     for name, order in (("sparsebp", "F"), ("sparsebp-C", "C")):
-        xo, go = np.asarray(x, order=order), np.asarray(g, order=order)
+        # The activations a layer receives in a network: the previous layer's output (x) and the
+        # next layer's input gradient (g), both as sparsebp allocates them (ops.empty).
+        xo, go = ops.empty((B, in_f), order), ops.empty((B, out_f), order)
+        xo[...] = x
+        go[...] = g
         y = ops.linear_forward(xo, W, bias)
         gr = ops.linear_backward(go, xo, W)
         scale = float(np.abs(yd.detach().numpy()).max()) + 1.0

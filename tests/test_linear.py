@@ -51,10 +51,11 @@ def test_random_shapes_every_batch(isa, batch, order):
     g = np.asarray(rng.standard_normal((batch, 37)), dtype=np.float32, order=order)
     b = rng.standard_normal(37).astype(np.float32)
     y, gr = check_all(W, x, g, b)
-    # Output order follows the input's: Fortran in, Fortran out (no transposes).
+    # Output order follows the input's: Fortran in, Fortran out (batch innermost, no transposes).
     if batch > 1:
-        assert y.flags.f_contiguous == (order == "F")
-        assert gr.grad_input.flags.f_contiguous == (order == "F")
+        for a in (y, gr.grad_input):
+            assert (a.strides[0] == 4) == (order == "F")
+            assert a.ctypes.data % 64 == 0
 
 
 @pytest.mark.parametrize("batch", [1, 16, 33, 257])
@@ -147,6 +148,18 @@ def test_non_contiguous_inputs(isa, layout):
         x = rng.standard_normal((18, 20)).astype(np.float32)[::2, ::2]
         g = np.asfortranarray(rng.standard_normal((18, 24)).astype(np.float32))[::2, ::2]
     check_all(W, x, g, rng.standard_normal(12).astype(np.float32))
+
+
+def test_empty_layout():
+    a = ops.empty((256, 3))
+    assert a.shape == (256, 3) and a.strides == (4, 4 * ops.padded_ld(256)) and ops.padded_ld(256) == 272
+    assert a.ctypes.data % 64 == 0
+    b = ops.empty((7, 3))
+    assert b.flags.f_contiguous and b.ctypes.data % 64 == 0
+    c = ops.empty((5, 6), order="C")
+    assert c.flags.c_contiguous and c.ctypes.data % 64 == 0
+    with pytest.raises(ValueError, match="order must be"):
+        ops.empty((2, 2), order="K")
 
 
 def test_padded_leading_dimension(isa):

@@ -79,8 +79,9 @@ using RowSumFn = void (*)(const float* a, int64_t lda, int64_t cols, float* out,
 
 struct KernelTable {
   const char* name;
-  // Batch columns one register tile covers (ops.cpp sizes cache panels from it).
-  int batch_tile;
+  // Batch columns one register tile of each kernel covers (ops.cpp sizes cache panels from them).
+  int forward_tile_cols;
+  int sddmm_tile_cols;
   LinearForwardFn linear_forward;
   SddmmFn sddmm;
   TransposeFn transpose;

@@ -7,8 +7,12 @@
 #define SPARSEBP_ISA_NS avx2
 #define SPARSEBP_TABLE_GETTER get_avx2_table
 #define SPARSEBP_TABLE_NAME "avx2"
-#define SPARSEBP_BATCH_TILE 32
-#define SPARSEBP_MAX_TILE_VECTORS 4
+// Widest register tiles, in vectors (measured best on the 4096x4096 layer): the forward keeps
+// one accumulator per vector, the SDDMM one vector of G^T per vector.
+#define SPARSEBP_FWD_NV 8
+#define SPARSEBP_FWD_TILE_COLS (SPARSEBP_FWD_NV * 8)
+#define SPARSEBP_SDDMM_TILE_COLS (SPARSEBP_SDDMM_NV * 8)
+#define SPARSEBP_SDDMM_NV 8
 
 namespace sparsebp {
 namespace kernels {

@@ -3,4 +3,5 @@
 #define SPARSEBP_ISA_NS scalar
 #define SPARSEBP_TABLE_GETTER get_scalar_table
 #define SPARSEBP_TABLE_NAME "scalar"
-#define SPARSEBP_BATCH_TILE 32
+#define SPARSEBP_FWD_TILE_COLS 64
+#define SPARSEBP_SDDMM_TILE_COLS 64
