@@ -173,7 +173,7 @@ const float* feature_major_in(const KernelTable& t, const DenseIn& d, const Layo
 
 // Column-panel width for a gather over `cols` feature rows of `tile` batch columns each: about
 // kPanelBytes of rows per panel (they stay in L2; measured best at 512 KB on a 1 MB L2), but at
-// least ~8 nonzeros per row and panel (each row pays a little per panel), and a single sweep when
+// least ~4 nonzeros per row and panel (each row pays a little per panel), and a single sweep when
 // splitting would barely help. `tile` is the kernel's register tile, capped by the batch.
 int64_t panel_width(int64_t cols, int64_t tile, int64_t nnz, int64_t rows) {
   static const int64_t kPanelBytes = [] {
@@ -182,7 +182,7 @@ int64_t panel_width(int64_t cols, int64_t tile, int64_t nnz, int64_t rows) {
   }();
   const double density = rows > 0 && cols > 0 ? static_cast<double>(nnz) / (static_cast<double>(rows) * cols) : 1.0;
   int64_t p = std::max<int64_t>(64, kPanelBytes / (tile * 4));
-  p = std::max<int64_t>(p, static_cast<int64_t>(8.0 / std::max(density, 1e-9)));
+  p = std::max<int64_t>(p, static_cast<int64_t>(4.0 / std::max(density, 1e-9)));
   return p * 3 / 2 >= cols ? std::max<int64_t>(cols, 1) : p;
 }
 
@@ -256,11 +256,11 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
   const int64_t sddmm_tile = std::min<int64_t>(t.sddmm_tile_cols, round_up(B, 8));
   const int64_t rows = w.rows(), cols = w.cols();
 
-  // Weight gradient at the stored entries: rows split across threads; every entry is computed by
-  // one thread in a fixed order, so the bits do not depend on the thread count.
+  // Weight (and bias) gradient at the stored entries: rows split across threads; every entry is
+  // computed by one thread in a fixed order, so the bits do not depend on the thread count.
   {
     int64_t* cursor = workspace().get<int64_t>(4, rows);
-    const kernels::SddmmArgs a{pattern_of(w), gt, ldg, xt, ldx, grad_values, B,
+    const kernels::SddmmArgs a{pattern_of(w), gt, ldg, xt, ldx, grad_values, grad_bias, B,
                                panel_width(cols, sddmm_tile, nnz, rows), cursor};
     const std::vector<int64_t> cut = balanced_rows(w.indptr(), rows, threads_for((nnz + rows) * B));
     parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.sddmm(a, cut[i], cut[i + 1]); });
@@ -289,10 +289,6 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
     const std::vector<int64_t> cut = balanced_rows(csc.colptr.data(), cols, threads_for((nnz + cols) * B));
     parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.linear_forward(a, cut[i], cut[i + 1]); });
     if (!ldx_l.feature_major) transpose_parallel(t, dxt, cols, B, lddx, grad_input->data, ldx_l.ld);
-  }
-  if (grad_bias) {
-    const int64_t nr = threads_for(rows * B);
-    parallel_for(nr, [&](int64_t i) { t.row_sum(gt, ldg, B, grad_bias, rows * i / nr, rows * (i + 1) / nr); });
   }
 }
 

@@ -11,7 +11,6 @@ namespace SPARSEBP_ISA_NS {
 void linear_forward(const LinearForwardArgs& a, int64_t row_begin, int64_t row_end);
 void sddmm(const SddmmArgs& a, int64_t row_begin, int64_t row_end);
 void transpose(const TransposeArgs& a, int64_t row_begin, int64_t row_end);
-void row_sum(const float* a, int64_t lda, int64_t cols, float* out, int64_t row_begin, int64_t row_end);
 
 }  // namespace SPARSEBP_ISA_NS
 }  // namespace kernels

@@ -45,8 +45,10 @@ using LinearForwardFn = void (*)(const LinearForwardArgs&, int64_t row_begin, in
 
 // Weight gradient at the stored positions (a sampled dense-dense product, SDDMM):
 //   dvalues[p] = sum_{b < batch} gt[row(p), b] * xt[indices[p], b]   for rows [row_begin, row_end)
-// Overwrites those rows' entries of dvalues. panel / cursor as for the forward (cursor: w.rows
-// entries; disjoint row ranges may share it).
+// and, if dbias is not null, the bias gradient in the same sweep (G^T's rows are loaded anyway):
+//   dbias[o]   = sum_{b < batch} gt[o, b]
+// Overwrites those rows' entries of dvalues (and dbias). panel / cursor as for the forward
+// (cursor: w.rows entries; disjoint row ranges may share it).
 struct SddmmArgs {
   CsrPattern w;
   const float* gt;  // w.rows x batch, leading dimension ldg
@@ -54,6 +56,7 @@ struct SddmmArgs {
   const float* xt;  // w.cols x batch, leading dimension ldx
   int64_t ldx;
   float* dvalues;   // nnz entries
+  float* dbias;     // w.rows entries, or null
   int64_t batch;
   int64_t panel;
   int64_t* cursor;
@@ -73,9 +76,6 @@ struct TransposeArgs {
 };
 using TransposeFn = void (*)(const TransposeArgs&, int64_t row_begin, int64_t row_end);
 
-// out[r] = sum_{j < cols} a[r * lda + j] for r in [row_begin, row_end) (the bias gradient).
-using RowSumFn = void (*)(const float* a, int64_t lda, int64_t cols, float* out, int64_t row_begin,
-                          int64_t row_end);
 
 struct KernelTable {
   const char* name;
@@ -85,7 +85,6 @@ struct KernelTable {
   LinearForwardFn linear_forward;
   SddmmFn sddmm;
   TransposeFn transpose;
-  RowSumFn row_sum;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.

@@ -24,20 +24,17 @@ void linear_forward(const LinearForwardArgs& a, int64_t row_begin, int64_t row_e
 void sddmm(const SddmmArgs& a, int64_t row_begin, int64_t row_end) {
   for (int64_t o = row_begin; o < row_end; ++o) {
     const float* g = a.gt + o * a.ldg;
+    if (a.dbias) {
+      float s = 0.0f;
+      for (int64_t b = 0; b < a.batch; ++b) s += g[b];
+      a.dbias[o] = s;
+    }
     for (int64_t p = a.w.indptr[o]; p < a.w.indptr[o + 1]; ++p) {
       const float* x = a.xt + static_cast<int64_t>(a.w.indices[p]) * a.ldx;
       float s = 0.0f;
       for (int64_t b = 0; b < a.batch; ++b) s += g[b] * x[b];
       a.dvalues[p] = s;
     }
-  }
-}
-
-void row_sum(const float* a, int64_t lda, int64_t cols, float* out, int64_t row_begin, int64_t row_end) {
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    float s = 0.0f;
-    for (int64_t j = 0; j < cols; ++j) s += a[r * lda + j];
-    out[r] = s;
   }
 }
 
