@@ -211,7 +211,7 @@ void linear_forward(const CsrStructure& w, const float* values, int64_t values_l
   }
   const int64_t tile = std::min<int64_t>(t.forward_tile_cols, round_up(B, 8));
   int64_t* cursor = workspace().get<int64_t>(4, w.rows());
-  const kernels::LinearForwardArgs args{pattern_of(w), values, bias, xt, ldx, yt, ldy, B,
+  const kernels::LinearForwardArgs args{pattern_of(w), values, nullptr, bias, xt, ldx, yt, ldy, B,
                                         panel_width(w.cols(), tile, w.nnz(), w.rows()), cursor};
   const std::vector<int64_t> cut = balanced_rows(w.indptr(), w.rows(), threads_for((w.nnz() + w.rows()) * B));
   parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.linear_forward(args, cut[i], cut[i + 1]); });
@@ -266,9 +266,10 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
     parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.sddmm(a, cut[i], cut[i + 1]); });
   }
 
-  // Input gradient dX^T = W^T G^T: the forward kernel over the transposed structure, whose values
-  // are gathered into CSC order first (measured faster than scattering into dX^T in the SDDMM
-  // sweep: the scatter's read-modify-write of dX^T rows costs more than a second, gathering sweep).
+  // Input gradient dX^T = W^T G^T: the forward kernel over the transposed structure, reading W's
+  // values through the CSC permutation (measured faster than scattering into dX^T in the SDDMM
+  // sweep: the scatter's read-modify-write of dX^T rows costs more than a second, gathering
+  // sweep; and faster than gathering the values into CSC order first).
   if (grad_input) {
     float* dxt = grad_input->data;
     int64_t lddx = ldx_l.ld;
@@ -277,14 +278,9 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
       dxt = workspace().get(2, cols * lddx);
     }
     const CscStructure& csc = w.csc();
-    float* vt = workspace().get(3, nnz);
-    const int64_t ng = threads_for(nnz * 4);
-    parallel_for(ng, [&](int64_t i) {
-      for (int64_t q = nnz * i / ng; q < nnz * (i + 1) / ng; ++q) vt[q] = values[csc.perm[q]];
-    });
     int64_t* cursor = workspace().get<int64_t>(5, cols);
     const kernels::LinearForwardArgs a{{cols, rows, csc.colptr.data(), csc.rowidx.data()},
-                                       vt, nullptr, gt, ldg, dxt, lddx, B,
+                                       values, csc.perm.data(), nullptr, gt, ldg, dxt, lddx, B,
                                        panel_width(rows, fwd_tile, nnz, cols), cursor};
     const std::vector<int64_t> cut = balanced_rows(csc.colptr.data(), cols, threads_for((nnz + cols) * B));
     parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.linear_forward(a, cut[i], cut[i + 1]); });

@@ -20,7 +20,10 @@ struct CsrPattern {
 };
 
 // Forward of a sparse linear layer, Y = X W^T + b, in feature-major form:
-//   yt[o, b] = bias[o] + sum_{p in row o} values[p] * xt[indices[p], b]
+//   yt[o, b] = bias[o] + sum_{p in row o} v(p) * xt[indices[p], b]
+// with v(p) = values[p], or values[value_index[p]] when value_index is not null (the input
+// gradient runs this kernel over the transposed structure, reading W's values through the
+// permutation: the scattered reads then overlap the arithmetic instead of preceding it).
 // for rows o in [row_begin, row_end) and b in [0, batch). Overwrites those rows of yt.
 // bias may be null (then 0). yt must not alias xt.
 //
@@ -32,6 +35,7 @@ struct CsrPattern {
 struct LinearForwardArgs {
   CsrPattern w;
   const float* values;
+  const int64_t* value_index;  // may be null
   const float* bias;
   const float* xt;  // w.cols x batch, leading dimension ldx >= batch
   int64_t ldx;

@@ -14,7 +14,7 @@ void linear_forward(const LinearForwardArgs& a, int64_t row_begin, int64_t row_e
     const float init = a.bias ? a.bias[o] : 0.0f;
     for (int64_t b = 0; b < batch; ++b) y[b] = init;
     for (int64_t p = a.w.indptr[o]; p < a.w.indptr[o + 1]; ++p) {
-      const float v = a.values[p];
+      const float v = a.value_index ? a.values[a.value_index[p]] : a.values[p];
       const float* x = a.xt + static_cast<int64_t>(a.w.indices[p]) * a.ldx;
       for (int64_t b = 0; b < batch; ++b) y[b] += v * x[b];
     }
