@@ -21,17 +21,17 @@ struct CsrPattern {
 
 // Forward of a sparse linear layer, Y = X W^T + b, in feature-major form:
 //   yt[o, b] = bias[o] + sum_{p in row o} v(p) * xt[indices[p], b]
-// with v(p) = values[p], or values[value_index[p]] when value_index is not null (the input
-// gradient runs this kernel over the transposed structure, reading W's values through the
-// permutation: the scattered reads then overlap the arithmetic instead of preceding it).
 // for rows o in [row_begin, row_end) and b in [0, batch). Overwrites those rows of yt.
+// v(p) = values[p], or values[value_index[p]] when value_index is not null: the input gradient
+// runs this kernel over the transposed structure and reads W's values through the permutation.
 // bias may be null (then 0). yt must not alias xt.
 //
-// Column panels: the nonzeros are visited panel by panel (columns [0, panel), [panel, 2 panel),
-// ...), so that the rows of xt one panel touches stay in cache while all output rows use them.
-// `cursor` (w.rows entries, caller-owned scratch; disjoint row ranges may share it) remembers
-// where each row's next panel starts. panel >= w.cols means a single sweep. The summation order
-// depends on panel, so callers choose it from the shapes alone (never from the thread count).
+// Column panels: the SIMD kernels visit the nonzeros panel by panel (columns [0, panel),
+// [panel, 2 panel), ...), so that the rows of xt one panel touches stay in cache while all output
+// rows use them (the scalar specification may sweep once). `cursor` (w.rows entries, caller-owned
+// scratch; disjoint row ranges may share it) remembers where each row's next panel starts.
+// panel >= w.cols means a single sweep. The summation order depends on panel, so callers choose
+// it from the shapes alone (never from the thread count).
 struct LinearForwardArgs {
   CsrPattern w;
   const float* values;
@@ -67,8 +67,8 @@ struct SddmmArgs {
 };
 using SddmmFn = void (*)(const SddmmArgs&, int64_t row_begin, int64_t row_end);
 
-// The input gradient dX^T = W^T G^T is the forward kernel run over the transposed structure (CSC
-// of W, values permuted into its order): see ops.cpp.
+// The input gradient dX^T = W^T G^T is the forward kernel run over the transposed structure (the
+// CSC of W, with value_index = its permutation): see ops.cpp.
 
 // dst[j * ldd + i] = src[i * lds + j] for i in [row_begin, row_end), j in [0, cols). No aliasing.
 struct TransposeArgs {
@@ -79,7 +79,6 @@ struct TransposeArgs {
   int64_t cols;
 };
 using TransposeFn = void (*)(const TransposeArgs&, int64_t row_begin, int64_t row_end);
-
 
 struct KernelTable {
   const char* name;
