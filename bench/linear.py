@@ -1,5 +1,8 @@
 """Sparse linear layer, forward + full backward: sparsebp vs dense torch, torch.sparse and SparseProp.
 
+Without torch installed, the dense baseline is NumPy's matmul (its BLAS) for the same products,
+and the torch-based contenders are left out (the report says which baseline was used).
+
 Run through `sparsebp bench` (or `python -m sparsebp.bench.linear`). Each thread count runs in its
 own worker process (SparseProp reads OMP_NUM_THREADS once, at load), every case is checked against
 dense torch before it is timed, contenders are interleaved and medians reported.
@@ -19,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from typing import List
 
 import numpy as np
@@ -27,11 +31,11 @@ LAYERS = [(768, 3072), (3072, 768), (4096, 4096)]  # (in_features, out_features)
 BATCHES = [64, 256]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
 THREADS = [1, 2]
-# Real pruned weights from ../shared/data/dlmc (Gale, Zaharia, Elsen, SC 2020), batch 256.
+# Real pruned weights (DLMC: Gale, Zaharia, Elsen, SC 2020), bundled in bench/data/dlmc, batch 256.
 DLMC = [
-    ("rn50", "magnitude_pruning/0.9", "bottleneck_2_block_group3_4_1"),
-    ("rn50", "magnitude_pruning/0.98", "bottleneck_2_block_group3_4_1"),
-    ("transformer", "magnitude_pruning/0.9", "body_decoder_layer_0_ffn_conv1_fully_connected"),
+    "rn50_mag0.9_bottleneck_2_block_group3_4_1",
+    "rn50_mag0.98_bottleneck_2_block_group3_4_1",
+    "transformer_mag0.9_decoder_layer_0_ffn_conv1",
 ]
 DLMC_BATCH = 256
 # The bar (issue #2): minimum speed-up over dense at 1 thread, forward + full backward.
@@ -39,14 +43,11 @@ BAR = {0.7: 1.0, 0.9: 2.5, 0.95: 5.0, 0.98: 10.0, 0.99: 16.0}
 CONTENDERS = ["dense", "torch.sparse", "sparseprop", "sparsebp", "sparsebp-C"]
 
 
-def dlmc_root() -> str | None:
-    env = os.environ.get("SPARSEBP_DLMC")
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in [env, os.path.join(os.getcwd(), "..", "shared", "data", "dlmc"),
-                 os.path.join(here, "..", "..", "..", "shared", "data", "dlmc")]:
-        if cand and os.path.isdir(cand):
-            return os.path.abspath(cand)
-    return None
+def dlmc_path(name: str) -> str:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dlmc", name + ".smtx.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"bundled DLMC matrix missing: {path} (a broken install?)")
+    return path
 
 
 def read_smtx(path: str):
@@ -77,22 +78,19 @@ def random_mask(out_f: int, in_f: int, sparsity: float, rng) -> tuple:
 def cases(quick: bool) -> List[dict]:
     if quick:
         return [dict(kind="random", in_f=4096, out_f=4096, batch=256, sparsity=s) for s in (0.9, 0.99)] + [
-            dict(kind="random", in_f=768, out_f=3072, batch=64, sparsity=0.95)]
+            dict(kind="random", in_f=768, out_f=3072, batch=64, sparsity=0.95),
+            dict(kind="dlmc", path=dlmc_path(DLMC[0]), label=f"dlmc {DLMC[0]}", batch=DLMC_BATCH)]
     out = [dict(kind="random", in_f=i, out_f=o, batch=b, sparsity=s)
            for (i, o) in LAYERS for b in BATCHES for s in SPARSITIES]
-    root = dlmc_root()
-    for model, sub, name in DLMC:
-        if root:
-            out.append(dict(kind="dlmc", path=os.path.join(root, model, sub, name + ".smtx.gz"),
-                            label=f"dlmc {model} {sub.split('/')[-1]} {name}", batch=DLMC_BATCH))
+    for name in DLMC:
+        out.append(dict(kind="dlmc", path=dlmc_path(name), label=f"dlmc {name}", batch=DLMC_BATCH))
     return out
 
 
-def run_case(case: dict, reps: int, have_sparseprop: bool) -> List[dict]:
-    import torch
-
+def run_case(case: dict, reps: int, have_sparseprop: bool, have_torch: bool = True) -> List[dict]:
     import sparsebp
     from sparsebp import ops
+    from sparsebp.bench.harness import interleaved_medians
 
     rng = np.random.default_rng(0)
     if case["kind"] == "dlmc":
@@ -110,20 +108,12 @@ def run_case(case: dict, reps: int, have_sparseprop: bool) -> List[dict]:
     bias = rng.standard_normal(out_f).astype(np.float32)
     x = rng.standard_normal((B, in_f)).astype(np.float32)
     g = rng.standard_normal((B, out_f)).astype(np.float32)
-
-    dense_w = torch.from_numpy(W.to_dense())
-    lin = torch.nn.Linear(in_f, out_f)
-    with torch.no_grad():
-        lin.weight.copy_(dense_w)
-        lin.bias.copy_(torch.from_numpy(bias))
-    xt = torch.from_numpy(x.copy()).requires_grad_()
-    gt = torch.from_numpy(g.copy())
-
-    # ---- check sparsebp against dense torch before timing ----
-    yd = lin(xt)
-    yd.backward(gt)
+    dense_np = W.to_dense()
     rows_of = W.row_indices()
-    ref_gv = lin.weight.grad.numpy()[rows_of, W.indices]
+
+    # ---- the reference every sparsebp result is checked against before timing: float64 NumPy ----
+    w64, x64, g64 = dense_np.astype(np.float64), x.astype(np.float64), g.astype(np.float64)
+    ref = dict(y=x64 @ w64.T + bias, gi=g64 @ w64, gv=(g64.T @ x64)[rows_of, W.indices], gb=g64.sum(0))
     res = {}
     for name, order in (("sparsebp", "F"), ("sparsebp-C", "C")):
         # The activations a layer receives in a network: the previous layer's output (x) and the
@@ -133,53 +123,69 @@ def run_case(case: dict, reps: int, have_sparseprop: bool) -> List[dict]:
         go[...] = g
         y = ops.linear_forward(xo, W, bias)
         gr = ops.linear_backward(go, xo, W)
-        scale = float(np.abs(yd.detach().numpy()).max()) + 1.0
-        err = max(np.abs(y - yd.detach().numpy()).max() / scale,
-                  np.abs(gr.grad_input - xt.grad.numpy()).max() / (np.abs(xt.grad.numpy()).max() + 1.0),
-                  np.abs(gr.grad_values - ref_gv).max() / (np.abs(ref_gv).max() + 1.0) if nnz else 0.0,
-                  np.abs(gr.grad_bias - lin.bias.grad.numpy()).max() / (np.abs(lin.bias.grad.numpy()).max() + 1.0))
+        err = max(float(np.abs(got - ref[k]).max() / (np.abs(ref[k]).max() + 1.0)) if np.size(got) else 0.0
+                  for k, got in (("y", y), ("gi", gr.grad_input), ("gv", gr.grad_values), ("gb", gr.grad_bias)))
         if not err < 1e-3:
-            raise AssertionError(f"{name} disagrees with dense torch on {label} B={B}: relative error {err:.2e}")
+            raise AssertionError(f"{name} disagrees with float64 NumPy on {label} B={B}: relative error {err:.2e}")
         res[name] = (xo, go, ops.empty((B, out_f), order), ops.empty((B, in_f), order),
                      np.empty(nnz, np.float32), np.empty(out_f, np.float32))
 
     contenders = {}
+    setup = None
+    if have_torch:
+        import torch
 
-    def zero_grads():
-        for p in (lin.weight, lin.bias, xt):
-            p.grad = None
-        if ts is not None:
-            ts.grad = None
-            tb.grad = None
-        if sp_mod is not None:
-            for p in sp_mod.parameters():
+        dense_w = torch.from_numpy(dense_np)
+        lin = torch.nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            lin.weight.copy_(dense_w)
+            lin.bias.copy_(torch.from_numpy(bias))
+        xt = torch.from_numpy(x.copy()).requires_grad_()
+        gt = torch.from_numpy(g.copy())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+            ts = dense_w.to_sparse_csr().requires_grad_()
+        tb = lin.bias.detach().clone().requires_grad_()
+        sp_mod = None
+        if have_sparseprop:
+            from sparseprop.modules import SparseLinear as SPLinear
+
+            sp_mod = SPLinear.from_dense(lin)
+
+        def setup():
+            for p in (lin.weight, lin.bias, xt, ts, tb):
                 p.grad = None
+            if sp_mod is not None:
+                for p in sp_mod.parameters():
+                    p.grad = None
 
-    def dense():
-        y = lin(xt)
-        y.backward(gt)
+        def dense():
+            yv = lin(xt)
+            yv.backward(gt)
 
-    contenders["dense"] = dense
-    ts = tb = None
-    ts = dense_w.to_sparse_csr().requires_grad_()
-    tb = lin.bias.detach().clone().requires_grad_()
+        def torch_sparse():
+            yv = torch.sparse.mm(ts, xt.t()).t() + tb
+            yv.backward(gt)
 
-    def torch_sparse():
-        y = torch.sparse.mm(ts, xt.t()).t() + tb
-        y.backward(gt)
+        contenders["dense"] = dense
+        contenders["torch.sparse"] = torch_sparse
+        if sp_mod is not None:
+            def sparseprop_run():
+                yv = sp_mod(xt)
+                yv.backward(gt)
 
-    contenders["torch.sparse"] = torch_sparse
-    sp_mod = None
-    if have_sparseprop:
-        from sparseprop.modules import SparseLinear as SPLinear
+            contenders["sparseprop"] = sparseprop_run
+    else:
+        # No torch: dense NumPy (its BLAS) for the same four products.
+        xc, gc, wc = np.ascontiguousarray(x), np.ascontiguousarray(g), np.ascontiguousarray(dense_np)
 
-        sp_mod = SPLinear.from_dense(lin)
+        def dense():
+            _ = xc @ wc.T + bias
+            _ = gc @ wc
+            _ = gc.T @ xc
+            _ = gc.sum(0)
 
-        def sparseprop_run():
-            y = sp_mod(xt)
-            y.backward(gt)
-
-        contenders["sparseprop"] = sparseprop_run
+        contenders["dense"] = dense
 
     for name in ("sparsebp", "sparsebp-C"):
         xo, go, yb, gib, gvb, gbb = res[name]
@@ -190,9 +196,7 @@ def run_case(case: dict, reps: int, have_sparseprop: bool) -> List[dict]:
 
         contenders[name] = run
 
-    from sparsebp.bench.harness import interleaved_medians
-
-    med = interleaved_medians(contenders, reps=reps, warmup=1, setup=zero_grads)
+    med = interleaved_medians(contenders, reps=reps, warmup=1, setup=setup)
     dense_t = med["dense"]
     dense_rate = 3 * 2 * out_f * in_f * B / dense_t
     rows = []
@@ -201,11 +205,8 @@ def run_case(case: dict, reps: int, have_sparseprop: bool) -> List[dict]:
         rows.append(dict(case=label, in_features=in_f, out_features=out_f, batch=B, sparsity=round(sparsity, 4),
                          threads=sparsebp.get_num_threads(), contender=name, time_ms=t * 1e3,
                          speedup=dense_t / t, efficiency=(useful / t) / dense_rate if name != "dense" else 1.0,
-                         isa=sparsebp.active_isa()))
+                         isa=sparsebp.active_isa(), dense_baseline="torch" if have_torch else "numpy"))
     return rows
-
-
-SCALING_SPARSITIES = [0.8, 0.9, 0.95, 0.98, 0.99]
 
 
 def scaling_worker(reps: int, quick: bool) -> None:
@@ -239,21 +240,22 @@ def scaling_worker(reps: int, quick: bool) -> None:
 
 
 def worker(threads: int, quick: bool, reps: int) -> None:
-    import torch
-
     import sparsebp
 
-    torch.set_num_threads(threads)
     sparsebp.set_num_threads(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        have_torch = True
+    except ImportError:
+        have_torch = False
     try:
         import sparseprop  # noqa: F401
 
-        have_sp = True
+        have_sp = have_torch
     except Exception:
         have_sp = False
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
     from tqdm import tqdm
 
     todo = cases(quick)
@@ -261,7 +263,7 @@ def worker(threads: int, quick: bool, reps: int) -> None:
         # The 2-thread bar concerns 4096^2 at batch 256; the other layers show scaling.
         todo = [c for c in todo if c["kind"] == "random" and c["sparsity"] >= 0.8]
     for case in tqdm(todo, desc=f"linear, {threads} thread(s)", file=sys.stderr):
-        for row in run_case(case, reps, have_sp):
+        for row in run_case(case, reps, have_sp, have_torch):
             print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -272,7 +274,7 @@ def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, rep
     reps = reps or (3 if quick else 7)
     rows: List[dict] = []
     for n in threads:
-        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n))
         cmd = [sys.executable, "-m", "sparsebp.bench.linear", "--worker", "--threads", str(n), "--reps", str(reps)]
         if quick:
             cmd.append("--quick")
@@ -308,9 +310,11 @@ def _by(rows, **kw):
 
 
 def report(rows: List[dict], header: List[str], scaling: List[dict] | None = None) -> str:
+    baseline = "torch" if not rows or rows[0].get("dense_baseline", "torch") == "torch" else "numpy"
     lines = ["# Sparse linear layer: forward + full backward", ""] + [f"- {h}" for h in header] + [
+        f"- dense baseline: {'torch.nn.Linear' if baseline == 'torch' else 'NumPy matmul (torch not installed)'}",
         "",
-        "Speed-up = dense torch time / contender time (medians, interleaved, one run). "
+        "Speed-up = dense time / contender time (medians, interleaved, one run). "
         "Efficiency = useful flops/s (3 x 2 x nnz x batch) / dense torch's flops/s in the same case. "
         "sparsebp = Fortran-ordered activations (no transposes); sparsebp-C = C-ordered, transposes included. "
         "vs SP = sparsebp speed-up / SparseProp speed-up.", ""]

@@ -1,0 +1,42 @@
+"""The benchmark code runs end to end on a tiny case (its correctness check against float64 NumPy
+included), with either dense baseline, and writes its report. Timings are not asserted here."""
+import importlib.util
+
+import numpy as np
+import pytest
+
+from sparsebp.bench import linear
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.mark.parametrize("torch_baseline", [False, True])
+def test_linear_case_runs_and_reports(tmp_path, torch_baseline):
+    if torch_baseline and not HAVE_TORCH:
+        pytest.skip("torch not installed")
+    case = dict(kind="random", in_f=96, out_f=40, batch=33, sparsity=0.9)
+    rows = linear.run_case(case, reps=2, have_sparseprop=False, have_torch=torch_baseline)
+    names = {r["contender"] for r in rows}
+    assert {"dense", "sparsebp", "sparsebp-C"} <= names
+    assert ("torch.sparse" in names) == torch_baseline
+    for r in rows:
+        assert r["time_ms"] > 0 and np.isfinite(r["speedup"])
+        assert r["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    md = linear.report(rows, ["test header"])
+    assert "| 96->40 | 33 | " in md
+    linear.plot(rows, str(tmp_path / "linear.png"))
+
+
+def test_random_mask_has_exact_count():
+    rng = np.random.default_rng(0)
+    indptr, indices = linear.random_mask(50, 70, 0.93, rng)
+    assert indptr[-1] == round(0.07 * 50 * 70) and len(indices) == indptr[-1]
+    for r in range(50):
+        row = indices[indptr[r]:indptr[r + 1]]
+        assert np.all(np.diff(row) > 0)
+
+
+def test_bundled_dlmc_matrices_load():
+    for name in linear.DLMC:
+        rows, cols, indptr, indices = linear.read_smtx(linear.dlmc_path(name))
+        assert len(indptr) == rows + 1 and indptr[-1] == len(indices) and indices.max() < cols
