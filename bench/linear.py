@@ -209,6 +209,9 @@ def run_case(case: dict, reps: int, have_sparseprop: bool, have_torch: bool = Tr
     return rows
 
 
+SCALING_SPARSITIES = [0.8, 0.9, 0.95, 0.98, 0.99]
+
+
 def scaling_worker(reps: int, quick: bool) -> None:
     """sparsebp alone, 4096->4096 at batch 256: 1 and 2 threads interleaved in one process (its
     thread count can change between calls), so machine drift cancels out of the ratio."""
@@ -284,6 +287,11 @@ def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, rep
                 rows.append(json.loads(line[7:]))
         if proc.wait() != 0:
             raise RuntimeError(f"benchmark worker for {n} thread(s) failed (exit {proc.returncode})")
+    os.makedirs(out_dir, exist_ok=True)
+    from sparsebp.bench.harness import machine_header, write_csv
+
+    # Write what the workers measured first: a failure below must not lose it.
+    write_csv(os.path.join(out_dir, "linear.csv"), rows)
     scaling: List[dict] = []
     if 2 in threads:
         cmd = [sys.executable, "-m", "sparsebp.bench.linear", "--scaling-worker", "--reps", str(max(reps, 9))]
@@ -291,11 +299,6 @@ def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, rep
             cmd.append("--quick")
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
         scaling = [json.loads(line[8:]) for line in out.splitlines() if line.startswith("SCALING ")]
-    os.makedirs(out_dir, exist_ok=True)
-    from sparsebp.bench.harness import machine_header, write_csv
-
-    write_csv(os.path.join(out_dir, "linear.csv"), rows)
-    if scaling:
         write_csv(os.path.join(out_dir, "linear_scaling.csv"), scaling)
     md = report(rows, machine_header(), scaling)
     with open(os.path.join(out_dir, "linear.md"), "w") as f:

@@ -40,3 +40,10 @@ def test_bundled_dlmc_matrices_load():
     for name in linear.DLMC:
         rows, cols, indptr, indices = linear.read_smtx(linear.dlmc_path(name))
         assert len(indptr) == rows + 1 and indptr[-1] == len(indices) and indices.max() < cols
+
+
+def test_scaling_worker_runs(capsys):
+    linear.scaling_worker(reps=1, quick=True)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("SCALING ")]
+    assert len(lines) == 1 and '"t1_ms"' in lines[0] and '"t2_ms"' in lines[0]
