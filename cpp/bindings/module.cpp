@@ -163,6 +163,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("cpu_features", &sparsebp::cpu_features);
   m.def("get_num_threads", &sparsebp::get_num_threads);
   m.def("set_num_threads", &sparsebp::set_num_threads, py::arg("n"));
+  m.def("padded_ld", &sparsebp::padded_ld, py::arg("batch"));
   m.def("max_job_threads", &sparsebp::max_job_threads, py::arg("reset") = false);
   m.attr("build_tables") = SPARSEBP_BUILD_TABLES;
   m.attr("compiler") = SPARSEBP_COMPILER;

@@ -141,15 +141,6 @@ void transpose_parallel(const KernelTable& t, const float* src, int64_t rows, in
   });
 }
 
-// Leading dimension for a feature-major scratch copy of `batch` columns: rows start on 64-byte
-// boundaries, and a multiple of 512 bytes is avoided (such strides map the rows a kernel gathers
-// onto a fraction of the cache sets; measured: up to 40% slower).
-int64_t padded_ld(int64_t batch) {
-  int64_t ld = round_up(std::max<int64_t>(batch, 1), 16);
-  if (ld % 128 == 0) ld += 16;
-  return ld;
-}
-
 // A feature-major view of `d` for the kernels: itself if already so (and its stride is harmless),
 // else a transposed or re-strided copy in workspace `slot`.
 const float* feature_major_in(const KernelTable& t, const DenseIn& d, const Layout& l, int slot, int64_t* ld) {
@@ -187,6 +178,12 @@ int64_t panel_width(int64_t cols, int64_t tile, int64_t nnz, int64_t rows) {
 }
 
 }  // namespace
+
+int64_t padded_ld(int64_t batch) {
+  int64_t ld = round_up(std::max<int64_t>(batch, 1), 16);
+  if (ld % 128 == 0) ld += 16;
+  return ld;
+}
 
 void linear_forward(const CsrStructure& w, const float* values, int64_t values_len, const float* bias,
                     int64_t bias_len, const DenseIn& x, const DenseOut& y) {
@@ -269,7 +266,7 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
   // Input gradient dX^T = W^T G^T: the forward kernel over the transposed structure, reading W's
   // values through the CSC permutation (measured faster than scattering into dX^T in the SDDMM
   // sweep: the scatter's read-modify-write of dX^T rows costs more than a second, gathering
-  // sweep; and faster than gathering the values into CSC order first).
+  // sweep; as fast as gathering the values into CSC order first, without the nnz-sized copy).
   if (grad_input) {
     float* dxt = grad_input->data;
     int64_t lddx = ldx_l.ld;

@@ -28,10 +28,10 @@ _F32 = np.dtype(np.float32)
 
 def padded_ld(batch: int) -> int:
     """The column stride (in elements) sparsebp gives Fortran-ordered (batch, features) arrays it
-    allocates: the batch rounded up to 16 (64-byte rows), plus 16 more when that is a multiple of
-    128 (rows 512 bytes apart map onto a fraction of the cache sets; measured up to 40% slower)."""
-    ld = -(-max(int(batch), 1) // 16) * 16
-    return ld + 16 if ld % 128 == 0 else ld
+    allocates, and its own scratch copies: the batch rounded up to 16 (64-byte rows), plus 16 more
+    when that is a multiple of 128 (rows 512 bytes apart map onto a fraction of the cache sets;
+    measured up to 40% slower)."""
+    return _core.padded_ld(int(batch))
 
 
 def empty(shape, order: str = "F") -> np.ndarray:
