@@ -36,6 +36,22 @@ struct Simd {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // reduce_group(v)[j] = sum of the lanes of v[j], for j < kLanes: a transpose-and-add tree
+  // (21 instructions for 8 sums, against ~6 per sum one at a time).
+  static V reduce_group(const V* v) {
+    V z[2];
+    for (int m = 0; m < 2; ++m) {
+      V w[2];
+      for (int h = 0; h < 2; ++h) {
+        const V a = v[4 * m + 2 * h], b = v[4 * m + 2 * h + 1];
+        w[h] = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+      }
+      // Per 128-bit half: that half's sums of v[4m .. 4m+3].
+      z[m] = _mm256_add_ps(_mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(z[0], z[1], 0x20), _mm256_permute2f128_ps(z[0], z[1], 0x31));
+  }
   // Lanes [0, n) active, n in [1, kLanes]. Masked lanes are never read or written (no faults).
   static __m256i mask(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));

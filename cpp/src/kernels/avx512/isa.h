@@ -50,6 +50,29 @@ struct Simd {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // reduce_group(v)[j] = sum of the lanes of v[j], for j < kLanes: a transpose-and-add tree
+  // (45 instructions for 16 sums, against ~9 per sum one at a time).
+  static V reduce_group(const V* v) {
+    V z[4];
+    for (int m = 0; m < 4; ++m) {
+      V w[2];
+      for (int h = 0; h < 2; ++h) {
+        const V a = v[4 * m + 2 * h], b = v[4 * m + 2 * h + 1];
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3].
+        w[h] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+      }
+      // Per 128-bit lane: the lane's sums of v[4m], v[4m+1], v[4m+2], v[4m+3].
+      z[m] = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    // Add the four 128-bit lanes: lane q of the result holds the totals of v[4q .. 4q+3].
+    const V s01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const V s23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
   // Lanes [0, n) active, n in [1, kLanes]; masked lanes are neither read nor written.
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
 #if defined(SPARSEBP_EMULATE_AVX512)
