@@ -278,3 +278,21 @@ def test_dlmc_matrices(isa, name):
     x = np.asfortranarray(rng.standard_normal((33, cols)).astype(np.float32))
     g = np.asfortranarray(rng.standard_normal((33, rows)).astype(np.float32))
     check_all(W, x, g, rng.standard_normal(rows).astype(np.float32))
+
+
+@pytest.mark.parametrize("batch", [1, 17, 64])
+@pytest.mark.parametrize("bias_grad", [True, False])
+def test_weight_grad_skipped(isa, batch, bias_grad):
+    """weight_grad=False (frozen weights): no grad_values, the other gradients unchanged."""
+    rng = np.random.default_rng(7 + batch)
+    W = make(rng, 29, 41, 0.25, empty_rows=(5,))
+    x = rng.standard_normal((batch, 41)).astype(np.float32)
+    g = rng.standard_normal((batch, 29)).astype(np.float32)
+    gr = ops.linear_backward(g, x, W, weight_grad=False, bias_grad=bias_grad)
+    (gi, gis), _, (gb, gbs) = ref.linear_backward(g, x, W.indptr, W.indices, W.values, W.shape)
+    assert gr.grad_values is None
+    ref.assert_close(gr.grad_input, gi, gis, 29, "grad_input")
+    if bias_grad:
+        ref.assert_close(gr.grad_bias, gb, gbs, batch, "grad_bias")
+    else:
+        assert gr.grad_bias is None

@@ -140,7 +140,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "linear_backward",
       [](const CsrStructure& w, const py::array& values, const py::array& grad_output, const py::array& x,
-         const py::object& grad_input, const py::array& grad_values, const py::object& grad_bias) {
+         const py::object& grad_input, const py::object& grad_values, const py::object& grad_bias) {
         int64_t nv = 0, ngv = 0, ngb = 0;
         const float* v = vector_of<const float>(values, "values", false, &nv);
         const auto gd = dense_of<const float>(grad_output, "grad_output", false);
@@ -148,7 +148,8 @@ PYBIND11_MODULE(_core, m) {
         sparsebp::DenseOut gid{};
         const bool want_gi = !grad_input.is_none();
         if (want_gi) gid = dense_of<float>(grad_input.cast<py::array>(), "grad_input", true);
-        float* gv = vector_of<float>(grad_values, "grad_values", true, &ngv);
+        float* gv =
+            grad_values.is_none() ? nullptr : vector_of<float>(grad_values.cast<py::array>(), "grad_values", true, &ngv);
         float* gb = grad_bias.is_none() ? nullptr : vector_of<float>(grad_bias.cast<py::array>(), "grad_bias", true, &ngb);
         py::gil_scoped_release nogil;
         sparsebp::linear_backward(w, v, nv, gd, xd, want_gi ? &gid : nullptr, gv, ngv, gb, ngb);

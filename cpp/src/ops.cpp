@@ -220,7 +220,8 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
                      float* grad_bias, int64_t grad_bias_len) {
   const int64_t nnz = w.nnz();
   SPARSEBP_CHECK_VALUE(values_len == nnz, "values must have nnz = ", nnz, " entries; got ", values_len);
-  SPARSEBP_CHECK_VALUE(grad_values_len == nnz, "grad_values must have nnz = ", nnz, " entries; got ", grad_values_len);
+  if (grad_values)
+    SPARSEBP_CHECK_VALUE(grad_values_len == nnz, "grad_values must have nnz = ", nnz, " entries; got ", grad_values_len);
   check_shape(x, x.batch, w.cols(), "x", "(batch, in_features)");
   check_shape(grad_output, x.batch, w.rows(), "grad_output", "(batch, out_features)");
   if (grad_bias)
@@ -240,7 +241,7 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
   }
   const int64_t B = x.batch;
   if (B == 0) {
-    std::fill(grad_values, grad_values + nnz, 0.0f);
+    if (grad_values) std::fill(grad_values, grad_values + nnz, 0.0f);
     if (grad_bias) std::fill(grad_bias, grad_bias + w.rows(), 0.0f);
     return;
   }
@@ -255,7 +256,18 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
 
   // Weight (and bias) gradient at the stored entries: rows split across threads; every entry is
   // computed by one thread in a fixed order, so the bits do not depend on the thread count.
-  {
+  if (!grad_values && grad_bias) {
+    // Frozen weights: the bias gradient alone, a sum over each row of G^T.
+    const std::vector<int64_t> cut = balanced_rows(w.indptr(), rows, threads_for(rows * B));
+    parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) {
+      for (int64_t o = cut[i]; o < cut[i + 1]; ++o) {
+        float s = 0.0f;
+        for (int64_t b = 0; b < B; ++b) s += gt[o * ldg + b];
+        grad_bias[o] = s;
+      }
+    });
+  }
+  if (grad_values) {
     int64_t* cursor = workspace().get<int64_t>(4, rows);
     const kernels::SddmmArgs a{pattern_of(w), gt, ldg, xt, ldx, grad_values, grad_bias, B,
                                panel_width(cols, sddmm_tile, nnz, rows), cursor};

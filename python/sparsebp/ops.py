@@ -168,12 +168,12 @@ class LinearGrads(NamedTuple):
     """Gradients of a sparse linear layer. ``grad_values[p]`` is the gradient of stored entry p."""
 
     grad_input: Optional[np.ndarray]
-    grad_values: np.ndarray
+    grad_values: Optional[np.ndarray]
     grad_bias: Optional[np.ndarray]
 
 
 def linear_backward(grad_output: np.ndarray, x: np.ndarray, weight: CSR, *, input_grad: bool = True,
-                    bias_grad: bool = True, values: Optional[np.ndarray] = None,
+                    weight_grad: bool = True, bias_grad: bool = True, values: Optional[np.ndarray] = None,
                     grad_input: Optional[np.ndarray] = None, grad_values: Optional[np.ndarray] = None,
                     grad_bias: Optional[np.ndarray] = None) -> LinearGrads:
     """Gradients of ``y = x @ weight.T + b`` given ``grad_output = dL/dy``, in one fused sweep.
@@ -181,7 +181,8 @@ def linear_backward(grad_output: np.ndarray, x: np.ndarray, weight: CSR, *, inpu
     - ``grad_input = grad_output @ weight_dense`` (batch, in_features); skipped when
       ``input_grad=False`` (e.g. the first layer), which saves half the work;
     - ``grad_values[p] = sum_b grad_output[b, row(p)] * x[b, col(p)]`` at the stored entries only
-      (stored zeros included: the structure, not the values, decides);
+      (stored zeros included: the structure, not the values, decides); skipped when
+      ``weight_grad=False`` (frozen weights);
     - ``grad_bias = grad_output.sum(0)``; skipped when ``bias_grad=False``.
 
     ``grad_input`` / ``grad_values`` / ``grad_bias`` may be given to be overwritten. Cost:
@@ -194,12 +195,13 @@ def linear_backward(grad_output: np.ndarray, x: np.ndarray, weight: CSR, *, inpu
     batch = x.shape[0]
     g = _dense_in(grad_output, "grad_output", f"({batch}, {rows})", rows, batch)
     gi = _dense_out(grad_input, "grad_input", (batch, cols), g) if input_grad else None
-    gv = _vec_out(grad_values, "grad_values", w.nnz)
+    gv = _vec_out(grad_values, "grad_values", w.nnz) if weight_grad else None
     gb = _vec_out(grad_bias, "grad_bias", rows) if bias_grad else None
     ins = dict(x=x, grad_output=g, values=v)
     if gi is not None:
         _no_overlap(gi, "grad_input", **ins)
-    _no_overlap(gv, "grad_values", grad_input=gi, **ins)
+    if gv is not None:
+        _no_overlap(gv, "grad_values", grad_input=gi, **ins)
     if gb is not None:
         _no_overlap(gb, "grad_bias", grad_input=gi, grad_values=gv, **ins)
     _core.linear_backward(w.structure, v, g, x, gi, gv, gb)

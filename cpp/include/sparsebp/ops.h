@@ -34,7 +34,8 @@ void linear_forward(const CsrStructure& w, const float* values, int64_t values_l
 
 // Backward of linear_forward from grad_output G (B x out):
 //   grad_input  = G W                    (B x in; skipped when null), overwritten
-//   grad_values[p] = sum_b G[b, row(p)] X[b, col(p)]   (nnz; at the stored positions), overwritten
+//   grad_values[p] = sum_b G[b, row(p)] X[b, col(p)]   (nnz; at the stored positions), overwritten;
+//                                                       skipped when null (frozen weights)
 //   grad_bias   = sum_b G[b, :]          (out; skipped when null), overwritten
 // Outputs must not overlap inputs or each other. Results are bit-identical for any thread count.
 void linear_backward(const CsrStructure& w, const float* values, int64_t values_len, const DenseIn& grad_output,
