@@ -1,0 +1,227 @@
+"""sparsebp's kernels as PyTorch custom operators (``torch.library``), with autograd.
+
+Operators (namespace ``sparsebp``):
+
+- ``sparsebp::linear(x, values, bias, indptr, indices, out_features) -> y``
+- ``sparsebp::linear_backward(grad_y, x, values, indptr, indices, out_features,
+  input_grad, weight_grad, bias_grad) -> (grad_x, grad_values, grad_bias)``
+
+``x`` is 2-D (batch, in_features). float32 tensors run the C++ kernels (the ISA chosen at import,
+``sparsebp.get_num_threads()`` threads, the GIL released). float64 tensors run a slow dense
+reference path: it exists so that ``torch.autograd.gradcheck`` can check the autograd formulas in
+double precision, not for training.
+
+Layouts: an output follows the layout of the tensor it is computed from (``y`` follows ``x``,
+``grad_x`` follows ``grad_y``): row-major in, row-major out; batch-innermost (``x.t()`` contiguous)
+in, batch-innermost out, which the kernels take without any transpose.
+
+The CSR structure arrives as two index tensors. Validating it and building its transpose for the
+input gradient costs O(nnz), so validated structures are cached per index tensor; a cached
+structure is reused only while the tensors still hold the same indices (compared on every call,
+which is cheap next to the kernels).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _core
+from .. import ops as _ops
+
+# ---------------------------------------------------------------------------------------------
+# Validated structures, cached per index tensor
+# ---------------------------------------------------------------------------------------------
+
+
+class _StructureCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict = {}
+
+    def get(self, indptr: Tensor, indices: Tensor, rows: int, cols: int):
+        ip = indptr.detach().numpy()
+        ix = indices.detach().numpy()
+        key = id(indices)
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None:
+            ref_ix, ref_ip, s = hit
+            if (ref_ix() is indices and ref_ip() is indptr and s.shape == (rows, cols)
+                    and np.array_equal(s.indptr, ip) and np.array_equal(s.indices, ix)):
+                return s
+        s = _core.CsrStructure(rows, cols, np.ascontiguousarray(ip), np.ascontiguousarray(ix))
+
+        def _drop(_, key=key, entries=self._entries, lock=self._lock):
+            with lock:
+                entries.pop(key, None)
+
+        with self._lock:
+            self._entries[key] = (weakref.ref(indices, _drop), weakref.ref(indptr), s)
+        return s
+
+
+_cache = _StructureCache()
+
+
+def structure_of(indptr: Tensor, indices: Tensor, rows: int, cols: int):
+    """The validated ``_core.CsrStructure`` for these index tensors (cached)."""
+    return _cache.get(indptr, indices, rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _feature_major(t: Tensor) -> bool:
+    # (batch, features) with the batch innermost, and not also row-major (batch 1).
+    return t.dim() == 2 and t.stride(0) == 1 and not t.is_contiguous()
+
+
+def _kernel_ready(t: Tensor) -> Tensor:
+    """A 2-D tensor the kernels take as it is: contiguous along one axis, else a row-major copy."""
+    s0, s1 = t.stride()
+    if (s1 == 1 and s0 >= t.shape[1]) or (s0 == 1 and s1 >= t.shape[0]):
+        return t
+    return t.contiguous()
+
+
+def _new_like_layout(t: Tensor, rows: int, cols: int) -> Tensor:
+    """An empty (rows, cols) tensor, batch-innermost if ``t`` is, else row-major."""
+    if _feature_major(t):
+        return t.new_empty((cols, rows)).t()
+    return t.new_empty((rows, cols))
+
+
+def _np(t: Optional[Tensor]):
+    return None if t is None else t.detach().numpy()
+
+
+def _dense_weight(values: Tensor, indptr: Tensor, indices: Tensor, rows: int, cols: int) -> Tensor:
+    counts = (indptr[1:] - indptr[:-1]).to(torch.int64)
+    r = torch.repeat_interleave(torch.arange(rows, dtype=torch.int64), counts)
+    w = values.new_zeros((rows, cols))
+    w[r, indices.to(torch.int64)] = values
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsebp::linear", mutates_args=())
+def linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
+              out_features: int) -> Tensor:
+    cols = x.shape[1]
+    y = _new_like_layout(x, x.shape[0], out_features)
+    if x.dtype == torch.float64:
+        w = _dense_weight(values, indptr, indices, out_features, cols)
+        y.copy_(x @ w.t() if bias is None else torch.addmm(bias, x, w.t()))
+        return y
+    s = structure_of(indptr, indices, out_features, cols)
+    _core.linear_forward(s, _np(values), _np(_kernel_ready(x)), _np(bias), _np(y))
+    return y
+
+
+@linear_op.register_fake
+def _(x, values, bias, indptr, indices, out_features):
+    return _new_like_layout(x, x.shape[0], out_features)
+
+
+@torch.library.custom_op("sparsebp::linear_backward", mutates_args=())
+def linear_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
+                       out_features: int, input_grad: bool, weight_grad: bool,
+                       bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    batch, cols = x.shape
+    gy = _kernel_ready(grad_y)
+    gi = _new_like_layout(gy, batch, cols) if input_grad else x.new_empty((0,))
+    gv = values.new_empty(values.shape) if weight_grad else values.new_empty((0,))
+    gb = values.new_empty((out_features,)) if bias_grad else values.new_empty((0,))
+    if x.dtype == torch.float64:
+        w = _dense_weight(values, indptr, indices, out_features, cols)
+        if input_grad:
+            gi.copy_(gy @ w)
+        if weight_grad:
+            counts = (indptr[1:] - indptr[:-1]).to(torch.int64)
+            r = torch.repeat_interleave(torch.arange(out_features, dtype=torch.int64), counts)
+            gv.copy_((gy.t() @ x)[r, indices.to(torch.int64)])
+        if bias_grad:
+            gb.copy_(gy.sum(0))
+        return gi, gv, gb
+    s = structure_of(indptr, indices, out_features, cols)
+    _core.linear_backward(s, _np(values), _np(gy), _np(_kernel_ready(x)), _np(gi) if input_grad else None,
+                          _np(gv) if weight_grad else None, _np(gb) if bias_grad else None)
+    return gi, gv, gb
+
+
+@linear_backward_op.register_fake
+def _(grad_y, x, values, indptr, indices, out_features, input_grad, weight_grad, bias_grad):
+    batch, cols = x.shape
+    gi = _new_like_layout(grad_y, batch, cols) if input_grad else x.new_empty((0,))
+    gv = values.new_empty(values.shape) if weight_grad else values.new_empty((0,))
+    gb = values.new_empty((out_features,)) if bias_grad else values.new_empty((0,))
+    return gi, gv, gb
+
+
+def _linear_setup(ctx, inputs, output):
+    x, values, bias, indptr, indices, out_features = inputs
+    ctx.save_for_backward(x, values, indptr, indices)
+    ctx.out_features = out_features
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad_y):
+    x, values, indptr, indices = ctx.saved_tensors
+    need_x, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    if not (need_x or need_v or need_b):
+        return None, None, None, None, None, None
+    gi, gv, gb = linear_backward_op(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b)
+    return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional entry point (argument checks, any leading dimensions)
+# ---------------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}, but this build of sparsebp runs on the CPU only "
+                         "(CUDA kernels are not compiled in); move it with .cpu()")
+
+
+def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
+           in_features: int, out_features: int) -> Tensor:
+    """``y = x @ W.T + bias`` with ``W`` (out_features x in_features) in CSR form (``indptr`` int64,
+    ``indices`` int32, ``values`` the stored entries). ``x`` has shape ``(*, in_features)``;
+    differentiable in ``x``, ``values`` and ``bias``."""
+    _check_tensor(x, "x")
+    _check_tensor(values, "values")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be float32 (or float64, a slow reference path); got {x.dtype}")
+    for t, name in ((values, "values"), (bias, "bias")):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}; got {t.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (*, {in_features}); got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},); got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features) if x.dim() != 2 else x
+    y = linear_op(x2, values, bias, indptr, indices, out_features)
+    return y.reshape(*lead, out_features) if x.dim() != 2 else y

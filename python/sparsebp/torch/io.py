@@ -1,0 +1,132 @@
+"""Saving and loading models with sparsebp layers, as ``.pt`` (torch.save) or ``.safetensors``.
+
+A file holds the model's ``state_dict`` and a small JSON description of which modules are sparse
+(name, type, shape). ``load(model, path)`` takes the *dense* architecture (or one already
+converted), swaps the listed modules for sparse ones with the file's structures, then loads the
+state strictly. Anything that does not fit is a ``ValueError`` naming the file and the entry.
+``.pt`` files are read with ``weights_only=True`` (no arbitrary code runs on load).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from .modules import SparseLinear
+
+__all__ = ["save", "load"]
+
+_FORMAT = "sparsebp.torch"
+_VERSION = 1
+_TYPES = {"SparseLinear": (SparseLinear, nn.Linear)}
+
+
+def _describe(model: nn.Module) -> dict:
+    sparse = {}
+    for n, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            sparse[n] = dict(type="SparseLinear", in_features=m.in_features, out_features=m.out_features,
+                             bias=m.bias is not None)
+    return dict(format=_FORMAT, version=_VERSION, sparse_modules=sparse)
+
+
+def _is_safetensors(path) -> bool:
+    return os.fspath(path).endswith(".safetensors")
+
+
+def save(model: nn.Module, path) -> None:
+    """Write ``model``'s state and its sparse-module description to ``path`` (``.safetensors`` by
+    extension, else ``torch.save``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    meta = _describe(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if _is_safetensors(path):
+        from safetensors.torch import save_file
+
+        # safetensors refuses tensors sharing memory: give each its own.
+        save_file({k: v.clone() for k, v in state.items()}, os.fspath(path), metadata={"sparsebp": json.dumps(meta)})
+    else:
+        torch.save({"sparsebp": meta, "state_dict": state}, path)
+
+
+def _read_any(path) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(state dict, sparsebp description or {}) of a file; unreadable files are a ValueError."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"no checkpoint at {p}")
+    if _is_safetensors(p):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(p, framework="pt") as f:
+                meta_s = (f.metadata() or {}).get("sparsebp")
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{p} is not a readable safetensors file: {e}") from None
+        try:
+            meta = json.loads(meta_s) if meta_s else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: the sparsebp metadata is not valid JSON: {e}") from None
+        return state, meta
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors, truncated zip archives, ...
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{p} is not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj.get("sparsebp"), dict):
+        return obj["state_dict"], obj["sparsebp"]
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            return obj["state_dict"], {}
+        return obj, {}
+    raise ValueError(f"{p} does not hold a state dict; got {type(obj).__name__}")
+
+
+def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
+    """Load a file written by ``save`` into ``model`` (converting the listed modules to sparse ones
+    first) and return ``model``. Build the optimizer after loading."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    p = os.fspath(path)
+    state, meta = _read_any(p)
+    if meta:
+        if meta.get("format") != _FORMAT or not isinstance(meta.get("sparse_modules"), dict):
+            raise ValueError(f"{p}: unrecognised sparsebp metadata {meta!r}")
+        if meta.get("version") != _VERSION:
+            raise ValueError(f"{p}: written by format version {meta.get('version')}; this sparsebp reads {_VERSION}")
+    for name, d in (meta.get("sparse_modules") or {}).items():
+        if not isinstance(d, dict) or d.get("type") not in _TYPES:
+            raise ValueError(f"{p}: unknown sparse module description for {name!r}: {d!r}")
+        sparse_cls, dense_cls = _TYPES[d["type"]]
+        try:
+            m = model.get_submodule(name) if name else model
+        except AttributeError:
+            raise ValueError(f"{p}: the file has a sparse module {name!r} the model does not have") from None
+        shape_ok = (getattr(m, "in_features", None), getattr(m, "out_features", None)) == (
+            d.get("in_features"), d.get("out_features"))
+        if not isinstance(m, (sparse_cls, dense_cls)) or not shape_ok:
+            raise ValueError(f"{p}: module {name!r} is {m!r} in the model but a {d['type']}"
+                             f"({d.get('in_features')} -> {d.get('out_features')}) in the file")
+        if isinstance(m, sparse_cls):
+            continue
+        ip, ix = state.get(f"{name}.indptr" if name else "indptr"), state.get(f"{name}.indices" if name else "indices")
+        if ip is None or ix is None:
+            raise ValueError(f"{p}: sparse module {name!r} has no indptr/indices entries")
+        # Any valid structure of the right shape; the state load below puts the file's in place.
+        new = sparse_cls(m.in_features, m.out_features, m.bias is not None,
+                         mask=torch.zeros(m.out_features, m.in_features, dtype=torch.bool),
+                         dtype=m.weight.dtype)
+        new.train(m.training)
+        if name == "":
+            raise ValueError(f"{p}: the model itself is a sparse layer; load into SparseLinear directly")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise ValueError(f"{p} does not fit the model: {e}") from None
+    return model

@@ -1,0 +1,236 @@
+"""Drop-in sparse modules: ``SparseLinear`` (for ``nn.Linear``)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import _core
+from . import _ops
+
+__all__ = ["SparseLinear", "magnitude_mask", "random_mask"]
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float in [0, 1); got {type(sparsity).__name__}")
+    s = float(sparsity)
+    if not (0.0 <= s < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
+    return s
+
+
+def _kept(n: int, sparsity: float) -> int:
+    return max(1, int(round((1.0 - sparsity) * n))) if n > 0 else 0
+
+
+def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
+    """Boolean mask keeping the ``round((1 - sparsity) * numel)`` entries of largest |weight|
+    (ties broken by position, so the result is deterministic)."""
+    s = _check_sparsity(sparsity)
+    w = weight.detach().reshape(-1).abs().to(torch.float64)
+    k = _kept(w.numel(), s)
+    # Stable sort on -|w|: equal magnitudes keep their order (lower index first).
+    order = torch.sort(-w, stable=True).indices[:k]
+    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.reshape(weight.shape)
+
+
+def random_mask(shape, sparsity: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Boolean mask with exactly ``round((1 - sparsity) * numel)`` entries, uniformly at random."""
+    s = _check_sparsity(sparsity)
+    n = int(np.prod(shape))
+    k = _kept(n, s)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator)[:k]] = True
+    return mask.reshape(shape)
+
+
+def _check_mask(mask, shape, name: str = "mask") -> Tensor:
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(np.asarray(mask))
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a boolean tensor of shape {tuple(shape)}; got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(mask.shape)}")
+    return mask.cpu()
+
+
+def _csr_from_mask(mask2d: Tensor):
+    """(indptr int64, indices int32) of a 2-D boolean mask, row-major."""
+    m = mask2d.cpu().numpy()
+    rows, cols = np.nonzero(m)
+    indptr = np.zeros(m.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=m.shape[0]), out=indptr[1:])
+    return torch.from_numpy(indptr), torch.from_numpy(cols.astype(np.int32)), rows, cols
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` with an unstructured-sparse weight held in CSR form.
+
+    ``y = x @ W.T + bias`` for ``x`` of shape ``(*, in_features)``, as ``nn.Linear``; forward, input
+    gradient and weight gradient all cost ∝ nnz (sparsebp's C++ kernels). Only the stored values
+    are trained: the parameter ``values`` (nnz,) and ``bias``; the structure lives in the buffers
+    ``indptr`` (int64, out_features + 1) and ``indices`` (int32, nnz), so ``state_dict()``,
+    ``.to()``, ``copy.deepcopy`` and pickling keep it, and the mask never regrows under any optimizer.
+
+    Give the structure as ``mask`` (bool, out_features x in_features) or as ``sparsity`` (a mask
+    drawn uniformly at random with exactly ``round((1 - sparsity) * numel)`` entries). Values start
+    like ``nn.Linear``'s but scaled to the *kept* fan-in (uniform in ±1/sqrt(nnz per row on
+    average)), so the output variance does not shrink with the density. To keep trained weights,
+    use ``SparseLinear.from_dense(linear, ...)`` instead.
+
+    float32 runs the kernels; float64 runs a slow dense reference path (for gradcheck).
+    Outputs follow the input's layout (see ``sparsebp.torch``).
+    """
+
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
+                 mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        for v, name in ((in_features, "in_features"), (out_features, "out_features")):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int; got {type(v).__name__}")
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0; got {v}")
+        self.in_features, self.out_features = in_features, out_features
+        shape = (out_features, in_features)
+        if (mask is None) == (sparsity is None):
+            raise ValueError("give exactly one of sparsity= (a random mask) or mask= (a boolean tensor of shape "
+                             f"{shape}); got {'both' if mask is not None else 'neither'}")
+        mask = _check_mask(mask, shape) if mask is not None else random_mask(shape, sparsity, generator)
+        dtype = dtype or torch.get_default_dtype()
+        indptr, indices, _, _ = _csr_from_mask(mask)
+        self.register_buffer("indptr", indptr.to(device))
+        self.register_buffer("indices", indices.to(device))
+        nnz = indices.numel()
+        self.values = nn.Parameter(torch.empty(nnz, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self._check_structure()
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        fan_in = self.values.numel() / max(self.out_features, 1)
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound, generator=generator)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound, generator=generator)
+
+    # ---- construction from dense ----------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, mask: Optional[Tensor] = None,
+                   sparsity: Optional[float] = None) -> "SparseLinear":
+        """A ``SparseLinear`` holding ``linear``'s weights at the kept positions: ``mask`` if given,
+        else the ``sparsity`` fraction of smallest |weight| dropped, else the nonzeros of the weight."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
+        if mask is not None and sparsity is not None:
+            raise ValueError("give at most one of mask= and sparsity=")
+        w = linear.weight.detach()
+        if mask is None:
+            mask = magnitude_mask(w, sparsity) if sparsity is not None else (w != 0)
+        mask = _check_mask(mask, tuple(w.shape))
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, mask=mask,
+                  device=w.device, dtype=w.dtype)
+        _, _, r, c = _csr_from_mask(mask)
+        with torch.no_grad():
+            mod.values.copy_(w.cpu()[torch.from_numpy(r), torch.from_numpy(c)])
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with this layer's weights (zeros outside the mask)."""
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    # ---- views ----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight (out_features x in_features), a new tensor (not a parameter; the
+        parameter is ``values``)."""
+        return _ops._dense_weight(self.values.detach(), self.indptr, self.indices, self.out_features,
+                                  self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def density(self) -> float:
+        n = self.in_features * self.out_features
+        return self.nnz / n if n else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def mask(self) -> Tensor:
+        """The boolean mask (out_features x in_features) of stored entries."""
+        m = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
+        counts = (self.indptr[1:] - self.indptr[:-1]).cpu().to(torch.int64)
+        r = torch.repeat_interleave(torch.arange(self.out_features), counts)
+        m[r, self.indices.cpu().to(torch.int64)] = True
+        return m
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _ops.linear(input, self.values, self.bias, self.indptr, self.indices, self.in_features,
+                           self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+
+    # ---- structure checks and loading ------------------------------------------------------------
+    def _check_structure(self) -> None:
+        _core.CsrStructure(self.out_features, self.in_features, self.indptr.cpu().numpy(),
+                           self.indices.cpu().numpy())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = {k: prefix + k for k in ("indptr", "indices", "values", "bias")}
+        if all(keys[k] in state_dict for k in ("indptr", "indices", "values")):
+            ip, ix, v = (state_dict[keys[k]] for k in ("indptr", "indices", "values"))
+            where = prefix.rstrip(".") or "SparseLinear"
+            for t, name in ((ip, "indptr"), (ix, "indices"), (v, "values")):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{where}: checkpoint entry {name} must be a tensor; got {type(t).__name__}")
+            if ip.dtype.is_floating_point or ip.dtype == torch.bool or ix.dtype.is_floating_point or ix.dtype == torch.bool:
+                raise TypeError(f"{where}: checkpoint indptr/indices must be integer tensors; got {ip.dtype}/{ix.dtype}")
+            if not v.dtype.is_floating_point:
+                raise TypeError(f"{where}: checkpoint values must be floating point; got {v.dtype}")
+            if ip.dim() != 1 or ip.numel() != self.out_features + 1:
+                raise ValueError(f"{where}: checkpoint indptr must have shape ({self.out_features + 1},) for "
+                                 f"out_features={self.out_features}; got {tuple(ip.shape)}")
+            if ix.dim() != 1 or v.dim() != 1 or v.numel() != ix.numel():
+                raise ValueError(f"{where}: checkpoint values and indices must be 1-D of equal length (nnz); "
+                                 f"got {tuple(v.shape)} and {tuple(ix.shape)}")
+            try:
+                _core.CsrStructure(self.out_features, self.in_features, ip.detach().cpu().to(torch.int64).numpy(),
+                                   ix.detach().cpu().to(torch.int64).numpy())
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{where}: the checkpoint's sparsity structure is invalid for a "
+                                 f"{self.out_features}x{self.in_features} weight: {e}") from None
+            if not torch.isfinite(v).all():
+                raise ValueError(f"{where}: checkpoint values hold NaN or infinity")
+            if ix.numel() != self.indices.numel():
+                # A different structure: resize in place (parameters are replaced: build optimizers
+                # after loading).
+                self.indices = torch.empty(ix.numel(), dtype=torch.int32, device=self.indices.device)
+                self.values = nn.Parameter(torch.empty(ix.numel(), dtype=self.values.dtype,
+                                                       device=self.values.device),
+                                           requires_grad=self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
