@@ -157,6 +157,64 @@ PYBIND11_MODULE(_core, m) {
       py::arg("structure"), py::arg("values"), py::arg("grad_output"), py::arg("x"), py::arg("grad_input"),
       py::arg("grad_values"), py::arg("grad_bias"));
 
+  // Flat 1-D arrays; geometry (ncols, seg_outer, seg_inner, x_outer, x_inner, y_row, y_outer, y_inner).
+  auto i64_vector = [](const py::object& o, const char* name, int64_t* len) -> const int64_t* {
+    if (o.is_none()) {
+      *len = 0;
+      return nullptr;
+    }
+    const py::array a = o.cast<py::array>();
+    if (!py::array_t<int64_t>::check_(a) || a.ndim() != 1 || !(a.flags() & py::array::c_style))
+      throw sparsebp::TypeError(str_cat(name, " must be a contiguous 1-D int64 array"));
+    *len = a.shape(0);
+    return static_cast<const int64_t*>(a.data());
+  };
+  auto geometry = [](const py::tuple& t) {
+    if (t.size() != 8) throw sparsebp::ValueError("geometry must have 8 entries");
+    return sparsebp::GatherGeometry{t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(),
+                                    t[3].cast<int64_t>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
+                                    t[6].cast<int64_t>(), t[7].cast<int64_t>()};
+  };
+  m.def(
+      "gather_forward",
+      [i64_vector, geometry](const py::object& indptr, const py::object& offsets, const py::array& values,
+                             const py::object& value_index, const py::object& bias, const py::array& x,
+                             const py::array& y, const py::tuple& geo) {
+        int64_t nip = 0, noff = 0, nv = 0, nvi = 0, nb = 0, nx = 0, ny = 0;
+        const int64_t* ip = i64_vector(indptr, "indptr", &nip);
+        const int64_t* off = i64_vector(offsets, "offsets", &noff);
+        const int64_t* vi = i64_vector(value_index, "value_index", &nvi);
+        if (!ip || nip < 1) throw sparsebp::ValueError("indptr must have at least 1 entry");
+        const float* v = vector_of<const float>(values, "values", false, &nv);
+        const float* b = bias.is_none() ? nullptr : vector_of<const float>(bias.cast<py::array>(), "bias", false, &nb);
+        const float* xp = vector_of<const float>(x, "x", false, &nx);
+        float* yp = vector_of<float>(y, "y", true, &ny);
+        const auto g = geometry(geo);
+        py::gil_scoped_release nogil;
+        sparsebp::gather_forward(ip, nip - 1, off, noff, v, nv, vi, nvi, b, nb, xp, nx, yp, ny, g);
+      },
+      py::arg("indptr"), py::arg("offsets"), py::arg("values"), py::arg("value_index"), py::arg("bias"), py::arg("x"),
+      py::arg("y"), py::arg("geometry"));
+  m.def(
+      "gather_sddmm",
+      [i64_vector, geometry](const py::object& indptr, const py::object& offsets, const py::array& g,
+                             const py::array& x, const py::array& dvalues, const py::object& dbias,
+                             const py::tuple& geo) {
+        int64_t nip = 0, noff = 0, ng = 0, nx = 0, ndv = 0, ndb = 0;
+        const int64_t* ip = i64_vector(indptr, "indptr", &nip);
+        const int64_t* off = i64_vector(offsets, "offsets", &noff);
+        if (!ip || nip < 1) throw sparsebp::ValueError("indptr must have at least 1 entry");
+        const float* gp = vector_of<const float>(g, "g", false, &ng);
+        const float* xp = vector_of<const float>(x, "x", false, &nx);
+        float* dv = vector_of<float>(dvalues, "dvalues", true, &ndv);
+        float* db = dbias.is_none() ? nullptr : vector_of<float>(dbias.cast<py::array>(), "dbias", true, &ndb);
+        const auto gg = geometry(geo);
+        py::gil_scoped_release nogil;
+        sparsebp::gather_sddmm(ip, nip - 1, off, noff, gp, ng, xp, nx, dv, ndv, db, ndb, gg);
+      },
+      py::arg("indptr"), py::arg("offsets"), py::arg("g"), py::arg("x"), py::arg("dvalues"), py::arg("dbias"),
+      py::arg("geometry"));
+
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);

@@ -297,4 +297,75 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
   }
 }
 
+namespace {
+
+void check_gather(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t nnz_len, int64_t x_len,
+                  int64_t y_len, const GatherGeometry& g, const char* y_name) {
+  SPARSEBP_CHECK_VALUE(rows >= 0, "rows must be >= 0; got ", rows);
+  SPARSEBP_CHECK_VALUE(indptr[0] == 0, "indptr[0] must be 0; got ", indptr[0]);
+  for (int64_t o = 0; o < rows; ++o)
+    SPARSEBP_CHECK_VALUE(indptr[o + 1] >= indptr[o], "indptr must not decrease (row ", o, ")");
+  SPARSEBP_CHECK_VALUE(indptr[rows] == nnz_len, "indptr[-1] must equal len(offsets) = ", nnz_len, "; got ",
+                       indptr[rows]);
+  for (int64_t v : {g.ncols, g.seg_outer, g.seg_inner, g.x_outer, g.x_inner, g.y_row, g.y_outer, g.y_inner})
+    SPARSEBP_CHECK_VALUE(v >= 0, "gather geometry must be non-negative; got ", v);
+  if (rows == 0 || g.ncols == 0 || g.seg_outer == 0 || g.seg_inner == 0) return;
+  const int64_t x_span = (g.seg_outer - 1) * g.x_outer + (g.seg_inner - 1) * g.x_inner + g.ncols;
+  for (int64_t p = 0; p < nnz_len; ++p)
+    SPARSEBP_CHECK_VALUE(offsets[p] >= 0 && offsets[p] <= x_len - x_span, "offsets[", p, "] = ", offsets[p],
+                         " reads outside x (", x_len, " elements; segments span ", x_span, ")");
+  const int64_t y_span = (rows - 1) * g.y_row + (g.seg_outer - 1) * g.y_outer + (g.seg_inner - 1) * g.y_inner + g.ncols;
+  SPARSEBP_CHECK_VALUE(y_span <= y_len, y_name, " has ", y_len, " elements; the geometry needs ", y_span);
+}
+
+}  // namespace
+
+void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len,
+                    const float* values, int64_t values_len, const int64_t* value_index, int64_t value_index_len,
+                    const float* bias, int64_t bias_len, const float* x, int64_t x_len, float* y, int64_t y_len,
+                    const GatherGeometry& geo) {
+  check_gather(indptr, rows, offsets, offsets_len, x_len, y_len, geo, "y");
+  if (value_index) {
+    SPARSEBP_CHECK_VALUE(value_index_len == offsets_len, "value_index must have ", offsets_len, " entries; got ",
+                         value_index_len);
+    for (int64_t p = 0; p < value_index_len; ++p)
+      SPARSEBP_CHECK_VALUE(value_index[p] >= 0 && value_index[p] < values_len, "value_index[", p, "] = ",
+                           value_index[p], " is outside values (", values_len, ")");
+  } else {
+    SPARSEBP_CHECK_VALUE(values_len == offsets_len, "values must have ", offsets_len, " entries; got ", values_len);
+  }
+  if (bias) SPARSEBP_CHECK_VALUE(bias_len == rows, "bias must have ", rows, " entries; got ", bias_len);
+  check_no_overlap(span_of(y, y_len), "y", {{span_of(x, x_len), "x"}, {span_of(values, values_len), "values"},
+                                            {span_of(bias, bias_len), "bias"}});
+  if (rows == 0 || geo.ncols == 0) return;
+  const KernelTable& t = active_table();
+  const kernels::GatherArgs a{rows, indptr, offsets, values, value_index, bias, x, y, nullptr, nullptr, nullptr,
+                              geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner, geo.seg_outer,
+                              geo.seg_inner, geo.ncols};
+  const int64_t work = (offsets_len + rows) * geo.ncols * geo.seg_outer * geo.seg_inner;
+  const std::vector<int64_t> cut = balanced_rows(indptr, rows, threads_for(work));
+  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.gather_forward(a, cut[i], cut[i + 1]); });
+}
+
+void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len, const float* g,
+                  int64_t g_len, const float* x, int64_t x_len, float* dvalues, int64_t dvalues_len, float* dbias,
+                  int64_t dbias_len, const GatherGeometry& geo) {
+  check_gather(indptr, rows, offsets, offsets_len, x_len, g_len, geo, "g");
+  SPARSEBP_CHECK_VALUE(dvalues_len == offsets_len, "dvalues must have ", offsets_len, " entries; got ", dvalues_len);
+  if (dbias) SPARSEBP_CHECK_VALUE(dbias_len == rows, "dbias must have ", rows, " entries; got ", dbias_len);
+  check_no_overlap(span_of(dvalues, dvalues_len), "dvalues",
+                   {{span_of(x, x_len), "x"}, {span_of(g, g_len), "g"}, {span_of(dbias, dbias_len), "dbias"}});
+  check_no_overlap(span_of(dbias, dbias_len), "dbias", {{span_of(x, x_len), "x"}, {span_of(g, g_len), "g"}});
+  std::fill(dvalues, dvalues + dvalues_len, 0.0f);
+  if (dbias) std::fill(dbias, dbias + dbias_len, 0.0f);
+  if (rows == 0 || geo.ncols == 0) return;
+  const KernelTable& t = active_table();
+  const kernels::GatherArgs a{rows, indptr, offsets, nullptr, nullptr, nullptr, x, nullptr, g, dvalues, dbias,
+                              geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner, geo.seg_outer,
+                              geo.seg_inner, geo.ncols};
+  const int64_t work = (offsets_len + rows) * geo.ncols * geo.seg_outer * geo.seg_inner;
+  const std::vector<int64_t> cut = balanced_rows(indptr, rows, threads_for(work));
+  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.gather_sddmm(a, cut[i], cut[i + 1]); });
+}
+
 }  // namespace sparsebp

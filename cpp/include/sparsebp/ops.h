@@ -42,4 +42,21 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
                      const DenseIn& x, const DenseOut* grad_input, float* grad_values, int64_t grad_values_len,
                      float* grad_bias, int64_t grad_bias_len);
 
+// Gather products over per-entry offsets (the implicit-GEMM core of convolution; the full
+// contract is GatherArgs in kernels/kernel_table.h). All arrays are flat; every offset, shift and
+// length is checked against the array sizes before a kernel runs (ValueError otherwise).
+struct GatherGeometry {
+  int64_t ncols, seg_outer, seg_inner, x_outer, x_inner, y_row, y_outer, y_inner;
+};
+// y[o, s, :] = bias[o] + sum_p value(p) x[offsets[p] + shift(s) + :]. value_index may be null.
+void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len,
+                    const float* values, int64_t values_len, const int64_t* value_index, int64_t value_index_len,
+                    const float* bias, int64_t bias_len, const float* x, int64_t x_len, float* y, int64_t y_len,
+                    const GatherGeometry& geo);
+// dvalues[p] = sum_{s, j} g[o, s, j] x[offsets[p] + shift(s) + j]; dbias[o] = sum_{s, j} g[o, s, j]
+// (overwritten; dbias may be null).
+void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len, const float* g,
+                  int64_t g_len, const float* x, int64_t x_len, float* dvalues, int64_t dvalues_len, float* dbias,
+                  int64_t dbias_len, const GatherGeometry& geo);
+
 }  // namespace sparsebp

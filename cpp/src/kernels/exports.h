@@ -11,6 +11,8 @@ namespace SPARSEBP_ISA_NS {
 void linear_forward(const LinearForwardArgs& a, int64_t row_begin, int64_t row_end);
 void sddmm(const SddmmArgs& a, int64_t row_begin, int64_t row_end);
 void transpose(const TransposeArgs& a, int64_t row_begin, int64_t row_end);
+void gather_forward(const GatherArgs& a, int64_t row_begin, int64_t row_end);
+void gather_sddmm(const GatherArgs& a, int64_t row_begin, int64_t row_end);
 
 }  // namespace SPARSEBP_ISA_NS
 }  // namespace kernels

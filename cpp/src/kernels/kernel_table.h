@@ -71,6 +71,34 @@ using SddmmFn = void (*)(const SddmmArgs&, int64_t row_begin, int64_t row_end);
 // CSC of W, with value_index = its permutation): see ops.cpp.
 
 // dst[j * ldd + i] = src[i * lds + j] for i in [row_begin, row_end), j in [0, cols). No aliasing.
+// Gather products over per-entry offsets (implicit GEMM; convolution is built on them, see
+// python/sparsebp/conv.py). Output row o, segment s = (so, si) with so < seg_outer, si < seg_inner:
+//   y[o * y_row + so * y_outer + si * y_inner + j]
+//     = bias[o] + sum_{p in row o} value(p) * x[offsets[p] + so * x_outer + si * x_inner + j],  j < ncols
+// value(p) = values[value_index ? value_index[p] : p]. The weight gradient accumulates over all
+// segments and columns, in a fixed order (segments, then column tiles), into dvalues / dbias,
+// which the caller zeroes first:
+//   dvalues[p] += sum_{s, j} g[o, s, j] * x[offsets[p] + shift(s) + j];   dbias[o] += sum_{s, j} g[o, s, j]
+// Every index is checked by ops.cpp before a kernel runs.
+struct GatherArgs {
+  int64_t rows;
+  const int64_t* indptr;   // rows + 1
+  const int64_t* offsets;  // indptr[rows]
+  const float* values;
+  const int64_t* value_index;  // may be null
+  const float* bias;           // forward only; may be null
+  const float* x;
+  float* y;                    // forward: output; weight gradient: unused
+  const float* g;              // weight gradient: the output gradient (y's layout); forward: unused
+  float* dvalues;
+  float* dbias;                // may be null
+  int64_t y_row, y_outer, y_inner;
+  int64_t x_outer, x_inner;
+  int64_t seg_outer, seg_inner;
+  int64_t ncols;
+};
+using GatherFn = void (*)(const GatherArgs&, int64_t row_begin, int64_t row_end);
+
 struct TransposeArgs {
   const float* src;
   int64_t lds;
@@ -88,6 +116,8 @@ struct KernelTable {
   LinearForwardFn linear_forward;
   SddmmFn sddmm;
   TransposeFn transpose;
+  GatherFn gather_forward;
+  GatherFn gather_sddmm;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.

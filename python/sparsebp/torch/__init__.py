@@ -20,9 +20,11 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
     raise ImportError("sparsebp.torch needs PyTorch: pip install \"sparsebp[torch]\"") from e
 
 from . import _ops as ops
-from .modules import SparseLinear, magnitude_mask, random_mask
+from . import _conv as conv_ops
+from ._conv import batch_inner
+from .modules import SparseConv2d, SparseLinear, magnitude_mask, random_mask
 from .convert import LayerChange, Report, densify, from_pruned, sparsify
 from .io import load, save
 
-__all__ = ["SparseLinear", "magnitude_mask", "random_mask", "ops", "sparsify", "from_pruned", "densify", "Report",
+__all__ = ["SparseLinear", "SparseConv2d", "batch_inner", "conv_ops", "magnitude_mask", "random_mask", "ops", "sparsify", "from_pruned", "densify", "Report",
            "LayerChange", "save", "load"]

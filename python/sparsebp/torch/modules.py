@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import _core
-from . import _ops
+from . import _conv, _ops
 
-__all__ = ["SparseLinear", "magnitude_mask", "random_mask"]
+__all__ = ["SparseLinear", "SparseConv2d", "magnitude_mask", "random_mask"]
 
 
 def _check_sparsity(sparsity) -> float:
@@ -200,37 +200,193 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        keys = {k: prefix + k for k in ("indptr", "indices", "values", "bias")}
-        if all(keys[k] in state_dict for k in ("indptr", "indices", "values")):
-            ip, ix, v = (state_dict[keys[k]] for k in ("indptr", "indices", "values"))
-            where = prefix.rstrip(".") or "SparseLinear"
-            for t, name in ((ip, "indptr"), (ix, "indices"), (v, "values")):
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"{where}: checkpoint entry {name} must be a tensor; got {type(t).__name__}")
-            if ip.dtype.is_floating_point or ip.dtype == torch.bool or ix.dtype.is_floating_point or ix.dtype == torch.bool:
-                raise TypeError(f"{where}: checkpoint indptr/indices must be integer tensors; got {ip.dtype}/{ix.dtype}")
-            if not v.dtype.is_floating_point:
-                raise TypeError(f"{where}: checkpoint values must be floating point; got {v.dtype}")
-            if ip.dim() != 1 or ip.numel() != self.out_features + 1:
-                raise ValueError(f"{where}: checkpoint indptr must have shape ({self.out_features + 1},) for "
-                                 f"out_features={self.out_features}; got {tuple(ip.shape)}")
-            if ix.dim() != 1 or v.dim() != 1 or v.numel() != ix.numel():
-                raise ValueError(f"{where}: checkpoint values and indices must be 1-D of equal length (nnz); "
-                                 f"got {tuple(v.shape)} and {tuple(ix.shape)}")
-            try:
-                _core.CsrStructure(self.out_features, self.in_features, ip.detach().cpu().to(torch.int64).numpy(),
-                                   ix.detach().cpu().to(torch.int64).numpy())
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{where}: the checkpoint's sparsity structure is invalid for a "
-                                 f"{self.out_features}x{self.in_features} weight: {e}") from None
-            if not torch.isfinite(v).all():
-                raise ValueError(f"{where}: checkpoint values hold NaN or infinity")
-            if ix.numel() != self.indices.numel():
-                # A different structure: resize in place (parameters are replaced: build optimizers
-                # after loading).
-                self.indices = torch.empty(ix.numel(), dtype=torch.int32, device=self.indices.device)
-                self.values = nn.Parameter(torch.empty(ix.numel(), dtype=self.values.dtype,
-                                                       device=self.values.device),
-                                           requires_grad=self.values.requires_grad)
+        _load_structure(self, self.out_features, self.in_features, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+
+class SparseConv2d(nn.Module):
+    """``nn.Conv2d`` with an unstructured-sparse weight held in CSR form (one row per output
+    channel, columns ``(in_channel_in_group, kh, kw)``).
+
+    Same constructor and forward as ``nn.Conv2d`` (stride, padding incl. ``"valid"``/``"same"``,
+    dilation, groups, bias; ``padding_mode="zeros"`` only), plus the structure: ``mask`` (bool, the
+    weight's shape) or ``sparsity`` (uniformly random). Parameters: ``values`` (nnz,) and ``bias``;
+    buffers ``indptr``, ``indices``. Values start uniform in ±1/sqrt(kept fan-in).
+
+    Forward, input gradient and weight gradient run sparsebp's implicit-GEMM gather kernels (see
+    ``sparsebp.torch._conv``); they read activations stored batch-innermost without conversion
+    (``sparsebp.torch.batch_inner``) and return outputs in the input's layout.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, sparsity: Optional[float] = None,
+                 mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        for v, name in ((in_channels, "in_channels"), (out_channels, "out_channels"), (groups, "groups")):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int; got {type(v).__name__}")
+        if groups < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels, out_channels and groups must be >= 1; got {in_channels}, {out_channels}, "
+                             f"{groups}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
+                             f"groups ({groups})")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros' (the only one sparsebp supports); got {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _conv._pair(kernel_size, "kernel_size", 1)
+        self.stride = _conv._pair(stride, "stride", 1)
+        self.dilation = _conv._pair(dilation, "dilation", 1)
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = (0, 0)
+            elif padding == "same":
+                if self.stride != (1, 1):
+                    raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
+                reach = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+                if any(r % 2 for r in reach):
+                    raise ValueError("padding='same' with an even kernel reach needs asymmetric padding, which "
+                                     "sparsebp does not support; give the padding explicitly")
+                padding = (reach[0] // 2, reach[1] // 2)
+            else:
+                raise ValueError(f"padding must be an int, a pair, 'valid' or 'same'; got {padding!r}")
+        self.padding = _conv._pair(padding, "padding", 0)
+        self.padding_mode = padding_mode
+        shape = (out_channels, in_channels // groups) + self.kernel_size
+        if (mask is None) == (sparsity is None):
+            raise ValueError("give exactly one of sparsity= (a random mask) or mask= (a boolean tensor of shape "
+                             f"{shape}); got {'both' if mask is not None else 'neither'}")
+        mask = _check_mask(mask, shape) if mask is not None else random_mask(shape, sparsity, generator)
+        dtype = dtype or torch.get_default_dtype()
+        indptr, indices, _, _ = _csr_from_mask(mask.reshape(out_channels, -1))
+        self.register_buffer("indptr", indptr.to(device))
+        self.register_buffer("indices", indices.to(device))
+        self.values = nn.Parameter(torch.empty(indices.numel(), device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters(generator)
+
+    @property
+    def weight_shape(self) -> tuple:
+        return (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        fan_in = self.values.numel() / max(self.out_channels, 1)
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound, generator=generator)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound, generator=generator)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, mask: Optional[Tensor] = None,
+                   sparsity: Optional[float] = None) -> "SparseConv2d":
+        """A ``SparseConv2d`` holding ``conv``'s weights at the kept positions: ``mask`` if given,
+        else the ``sparsity`` fraction of smallest |weight| dropped, else the nonzeros."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
+        if mask is not None and sparsity is not None:
+            raise ValueError("give at most one of mask= and sparsity=")
+        if isinstance(conv.padding, str) and conv.padding == "same" and conv.stride != (1, 1):
+            raise ValueError("padding='same' needs stride 1")
+        w = conv.weight.detach()
+        if mask is None:
+            mask = magnitude_mask(w, sparsity) if sparsity is not None else (w != 0)
+        mask = _check_mask(mask, tuple(w.shape))
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, mask=mask, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            mod.values.copy_(w.cpu()[mask])
+            if conv.bias is not None:
+                mod.bias.copy_(conv.bias.detach())
+        return mod
+
+    def to_dense(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with this layer's weights (zeros outside the mask)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, device=self.values.device,
+                         dtype=self.values.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight (a new tensor; the parameter is ``values``)."""
+        kh, kw = self.kernel_size
+        return _conv._dense_weight(self.values.detach(), self.indptr, self.indices, self.out_channels,
+                                   self.in_channels // self.groups, kh, kw)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / math.prod(self.weight_shape)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def mask(self) -> Tensor:
+        m = torch.zeros(self.out_channels, math.prod(self.weight_shape[1:]), dtype=torch.bool)
+        counts = (self.indptr[1:] - self.indptr[:-1]).cpu().to(torch.int64)
+        m[torch.repeat_interleave(torch.arange(self.out_channels), counts), self.indices.cpu().to(torch.int64)] = True
+        return m.reshape(self.weight_shape)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _conv.conv2d(input, self.values, self.bias, self.indptr, self.indices, self.in_channels,
+                            self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", bias={self.bias is not None}, nnz={self.nnz}, sparsity={self.sparsity:.4f}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        _load_structure(self, self.out_channels, math.prod(self.weight_shape[1:]), state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+def _load_structure(mod: nn.Module, rows: int, cols: int, state_dict, prefix: str) -> None:
+    """Checks a checkpoint's structure and values for ``mod`` (rows x cols CSR) and resizes the
+    module's buffers and parameter when the checkpoint has another nnz. Errors name the entry."""
+    keys = {k: prefix + k for k in ("indptr", "indices", "values")}
+    if not all(keys[k] in state_dict for k in keys):
+        return
+    ip, ix, v = (state_dict[keys[k]] for k in ("indptr", "indices", "values"))
+    where = prefix.rstrip(".") or type(mod).__name__
+    for t, name in ((ip, "indptr"), (ix, "indices"), (v, "values")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: checkpoint entry {name} must be a tensor; got {type(t).__name__}")
+    if ip.dtype.is_floating_point or ip.dtype == torch.bool or ix.dtype.is_floating_point or ix.dtype == torch.bool:
+        raise TypeError(f"{where}: checkpoint indptr/indices must be integer tensors; got {ip.dtype}/{ix.dtype}")
+    if not v.dtype.is_floating_point:
+        raise TypeError(f"{where}: checkpoint values must be floating point; got {v.dtype}")
+    if ip.dim() != 1 or ip.numel() != rows + 1:
+        raise ValueError(f"{where}: checkpoint indptr must have shape ({rows + 1},) for a weight with {rows} rows; "
+                         f"got {tuple(ip.shape)}")
+    if ix.dim() != 1 or v.dim() != 1 or v.numel() != ix.numel():
+        raise ValueError(f"{where}: checkpoint values and indices must be 1-D of equal length (nnz); "
+                         f"got {tuple(v.shape)} and {tuple(ix.shape)}")
+    try:
+        _core.CsrStructure(rows, cols, ip.detach().cpu().to(torch.int64).numpy(), ix.detach().cpu().to(torch.int64).numpy())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: the checkpoint's sparsity structure is invalid for a {rows}x{cols} weight: {e}") from None
+    if not torch.isfinite(v).all():
+        raise ValueError(f"{where}: checkpoint values hold NaN or infinity")
+    if ix.numel() != mod.indices.numel():
+        # Another structure: resize (parameters are replaced: build optimizers after loading).
+        mod.indices = torch.empty(ix.numel(), dtype=torch.int32, device=mod.indices.device)
+        mod.values = nn.Parameter(torch.empty(ix.numel(), dtype=mod.values.dtype, device=mod.values.device),
+                                  requires_grad=mod.values.requires_grad)

@@ -41,3 +41,51 @@ void sddmm(const SddmmArgs& a, int64_t row_begin, int64_t row_end) {
 }  // namespace SPARSEBP_ISA_NS
 }  // namespace kernels
 }  // namespace sparsebp
+
+namespace sparsebp {
+namespace kernels {
+namespace SPARSEBP_ISA_NS {
+
+void gather_forward(const GatherArgs& a, int64_t row_begin, int64_t row_end) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const float init = a.bias ? a.bias[o] : 0.0f;
+    for (int64_t so = 0; so < a.seg_outer; ++so) {
+      for (int64_t si = 0; si < a.seg_inner; ++si) {
+        float* y = a.y + o * a.y_row + so * a.y_outer + si * a.y_inner;
+        const int64_t shift = so * a.x_outer + si * a.x_inner;
+        for (int64_t j = 0; j < a.ncols; ++j) y[j] = init;
+        for (int64_t p = a.indptr[o]; p < a.indptr[o + 1]; ++p) {
+          const float v = a.value_index ? a.values[a.value_index[p]] : a.values[p];
+          const float* x = a.x + a.offsets[p] + shift;
+          for (int64_t j = 0; j < a.ncols; ++j) y[j] += v * x[j];
+        }
+      }
+    }
+  }
+}
+
+void gather_sddmm(const GatherArgs& a, int64_t row_begin, int64_t row_end) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    for (int64_t so = 0; so < a.seg_outer; ++so) {
+      for (int64_t si = 0; si < a.seg_inner; ++si) {
+        const float* g = a.g + o * a.y_row + so * a.y_outer + si * a.y_inner;
+        const int64_t shift = so * a.x_outer + si * a.x_inner;
+        if (a.dbias) {
+          float s = 0.0f;
+          for (int64_t j = 0; j < a.ncols; ++j) s += g[j];
+          a.dbias[o] += s;
+        }
+        for (int64_t p = a.indptr[o]; p < a.indptr[o + 1]; ++p) {
+          const float* x = a.x + a.offsets[p] + shift;
+          float s = 0.0f;
+          for (int64_t j = 0; j < a.ncols; ++j) s += g[j] * x[j];
+          a.dvalues[p] += s;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace SPARSEBP_ISA_NS
+}  // namespace kernels
+}  // namespace sparsebp

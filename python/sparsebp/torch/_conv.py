@@ -1,0 +1,341 @@
+"""Sparse-weight 2-D convolution as PyTorch custom operators over sparsebp's gather kernels.
+
+The weight (out_channels, in_channels / groups, kh, kw) is a CSR matrix with one row per output
+channel and columns ``(c, kh, kw)`` flattened. The kernels work with the batch innermost: an
+activation of logical shape (N, C, H, W) is stored as (C, H, W, N). Then, for stride 1 along the
+width, one output image row ``y[o, oh, :, :]`` is OW * N contiguous floats, and each stored
+weight ``(c, kh, kw)`` adds ``w`` times an equally long contiguous run of the (zero-padded) input
+starting at ``x[c, oh * sh + kh * dh, kw * dw, 0]``: a sparse-times-dense product with per-entry
+offsets (implicit GEMM), run by the same register tiles as the linear kernels.
+
+- forward: ``gather_forward`` over the padded input;
+- weight and bias gradients: ``gather_sddmm`` (dot products of output-gradient runs with the same
+  input runs), accumulated over all output rows in a fixed order (bit-identical for any thread count);
+- input gradient: ``gather_forward`` again, over the transposed structure (one row per input
+  channel) and the output gradient zero-padded by the kernel's reach (and, for stride > 1,
+  dilated by the stride: that costs stride_h * stride_w times the useful flops on this pass).
+Width stride > 1 makes the input runs non-contiguous; then each segment is one output pixel
+(N columns) instead of one output row: correct, slower.
+
+Layouts: the output (and the input gradient) follow the input's layout. A tensor stored batch-
+innermost (``x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)``, see ``batch_inner``) is
+used as it is, and the output is stored that way too, so stacked sparse convolutions pay no
+layout changes; an ordinary (N, C, H, W)-contiguous input is converted on the way in and out.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _core
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def is_batch_inner(t: Tensor) -> bool:
+    """True when a 4-D (N, C, H, W) tensor is stored as contiguous (C, H, W, N)."""
+    return t.dim() == 4 and t.shape[0] > 1 and t.permute(1, 2, 3, 0).is_contiguous()
+
+
+def batch_inner(t: Tensor) -> Tensor:
+    """The same (N, C, H, W) tensor stored batch-innermost, the layout the convolution kernels read
+    without conversion (a copy unless it already is)."""
+    if t.dim() != 4:
+        raise ValueError(f"batch_inner expects a 4-D (N, C, H, W) tensor; got {t.dim()}-D")
+    return t.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
+def _chwn(t: Tensor) -> Tensor:
+    """(C, H, W, N) contiguous view or copy of an (N, C, H, W) tensor."""
+    return t.permute(1, 2, 3, 0).contiguous()
+
+
+def _padded_chwn(t: Tensor, ph: int, pw: int, extra_h: int = 0, extra_w: int = 0) -> Tensor:
+    """(C, H + 2ph + extra_h, W + 2pw + extra_w, N) contiguous, zeros around."""
+    n, c, h, w = t.shape
+    if ph == pw == extra_h == extra_w == 0:
+        return _chwn(t)
+    out = t.new_zeros((c, h + 2 * ph + extra_h, w + 2 * pw + extra_w, n))
+    out[:, ph:ph + h, pw:pw + w, :] = t.permute(1, 2, 3, 0)
+    return out
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: offsets and transposed structures, cached per structure and input size
+# ---------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Everything about one (structure, geometry, input size) that does not depend on the batch."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, cout: int, cin: int, kh: int, kw: int, stride,
+                 padding, dilation, groups: int, h: int, w: int):
+        sh, sw = stride
+        ph, pw = padding
+        dh, dw = dilation
+        self.cout, self.cin, self.kh, self.kw, self.groups = cout, cin, kh, kw, groups
+        self.h, self.w = h, w
+        self.hp, self.wp = h + 2 * ph, w + 2 * pw
+        self.oh = (self.hp - dh * (kh - 1) - 1) // sh + 1
+        self.ow = (self.wp - dw * (kw - 1) - 1) // sw + 1
+        if self.oh <= 0 or self.ow <= 0:
+            raise ValueError(f"input of size {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}, "
+                             f"dilation {dilation}: the output would be {self.oh}x{self.ow}")
+        self.stride, self.padding, self.dilation = (sh, sw), (ph, pw), (dh, dw)
+        cin_g, cout_g = cin // groups, cout // groups
+        self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+        nnz = len(indices)
+        rows = np.repeat(np.arange(cout, dtype=np.int64), np.diff(self.indptr))
+        col = np.asarray(indices, dtype=np.int64)
+        c_loc, rem = np.divmod(col, kh * kw)
+        ki, kj = np.divmod(rem, kw)
+        c = (rows // cout_g) * cin_g + c_loc
+        # Forward / weight gradient: pixel offset of each entry's run in the padded input.
+        self.fwd_px = (c * self.hp + ki * dh) * self.wp + kj * dw
+        # Input gradient: rows = input channels, entries (o, ki, kj), read from the dilated and
+        # zero-padded output gradient Gz of size (cout, hz, wz).
+        ah, aw = (kh - 1) * dh, (kw - 1) * dw
+        self.hz, self.wz = self.hp + ah, self.wp + aw
+        self.gz_origin = (ah, aw)
+        order = np.lexsort((kj, ki, rows, c))  # by input channel, then output channel, then tap
+        self.t_indptr = np.zeros(cin + 1, dtype=np.int64)
+        np.cumsum(np.bincount(c, minlength=cin), out=self.t_indptr[1:])
+        self.t_perm = order.astype(np.int64)
+        o_t, ki_t, kj_t = rows[order], ki[order], kj[order]
+        self.bwd_px = ((o_t * self.hz + (kh - 1 - ki_t) * dh) * self.wz + (kw - 1 - kj_t) * dw
+                       + ph * self.wz + pw)
+        self.nnz = nnz
+
+    def forward_geometry(self, n: int) -> Tuple[np.ndarray, tuple]:
+        sh, sw = self.stride
+        if sw == 1:
+            geo = (self.ow * n, self.oh, 1, sh * self.wp * n, 0, self.oh * self.ow * n, self.ow * n, 0)
+        else:
+            geo = (n, self.oh, self.ow, sh * self.wp * n, sw * n, self.oh * self.ow * n, self.ow * n, n)
+        return self.fwd_px * n, geo
+
+    def input_grad_geometry(self, n: int) -> Tuple[np.ndarray, tuple]:
+        geo = (self.w * n, self.h, 1, self.wz * n, 0, self.h * self.w * n, self.w * n, 0)
+        return self.bwd_px * n, geo
+
+
+class _PlanCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict = {}
+
+    def get(self, indptr: Tensor, indices: Tensor, key_rest: tuple, make) -> _Plan:
+        ip, ix = indptr.detach().numpy(), indices.detach().numpy()
+        key = (id(indices),) + key_rest
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None:
+            ref, ip0, ix0, plan = hit
+            if ref() is indices and np.array_equal(ip0, ip) and np.array_equal(ix0, ix):
+                return plan
+        plan = make(ip, ix)
+
+        def _drop(_, key=key, entries=self._entries, lock=self._lock):
+            with lock:
+                entries.pop(key, None)
+
+        with self._lock:
+            self._entries[key] = (weakref.ref(indices, _drop), ip.copy(), ix.copy(), plan)
+        return plan
+
+
+_plans = _PlanCache()
+
+
+def _plan(indptr: Tensor, indices: Tensor, cout: int, cin: int, kh: int, kw: int, stride, padding, dilation,
+          groups: int, h: int, w: int) -> _Plan:
+    def make(ip, ix):
+        # Validates the structure (sorted, in range, no duplicates) once per plan.
+        _core.CsrStructure(cout, (cin // groups) * kh * kw, np.ascontiguousarray(ip), np.ascontiguousarray(ix))
+        return _Plan(ip, ix, cout, cin, kh, kw, stride, padding, dilation, groups, h, w)
+
+    return _plans.get(indptr, indices, (cout, cin, kh, kw, tuple(stride), tuple(padding), tuple(dilation), groups, h, w),
+                      make)
+
+
+def _dense_weight(values: Tensor, indptr: Tensor, indices: Tensor, cout: int, cin_g: int, kh: int, kw: int) -> Tensor:
+    counts = (indptr[1:] - indptr[:-1]).to(torch.int64)
+    r = torch.repeat_interleave(torch.arange(cout, dtype=torch.int64), counts)
+    w = values.new_zeros((cout, cin_g * kh * kw))
+    w[r, indices.to(torch.int64)] = values
+    return w.reshape(cout, cin_g, kh, kw)
+
+
+def _out_like(x: Tensor, chwn: Tensor) -> Tensor:
+    """A (C, H, W, N) result as an (N, C, H, W) tensor in x's layout."""
+    nchw = chwn.permute(3, 0, 1, 2)
+    return nchw if is_batch_inner(x) or x.shape[0] == 1 else nchw.contiguous()
+
+
+def _out_like_fake(x: Tensor, shape) -> Tensor:
+    n, c, h, w = shape
+    if x.shape[0] != 1 and is_batch_inner(x):
+        return x.new_empty((c, h, w, n)).permute(3, 0, 1, 2)
+    if x.shape[0] == 1:
+        return x.new_empty((c, h, w, n)).permute(3, 0, 1, 2)
+    return x.new_empty((n, c, h, w))
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsebp::conv2d", mutates_args=())
+def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor, out_channels: int,
+              kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
+              groups: int) -> Tensor:
+    n, cin, h, w = x.shape
+    kh, kw = kernel_size
+    if x.dtype == torch.float64:
+        wd = _dense_weight(values, indptr, indices, out_channels, cin // groups, kh, kw)
+        y = torch.nn.functional.conv2d(x, wd, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+        return _out_like(x, y.permute(1, 2, 3, 0).contiguous())
+    p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
+    xp = _padded_chwn(x, *p.padding)
+    y = x.new_empty((out_channels, p.oh, p.ow, n))
+    if n > 0:
+        off, geo = p.forward_geometry(n)
+        _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias), _flat(xp),
+                             _flat(y), geo)
+    return _out_like(x, y)
+
+
+@conv2d_op.register_fake
+def _(x, values, bias, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups):
+    n, cin, h, w = x.shape
+    kh, kw = kernel_size
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return _out_like_fake(x, (n, out_channels, oh, ow))
+
+
+@torch.library.custom_op("sparsebp::conv2d_backward", mutates_args=())
+def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
+                       out_channels: int, kernel_size: List[int], stride: List[int], padding: List[int],
+                       dilation: List[int], groups: int, input_grad: bool, weight_grad: bool,
+                       bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    n, cin, h, w = x.shape
+    kh, kw = kernel_size
+    empty = values.new_empty((0,))
+    if x.dtype == torch.float64:
+        wd = _dense_weight(values, indptr, indices, out_channels, cin // groups, kh, kw)
+        args = (tuple(stride), tuple(padding), tuple(dilation), groups)
+        gi = (_out_like(x, torch.nn.grad.conv2d_input(x.shape, wd, grad_y, *args).permute(1, 2, 3, 0).contiguous())
+              if input_grad else empty)
+        if weight_grad:
+            gw = torch.nn.grad.conv2d_weight(x, wd.shape, grad_y, *args).reshape(out_channels, -1)
+            counts = (indptr[1:] - indptr[:-1]).to(torch.int64)
+            r = torch.repeat_interleave(torch.arange(out_channels, dtype=torch.int64), counts)
+            gv = gw[r, indices.to(torch.int64)].contiguous()
+        else:
+            gv = empty
+        gb = grad_y.sum((0, 2, 3)) if bias_grad else empty
+        return gi, gv, gb
+    p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
+    g = _chwn(grad_y)  # (cout, oh, ow, n)
+    gv = values.new_empty(values.shape) if weight_grad else empty
+    gb = values.new_empty((out_channels,)) if bias_grad else empty
+    if bias_grad and not weight_grad:
+        gb = g.sum((1, 2, 3))
+    elif weight_grad:
+        xp = _padded_chwn(x, *p.padding)
+        off, geo = p.forward_geometry(n)
+        if n > 0:
+            _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xp), _flat(gv), _flat(gb) if bias_grad else None, geo)
+        else:
+            gv.zero_()
+            gb.zero_()
+    gi = empty
+    if input_grad:
+        sh, sw = p.stride
+        ah, aw = p.gz_origin
+        gz = g.new_zeros((out_channels, p.hz, p.wz, n))
+        gz[:, ah:ah + (p.oh - 1) * sh + 1:sh, aw:aw + (p.ow - 1) * sw + 1:sw, :] = g
+        dx = x.new_empty((cin, h, w, n))
+        if n > 0:
+            off, geo = p.input_grad_geometry(n)
+            _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(gz), _flat(dx), geo)
+        gi = _out_like(x, dx)
+    return gi, gv, gb
+
+
+@conv2d_backward_op.register_fake
+def _(grad_y, x, values, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups, input_grad,
+      weight_grad, bias_grad):
+    empty = values.new_empty((0,))
+    gi = _out_like_fake(x, tuple(x.shape)) if input_grad else empty
+    gv = values.new_empty(values.shape) if weight_grad else empty
+    gb = values.new_empty((out_channels,)) if bias_grad else empty
+    return gi, gv, gb
+
+
+def _conv_setup(ctx, inputs, output):
+    x, values, bias, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, values, indptr, indices)
+    ctx.geom = (out_channels, kernel_size, stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad_y):
+    x, values, indptr, indices = ctx.saved_tensors
+    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    none8 = (None,) * 8
+    if not (need_x or need_v or need_b):
+        return (None, None, None) + none8
+    gi, gv, gb = conv2d_backward_op(grad_y, x, values, indptr, indices, *ctx.geom, need_x, need_v, need_b)
+    return (gi if need_x else None, gv if need_v else None, gb if need_b else None) + none8
+
+
+conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints; got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor, in_channels: int,
+           out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """``torch.nn.functional.conv2d`` with a CSR weight (rows: output channels; columns:
+    ``(c, kh, kw)`` of ``in_channels // groups`` input channels). ``x``: (N, C, H, W) or (C, H, W)."""
+    from ._ops import _check_tensor
+
+    _check_tensor(x, "x")
+    _check_tensor(values, "values")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 (or float64, a slow reference path); got {x.dtype}")
+    for t, name in ((values, "values"), (bias, "bias")):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}; got {t.dtype}")
+    unbatched = x.dim() == 3
+    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+        raise ValueError(f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W); got {tuple(x.shape)}")
+    if unbatched:
+        x = x.unsqueeze(0)
+    kh, kw = _pair(kernel_size, "kernel_size", 1)
+    y = conv2d_op(x, values, bias, indptr, indices, out_channels, [kh, kw], list(_pair(stride, "stride", 1)),
+                  list(_pair(padding, "padding", 0)), list(_pair(dilation, "dilation", 1)), groups)
+    return y.squeeze(0) if unbatched else y

@@ -1,0 +1,48 @@
+"""Worker for test_torch_ddp: one rank of a 2-process DDP (gloo) training run over SparseLinear layers."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import sparsebp.torch as st
+
+
+def model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 5))
+    st.sparsify(m, 0.8, layers=["0", "2"])
+    return m
+
+
+def data(steps: int, batch: int):
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(batch, 24, generator=g), torch.randint(0, 5, (batch,), generator=g)) for _ in range(steps)]
+
+
+def train(m: nn.Module, batches, rank: int = 0, world: int = 1):
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    for x, t in batches:
+        n = x.shape[0] // world
+        xs, ts = x[rank * n:(rank + 1) * n], t[rank * n:(rank + 1) * n]
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(xs), ts).backward()
+        opt.step()
+    return m
+
+
+def main(rank: int, world: int, port: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        m = model(0)
+        ddp = nn.parallel.DistributedDataParallel(m)
+        train(ddp, data(4, 32), rank, world)
+        if rank == 0:
+            torch.save(m.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -1,0 +1,197 @@
+"""Converters (sparsify, from_pruned, densify) and sparse checkpoints (.pt, .safetensors)."""
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+import torch.nn.utils.prune as prune  # noqa: E402
+
+import sparsebp.torch as st  # noqa: E402
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Sequential(nn.Linear(48, 48), nn.ReLU()), nn.Linear(48, 10))
+
+
+X = torch.randn(9, 20)
+
+
+def sparse_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, st.SparseLinear)]
+
+
+def test_sparsify_layer_scope_magnitude():
+    m, ref = mlp(), mlp()
+    rep = st.sparsify(m, 0.9)
+    assert rep.converted == ["0", "2.0", "3"] and sparse_names(m) == ["0", "2.0", "3"]
+    for name in rep.converted:
+        dense_w = ref.get_submodule(name).weight.detach()
+        sm = m.get_submodule(name)
+        assert sm.nnz == round(0.1 * dense_w.numel())
+        assert dense_w.abs()[sm.mask()].min() >= dense_w.abs()[~sm.mask()].max()
+        assert torch.equal(sm.weight, dense_w * sm.mask())
+    assert "sparsified" in str(rep)
+
+
+def test_sparsify_global_scope_hits_the_overall_sparsity():
+    m, ref = mlp(), mlp()
+    st.sparsify(m, 0.8, scope="global")
+    total = sum(ref.get_submodule(n).weight.numel() for n in ("0", "2.0", "3"))
+    nnz = sum(m.get_submodule(n).nnz for n in ("0", "2.0", "3"))
+    assert nnz == round(0.2 * total)
+    # One threshold: every kept |w| is at least every dropped |w|, across layers.
+    kept = torch.cat([ref.get_submodule(n).weight.detach().abs()[m.get_submodule(n).mask()] for n in ("0", "2.0", "3")])
+    drop = torch.cat([ref.get_submodule(n).weight.detach().abs()[~m.get_submodule(n).mask()] for n in ("0", "2.0", "3")])
+    assert kept.min() >= drop.max()
+
+
+def test_sparsify_layers_filter_min_sparsity_random():
+    m = mlp()
+    rep = st.sparsify(m, 0.5, layers=["2.0"])
+    assert sparse_names(m) == ["2.0"]
+    m = mlp()
+    rep = st.sparsify(m, 0.3, min_sparsity=0.5)
+    assert rep.converted == [] and all("kept dense" in c.action for c in rep.changes)
+    m = mlp()
+    st.sparsify(m, 0.9, scheme="random", layers=lambda n, mod: mod.out_features == 48, generator=torch.Generator().manual_seed(1))
+    assert sparse_names(m) == ["0", "2.0"]
+    with pytest.raises(ValueError, match="not eligible"):
+        st.sparsify(mlp(), 0.9, layers=["nope"])
+    with pytest.raises(ValueError, match="scheme"):
+        st.sparsify(mlp(), 0.9, scheme="l2")
+    with pytest.raises(ValueError, match="scope"):
+        st.sparsify(mlp(), 0.9, scope="model")
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        st.sparsify(mlp(), 1.5)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        st.sparsify("model", 0.5)
+
+
+def pruned_model():
+    m = mlp(3)
+    prune.l1_unstructured(m[0], "weight", amount=0.9)
+    prune.random_unstructured(m[2][0], "weight", amount=0.95)
+    return m
+
+
+def test_from_pruned_live_prune_reparametrisation():
+    m = pruned_model()
+    want = m(X)
+    masks = {"0": m[0].weight_mask.bool().clone(), "2.0": m[2][0].weight_mask.bool().clone()}
+    rep = st.from_pruned(m)
+    assert rep.converted == ["0", "2.0"]  # the head has no zeros: kept dense
+    for n, mask in masks.items():
+        assert torch.equal(m.get_submodule(n).mask(), mask)
+    assert torch.allclose(m(X), want, atol=1e-6)
+
+
+def test_from_pruned_checkpoint_file_and_state_dict(tmp_path):
+    src = pruned_model()
+    want = src(X)
+    path = os.fspath(tmp_path / "pruned.pt")
+    torch.save(src.state_dict(), path)  # weight_orig + weight_mask entries
+    for ckpt in (path, src.state_dict()):
+        m = mlp(99)
+        rep = st.from_pruned(m, ckpt)
+        assert rep.converted == ["0", "2.0"]
+        assert torch.equal(m[0].mask(), src[0].weight_mask.bool())
+        assert torch.allclose(m(X), want, atol=1e-6)
+
+
+def test_from_pruned_zeros_and_explicit_masks():
+    m = mlp(4)
+    with torch.no_grad():
+        m[3].weight[:, ::2] = 0  # 50% zeros
+    want = m(X)
+    rep = st.from_pruned(m)
+    assert rep.converted == ["3"] and m[3].nnz == 10 * 24
+    assert torch.allclose(m(X), want, atol=1e-6)
+    m = mlp(5)
+    mask = torch.zeros(48, 20, dtype=torch.bool)
+    mask[:, :3] = True
+    st.from_pruned(m, masks={"0": mask}, min_sparsity=0.0, layers=["0"])
+    assert torch.equal(m[0].mask(), mask)
+    with pytest.raises(ValueError, match="not eligible"):
+        st.from_pruned(mlp(), masks={"9": mask})
+    with pytest.raises(ValueError, match=r"mask must have shape \(48, 20\)"):
+        st.from_pruned(mlp(), masks={"0": mask.t()})
+
+
+def test_from_pruned_bad_checkpoints(tmp_path):
+    src = pruned_model()
+    sd = src.state_dict()
+    bad = dict(sd)
+    del bad["0.weight_mask"]
+    with pytest.raises(ValueError, match="no 0.weight_mask"):
+        st.from_pruned(mlp(), bad)
+    bad = dict(sd)
+    bad["3.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        st.from_pruned(mlp(), bad)
+    bad = dict(sd)
+    bad["extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        st.from_pruned(mlp(), bad)
+    p = tmp_path / "junk.pt"
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        st.from_pruned(mlp(), os.fspath(p))
+
+
+def test_densify_round_trip():
+    m = mlp()
+    st.sparsify(m, 0.9)
+    want = m(X)
+    rep = st.densify(m)
+    assert rep.converted == ["0", "2.0", "3"] and sparse_names(m) == []
+    assert all(type(m.get_submodule(n)) is nn.Linear for n in rep.converted)
+    assert torch.allclose(m(X), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_save_load_round_trip(tmp_path, ext):
+    m = mlp()
+    st.sparsify(m, 0.9, layers=["0", "2.0"])
+    want = m(X)
+    path = tmp_path / f"model.{ext}"
+    st.save(m, path)
+    fresh = st.load(mlp(7), path)  # the dense architecture, other weights
+    assert sparse_names(fresh) == ["0", "2.0"]
+    assert torch.equal(fresh(X), want)
+    again = st.load(fresh, path)  # already sparse: loads in place
+    assert torch.equal(again(X), want)
+
+
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_load_bad_files(tmp_path, ext):
+    m = mlp()
+    st.sparsify(m, 0.9)
+    path = tmp_path / f"model.{ext}"
+    st.save(m, path)
+    data = path.read_bytes()
+    trunc = tmp_path / f"trunc.{ext}"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable"):
+        st.load(mlp(), trunc)
+    # A model of another shape.
+    other = nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Sequential(nn.Linear(48, 48), nn.ReLU()), nn.Linear(48, 11))
+    with pytest.raises(ValueError, match="'3'"):
+        st.load(other, path)
+    with pytest.raises(FileNotFoundError):
+        st.load(mlp(), tmp_path / f"missing.{ext}")
+
+
+def test_load_corrupted_structure(tmp_path):
+    m = mlp()
+    st.sparsify(m, 0.9)
+    sd = m.state_dict()
+    sd["0.indices"] = torch.full_like(sd["0.indices"], 25)  # columns out of range for in_features=20
+    path = tmp_path / "bad.pt"
+    torch.save({"sparsebp": {"format": "sparsebp.torch", "version": 1,
+                             "sparse_modules": {"0": {"type": "SparseLinear", "in_features": 20, "out_features": 48,
+                                                      "bias": True}}},
+                "state_dict": {k: v for k, v in sd.items()}}, path)
+    with pytest.raises(ValueError, match="structure is invalid"):
+        st.load(mlp(), path)
