@@ -195,3 +195,41 @@ def test_load_corrupted_structure(tmp_path):
                 "state_dict": {k: v for k, v in sd.items()}}, path)
     with pytest.raises(ValueError, match="structure is invalid"):
         st.load(mlp(), path)
+
+
+def cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding="same"), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, groups=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
+
+
+XI = torch.randn(4, 3, 8, 8)
+
+
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_conv_models_sparsify_save_load_densify(tmp_path, ext):
+    m = cnn()
+    rep = st.sparsify(m, 0.75, scope="global")
+    assert rep.converted == ["0", "2", "5"]
+    assert isinstance(m[0], st.SparseConv2d) and isinstance(m[2], st.SparseConv2d)
+    want = m(XI)
+    path = tmp_path / f"cnn.{ext}"
+    st.save(m, path)
+    fresh = st.load(cnn(5), path)
+    assert torch.equal(fresh(XI), want)
+    wrong = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=1, groups=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
+    with pytest.raises(ValueError, match="'2'"):
+        st.load(wrong, path)
+    st.densify(m)
+    assert type(m[0]) is nn.Conv2d and torch.allclose(m(XI), want, atol=1e-6)
+
+
+def test_conv_from_pruned():
+    m = cnn(2)
+    prune.l1_unstructured(m[0], "weight", amount=0.8)
+    mask = m[0].weight_mask.bool().clone()
+    want = m(XI)
+    rep = st.from_pruned(m)
+    assert rep.converted == ["0"]
+    assert torch.equal(m[0].mask(), mask) and torch.allclose(m(XI), want, atol=1e-6)

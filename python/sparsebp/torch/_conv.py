@@ -57,12 +57,34 @@ def _chwn(t: Tensor) -> Tensor:
     return t.permute(1, 2, 3, 0).contiguous()
 
 
-def _padded_chwn(t: Tensor, ph: int, pw: int, extra_h: int = 0, extra_w: int = 0) -> Tensor:
-    """(C, H + 2ph + extra_h, W + 2pw + extra_w, N) contiguous, zeros around."""
+_scratch_local = threading.local()
+_SCRATCH_KEEP = 4
+
+
+def _zero_bordered_scratch(tag: str, shape: tuple, dtype) -> Tensor:
+    """A thread-local buffer of ``shape`` whose cells outside the interior an operator writes stay
+    zero between calls (it is zeroed once, when first made). Reused because allocating and zeroing
+    a fresh padded copy per call costs more than the copy itself (page faults)."""
+    cache = getattr(_scratch_local, "buffers", None)
+    if cache is None:
+        cache = _scratch_local.buffers = {}
+    key = (tag, shape, dtype)
+    buf = cache.pop(key, None)
+    if buf is None:
+        buf = torch.zeros(shape, dtype=dtype)
+    cache[key] = buf  # most recently used last
+    while len(cache) > _SCRATCH_KEEP:
+        cache.pop(next(iter(cache)))
+    return buf
+
+
+def _padded_chwn(t: Tensor, ph: int, pw: int) -> Tensor:
+    """(C, H + 2ph, W + 2pw, N) contiguous with zeros around; a scratch buffer, valid until the
+    next call on this thread."""
     n, c, h, w = t.shape
-    if ph == pw == extra_h == extra_w == 0:
+    if ph == pw == 0:
         return _chwn(t)
-    out = t.new_zeros((c, h + 2 * ph + extra_h, w + 2 * pw + extra_w, n))
+    out = _zero_bordered_scratch("x", (c, h + 2 * ph, w + 2 * pw, n), t.dtype)
     out[:, ph:ph + h, pw:pw + w, :] = t.permute(1, 2, 3, 0)
     return out
 
@@ -266,7 +288,7 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
     if input_grad:
         sh, sw = p.stride
         ah, aw = p.gz_origin
-        gz = g.new_zeros((out_channels, p.hz, p.wz, n))
+        gz = _zero_bordered_scratch(f"g{sh},{sw}", (out_channels, p.hz, p.wz, n), g.dtype)
         gz[:, ah:ah + (p.oh - 1) * sh + 1:sh, aw:aw + (p.ow - 1) * sw + 1:sw, :] = g
         dx = x.new_empty((cin, h, w, n))
         if n > 0:

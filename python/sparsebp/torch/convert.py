@@ -7,11 +7,11 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .modules import SparseLinear, _check_sparsity, magnitude_mask, random_mask
+from .modules import SparseConv2d, SparseLinear, _check_sparsity, magnitude_mask, random_mask
 
 __all__ = ["sparsify", "from_pruned", "densify", "Report", "LayerChange"]
 
-_SPARSE_OF = {nn.Linear: SparseLinear}
+_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 LayerFilter = Union[None, Iterable[str], Callable[[str, nn.Module], bool]]
 
 
@@ -77,7 +77,7 @@ def _check_min_sparsity(v) -> float:
 def sparsify(model: nn.Module, sparsity: float, *, scheme: str = "magnitude", scope: str = "layer",
              min_sparsity: float = 0.0, layers: LayerFilter = None,
              generator: Optional[torch.Generator] = None) -> Report:
-    """Prune the eligible layers of ``model`` (``nn.Linear``) and swap in sparsebp modules, in place.
+    """Prune the eligible layers of ``model`` (``nn.Linear``, ``nn.Conv2d``) and swap in sparsebp modules, in place.
 
     - ``scheme="magnitude"`` keeps the largest |w|; ``"random"`` a uniformly random mask.
     - ``scope="layer"``: every layer at ``sparsity``; ``scope="global"`` (magnitude only): one
@@ -175,7 +175,7 @@ def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[st
                 min_sparsity: float = 0.5, layers: LayerFilter = None) -> Report:
     """Swap the layers of a pruned model for sparsebp modules, keeping exactly the pruned mask.
 
-    The mask of each eligible layer (``nn.Linear``) comes from, in order:
+    The mask of each eligible layer (``nn.Linear``, ``nn.Conv2d``) comes from, in order:
     1. ``masks[name]`` (a boolean tensor of the weight's shape), if given;
     2. ``torch.nn.utils.prune``'s ``weight_mask`` (on the live module, or in ``checkpoint``: a
        state dict or a ``.pt`` path holding ``weight_orig`` + ``weight_mask``);
@@ -217,10 +217,10 @@ def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[st
 def densify(model: nn.Module, layers: LayerFilter = None) -> Report:
     """Swap sparsebp modules back for plain torch ones (zeros outside the mask), in place."""
     report = Report()
-    for n, m in _select(model, layers, {SparseLinear}):
+    for n, m in _select(model, layers, {SparseLinear, SparseConv2d}):
         new = m.to_dense()
         new.train(m.training)
         _replace(model, n, new)
-        report.changes.append(LayerChange(n, type(m).__name__, (m.out_features, m.in_features), m.sparsity, m.nnz,
+        report.changes.append(LayerChange(n, type(m).__name__, tuple(new.weight.shape), m.sparsity, m.nnz,
                                           "densified"))
     return report

@@ -15,21 +15,35 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from .modules import SparseLinear
+from .modules import SparseConv2d, SparseLinear
 
 __all__ = ["save", "load"]
 
 _FORMAT = "sparsebp.torch"
 _VERSION = 1
-_TYPES = {"SparseLinear": (SparseLinear, nn.Linear)}
+_TYPES = {"SparseLinear": (SparseLinear, nn.Linear), "SparseConv2d": (SparseConv2d, nn.Conv2d)}
+
+
+def _geometry(m: nn.Module) -> dict:
+    """The constructor arguments that must agree between a file and a model."""
+    if isinstance(m, (SparseLinear, nn.Linear)):
+        return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
+    pad = m.padding
+    if isinstance(m, nn.Conv2d) and isinstance(pad, str):
+        pad = SparseConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, pad, m.dilation, m.groups,
+                           mask=torch.zeros((m.out_channels, m.in_channels // m.groups) + tuple(m.kernel_size),
+                                            dtype=torch.bool)).padding
+    return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
+                stride=list(m.stride), padding=list(pad), dilation=list(m.dilation), groups=m.groups,
+                bias=m.bias is not None)
 
 
 def _describe(model: nn.Module) -> dict:
     sparse = {}
     for n, m in model.named_modules():
-        if isinstance(m, SparseLinear):
-            sparse[n] = dict(type="SparseLinear", in_features=m.in_features, out_features=m.out_features,
-                             bias=m.bias is not None)
+        for tname, (cls, _) in _TYPES.items():
+            if isinstance(m, cls):
+                sparse[n] = dict(type=tname, **_geometry(m))
     return dict(format=_FORMAT, version=_VERSION, sparse_modules=sparse)
 
 
@@ -106,20 +120,16 @@ def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
             m = model.get_submodule(name) if name else model
         except AttributeError:
             raise ValueError(f"{p}: the file has a sparse module {name!r} the model does not have") from None
-        shape_ok = (getattr(m, "in_features", None), getattr(m, "out_features", None)) == (
-            d.get("in_features"), d.get("out_features"))
-        if not isinstance(m, (sparse_cls, dense_cls)) or not shape_ok:
-            raise ValueError(f"{p}: module {name!r} is {m!r} in the model but a {d['type']}"
-                             f"({d.get('in_features')} -> {d.get('out_features')}) in the file")
+        want = {k: v for k, v in d.items() if k != "type"}
+        if not isinstance(m, (sparse_cls, dense_cls)) or _geometry(m) != want:
+            raise ValueError(f"{p}: module {name!r} is {m!r} in the model but a {d['type']} {want} in the file")
         if isinstance(m, sparse_cls):
             continue
         ip, ix = state.get(f"{name}.indptr" if name else "indptr"), state.get(f"{name}.indices" if name else "indices")
         if ip is None or ix is None:
             raise ValueError(f"{p}: sparse module {name!r} has no indptr/indices entries")
         # Any valid structure of the right shape; the state load below puts the file's in place.
-        new = sparse_cls(m.in_features, m.out_features, m.bias is not None,
-                         mask=torch.zeros(m.out_features, m.in_features, dtype=torch.bool),
-                         dtype=m.weight.dtype)
+        new = sparse_cls.from_dense(m, mask=torch.zeros(tuple(m.weight.shape), dtype=torch.bool))
         new.train(m.training)
         if name == "":
             raise ValueError(f"{p}: the model itself is a sparse layer; load into SparseLinear directly")

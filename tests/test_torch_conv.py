@@ -1,0 +1,147 @@
+"""sparsebp.torch.SparseConv2d against dense torch convolution computed in float64, every option
+combination over small sizes, on every available ISA."""
+import copy
+import itertools
+import pickle
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import sparsebp.torch as st  # noqa: E402
+
+U32 = 2.0 ** -24
+
+
+def check(m, x, what):
+    """Forward and all gradients of m at x against float64 dense torch (the weight rebuilt from the
+    layer's raw buffers by scatter, not through sparsebp)."""
+    x = x.detach().clone().requires_grad_()
+    y = m(x)
+    kh, kw = m.kernel_size
+    k = m.in_channels // m.groups * kh * kw
+    counts = (m.indptr[1:] - m.indptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(m.out_channels), counts)
+    w64 = torch.zeros(m.out_channels, k, dtype=torch.float64)
+    w64[rows, m.indices.long()] = m.values.detach().double()
+    w64 = w64.reshape(m.weight_shape).requires_grad_()
+    b64 = m.bias.detach().double().requires_grad_() if m.bias is not None else None
+    x64 = x.detach().double().requires_grad_()
+    args = (m.stride, m.padding, m.dilation, m.groups)
+    ref = F.conv2d(x64, w64, b64, *args)
+    scale = F.conv2d(x64.detach().abs(), w64.detach().abs(), None if b64 is None else b64.detach().abs(), *args)
+    tol = lambda s, n: 8 * U32 * (n ** 0.5) * s + 1e-30  # noqa: E731
+    assert y.shape == ref.shape, what
+    assert bool(((y.double() - ref).abs() <= tol(scale, k)).all()), f"{what}: forward"
+    g = torch.randn(ref.shape)
+    y.backward(g)
+    ref.backward(g.double())
+    n_out = ref.shape[0] * ref.shape[2] * ref.shape[3]
+    gscale_x = torch.nn.grad.conv2d_input(x.shape, w64.detach().abs(), g.double().abs(), *args)
+    assert bool(((x.grad.double() - x64.grad).abs() <= tol(gscale_x, m.out_channels * kh * kw)).all()), f"{what}: dx"
+    gw_scale = torch.nn.grad.conv2d_weight(x64.detach().abs(), w64.shape, g.double().abs(), *args)
+    mask = m.mask()
+    err = (m.values.grad.double() - w64.grad[mask]).abs()
+    assert bool((err <= tol(gw_scale[mask], n_out)).all()), f"{what}: dvalues {err.max():.3e}"
+    if b64 is not None:
+        assert bool(((m.bias.grad.double() - b64.grad).abs() <= tol(g.double().abs().sum((0, 2, 3)), n_out)).all())
+    return y
+
+
+OPTIONS = list(itertools.product([1, 2], [0, 1, 2], [1, 2], [1, 2], [(3, 3), (2, 3), (1, 1)]))
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups,kernel", OPTIONS)
+def test_every_option_combination(isa, stride, padding, dilation, groups, kernel):
+    torch.manual_seed(hash((stride, padding, dilation, groups, kernel)) % 2**31)
+    m = st.SparseConv2d(4, 6, kernel, stride, padding, dilation, groups, sparsity=0.6,
+                        generator=torch.Generator().manual_seed(3))
+    check(m, torch.randn(3, 4, 9, 8), f"s{stride} p{padding} d{dilation} g{groups} k{kernel}")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 16, 33])
+@pytest.mark.parametrize("layout", ["nchw", "batch_inner"])
+def test_batches_and_layouts(isa, batch, layout):
+    torch.manual_seed(batch)
+    m = st.SparseConv2d(5, 7, 3, padding=1, sparsity=0.8, bias=batch % 2 == 0, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(batch, 5, 6, 11)
+    if layout == "batch_inner" and batch > 1:
+        x = st.batch_inner(x)
+        assert st.conv_ops.is_batch_inner(x)
+    y = check(m, x, f"batch {batch} {layout}")
+    if batch > 1:
+        assert st.conv_ops.is_batch_inner(y) == (layout == "batch_inner")
+
+
+def test_asymmetric_options_and_unbatched(isa):
+    m = st.SparseConv2d(6, 4, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1), groups=2, sparsity=0.5)
+    check(m, torch.randn(3, 6, 8, 9), "asymmetric")
+    x = torch.randn(6, 8, 9)
+    assert torch.allclose(m(x), m(x.unsqueeze(0)).squeeze(0))
+
+
+def test_padding_strings_and_from_dense():
+    for pad in ("same", "valid"):
+        conv = nn.Conv2d(3, 5, 3, padding=pad)
+        m = st.SparseConv2d.from_dense(conv, sparsity=0.7)
+        assert m.padding == ((1, 1) if pad == "same" else (0, 0))
+        x = torch.randn(2, 3, 7, 7)
+        ref = F.conv2d(x, conv.weight * m.mask(), conv.bias, padding=pad)
+        assert torch.allclose(m(x), ref, atol=1e-5)
+    back = m.to_dense()
+    assert isinstance(back, nn.Conv2d) and torch.equal(back.weight, m.weight)
+    kept = conv.weight.detach().abs()[m.mask()]
+    assert kept.min() >= conv.weight.detach().abs()[~m.mask()].max()
+
+
+def test_gradcheck_and_opcheck():
+    m = st.SparseConv2d(4, 4, 3, stride=(2, 1), padding=1, dilation=(1, 2), groups=2, sparsity=0.5).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    f = lambda a, v, b: st.conv_ops.conv2d(a, v, b, m.indptr, m.indices, 4, 4, 3, (2, 1), 1, (1, 2), 2)  # noqa
+    assert torch.autograd.gradcheck(f, (x, m.values, m.bias))
+    m = st.SparseConv2d(4, 6, 3, stride=(1, 2), padding=1, groups=2, sparsity=0.5)
+    for x in (torch.randn(3, 4, 6, 7), st.batch_inner(torch.randn(3, 4, 6, 7)), torch.randn(1, 4, 6, 7)):
+        for b in (m.bias, None):
+            torch.library.opcheck(torch.ops.sparsebp.conv2d.default,
+                                  (x.requires_grad_(), m.values, b, m.indptr, m.indices, 6, [3, 3], [1, 2], [1, 1],
+                                   [1, 1], 2))
+
+
+def test_optimizer_never_regrows_and_state_dict():
+    m = st.SparseConv2d(3, 4, 3, padding=1, sparsity=0.7)
+    mask = m.mask()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(2, 3, 5, 5)).square().mean().backward()
+        opt.step()
+    assert torch.equal(m.mask(), mask)
+    x = torch.randn(2, 3, 5, 5)
+    fresh = st.SparseConv2d(3, 4, 3, padding=1, sparsity=0.2)
+    fresh.load_state_dict(m.state_dict())
+    for other in (fresh, copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert torch.equal(other(x), m(x))
+    bad = dict(m.state_dict())
+    bad["indices"] = torch.full_like(bad["indices"], 27)  # 3 * 3 * 3 = 27 columns: out of range
+    with pytest.raises(ValueError, match="structure is invalid"):
+        fresh.load_state_dict(bad)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="divisible by groups"):
+        st.SparseConv2d(3, 4, 3, groups=2, sparsity=0.5)
+    with pytest.raises(ValueError, match="padding_mode"):
+        st.SparseConv2d(3, 4, 3, padding_mode="reflect", sparsity=0.5)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        st.SparseConv2d(3, 4, 3, stride=0, sparsity=0.5)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):
+        st.SparseConv2d(3, 4, "3", sparsity=0.5)
+    m = st.SparseConv2d(3, 4, 3, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 3, H, W\)"):
+        m(torch.randn(2, 5, 6, 6))
+    with pytest.raises(ValueError, match="too small"):
+        m(torch.randn(2, 3, 2, 2))
+    with pytest.raises(TypeError, match="x must be float32"):
+        m(torch.ones(2, 3, 6, 6, dtype=torch.int32))
