@@ -15,6 +15,10 @@ if _missing:
     raise RuntimeError(f"SPARSEBP_REQUIRE_ISAS wants {_missing}, but this build offers only {ISAS}")
 
 
+if os.environ.get("SPARSEBP_REQUIRE_TORCH") == "1":
+    import torch  # noqa: F401  (CI installs torch: its tests must not be skipped for want of it)
+
+
 @pytest.fixture(params=ISAS)
 def isa(request):
     before = sparsebp.active_isa()
