@@ -47,3 +47,17 @@ def test_scaling_worker_runs(capsys):
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("SCALING ")]
     assert len(lines) == 1 and '"t1_ms"' in lines[0] and '"t2_ms"' in lines[0]
+
+
+def test_conv_bench_case_and_report_smoke(threads):
+    pytest.importorskip("torch")
+    import sparsebp
+    from sparsebp.bench import conv
+
+    sparsebp.set_num_threads(1)  # the bar verdict applies to 1-thread rows
+    rows = conv.run_case(dict(cin=4, cout=6, hw=7, batch=3), 0.9, reps=1, have_sp=False)
+    names = {r["contender"] for r in rows}
+    assert {"dense", "sparsebp", "sparsebp-nchw"} <= names
+    assert all(r["time_ms"] > 0 for r in rows)
+    md = conv.report(rows)
+    assert "| 3x3 4->6 7x7 | 3 |" in md and ("met" in md or "MISSED" in md)

@@ -23,3 +23,25 @@ def test_readme_numpy_example():
     ref.assert_close(ns["dW_values"], gv, gvs, x.shape[0], "README grad_values")
     # The update step changed the values, not the structure.
     np.testing.assert_array_equal(W.mask(), before != 0)
+
+
+def test_readme_torch_example(tmp_path, monkeypatch):
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+    with open(path) as f:
+        text = f.read()
+    code = re.search(r"## PyTorch example\n.*?```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    import sparsebp.torch as st
+
+    model, model2 = ns["model"], ns["model2"]
+    assert [type(m) for m in model2] == [st.SparseConv2d, torch.nn.ReLU, torch.nn.Flatten, st.SparseLinear]
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model(x), model2(x))
+    nnz = sum(m.nnz for m in model if hasattr(m, "nnz"))
+    total = 32 * 9 + 32 * 28 * 28 * 10
+    assert nnz == round(0.1 * total)

@@ -29,9 +29,11 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
+    have_torch = True
     try:
         import torch  # noqa: F401
     except ImportError:
+        have_torch = False
         print("note: PyTorch is not installed, so the dense baseline is NumPy's matmul and the torch.sparse and "
               "SparseProp contenders are left out (pip install 'sparsebp[torch]' to compare against them)")
     from sparsebp.bench import linear
@@ -39,8 +41,17 @@ def _bench(args) -> int:
 
     for line in machine_header():
         print(line)
-    linear.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
-    print(f"wrote {args.out}/linear.csv, linear.md, linear.png")
+    if args.what in ("all", "linear"):
+        linear.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
+        print(f"wrote {args.out}/linear.csv, linear.md, linear.png")
+    if args.what in ("all", "conv"):
+        if not have_torch:
+            print("conv benchmark skipped: it needs PyTorch (sparsebp.torch.SparseConv2d)")
+        else:
+            from sparsebp.bench import conv
+
+            conv.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
+            print(f"wrote {args.out}/conv.csv, conv.md")
     return 0
 
 
@@ -55,6 +66,8 @@ def main(argv=None) -> int:
     pb.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 2)")
     pb.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 7; quick: 3)")
     pb.add_argument("--out", default="bench-results", help="folder for CSV, markdown and PNG (default bench-results)")
+    pb.add_argument("--what", choices=["all", "linear", "conv"], default="all",
+                    help="which benchmark (default all; conv needs torch)")
     pb.set_defaults(fn=_bench)
     args = p.parse_args(argv)
     return args.fn(args)
