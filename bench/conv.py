@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import warnings
 from typing import List
@@ -25,7 +24,6 @@ BAR = {0.9: 2.5, 0.95: 5.0}
 
 
 def run_case(case: dict, sparsity: float, reps: int, have_sp: bool) -> List[dict]:
-    import numpy as np
     import torch
 
     import sparsebp
@@ -127,19 +125,9 @@ def report(rows: List[dict]) -> str:
 def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, reps: int | None = None) -> List[dict]:
     threads = threads or ([1] if quick else [1, 2])
     reps = reps or (3 if quick else 5)
-    rows: List[dict] = []
-    for n in threads:
-        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
-        cmd = [sys.executable, "-m", "sparsebp.bench.conv", "--worker", "--threads", str(n), "--reps", str(reps)]
-        if quick:
-            cmd.append("--quick")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            if line.startswith("RESULT "):
-                rows.append(json.loads(line[7:]))
-        if proc.wait() != 0:
-            raise RuntimeError(f"conv benchmark worker for {n} thread(s) failed (exit {proc.returncode})")
-    from sparsebp.bench.harness import write_csv
+    from sparsebp.bench.harness import run_workers, write_csv
+
+    rows = run_workers("sparsebp.bench.conv", threads, reps, quick)
 
     os.makedirs(out_dir, exist_ok=True)
     write_csv(os.path.join(out_dir, "conv.csv"), rows)

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -75,3 +78,21 @@ def write_csv(path: str, rows: List[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+
+
+def run_workers(module: str, threads: List[int], reps: int, quick: bool) -> List[dict]:
+    """Runs ``python -m <module> --worker --threads N --reps R [--quick]`` once per thread count (a
+    fresh process each, with the BLAS thread variables set) and collects its ``RESULT {json}`` lines."""
+    rows: List[dict] = []
+    for n in threads:
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n))
+        cmd = [sys.executable, "-m", module, "--worker", "--threads", str(n), "--reps", str(reps)]
+        if quick:
+            cmd.append("--quick")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                rows.append(json.loads(line[7:]))
+        if proc.wait() != 0:
+            raise RuntimeError(f"benchmark worker {module} for {n} thread(s) failed (exit {proc.returncode})")
+    return rows

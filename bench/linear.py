@@ -275,20 +275,10 @@ def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, rep
     linear.csv, linear.md and linear.png into out_dir. Returns the result rows."""
     threads = threads or ([1] if quick else THREADS)
     reps = reps or (3 if quick else 7)
-    rows: List[dict] = []
-    for n in threads:
-        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n))
-        cmd = [sys.executable, "-m", "sparsebp.bench.linear", "--worker", "--threads", str(n), "--reps", str(reps)]
-        if quick:
-            cmd.append("--quick")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            if line.startswith("RESULT "):
-                rows.append(json.loads(line[7:]))
-        if proc.wait() != 0:
-            raise RuntimeError(f"benchmark worker for {n} thread(s) failed (exit {proc.returncode})")
+    from sparsebp.bench.harness import machine_header, run_workers, write_csv
+
+    rows = run_workers("sparsebp.bench.linear", threads, reps, quick)
     os.makedirs(out_dir, exist_ok=True)
-    from sparsebp.bench.harness import machine_header, write_csv
 
     # Write what the workers measured first: a failure below must not lose it.
     write_csv(os.path.join(out_dir, "linear.csv"), rows)

@@ -318,6 +318,15 @@ void check_gather(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
   SPARSEBP_CHECK_VALUE(y_span <= y_len, y_name, " has ", y_len, " elements; the geometry needs ", y_span);
 }
 
+// One gather pass (checked by the caller), output rows split across threads by their nonzeros.
+void run_gather(kernels::GatherFn KernelTable::*fn, const kernels::GatherArgs& a) {
+  if (a.rows == 0 || a.ncols == 0) return;
+  const KernelTable& t = active_table();
+  const int64_t work = (a.indptr[a.rows] + a.rows) * a.ncols * a.seg_outer * a.seg_inner;
+  const std::vector<int64_t> cut = balanced_rows(a.indptr, a.rows, threads_for(work));
+  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { (t.*fn)(a, cut[i], cut[i + 1]); });
+}
+
 }  // namespace
 
 void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len,
@@ -337,14 +346,9 @@ void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets,
   if (bias) SPARSEBP_CHECK_VALUE(bias_len == rows, "bias must have ", rows, " entries; got ", bias_len);
   check_no_overlap(span_of(y, y_len), "y", {{span_of(x, x_len), "x"}, {span_of(values, values_len), "values"},
                                             {span_of(bias, bias_len), "bias"}});
-  if (rows == 0 || geo.ncols == 0) return;
-  const KernelTable& t = active_table();
-  const kernels::GatherArgs a{rows, indptr, offsets, values, value_index, bias, x, y, nullptr, nullptr, nullptr,
-                              geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner, geo.seg_outer,
-                              geo.seg_inner, geo.ncols};
-  const int64_t work = (offsets_len + rows) * geo.ncols * geo.seg_outer * geo.seg_inner;
-  const std::vector<int64_t> cut = balanced_rows(indptr, rows, threads_for(work));
-  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.gather_forward(a, cut[i], cut[i + 1]); });
+  run_gather(&KernelTable::gather_forward, {rows, indptr, offsets, values, value_index, bias, x, y, nullptr, nullptr,
+                                            nullptr, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
+                                            geo.seg_outer, geo.seg_inner, geo.ncols});
 }
 
 void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len, const float* g,
@@ -358,14 +362,9 @@ void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
   check_no_overlap(span_of(dbias, dbias_len), "dbias", {{span_of(x, x_len), "x"}, {span_of(g, g_len), "g"}});
   std::fill(dvalues, dvalues + dvalues_len, 0.0f);
   if (dbias) std::fill(dbias, dbias + dbias_len, 0.0f);
-  if (rows == 0 || geo.ncols == 0) return;
-  const KernelTable& t = active_table();
-  const kernels::GatherArgs a{rows, indptr, offsets, nullptr, nullptr, nullptr, x, nullptr, g, dvalues, dbias,
-                              geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner, geo.seg_outer,
-                              geo.seg_inner, geo.ncols};
-  const int64_t work = (offsets_len + rows) * geo.ncols * geo.seg_outer * geo.seg_inner;
-  const std::vector<int64_t> cut = balanced_rows(indptr, rows, threads_for(work));
-  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.gather_sddmm(a, cut[i], cut[i + 1]); });
+  run_gather(&KernelTable::gather_sddmm, {rows, indptr, offsets, nullptr, nullptr, nullptr, x, nullptr, g, dvalues,
+                                          dbias, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
+                                          geo.seg_outer, geo.seg_inner, geo.ncols});
 }
 
 }  // namespace sparsebp

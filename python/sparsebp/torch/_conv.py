@@ -25,7 +25,6 @@ layout changes; an ordinary (N, C, H, W)-contiguous input is converted on the wa
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _core
+from . import _ops
 
 # ---------------------------------------------------------------------------------------------
 # Layout helpers
@@ -152,39 +152,14 @@ class _Plan:
         return self.bwd_px * n, geo
 
 
-class _PlanCache:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict = {}
-
-    def get(self, indptr: Tensor, indices: Tensor, key_rest: tuple, make) -> _Plan:
-        ip, ix = indptr.detach().numpy(), indices.detach().numpy()
-        key = (id(indices),) + key_rest
-        with self._lock:
-            hit = self._entries.get(key)
-        if hit is not None:
-            ref, ip0, ix0, plan = hit
-            if ref() is indices and np.array_equal(ip0, ip) and np.array_equal(ix0, ix):
-                return plan
-        plan = make(ip, ix)
-
-        def _drop(_, key=key, entries=self._entries, lock=self._lock):
-            with lock:
-                entries.pop(key, None)
-
-        with self._lock:
-            self._entries[key] = (weakref.ref(indices, _drop), ip.copy(), ix.copy(), plan)
-        return plan
-
-
-_plans = _PlanCache()
+_plans = _ops.IndexKeyedCache()
 
 
 def _plan(indptr: Tensor, indices: Tensor, cout: int, cin: int, kh: int, kw: int, stride, padding, dilation,
           groups: int, h: int, w: int) -> _Plan:
     def make(ip, ix):
         # Validates the structure (sorted, in range, no duplicates) once per plan.
-        _core.CsrStructure(cout, (cin // groups) * kh * kw, np.ascontiguousarray(ip), np.ascontiguousarray(ix))
+        _core.CsrStructure(cout, (cin // groups) * kh * kw, ip, ix)
         return _Plan(ip, ix, cout, cin, kh, kw, stride, padding, dilation, groups, h, w)
 
     return _plans.get(indptr, indices, (cout, cin, kh, kw, tuple(stride), tuple(padding), tuple(dilation), groups, h, w),
@@ -192,11 +167,7 @@ def _plan(indptr: Tensor, indices: Tensor, cout: int, cin: int, kh: int, kw: int
 
 
 def _dense_weight(values: Tensor, indptr: Tensor, indices: Tensor, cout: int, cin_g: int, kh: int, kw: int) -> Tensor:
-    counts = (indptr[1:] - indptr[:-1]).to(torch.int64)
-    r = torch.repeat_interleave(torch.arange(cout, dtype=torch.int64), counts)
-    w = values.new_zeros((cout, cin_g * kh * kw))
-    w[r, indices.to(torch.int64)] = values
-    return w.reshape(cout, cin_g, kh, kw)
+    return _ops._dense_weight(values, indptr, indices, cout, cin_g * kh * kw).reshape(cout, cin_g, kh, kw)
 
 
 def _out_like(x: Tensor, chwn: Tensor) -> Tensor:
@@ -206,10 +177,9 @@ def _out_like(x: Tensor, chwn: Tensor) -> Tensor:
 
 
 def _out_like_fake(x: Tensor, shape) -> Tensor:
+    """The empty tensor ``_out_like`` would return (for the operators' fake implementations)."""
     n, c, h, w = shape
-    if x.shape[0] != 1 and is_batch_inner(x):
-        return x.new_empty((c, h, w, n)).permute(3, 0, 1, 2)
-    if x.shape[0] == 1:
+    if is_batch_inner(x) or x.shape[0] == 1:
         return x.new_empty((c, h, w, n)).permute(3, 0, 1, 2)
     return x.new_empty((n, c, h, w))
 
@@ -263,9 +233,7 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
               if input_grad else empty)
         if weight_grad:
             gw = torch.nn.grad.conv2d_weight(x, wd.shape, grad_y, *args).reshape(out_channels, -1)
-            counts = (indptr[1:] - indptr[:-1]).to(torch.int64)
-            r = torch.repeat_interleave(torch.arange(out_channels, dtype=torch.int64), counts)
-            gv = gw[r, indices.to(torch.int64)].contiguous()
+            gv = gw[_ops._rows_of(indptr, out_channels), indices.to(torch.int64)].contiguous()
         else:
             gv = empty
         gb = grad_y.sum((0, 2, 3)) if bias_grad else empty
@@ -343,10 +311,8 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
            out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """``torch.nn.functional.conv2d`` with a CSR weight (rows: output channels; columns:
     ``(c, kh, kw)`` of ``in_channels // groups`` input channels). ``x``: (N, C, H, W) or (C, H, W)."""
-    from ._ops import _check_tensor
-
-    _check_tensor(x, "x")
-    _check_tensor(values, "values")
+    _ops._check_tensor(x, "x")
+    _ops._check_tensor(values, "values")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (or float64, a slow reference path); got {x.dtype}")
     for t, name in ((values, "values"), (bias, "bias")):

@@ -31,46 +31,50 @@ import torch
 from torch import Tensor
 
 from .. import _core
-from .. import ops as _ops
 
 # ---------------------------------------------------------------------------------------------
 # Validated structures, cached per index tensor
 # ---------------------------------------------------------------------------------------------
 
 
-class _StructureCache:
+class IndexKeyedCache:
+    """Values derived from a pair of index tensors (indptr, indices) plus other hashable facts,
+    cached per ``indices`` tensor object (dropped when it dies). A cached value is reused only while
+    the tensors still hold the contents it was made from: they are compared on every lookup (O(nnz)
+    reads, cheap next to any kernel), so in-place changes, such as DDP's buffer broadcasts or
+    ``load_state_dict``, never reuse a stale value and never force a needless rebuild."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict = {}
 
-    def get(self, indptr: Tensor, indices: Tensor, rows: int, cols: int):
-        ip = indptr.detach().numpy()
-        ix = indices.detach().numpy()
-        key = id(indices)
+    def get(self, indptr: Tensor, indices: Tensor, facts: tuple, make):
+        ip, ix = indptr.detach().numpy(), indices.detach().numpy()
+        key = (id(indices),) + facts
         with self._lock:
             hit = self._entries.get(key)
         if hit is not None:
-            ref_ix, ref_ip, s = hit
-            if (ref_ix() is indices and ref_ip() is indptr and s.shape == (rows, cols)
-                    and np.array_equal(s.indptr, ip) and np.array_equal(s.indices, ix)):
-                return s
-        s = _core.CsrStructure(rows, cols, np.ascontiguousarray(ip), np.ascontiguousarray(ix))
+            ref, ip0, ix0, value = hit
+            if ref() is indices and np.array_equal(ip0, ip) and np.array_equal(ix0, ix):
+                return value
+        ip0, ix0 = np.ascontiguousarray(ip).copy(), np.ascontiguousarray(ix).copy()
+        value = make(ip0, ix0)
 
         def _drop(_, key=key, entries=self._entries, lock=self._lock):
             with lock:
                 entries.pop(key, None)
 
         with self._lock:
-            self._entries[key] = (weakref.ref(indices, _drop), weakref.ref(indptr), s)
-        return s
+            self._entries[key] = (weakref.ref(indices, _drop), ip0, ix0, value)
+        return value
 
 
-_cache = _StructureCache()
+_structures = IndexKeyedCache()
 
 
 def structure_of(indptr: Tensor, indices: Tensor, rows: int, cols: int):
     """The validated ``_core.CsrStructure`` for these index tensors (cached)."""
-    return _cache.get(indptr, indices, rows, cols)
+    return _structures.get(indptr, indices, (rows, cols), lambda ip, ix: _core.CsrStructure(rows, cols, ip, ix))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,11 +106,14 @@ def _np(t: Optional[Tensor]):
     return None if t is None else t.detach().numpy()
 
 
+def _rows_of(indptr: Tensor, rows: int) -> Tensor:
+    """The row of every stored entry (int64, nnz)."""
+    return torch.repeat_interleave(torch.arange(rows, dtype=torch.int64), (indptr[1:] - indptr[:-1]).to(torch.int64))
+
+
 def _dense_weight(values: Tensor, indptr: Tensor, indices: Tensor, rows: int, cols: int) -> Tensor:
-    counts = (indptr[1:] - indptr[:-1]).to(torch.int64)
-    r = torch.repeat_interleave(torch.arange(rows, dtype=torch.int64), counts)
     w = values.new_zeros((rows, cols))
-    w[r, indices.to(torch.int64)] = values
+    w[_rows_of(indptr, rows), indices.to(torch.int64)] = values
     return w
 
 
@@ -148,9 +155,7 @@ def linear_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
         if input_grad:
             gi.copy_(gy @ w)
         if weight_grad:
-            counts = (indptr[1:] - indptr[:-1]).to(torch.int64)
-            r = torch.repeat_interleave(torch.arange(out_features, dtype=torch.int64), counts)
-            gv.copy_((gy.t() @ x)[r, indices.to(torch.int64)])
+            gv.copy_((gy.t() @ x)[_rows_of(indptr, out_features), indices.to(torch.int64)])
         if bias_grad:
             gb.copy_(gy.sum(0))
         return gi, gv, gb

@@ -131,10 +131,9 @@ def _convert(model, chosen, masks, min_s) -> Report:
     return report
 
 
-def _load_pruned_state(model: nn.Module, checkpoint) -> None:
+def _load_pruned_state(model: nn.Module, checkpoint) -> Dict[str, Tensor]:
     """Load a state dict (or a path to one) into ``model``, folding ``X.weight_orig`` and
-    ``X.weight_mask`` (torch.nn.utils.prune) into ``X.weight`` and leaving the masks on the
-    modules as ``_sparsebp_mask`` for the conversion."""
+    ``X.weight_mask`` (torch.nn.utils.prune) into ``X.weight``. Returns the masks found, by module."""
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         from .io import _read_any
 
@@ -159,7 +158,6 @@ def _load_pruned_state(model: nn.Module, checkpoint) -> None:
                              f"{getattr(mask, 'shape', type(mask).__name__)}")
         state[base + "weight"] = orig * mask
         pruned[base.rstrip(".")] = mask != 0
-    missing, unexpected = [], []
     try:
         res = model.load_state_dict(state, strict=False)
         missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
@@ -167,8 +165,7 @@ def _load_pruned_state(model: nn.Module, checkpoint) -> None:
         raise ValueError(f"checkpoint does not fit the model: {e}") from None
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
-    for name, mask in pruned.items():
-        model.get_submodule(name)._sparsebp_mask = mask
+    return pruned
 
 
 def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[str, Tensor]] = None,
@@ -193,12 +190,13 @@ def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[st
         unknown = [k for k in masks if k not in known]
         if unknown:
             raise ValueError(f"masks names modules that are not eligible layers of the model: {unknown}")
+    from_file: Dict[str, Tensor] = {}
     if checkpoint is not None:
         # prune's reparametrisation on the live model would fight the incoming weight: remove it.
         for _, m in chosen:
             if hasattr(m, "weight_orig"):
                 torch.nn.utils.prune.remove(m, "weight")
-        _load_pruned_state(model, checkpoint)
+        from_file = _load_pruned_state(model, checkpoint)
     found: Dict[str, Tensor] = {}
     for n, m in chosen:
         if masks is not None and n in masks:
@@ -206,9 +204,8 @@ def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[st
         elif hasattr(m, "weight_mask") and hasattr(m, "weight_orig"):
             found[n] = m.weight_mask.detach() != 0
             torch.nn.utils.prune.remove(m, "weight")  # folds weight_orig * weight_mask into weight
-        elif hasattr(m, "_sparsebp_mask"):
-            found[n] = m._sparsebp_mask
-            del m._sparsebp_mask
+        elif n in from_file:
+            found[n] = from_file[n]
         else:
             found[n] = m.weight.detach() != 0
     return _convert(model, chosen, found, min_s)

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from .modules import SparseConv2d, SparseLinear
+from .modules import SparseConv2d, SparseLinear, conv_padding
 
 __all__ = ["save", "load"]
 
@@ -28,11 +28,7 @@ def _geometry(m: nn.Module) -> dict:
     """The constructor arguments that must agree between a file and a model."""
     if isinstance(m, (SparseLinear, nn.Linear)):
         return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
-    pad = m.padding
-    if isinstance(m, nn.Conv2d) and isinstance(pad, str):
-        pad = SparseConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, pad, m.dilation, m.groups,
-                           mask=torch.zeros((m.out_channels, m.in_channels // m.groups) + tuple(m.kernel_size),
-                                            dtype=torch.bool)).padding
+    pad = conv_padding(m.padding, m.kernel_size, m.stride, m.dilation)
     return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
                 stride=list(m.stride), padding=list(pad), dilation=list(m.dilation), groups=m.groups,
                 bias=m.bias is not None)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,16 +60,113 @@ def _check_mask(mask, shape, name: str = "mask") -> Tensor:
     return mask.cpu()
 
 
-def _csr_from_mask(mask2d: Tensor):
+def _csr_from_mask(mask2d: Tensor) -> Tuple[Tensor, Tensor]:
     """(indptr int64, indices int32) of a 2-D boolean mask, row-major."""
     m = mask2d.cpu().numpy()
     rows, cols = np.nonzero(m)
     indptr = np.zeros(m.shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=m.shape[0]), out=indptr[1:])
-    return torch.from_numpy(indptr), torch.from_numpy(cols.astype(np.int32)), rows, cols
+    return torch.from_numpy(indptr), torch.from_numpy(cols.astype(np.int32))
 
 
-class SparseLinear(nn.Module):
+class _SparseWeight(nn.Module):
+    """What SparseLinear and SparseConv2d share: a weight of ``weight_shape`` stored as a CSR matrix
+    with one row per output (rows = weight_shape[0], columns = the rest flattened), the parameter
+    ``values`` at the stored entries, the buffers ``indptr`` / ``indices``, and ``bias``."""
+
+    def _init_weight(self, shape: tuple, bias: bool, sparsity, mask, generator, device, dtype) -> None:
+        if (mask is None) == (sparsity is None):
+            raise ValueError("give exactly one of sparsity= (a random mask) or mask= (a boolean tensor of shape "
+                             f"{shape}); got {'both' if mask is not None else 'neither'}")
+        mask = _check_mask(mask, shape) if mask is not None else random_mask(shape, sparsity, generator)
+        dtype = dtype or torch.get_default_dtype()
+        indptr, indices = _csr_from_mask(mask.reshape(shape[0], -1))
+        self.register_buffer("indptr", indptr.to(device))
+        self.register_buffer("indices", indices.to(device))
+        self.values = nn.Parameter(torch.empty(indices.numel(), device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(shape[0], device=device, dtype=dtype)) if bias else None
+        self.reset_parameters(generator)
+
+    @property
+    def _csr_shape(self) -> tuple:
+        return self.weight_shape[0], math.prod(self.weight_shape[1:])
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Values (and bias) uniform in ±1/sqrt(kept fan-in): nn's default init, scaled to the
+        entries a row really has, so the output variance does not shrink with the density."""
+        fan_in = self.values.numel() / max(self.weight_shape[0], 1)
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound, generator=generator)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound, generator=generator)
+
+    @staticmethod
+    def _dense_mask(dense: nn.Module, mask, sparsity) -> Tensor:
+        """The mask ``from_dense`` keeps: ``mask``, else magnitude at ``sparsity``, else the nonzeros."""
+        if mask is not None and sparsity is not None:
+            raise ValueError("give at most one of mask= and sparsity=")
+        w = dense.weight.detach()
+        if mask is None:
+            mask = magnitude_mask(w, sparsity) if sparsity is not None else (w != 0)
+        return _check_mask(mask, tuple(w.shape))
+
+    def _copy_from_dense(self, dense: nn.Module, mask: Tensor) -> "_SparseWeight":
+        with torch.no_grad():
+            self.values.copy_(dense.weight.detach().cpu()[mask])  # row-major: the CSR order
+            if dense.bias is not None:
+                self.bias.copy_(dense.bias.detach())
+        return self
+
+    def _copy_to_dense(self, dense: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight (``weight_shape``), a new tensor: not a parameter (that is ``values``)."""
+        rows, cols = self._csr_shape
+        return _ops._dense_weight(self.values.detach(), self.indptr, self.indices, rows, cols).reshape(
+            self.weight_shape)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def density(self) -> float:
+        n = math.prod(self.weight_shape)
+        return self.nnz / n if n else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def mask(self) -> Tensor:
+        """The boolean mask (``weight_shape``) of stored entries."""
+        rows, cols = self._csr_shape
+        m = torch.zeros(rows, cols, dtype=torch.bool)
+        m[_ops._rows_of(self.indptr.cpu(), rows), self.indices.cpu().to(torch.int64)] = True
+        return m.reshape(self.weight_shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        _load_structure(self, *self._csr_shape, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _check_int(v, name: str, minimum: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int; got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {v}")
+
+
+class SparseLinear(_SparseWeight):
     """``nn.Linear`` with an unstructured-sparse weight held in CSR form.
 
     ``y = x @ W.T + bias`` for ``x`` of shape ``(*, in_features)``, as ``nn.Linear``; forward, input
@@ -94,36 +191,15 @@ class SparseLinear(nn.Module):
                  mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None, device=None,
                  dtype=None) -> None:
         super().__init__()
-        for v, name in ((in_features, "in_features"), (out_features, "out_features")):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int; got {type(v).__name__}")
-            if v < 0:
-                raise ValueError(f"{name} must be >= 0; got {v}")
+        _check_int(in_features, "in_features", 0)
+        _check_int(out_features, "out_features", 0)
         self.in_features, self.out_features = in_features, out_features
-        shape = (out_features, in_features)
-        if (mask is None) == (sparsity is None):
-            raise ValueError("give exactly one of sparsity= (a random mask) or mask= (a boolean tensor of shape "
-                             f"{shape}); got {'both' if mask is not None else 'neither'}")
-        mask = _check_mask(mask, shape) if mask is not None else random_mask(shape, sparsity, generator)
-        dtype = dtype or torch.get_default_dtype()
-        indptr, indices, _, _ = _csr_from_mask(mask)
-        self.register_buffer("indptr", indptr.to(device))
-        self.register_buffer("indices", indices.to(device))
-        nnz = indices.numel()
-        self.values = nn.Parameter(torch.empty(nnz, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self._check_structure()
-        self.reset_parameters(generator)
+        self._init_weight((out_features, in_features), bias, sparsity, mask, generator, device, dtype)
 
-    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        fan_in = self.values.numel() / max(self.out_features, 1)
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        with torch.no_grad():
-            self.values.uniform_(-bound, bound, generator=generator)
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound, generator=generator)
+    @property
+    def weight_shape(self) -> tuple:
+        return (self.out_features, self.in_features)
 
-    # ---- construction from dense ----------------------------------------------------------------
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, mask: Optional[Tensor] = None,
                    sparsity: Optional[float] = None) -> "SparseLinear":
@@ -131,59 +207,15 @@ class SparseLinear(nn.Module):
         else the ``sparsity`` fraction of smallest |weight| dropped, else the nonzeros of the weight."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
-        if mask is not None and sparsity is not None:
-            raise ValueError("give at most one of mask= and sparsity=")
-        w = linear.weight.detach()
-        if mask is None:
-            mask = magnitude_mask(w, sparsity) if sparsity is not None else (w != 0)
-        mask = _check_mask(mask, tuple(w.shape))
+        mask = cls._dense_mask(linear, mask, sparsity)
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, mask=mask,
-                  device=w.device, dtype=w.dtype)
-        _, _, r, c = _csr_from_mask(mask)
-        with torch.no_grad():
-            mod.values.copy_(w.cpu()[torch.from_numpy(r), torch.from_numpy(c)])
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias.detach())
-        return mod
+                  device=linear.weight.device, dtype=linear.weight.dtype)
+        return mod._copy_from_dense(linear, mask)
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's weights (zeros outside the mask)."""
-        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
-
-    # ---- views ----------------------------------------------------------------------------------
-    @property
-    def weight(self) -> Tensor:
-        """The dense weight (out_features x in_features), a new tensor (not a parameter; the
-        parameter is ``values``)."""
-        return _ops._dense_weight(self.values.detach(), self.indptr, self.indices, self.out_features,
-                                  self.in_features)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.indices.numel())
-
-    @property
-    def density(self) -> float:
-        n = self.in_features * self.out_features
-        return self.nnz / n if n else 0.0
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.density
-
-    def mask(self) -> Tensor:
-        """The boolean mask (out_features x in_features) of stored entries."""
-        m = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
-        counts = (self.indptr[1:] - self.indptr[:-1]).cpu().to(torch.int64)
-        r = torch.repeat_interleave(torch.arange(self.out_features), counts)
-        m[r, self.indices.cpu().to(torch.int64)] = True
-        return m
+        return self._copy_to_dense(nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                             device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, input: Tensor) -> Tensor:
         return _ops.linear(input, self.values, self.bias, self.indptr, self.indices, self.in_features,
@@ -193,20 +225,26 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
 
-    # ---- structure checks and loading ------------------------------------------------------------
-    def _check_structure(self) -> None:
-        _core.CsrStructure(self.out_features, self.in_features, self.indptr.cpu().numpy(),
-                           self.indices.cpu().numpy())
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        _load_structure(self, self.out_features, self.in_features, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+def conv_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int]:
+    """``nn.Conv2d``'s padding argument (int, pair, ``"valid"`` or ``"same"``) as a pair of ints;
+    ``"same"`` only where it is symmetric (stride 1, even kernel reach)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            if tuple(stride) != (1, 1):
+                raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
+            reach = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+            if any(r % 2 for r in reach):
+                raise ValueError("padding='same' with an even kernel reach needs asymmetric padding, which "
+                                 "sparsebp does not support; give the padding explicitly")
+            return (reach[0] // 2, reach[1] // 2)
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same'; got {padding!r}")
+    return _conv._pair(padding, "padding", 0)
 
 
-
-class SparseConv2d(nn.Module):
+class SparseConv2d(_SparseWeight):
     """``nn.Conv2d`` with an unstructured-sparse weight held in CSR form (one row per output
     channel, columns ``(in_channel_in_group, kh, kw)``).
 
@@ -226,11 +264,7 @@ class SparseConv2d(nn.Module):
                  dtype=None) -> None:
         super().__init__()
         for v, name in ((in_channels, "in_channels"), (out_channels, "out_channels"), (groups, "groups")):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int; got {type(v).__name__}")
-        if groups < 1 or in_channels < 1 or out_channels < 1:
-            raise ValueError(f"in_channels, out_channels and groups must be >= 1; got {in_channels}, {out_channels}, "
-                             f"{groups}")
+            _check_int(v, name, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
                              f"groups ({groups})")
@@ -240,45 +274,13 @@ class SparseConv2d(nn.Module):
         self.kernel_size = _conv._pair(kernel_size, "kernel_size", 1)
         self.stride = _conv._pair(stride, "stride", 1)
         self.dilation = _conv._pair(dilation, "dilation", 1)
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding = (0, 0)
-            elif padding == "same":
-                if self.stride != (1, 1):
-                    raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
-                reach = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-                if any(r % 2 for r in reach):
-                    raise ValueError("padding='same' with an even kernel reach needs asymmetric padding, which "
-                                     "sparsebp does not support; give the padding explicitly")
-                padding = (reach[0] // 2, reach[1] // 2)
-            else:
-                raise ValueError(f"padding must be an int, a pair, 'valid' or 'same'; got {padding!r}")
-        self.padding = _conv._pair(padding, "padding", 0)
+        self.padding = conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.padding_mode = padding_mode
-        shape = (out_channels, in_channels // groups) + self.kernel_size
-        if (mask is None) == (sparsity is None):
-            raise ValueError("give exactly one of sparsity= (a random mask) or mask= (a boolean tensor of shape "
-                             f"{shape}); got {'both' if mask is not None else 'neither'}")
-        mask = _check_mask(mask, shape) if mask is not None else random_mask(shape, sparsity, generator)
-        dtype = dtype or torch.get_default_dtype()
-        indptr, indices, _, _ = _csr_from_mask(mask.reshape(out_channels, -1))
-        self.register_buffer("indptr", indptr.to(device))
-        self.register_buffer("indices", indices.to(device))
-        self.values = nn.Parameter(torch.empty(indices.numel(), device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
-        self.reset_parameters(generator)
+        self._init_weight(self.weight_shape, bias, sparsity, mask, generator, device, dtype)
 
     @property
     def weight_shape(self) -> tuple:
         return (self.out_channels, self.in_channels // self.groups) + self.kernel_size
-
-    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        fan_in = self.values.numel() / max(self.out_channels, 1)
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        with torch.no_grad():
-            self.values.uniform_(-bound, bound, generator=generator)
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound, generator=generator)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, mask: Optional[Tensor] = None,
@@ -287,57 +289,17 @@ class SparseConv2d(nn.Module):
         else the ``sparsity`` fraction of smallest |weight| dropped, else the nonzeros."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
-        if mask is not None and sparsity is not None:
-            raise ValueError("give at most one of mask= and sparsity=")
-        if isinstance(conv.padding, str) and conv.padding == "same" and conv.stride != (1, 1):
-            raise ValueError("padding='same' needs stride 1")
-        w = conv.weight.detach()
-        if mask is None:
-            mask = magnitude_mask(w, sparsity) if sparsity is not None else (w != 0)
-        mask = _check_mask(mask, tuple(w.shape))
+        mask = cls._dense_mask(conv, mask, sparsity)
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, conv.bias is not None, conv.padding_mode, mask=mask, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            mod.values.copy_(w.cpu()[mask])
-            if conv.bias is not None:
-                mod.bias.copy_(conv.bias.detach())
-        return mod
+                  conv.groups, conv.bias is not None, conv.padding_mode, mask=mask, device=conv.weight.device,
+                  dtype=conv.weight.dtype)
+        return mod._copy_from_dense(conv, mask)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with this layer's weights (zeros outside the mask)."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, self.bias is not None, device=self.values.device,
-                         dtype=self.values.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
-
-    @property
-    def weight(self) -> Tensor:
-        """The dense weight (a new tensor; the parameter is ``values``)."""
-        kh, kw = self.kernel_size
-        return _conv._dense_weight(self.values.detach(), self.indptr, self.indices, self.out_channels,
-                                   self.in_channels // self.groups, kh, kw)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.indices.numel())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / math.prod(self.weight_shape)
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.density
-
-    def mask(self) -> Tensor:
-        m = torch.zeros(self.out_channels, math.prod(self.weight_shape[1:]), dtype=torch.bool)
-        counts = (self.indptr[1:] - self.indptr[:-1]).cpu().to(torch.int64)
-        m[torch.repeat_interleave(torch.arange(self.out_channels), counts), self.indices.cpu().to(torch.int64)] = True
-        return m.reshape(self.weight_shape)
+        return self._copy_to_dense(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                             self.padding, self.dilation, self.groups, self.bias is not None,
+                                             device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, input: Tensor) -> Tensor:
         return _conv.conv2d(input, self.values, self.bias, self.indptr, self.indices, self.in_channels,
@@ -351,12 +313,6 @@ class SparseConv2d(nn.Module):
         if self.groups != 1:
             s += f", groups={self.groups}"
         return s + f", bias={self.bias is not None}, nnz={self.nnz}, sparsity={self.sparsity:.4f}"
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        _load_structure(self, self.out_channels, math.prod(self.weight_shape[1:]), state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
 def _load_structure(mod: nn.Module, rows: int, cols: int, state_dict, prefix: str) -> None:
     """Checks a checkpoint's structure and values for ``mod`` (rows x cols CSR) and resizes the
