@@ -96,3 +96,32 @@ def test_set_num_threads_errors(threads):
         sparsebp.set_num_threads("2")
     with pytest.raises(TypeError):
         sparsebp.set_num_threads(2.0)
+
+
+def test_forked_child_runs_kernels(threads):
+    """A child forked after the kernels ran threaded (on OpenMP or the own pool) must not hang and
+    must give the parent's result (it switches to the engine's own pool)."""
+    import os
+    import signal
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    sparsebp.set_num_threads(2)
+    rng = np.random.default_rng(3)
+    d = rng.standard_normal((512, 512)).astype(np.float32)
+    d[rng.random(d.shape) < 0.9] = 0
+    W = sparsebp.CSR.from_dense(d)
+    x = np.asfortranarray(rng.standard_normal((64, 512), dtype=np.float32))
+    y0 = ops.linear_forward(x, W, None)
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            signal.alarm(20)
+            y1 = ops.linear_forward(x, W, None)
+            os._exit(0 if np.array_equal(y0, y1) and _core.max_job_threads(True) >= 1 else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+    expect, scale = ref.linear_forward(x, W.indptr, W.indices, W.values, W.shape)
+    ref.assert_close(y0, expect, scale, 512)

@@ -1,6 +1,13 @@
-// The engine's thread pool: nthreads - 1 workers plus the calling thread, a static schedule, no
-// barriers inside a job. Workers spin briefly after each job (kernels come in quick succession
-// during training) and then sleep on a condition variable.
+// The engine's threads. Two back ends with the same static schedule (task t on thread t % n):
+//  - OpenMP (when built with it, the default): the process's OpenMP runtime. PyTorch's wheels load
+//    a libgomp.so.1, and ours then resolves to that same library, so torch's ops and ours run on
+//    one team of threads. With two separate pools, torch's workers keep spinning after each torch
+//    op while ours start, and on a machine with as many threads as cores the two fight: measured
+//    on 2 cores, our kernels ran no faster with 2 threads than with 1 inside a torch training step.
+//  - The engine's own pool: nthreads - 1 workers plus the calling thread, no barriers inside a job.
+//    Workers spin briefly after each job and then sleep on a condition variable. Used without
+//    OpenMP, and in a forked child of a process that had already started OpenMP threads (GNU
+//    OpenMP is not usable after fork there).
 #include "sparsebp/threading.h"
 
 #include <unistd.h>
@@ -12,11 +19,16 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <sched.h>
 #include <thread>
 #include <vector>
 
 #include "sparsebp/errors.h"
+
+#ifdef SPARSEBP_OPENMP
+#include <omp.h>
+#endif
 
 namespace sparsebp {
 namespace {
@@ -150,6 +162,42 @@ void set_num_threads(int n) {
   g_nthreads.store(n, std::memory_order_relaxed);
 }
 
+#ifdef SPARSEBP_OPENMP
+namespace {
+// Set in every forked child: its OpenMP runtime may still believe in the parent's threads (ours or
+// torch's), and GNU OpenMP can hang there, so a child uses the engine's own pool instead.
+std::atomic<bool> g_forked{false};
+const int g_atfork_registered = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+
+// Returns how many threads ran at least one task, or -1 when OpenMP must not be used here.
+int run_openmp(int want, int64_t ntasks, const std::function<void(int64_t)>& fn) {
+  (void)g_atfork_registered;
+  if (g_forked.load(std::memory_order_relaxed)) return -1;
+  if (omp_in_parallel()) return -1;  // called from inside someone's parallel region
+  std::atomic<int> participants{0};
+  std::mutex err_mu;
+  std::exception_ptr error;
+  const int team = static_cast<int>(std::min<int64_t>(want, ntasks));
+#pragma omp parallel num_threads(team)
+  {
+    const int tid = omp_get_thread_num();
+    const int n = omp_get_num_threads();
+    if (tid < ntasks) participants.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t t = tid; t < ntasks; t += n) {
+      try {
+        fn(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(err_mu);
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  return participants.load(std::memory_order_relaxed);
+}
+}  // namespace
+#endif
+
 void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn) {
   if (ntasks <= 0) return;
   const int want = get_num_threads();
@@ -161,6 +209,15 @@ void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn) {
     note_job_threads(1);
     return;
   }
+#ifdef SPARSEBP_OPENMP
+  {
+    const int ran = run_openmp(want, ntasks, fn);
+    if (ran >= 0) {
+      note_job_threads(ran);
+      return;
+    }
+  }
+#endif
   const pid_t pid = getpid();
   if (g_pool && g_pool_pid != pid) {
     // We are in a forked child: the parent's workers do not exist here. Abandon the object.
