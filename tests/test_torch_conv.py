@@ -145,3 +145,17 @@ def test_bad_arguments():
         m(torch.randn(2, 3, 2, 2))
     with pytest.raises(TypeError, match="x must be float32"):
         m(torch.ones(2, 3, 6, 6, dtype=torch.int32))
+
+
+def test_layers_sharing_a_padded_shape_keep_their_borders(isa):
+    """Padded scratch buffers are reused between calls; two layers whose padded input (or padded
+    output gradient) has the same shape but a different interior must not see each other's data."""
+    torch.manual_seed(11)
+    a = st.SparseConv2d(4, 4, 3, padding=1, sparsity=0.5)   # 28x28 input -> padded 30x30
+    b = st.SparseConv2d(4, 4, 5, padding=2, sparsity=0.5)   # 26x26 input -> padded 30x30
+    c = st.SparseConv2d(4, 4, 3, padding=0, sparsity=0.5)   # its input gradient pads 28 -> 30 too
+    xa, xb = torch.randn(3, 4, 28, 28), torch.randn(3, 4, 26, 26)
+    for _ in range(2):
+        for m, x in ((a, xa), (b, xb), (c, xb), (a, xa), (c, xa)):
+            m.zero_grad(set_to_none=True)  # check() compares one backward's gradients
+            check(m, st.batch_inner(x), f"{m} on {tuple(x.shape)}")

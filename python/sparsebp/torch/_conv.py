@@ -58,12 +58,15 @@ def _chwn(t: Tensor) -> Tensor:
 
 
 _scratch_local = threading.local()
-_SCRATCH_KEEP = 4
+# Kept per thread: every padded shape of a network (one per layer geometry, forward and backward)
+# up to this many bytes in all; the least recently used go first beyond it.
+_SCRATCH_BYTES = 512 << 20
 
 
 def _zero_bordered_scratch(tag: str, shape: tuple, dtype) -> Tensor:
     """A thread-local buffer of ``shape`` whose cells outside the interior an operator writes stay
-    zero between calls (it is zeroed once, when first made). Reused because allocating and zeroing
+    zero between calls (it is zeroed once, when first made). ``tag`` must identify that interior
+    (with the shape): two users writing different cells of the same shape need different tags. Reused because allocating and zeroing
     a fresh padded copy per call costs more than the copy itself (page faults)."""
     cache = getattr(_scratch_local, "buffers", None)
     if cache is None:
@@ -73,8 +76,10 @@ def _zero_bordered_scratch(tag: str, shape: tuple, dtype) -> Tensor:
     if buf is None:
         buf = torch.zeros(shape, dtype=dtype)
     cache[key] = buf  # most recently used last
-    while len(cache) > _SCRATCH_KEEP:
-        cache.pop(next(iter(cache)))
+    total = sum(b.numel() * b.element_size() for b in cache.values())
+    while total > _SCRATCH_BYTES and len(cache) > 1:
+        old = cache.pop(next(iter(cache)))
+        total -= old.numel() * old.element_size()
     return buf
 
 
@@ -84,7 +89,7 @@ def _padded_chwn(t: Tensor, ph: int, pw: int) -> Tensor:
     n, c, h, w = t.shape
     if ph == pw == 0:
         return _chwn(t)
-    out = _zero_bordered_scratch("x", (c, h + 2 * ph, w + 2 * pw, n), t.dtype)
+    out = _zero_bordered_scratch(f"x{ph},{pw}", (c, h + 2 * ph, w + 2 * pw, n), t.dtype)
     out[:, ph:ph + h, pw:pw + w, :] = t.permute(1, 2, 3, 0)
     return out
 
@@ -256,7 +261,7 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
     if input_grad:
         sh, sw = p.stride
         ah, aw = p.gz_origin
-        gz = _zero_bordered_scratch(f"g{sh},{sw}", (out_channels, p.hz, p.wz, n), g.dtype)
+        gz = _zero_bordered_scratch(f"g{sh},{sw},{ah},{aw},{p.oh},{p.ow}", (out_channels, p.hz, p.wz, n), g.dtype)
         gz[:, ah:ah + (p.oh - 1) * sh + 1:sh, aw:aw + (p.ow - 1) * sw + 1:sw, :] = g
         dx = x.new_empty((cin, h, w, n))
         if n > 0:
