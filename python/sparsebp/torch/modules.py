@@ -346,3 +346,20 @@ def _load_structure(mod: nn.Module, rows: int, cols: int, state_dict, prefix: st
         mod.indices = torch.empty(ix.numel(), dtype=torch.int32, device=mod.indices.device)
         mod.values = nn.Parameter(torch.empty(ix.numel(), dtype=mod.values.dtype, device=mod.values.device),
                                   requires_grad=mod.values.requires_grad)
+
+
+class BatchInner(nn.Module):
+    """Identity in value; stores its (N, C, H, W) output batch-innermost (see ``batch_inner``).
+
+    sparsebp's convolutions give their output in the layout of their input, and torch's
+    element-wise ops (ReLU, residual adds) keep it, so one ``BatchInner`` in front of the first
+    sparse convolution (e.g. after a dense stem) spares every later sparse layer a conversion.
+    Dense ``nn.Conv2d`` layers are slower on such inputs, so place it after the last dense one.
+    The gradient flows back through it unchanged (a copy to the incoming layout)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        from ._conv import batch_inner, is_batch_inner
+
+        if input.dim() != 4:
+            raise ValueError(f"BatchInner expects a 4-D (N, C, H, W) input; got shape {tuple(input.shape)}")
+        return input if is_batch_inner(input) else batch_inner(input)
