@@ -215,6 +215,65 @@ PYBIND11_MODULE(_core, m) {
       py::arg("indptr"), py::arg("offsets"), py::arg("g"), py::arg("x"), py::arg("dvalues"), py::arg("dbias"),
       py::arg("geometry"));
 
+  // Sparse gradients: C-contiguous 2-D float32 operands (the Python layer arranges that).
+  auto rowmajor = [](const py::array& a, const char* name, bool writable) {
+    check_float32(a, name);
+    if (a.ndim() != 2) throw sparsebp::ValueError(str_cat(name, " must be 2-D; got ", a.ndim(), "-D"));
+    if (writable && !a.writeable()) throw sparsebp::ValueError(str_cat(name, " must be writeable"));
+    if (a.shape(1) > 1 && a.strides(1) != 4) throw sparsebp::ValueError(str_cat(name, " must be C-contiguous"));
+    if (a.shape(0) > 1 && (a.strides(0) % 4 != 0 || a.strides(0) < 4 * a.shape(1)))
+      throw sparsebp::ValueError(str_cat(name, " has unsupported strides"));
+    const int64_t ld = a.shape(0) > 1 ? a.strides(0) / 4 : a.shape(1);
+    return std::make_tuple(static_cast<float*>(const_cast<void*>(a.data())), a.shape(0), a.shape(1), ld);
+  };
+  m.def(
+      "topk_rows",
+      [rowmajor](const py::array& g, int64_t k, const py::array& idx) {
+        auto [gp, rows, n, ld] = rowmajor(g, "g", false);
+        if (!py::array_t<int32_t>::check_(idx) || idx.ndim() != 2 || !idx.writeable() ||
+            idx.shape(0) != rows || idx.shape(1) != std::min<int64_t>(std::max<int64_t>(k, 0), n) ||
+            !(idx.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("idx must be a writeable C-contiguous int32 array of shape (rows, min(k, n))");
+        int32_t* ip = static_cast<int32_t*>(const_cast<void*>(idx.data()));
+        py::gil_scoped_release nogil;
+        sparsebp::topk_rows(gp, rows, n, ld, k, ip);
+      },
+      py::arg("g"), py::arg("k"), py::arg("idx"));
+  m.def(
+      "abs_colsum",
+      [rowmajor](const py::array& g, const py::array& out) {
+        auto [gp, rows, n, ld] = rowmajor(g, "g", false);
+        int64_t no = 0;
+        float* op = vector_of<float>(out, "out", true, &no);
+        if (no != n) throw sparsebp::ValueError(str_cat("out must have ", n, " entries; got ", no));
+        py::gil_scoped_release nogil;
+        sparsebp::abs_colsum(gp, rows, n, ld, op);
+      },
+      py::arg("g"), py::arg("out"));
+  m.def(
+      "spmm_rows",
+      [rowmajor](const py::array& indptr, const py::array& indices, const py::array& values, const py::array& d,
+                 const py::array& out) {
+        if (!py::array_t<int64_t>::check_(indptr) || indptr.ndim() != 1 || indptr.shape(0) < 1 ||
+            !(indptr.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("indptr must be a contiguous 1-D int64 array with at least 1 entry");
+        if (!py::array_t<int32_t>::check_(indices) || indices.ndim() != 1 ||
+            !(indices.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("indices must be a contiguous 1-D int32 array");
+        int64_t nv = 0;
+        const float* vp = vector_of<const float>(values, "values", false, &nv);
+        if (nv != indices.shape(0)) throw sparsebp::ValueError("values and indices differ in length");
+        auto [dp, drows, dcols, ldd] = rowmajor(d, "d", false);
+        auto [op, orows, ocols, ldo] = rowmajor(out, "out", true);
+        const int64_t rows = indptr.shape(0) - 1;
+        if (orows != rows || ocols != dcols)
+          throw sparsebp::ValueError(str_cat("out must have shape (", rows, ", ", dcols, "); got (", orows, ", ", ocols, ")"));
+        const int64_t* ip = static_cast<const int64_t*>(indptr.data());
+        const int32_t* ix = static_cast<const int32_t*>(indices.data());
+        py::gil_scoped_release nogil;
+        sparsebp::spmm_rows(ip, rows, ix, vp, nv, dp, drows, ldd, dcols, op, ldo);
+      },
+      py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("out"));
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);

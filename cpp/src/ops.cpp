@@ -367,4 +367,55 @@ void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
                                           geo.seg_outer, geo.seg_inner, geo.ncols});
 }
 
+// ---- Sparse gradients -----------------------------------------------------------------------------
+
+void topk_rows(const float* g, int64_t rows, int64_t n, int64_t ldg, int64_t k, int32_t* idx) {
+  SPARSEBP_CHECK_VALUE(k >= 0, "k must be >= 0; got ", k);
+  SPARSEBP_CHECK_VALUE(rows >= 0 && n >= 0 && ldg >= n, "bad shape for topk_rows");
+  SPARSEBP_CHECK_VALUE(n <= INT32_MAX, "topk_rows: rows longer than 2^31 - 1 are not supported; got ", n);
+  const int64_t kk = std::min(k, n);
+  if (rows == 0 || kk == 0) return;
+  if (kk == n) {  // every column, in order
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < n; ++j) idx[r * n + j] = static_cast<int32_t>(j);
+    return;
+  }
+  const KernelTable& t = active_table();
+  std::vector<uint8_t> nan_rows(static_cast<size_t>(rows), 0);
+  const kernels::TopkArgs a{g, ldg, n, kk, idx, nan_rows.data()};
+  const int64_t nt = threads_for(rows * n);
+  parallel_for(nt, [&](int64_t i) { t.topk_rows(a, rows * i / nt, rows * (i + 1) / nt); });
+  for (int64_t r = 0; r < rows; ++r)
+    SPARSEBP_CHECK_VALUE(!nan_rows[static_cast<size_t>(r)], "g holds NaN (row ", r, "); top-k is undefined there");
+}
+
+void abs_colsum(const float* g, int64_t rows, int64_t n, int64_t ldg, float* out) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && n >= 0 && ldg >= n, "bad shape for abs_colsum");
+  if (n == 0) return;
+  const KernelTable& t = active_table();
+  const kernels::AbsColsumArgs a{g, ldg, rows, out};
+  const int64_t chunks = (n + 63) / 64;
+  const int64_t nt = std::min(threads_for(rows * n), chunks);
+  parallel_for(nt, [&](int64_t i) {
+    const int64_t c0 = std::min(n, chunks * i / nt * 64), c1 = std::min(n, chunks * (i + 1) / nt * 64);
+    if (c0 < c1) t.abs_colsum(a, c0, c1);
+  });
+}
+
+void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
+               const float* d, int64_t d_rows, int64_t ldd, int64_t ncols, float* out, int64_t ldo) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && ncols >= 0 && ldd >= ncols && ldo >= ncols, "bad shape for spmm_rows");
+  SPARSEBP_CHECK_VALUE(indptr[0] == 0 && indptr[rows] == nnz, "indptr must start at 0 and end at nnz = ", nnz);
+  for (int64_t r = 0; r < rows; ++r)
+    SPARSEBP_CHECK_VALUE(indptr[r] <= indptr[r + 1], "indptr must be non-decreasing (row ", r, ")");
+  for (int64_t p = 0; p < nnz; ++p)
+    SPARSEBP_CHECK_VALUE(indices[p] >= 0 && indices[p] < d_rows, "indices[", p, "] = ", indices[p],
+                         " is outside the dense operand's ", d_rows, " rows");
+  if (rows == 0 || ncols == 0) return;
+  const KernelTable& t = active_table();
+  const kernels::SpmmRowsArgs a{indptr, indices, values, d, ldd, out, ldo, ncols};
+  const std::vector<int64_t> cut = balanced_rows(indptr, rows, threads_for((nnz + rows) * ncols));
+  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.spmm_rows(a, cut[i], cut[i + 1]); });
+}
+
 }  // namespace sparsebp

@@ -20,8 +20,10 @@ import numpy as np
 
 from . import _core
 from .csr import CSR, _values_array
+from .sparse_grad import MePropGrads, meprop_backward, selected_backward, topk, topk_columns  # noqa: F401
 
-__all__ = ["linear_forward", "linear_backward", "LinearGrads", "empty", "padded_ld"]
+__all__ = ["linear_forward", "linear_backward", "LinearGrads", "empty", "padded_ld",
+           "topk", "topk_columns", "meprop_backward", "selected_backward", "MePropGrads"]
 
 _F32 = np.dtype(np.float32)
 

@@ -59,4 +59,15 @@ void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
                   int64_t g_len, const float* x, int64_t x_len, float* dvalues, int64_t dvalues_len, float* dbias,
                   int64_t dbias_len, const GatherGeometry& geo);
 
+// ---- Sparse gradients (meProp): row-major operands, element (r, j) at data[r * ld + j] ----------
+// idx (rows x min(k, n), row-major) = per row, the min(k, n) columns of largest |g| (ties: lower
+// column first), in increasing order. k >= 0. A row holding NaN is a ValueError.
+void topk_rows(const float* g, int64_t rows, int64_t n, int64_t ldg, int64_t k, int32_t* idx);
+// out[j] = sum_r |g[r, j]| for j < n (rows summed in order).
+void abs_colsum(const float* g, int64_t rows, int64_t n, int64_t ldg, float* out);
+// out[r, :ncols] = sum_{p in row r} values[p] * d[indices[p], :ncols], r < rows (a CSR of `rows`
+// rows with nnz = indptr[rows] entries times a dense d of d_rows rows). Indices checked.
+void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
+               const float* d, int64_t d_rows, int64_t ldd, int64_t ncols, float* out, int64_t ldo);
+
 }  // namespace sparsebp

@@ -13,6 +13,9 @@ void sddmm(const SddmmArgs& a, int64_t row_begin, int64_t row_end);
 void transpose(const TransposeArgs& a, int64_t row_begin, int64_t row_end);
 void gather_forward(const GatherArgs& a, int64_t row_begin, int64_t row_end);
 void gather_sddmm(const GatherArgs& a, int64_t row_begin, int64_t row_end);
+void topk_rows(const TopkArgs& a, int64_t row_begin, int64_t row_end);
+void abs_colsum(const AbsColsumArgs& a, int64_t col_begin, int64_t col_end);
+void spmm_rows(const SpmmRowsArgs& a, int64_t row_begin, int64_t row_end);
 
 }  // namespace SPARSEBP_ISA_NS
 }  // namespace kernels

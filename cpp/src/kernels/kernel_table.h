@@ -108,6 +108,48 @@ struct TransposeArgs {
 };
 using TransposeFn = void (*)(const TransposeArgs&, int64_t row_begin, int64_t row_end);
 
+// ---- Sparse gradients (meProp) ----------------------------------------------------------------
+// Row-major operands: element (row r, column j) at data[r * ld + j].
+//
+// Top-k of each row by magnitude: for rows r in [row_begin, row_end) of src (n entries, stride
+// lds), idx[r * k .. r * k + k) = the k columns with the largest |src[r, j]|, ties broken by the
+// lower column, written in increasing column order. 0 < k < n (ops.cpp handles the rest).
+// nan_rows[r] = 1 when row r holds a NaN (the selection is then unspecified), else 0.
+struct TopkArgs {
+  const float* src;
+  int64_t lds;
+  int64_t n;
+  int64_t k;
+  int32_t* idx;
+  uint8_t* nan_rows;
+};
+using TopkFn = void (*)(const TopkArgs&, int64_t row_begin, int64_t row_end);
+
+// Column magnitude sums over all rows: out[j] = sum_{r < rows} |src[r, j]| (rows summed in
+// increasing order), for columns j in [col_begin, col_end).
+struct AbsColsumArgs {
+  const float* src;
+  int64_t lds;
+  int64_t rows;
+  float* out;
+};
+using AbsColsumFn = void (*)(const AbsColsumArgs&, int64_t col_begin, int64_t col_end);
+
+// Sparse rows times a dense row-major matrix:
+//   out[r, j] = sum_{p in [indptr[r], indptr[r+1])} values[p] * d[indices[p], j]   for j < ncols
+// entries summed in order p; overwrites rows [row_begin, row_end) of out (rows without entries: 0).
+struct SpmmRowsArgs {
+  const int64_t* indptr;
+  const int32_t* indices;
+  const float* values;
+  const float* d;
+  int64_t ldd;
+  float* out;
+  int64_t ldo;
+  int64_t ncols;
+};
+using SpmmRowsFn = void (*)(const SpmmRowsArgs&, int64_t row_begin, int64_t row_end);
+
 struct KernelTable {
   const char* name;
   // Batch columns one register tile of each kernel covers (ops.cpp sizes cache panels from them).
@@ -118,6 +160,9 @@ struct KernelTable {
   TransposeFn transpose;
   GatherFn gather_forward;
   GatherFn gather_sddmm;
+  TopkFn topk_rows;
+  AbsColsumFn abs_colsum;
+  SpmmRowsFn spmm_rows;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.

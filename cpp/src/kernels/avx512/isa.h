@@ -75,6 +75,9 @@ struct Simd {
   }
   // Lanes [0, n) active, n in [1, kLanes]; masked lanes are neither read nor written.
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static V abs(V v) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff))); }
+  // Bit i set where !(a[i] < b[i]): a >= b, or either is NaN.
+  static uint32_t not_less_mask(V a, V b) { return static_cast<uint32_t>(_mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ)); }
 #if defined(SPARSEBP_EMULATE_AVX512)
   // NOTE [ SIMDe masked memory ops ]
   // SIMDe 0.8 emulates _mm512_mask_storeu_ps as a full 16-lane store (zeros in masked lanes) and

@@ -1,0 +1,138 @@
+"""Sparse-gradient (meProp) benchmark: the backward of one linear layer whose output gradient is
+k-sparse, per-example and unified, against the dense backward (torch when installed, else NumPy),
+and top-k selection against torch.topk; interleaved in one process, medians.
+
+Contenders (one backward = input gradient + weight gradient + bias gradient)
+  dense            torch: G @ W, G.T @ X, G.sum(0) (NumPy's matmul without torch).
+  meprop-example   sparsebp.ops.meprop_backward(..., mode="example") (selection included).
+  meprop-unified   sparsebp.ops.meprop_backward(..., mode="unified") (selection included).
+Top-k: sparsebp.ops.topk(G, k) against torch.topk(G.abs(), k, dim=1, sorted=False).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List
+
+LAYERS = [500, 4096]
+BATCHES = [32, 100, 256]
+RATIOS = [0.01, 0.02, 0.04, 0.08]
+BAR = {"meprop-unified": 10.0, "meprop-example": 6.0, "topk": 2.0}  # at 4096^2, batch 256, k/out = 4%, 1 thread
+
+
+def run_case(n: int, batch: int, ratio: float, reps: int, have_torch: bool) -> List[dict]:
+    import numpy as np
+
+    import sparsebp
+    from sparsebp import ops
+    from sparsebp.bench.harness import interleaved_medians
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((batch, n)).astype(np.float32)
+    x = rng.standard_normal((batch, n)).astype(np.float32)
+    w = rng.standard_normal((n, n)).astype(np.float32)
+    k = max(1, int(round(ratio * n)))
+    contenders = {}
+    if have_torch:
+        import torch
+
+        tg, tx, tw = torch.from_numpy(g), torch.from_numpy(x), torch.from_numpy(w)
+        contenders["dense"] = lambda: (torch.mm(tg, tw), torch.mm(tg.t(), tx), tg.sum(0))
+        contenders["torch.topk"] = lambda: torch.topk(tg.abs(), k, dim=1, sorted=False)
+    else:
+        contenders["dense"] = lambda: (g @ w, g.T @ x, g.sum(0))
+    contenders["meprop-example"] = lambda: ops.meprop_backward(g, x, w, k, "example")
+    contenders["meprop-unified"] = lambda: ops.meprop_backward(g, x, w, k, "unified")
+    contenders["topk"] = lambda: ops.topk(g, k)
+    med = interleaved_medians(contenders, reps=reps, warmup=1)
+    rows = []
+    for name, t in med.items():
+        base = med["torch.topk"] if name in ("topk", "torch.topk") and have_torch else med["dense"]
+        if name == "topk" and not have_torch:
+            base = float("nan")
+        rows.append(dict(layer=f"{n}x{n}", batch=batch, k=k, ratio=ratio, threads=sparsebp.get_num_threads(),
+                         contender=name, time_ms=t * 1e3, speedup=base / t, isa=sparsebp.active_isa()))
+    return rows
+
+
+def worker(threads: int, quick: bool, reps: int) -> None:
+    import sparsebp
+
+    sparsebp.set_num_threads(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    from tqdm import tqdm
+
+    todo = ([(4096, 256, 0.04)] if quick else
+            [(n, b, r) for n in LAYERS for b in BATCHES for r in RATIOS])
+    for n, b, r in tqdm(todo, desc=f"sparse gradients, {threads} thread(s)", file=sys.stderr):
+        for row in run_case(n, b, r, reps, have_torch):
+            print("RESULT " + json.dumps(row), flush=True)
+
+
+def report(rows: List[dict]) -> str:
+    from sparsebp.bench.harness import machine_header
+
+    lines = ["# Sparse gradients (meProp): linear-layer backward, speed-up over the dense backward", ""]
+    lines += [f"- {h}" for h in machine_header()] + [""]
+    lines.append("Backward columns: speed-up over dense backward (dX, dW, db). topk: speed-up over "
+                 "torch.topk(|G|) (blank without torch).")
+    lines.append("")
+    lines.append("| layer | batch | k (k/out) | threads | dense ms | meprop-example | meprop-unified | topk | bar |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    keys = sorted({(r["layer"], r["batch"], r["k"], r["ratio"], r["threads"]) for r in rows},
+                  key=lambda t: (int(t[0].split("x")[0]), t[4], t[1], t[3]))
+    for key in keys:
+        sel = {r["contender"]: r for r in rows if (r["layer"], r["batch"], r["k"], r["ratio"], r["threads"]) == key}
+        cells = [f"{sel[c]['speedup']:.2f}x" if c in sel and sel[c]["speedup"] == sel[c]["speedup"] else "-"
+                 for c in ("meprop-example", "meprop-unified", "topk")]
+        verdict = "-"
+        if key[0] == "4096x4096" and key[1] == 256 and key[3] == 0.04 and key[4] == 1:
+            parts = []
+            for c, need in BAR.items():
+                if c in sel and sel[c]["speedup"] == sel[c]["speedup"]:
+                    parts.append(f"{c} {need:g}x {'met' if sel[c]['speedup'] >= need else 'MISSED'}")
+            verdict = "; ".join(parts)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} ({key[3]:.0%}) | {key[4]} | {sel['dense']['time_ms']:.2f} | "
+                     + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, reps: int | None = None) -> List[dict]:
+    threads = threads or ([1] if quick else [1, 2])
+    reps = reps or (5 if quick else 9)
+    from sparsebp.bench.harness import run_workers, write_csv
+
+    rows = run_workers("sparsebp.bench.sparse_grad", threads, reps, quick)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(os.path.join(out_dir, "sparse_grad.csv"), rows)
+    md = report(rows)
+    with open(os.path.join(out_dir, "sparse_grad.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m sparsebp.bench.sparse_grad")
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, nargs="+", default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default="bench-results")
+    a = ap.parse_args(argv)
+    if a.worker:
+        worker(a.threads[0], a.quick, a.reps)
+    else:
+        run(a.out, a.quick, a.threads, a.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+// Scalar sparse-gradient kernels: the executable specification (kernel_table.h). Baseline flags.
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/scalar/isa.h"
+#include "kernels/exports.h"
+#include "kernels/topk_select.h"
+
+namespace sparsebp {
+namespace kernels {
+namespace SPARSEBP_ISA_NS {
+
+void topk_rows(const TopkArgs& a, int64_t row_begin, int64_t row_end) {
+  std::vector<float> sample;
+  std::vector<Cand> cand;
+  auto filter = [](const float* row, int64_t n, float t, std::vector<Cand>& out) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = std::fabs(row[j]);
+      if (!(v < t)) out.push_back({v, static_cast<int32_t>(j)});
+    }
+  };
+  for (int64_t r = row_begin; r < row_end; ++r)
+    select_row(a.src + r * a.lds, a.n, a.k, a.idx + r * a.k, a.nan_rows + r, sample, cand, filter);
+}
+
+void abs_colsum(const AbsColsumArgs& a, int64_t col_begin, int64_t col_end) {
+  for (int64_t j = col_begin; j < col_end; ++j) a.out[j] = 0.0f;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* row = a.src + r * a.lds;
+    for (int64_t j = col_begin; j < col_end; ++j) a.out[j] += std::fabs(row[j]);
+  }
+}
+
+void spmm_rows(const SpmmRowsArgs& a, int64_t row_begin, int64_t row_end) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    float* o = a.out + r * a.ldo;
+    std::fill(o, o + a.ncols, 0.0f);
+    for (int64_t p = a.indptr[r]; p < a.indptr[r + 1]; ++p) {
+      const float v = a.values[p];
+      const float* d = a.d + static_cast<int64_t>(a.indices[p]) * a.ldd;
+      for (int64_t j = 0; j < a.ncols; ++j) o[j] = std::fma(v, d[j], o[j]);
+    }
+  }
+}
+
+}  // namespace SPARSEBP_ISA_NS
+}  // namespace kernels
+}  // namespace sparsebp

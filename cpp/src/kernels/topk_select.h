@@ -1,0 +1,73 @@
+// The selection logic of topk_rows, shared by every kernel set: each includes this after its isa.h
+// and passes its own candidate filter (scalar loop or SIMD compare). Contract: kernel_table.h.
+//
+// Per row: estimate a threshold t from an evenly strided sample (so that about 2k entries pass),
+// collect the candidates |v| >= t in one pass (the only pass over the whole row), and select the k
+// best among them (larger |v|, then lower column). Every entry outside the candidates is < t, below
+// every candidate, so the answer is exact; when fewer than k pass, all entries become candidates.
+// NaN is never "less than t", so a NaN always lands among the candidates and is reported.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <vector>
+
+namespace sparsebp {
+namespace kernels {
+namespace SPARSEBP_ISA_NS {
+namespace {
+
+struct Cand {
+  float v;
+  int32_t i;
+};
+
+inline bool better(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+
+constexpr int64_t kSample = 256;
+
+// filter(row, n, t, cand): appends {|row[j]|, j} for every j with !(|row[j]| < t), in order of j.
+template <class Filter>
+void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* nan_flag, std::vector<float>& sample,
+                std::vector<Cand>& cand, Filter filter) {
+  cand.clear();
+  bool filtered = false;
+  if (4 * k <= n) {
+    // Rows up to kSample long: the "sample" is the row and t is exactly the k-th largest |v|.
+    const int64_t s_len = std::min(n, kSample);
+    sample.resize(static_cast<size_t>(s_len));
+    for (int64_t s = 0; s < s_len; ++s) {
+      const float a = std::fabs(row[s_len == n ? s : (s * n) / s_len]);
+      sample[s] = std::isnan(a) ? std::numeric_limits<float>::infinity() : a;
+    }
+    // Rank in the sample: k itself when it is the row, else about twice k's share (so that ~2k pass).
+    const int64_t r = s_len == n ? k : std::min<int64_t>(s_len, (2 * k * s_len + n - 1) / n + 2);
+    std::nth_element(sample.begin(), sample.begin() + (r - 1), sample.end(), std::greater<float>());
+    const float t = sample[r - 1];
+    filter(row, n, t, cand);
+    filtered = static_cast<int64_t>(cand.size()) >= k;
+  }
+  if (!filtered) {
+    cand.clear();
+    filter(row, n, 0.0f, cand);  // |v| < 0 never holds: every entry
+  }
+  uint8_t has_nan = 0;
+  for (Cand& c : cand) {
+    if (std::isnan(c.v)) {
+      has_nan = 1;
+      c.v = std::numeric_limits<float>::infinity();  // keep the ordering strict-weak; result unspecified
+    }
+  }
+  *nan_flag = has_nan;
+  if (static_cast<int64_t>(cand.size()) > k)
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
+  for (int64_t q = 0; q < k; ++q) out[q] = cand[q].i;
+  std::sort(out, out + k);
+}
+
+}  // namespace
+}  // namespace SPARSEBP_ISA_NS
+}  // namespace kernels
+}  // namespace sparsebp

@@ -1,0 +1,150 @@
+"""Sparse gradients (meProp): top-k selection and the backward products of a linear layer whose
+output gradient is k-sparse. Re-exported by ``sparsebp.ops``; the math is in
+``design/ALGORITHMS.md`` section 2.
+
+Operands are float32 NumPy arrays of shape (batch, features), any order (C-ordered ones are used as
+they are, others copied once). The tie rule of every selection: larger |g| first, then the lower
+index; returned indices are sorted increasingly.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["topk", "topk_columns", "meprop_backward", "selected_backward", "MePropGrads"]
+
+_F32 = np.dtype(np.float32)
+
+
+def _check_k(k, name: str = "k") -> int:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"{name} must be >= 0; got {k}")
+    return int(k)
+
+
+def _rows_f32(a, name: str, cols: Optional[int] = None, rows: Optional[int] = None) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; got {type(a).__name__}")
+    if a.dtype != _F32:
+        raise TypeError(f"{name} must be float32; got {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (batch, features); got shape {a.shape}")
+    if cols is not None and a.shape[1] != cols:
+        raise ValueError(f"{name} must have {cols} columns; got shape {a.shape}")
+    if rows is not None and a.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows; got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def topk(g: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``g`` (batch, n): the ``min(k, n)`` columns of largest |g|, as an int32 array of
+    shape (batch, min(k, n)), each row sorted increasingly. A NaN in ``g`` is a ValueError."""
+    k = _check_k(k)
+    g = _rows_f32(g, "g")
+    idx = np.empty((g.shape[0], min(k, g.shape[1])), dtype=np.int32)
+    _core.topk_rows(g, k, idx)
+    return idx
+
+
+def topk_columns(g: np.ndarray, k: int) -> np.ndarray:
+    """Unified selection: the ``min(k, n)`` columns j of ``g`` (batch, n) with the largest
+    ``sum_b |g[b, j]|``, as a sorted int32 array (one set for the whole batch)."""
+    k = _check_k(k)
+    g = _rows_f32(g, "g")
+    scores = np.empty((1, g.shape[1]), dtype=np.float32)
+    _core.abs_colsum(g, scores.reshape(-1))
+    idx = np.empty((1, min(k, g.shape[1])), dtype=np.int32)
+    _core.topk_rows(scores, k, idx)
+    return idx[0]
+
+
+class MePropGrads(NamedTuple):
+    input: Optional[np.ndarray]   # (batch, in)
+    weight: Optional[np.ndarray]  # (out, in), zero outside the rows any example selected
+    bias: Optional[np.ndarray]    # (out,), from the full output gradient
+    selected: np.ndarray          # example mode: (batch, k) per-row columns; unified: (k,) columns
+
+
+def _csr_of_rows(idx: np.ndarray, vals: np.ndarray):
+    b, k = idx.shape
+    return np.arange(b + 1, dtype=np.int64) * k, idx.reshape(-1), vals.reshape(-1)
+
+
+def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, k: int, mode: str = "example", *,
+                    input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True) -> MePropGrads:
+    """Backward of ``y = x @ weight.T + b`` (weight dense, (out, in)) with the output gradient
+    sparsified to ``k`` entries:
+
+    - ``mode="example"`` (meProp as published): each row of ``grad_output`` keeps its own top-k;
+      ``dx = Ĝ W`` and ``dW = Ĝᵀ x`` touch only the selected rows of W (cost ∝ batch · k · in).
+    - ``mode="unified"``: one set T of k columns for the batch (largest ``sum_b |G[b, j]|``);
+      ``dx = G[:, T] W[T]``, ``dW[T] = G[:, T]ᵀ x`` as dense products on the compacted rows.
+
+    ``k >= out`` is exactly dense backprop. The bias gradient uses the full ``grad_output``.
+    """
+    if mode not in ("example", "unified"):
+        raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
+    k = _check_k(k)
+    g = _rows_f32(grad_output, "grad_output")
+    sel = topk(g, k) if mode == "example" else topk_columns(g, k)
+    return selected_backward(g, x, weight, sel, mode, input_grad=input_grad, weight_grad=weight_grad,
+                             bias_grad=bias_grad)
+
+
+def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, selected: np.ndarray, mode: str, *,
+                      input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True,
+                      bias_from: Optional[np.ndarray] = None) -> MePropGrads:
+    """``meprop_backward`` with the selection given: ``selected`` is (batch, k) per-row columns
+    (``mode="example"``) or (k,) columns (``"unified"``), sorted; entries of ``grad_output``
+    outside it count as zero. ``bias_from``: the gradient the bias gradient sums (default
+    ``grad_output``)."""
+    if mode not in ("example", "unified"):
+        raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
+    w = _rows_f32(weight, "weight")
+    out_f, in_f = w.shape
+    g = _rows_f32(grad_output, "grad_output", cols=out_f)
+    bsz = g.shape[0]
+    xx = _rows_f32(x, "x", cols=in_f, rows=bsz) if weight_grad else None
+    sel = np.ascontiguousarray(selected, dtype=np.int32)
+    if mode == "example" and (sel.ndim != 2 or sel.shape[0] != bsz):
+        raise ValueError(f"selected must have shape ({bsz}, k) in mode 'example'; got {sel.shape}")
+    if mode == "unified" and sel.ndim != 1:
+        raise ValueError(f"selected must be 1-D in mode 'unified'; got shape {sel.shape}")
+    if sel.size and (sel.min() < 0 or sel.max() >= out_f):
+        raise ValueError(f"selected holds columns outside [0, {out_f})")
+    src = g if bias_from is None else bias_from
+    db = src.sum(axis=0, dtype=np.float64).astype(np.float32) if bias_grad else None
+    dx = dw = None
+    if sel.shape[-1] == out_f:  # every column selected: exactly dense backprop, the same products
+        if input_grad:
+            dx = g @ w
+        if weight_grad:
+            dw = g.T @ xx
+    elif mode == "example":
+        kk = sel.shape[1]
+        vals = np.ascontiguousarray(np.take_along_axis(g, sel.astype(np.int64), axis=1))
+        if input_grad:
+            dx = np.empty((bsz, in_f), dtype=np.float32)
+            _core.spmm_rows(*_csr_of_rows(sel, vals), w, dx)
+        if weight_grad:
+            flat = sel.reshape(-1)
+            order = np.argsort(flat, kind="stable")  # by output row, examples in order within a row
+            counts = np.bincount(flat, minlength=out_f)
+            indptr = np.zeros(out_f + 1, dtype=np.int64)
+            np.cumsum(counts, out=indptr[1:])
+            rows_b = (order // max(kk, 1)).astype(np.int32)
+            dw = np.empty((out_f, in_f), dtype=np.float32)
+            _core.spmm_rows(indptr, rows_b, np.ascontiguousarray(vals.reshape(-1)[order]), xx, dw)
+    else:
+        gc = g[:, sel]
+        if input_grad:
+            dx = gc @ w[sel]
+        if weight_grad:
+            dw = np.zeros((out_f, in_f), dtype=np.float32)
+            dw[sel] = gc.T @ xx
+    return MePropGrads(dx, dw, db, sel)

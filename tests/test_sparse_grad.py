@@ -1,0 +1,165 @@
+"""Sparse gradients (meProp): top-k selection and the backward products, on every ISA, against
+independent references (numpy sorting with the tie rule spelled out; float64 products)."""
+import numpy as np
+import pytest
+
+from sparsebp import _core, ops
+
+import reference as ref
+
+
+def topk_ref(g, k):
+    """Per row: order by (-|g|, column) with numpy's lexsort, keep k, sort the columns."""
+    g = np.asarray(g, dtype=np.float64)
+    n = g.shape[1]
+    cols = np.arange(n)
+    out = []
+    for row in g:
+        order = np.lexsort((cols, -np.abs(row)))  # last key primary: larger |g|, then lower index
+        out.append(np.sort(order[:min(k, n)]))
+    return np.array(out, dtype=np.int64).reshape(g.shape[0], min(k, n))
+
+
+SIZES = [1, 7, 33, 517, 1000, 4096]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_topk_heavy_ties(isa, n):
+    rng = np.random.default_rng(n)
+    g = rng.integers(-3, 4, size=(9, n)).astype(np.float32)  # |g| in {0..3}: ties everywhere, +-0
+    g[0] = 0.0
+    g[1] = -0.0
+    for k in sorted({0, 1, 2, n // 8, n // 2, n - 1, n, n + 5}):
+        np.testing.assert_array_equal(ops.topk(g, k), topk_ref(g, k), err_msg=f"n={n} k={k}")
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_topk_continuous_values_and_strided_input(isa, n):
+    rng = np.random.default_rng(100 + n)
+    big = rng.standard_normal((12, n + 3)).astype(np.float32)
+    g = big[:, 2:2 + n]  # not contiguous: copied by the wrapper, never modified
+    before = g.copy()
+    for k in sorted({1, max(1, n // 50), max(1, n // 4), n - 1}):
+        np.testing.assert_array_equal(ops.topk(g, k), topk_ref(g, k), err_msg=f"n={n} k={k}")
+    np.testing.assert_array_equal(g, before)
+
+
+def test_topk_adversarial_sample(isa):
+    """The threshold estimate comes from a strided sample: rows whose sampled entries are all
+    huge (or all tiny) must still give the exact answer."""
+    n = 4096
+    g = np.zeros((3, n), np.float32)
+    g[0, ::16] = 100.0   # every sampled position large, the true top-k among them and beyond
+    g[0, 5] = 1000.0
+    g[1, 1::16] = 5.0    # the large entries sit between sample points
+    g[2] = np.linspace(-1, 1, n, dtype=np.float32)
+    for k in (1, 10, 200, 300, 1000):
+        np.testing.assert_array_equal(ops.topk(g, k), topk_ref(g, k), err_msg=f"k={k}")
+
+
+def test_topk_nan_and_bad_arguments(isa):
+    g = np.ones((2, 600), np.float32)
+    g[1, 300] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ops.topk(g, 3)
+    with pytest.raises(TypeError, match="k must be an int"):
+        ops.topk(np.ones((2, 5), np.float32), 2.0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        ops.topk(np.ones((2, 5), np.float32), True)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        ops.topk(np.ones((2, 5), np.float32), -1)
+    with pytest.raises(TypeError, match="float32"):
+        ops.topk(np.ones((2, 5)), 2)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.topk(np.ones(5, np.float32), 2)
+
+
+@pytest.mark.parametrize("n", [5, 64, 517, 4096])
+def test_topk_columns(isa, n):
+    rng = np.random.default_rng(7 + n)
+    g = rng.integers(-4, 5, size=(33, n)).astype(np.float32)  # integer sums: exact in float32
+    scores = np.abs(g.astype(np.float64)).sum(axis=0, keepdims=True)
+    for k in sorted({0, 1, 3, n // 3, n - 1, n, n + 1}):
+        np.testing.assert_array_equal(ops.topk_columns(g, k), topk_ref(scores, k)[0], err_msg=f"k={k}")
+
+
+def _problem(rng, batch, out_f, in_f):
+    g = rng.standard_normal((batch, out_f)).astype(np.float32)
+    x = rng.standard_normal((batch, in_f)).astype(np.float32)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    return g, x, w
+
+
+def _masked_ref(g, x, w, mask):
+    gh = np.where(mask, g.astype(np.float64), 0.0)
+    dx = gh @ w.astype(np.float64)
+    dw = gh.T @ x.astype(np.float64)
+    sdx = np.abs(gh) @ np.abs(w.astype(np.float64))
+    sdw = np.abs(gh).T @ np.abs(x.astype(np.float64))
+    return dx, dw, sdx, sdw
+
+
+@pytest.mark.parametrize("batch,out_f,in_f", [(1, 10, 3), (17, 100, 37), (64, 500, 784), (5, 3, 300)])
+@pytest.mark.parametrize("mode", ["example", "unified"])
+def test_meprop_backward_against_float64(isa, batch, out_f, in_f, mode):
+    rng = np.random.default_rng(batch * 1000 + out_f)
+    g, x, w = _problem(rng, batch, out_f, in_f)
+    for k in sorted({0, 1, max(1, out_f // 25), out_f - 1}):
+        res = ops.meprop_backward(g, x, w, k, mode)
+        mask = np.zeros(g.shape, bool)
+        if mode == "example":
+            sel = topk_ref(g, k)
+            np.testing.assert_array_equal(res.selected, sel)
+            np.put_along_axis(mask, sel, True, axis=1)
+        else:
+            sel = topk_ref(np.abs(g.astype(np.float64)).sum(0, keepdims=True), k)[0]
+            np.testing.assert_array_equal(res.selected, sel)
+            mask[:, sel] = True
+        dx, dw, sdx, sdw = _masked_ref(g, x, w, mask)
+        ref.assert_close(res.input, dx, sdx, out_f, f"{mode} k={k} dx")
+        ref.assert_close(res.weight, dw, sdw, batch, f"{mode} k={k} dW")
+        ref.assert_close(res.bias, g.astype(np.float64).sum(0), np.abs(g.astype(np.float64)).sum(0), batch, "db")
+        touched = np.flatnonzero(np.abs(res.weight).sum(1))
+        assert set(touched) <= set(np.unique(res.selected)), "dW has rows no example selected"
+        if mode == "unified" and k < out_f:
+            assert len(touched) == k, "unified mode must give exactly k nonzero rows of dW"
+
+
+@pytest.mark.parametrize("mode", ["example", "unified"])
+def test_meprop_k_at_least_out_is_dense(isa, mode):
+    rng = np.random.default_rng(5)
+    g, x, w = _problem(rng, 19, 40, 23)
+    for k in (40, 41, 1000):
+        res = ops.meprop_backward(g, x, w, k, mode)
+        dx, dw, sdx, sdw = _masked_ref(g, x, w, np.ones(g.shape, bool))
+        ref.assert_close(res.input, dx, sdx, 40, "dx")
+        ref.assert_close(res.weight, dw, sdw, 19, "dW")
+        np.testing.assert_array_equal(res.input, g @ w)  # exactly dense backprop
+        np.testing.assert_array_equal(res.weight, g.T @ x)
+        np.testing.assert_array_equal(res.bias, g.sum(0, dtype=np.float64).astype(np.float32))
+
+
+def test_meprop_flags_and_bad_arguments():
+    rng = np.random.default_rng(1)
+    g, x, w = _problem(rng, 4, 6, 5)
+    res = ops.meprop_backward(g, x, w, 2, input_grad=False, weight_grad=False, bias_grad=False)
+    assert res.input is None and res.weight is None and res.bias is None
+    with pytest.raises(ValueError, match="mode"):
+        ops.meprop_backward(g, x, w, 2, "rows")
+    with pytest.raises(ValueError, match="grad_output must have 6 columns"):
+        ops.meprop_backward(g[:, :5], x, w, 2)
+    with pytest.raises(ValueError, match="x must have 4 rows"):
+        ops.meprop_backward(g, x[:3], w, 2)
+    with pytest.raises(TypeError, match="weight must be float32"):
+        ops.meprop_backward(g, x, w.astype(np.float64), 2)
+    with pytest.raises(TypeError, match="k must be an int"):
+        ops.meprop_backward(g, x, w, 0.5)
+
+
+def test_spmm_rows_checks_indices():
+    d = np.ones((3, 4), np.float32)
+    out = np.empty((1, 4), np.float32)
+    with pytest.raises(ValueError, match="outside"):
+        _core.spmm_rows(np.array([0, 1], np.int64), np.array([3], np.int32), np.ones(1, np.float32), d, out)
+    with pytest.raises(ValueError, match="indptr"):
+        _core.spmm_rows(np.array([0, 2], np.int64), np.array([0], np.int32), np.ones(1, np.float32), d, out)
