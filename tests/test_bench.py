@@ -61,3 +61,32 @@ def test_conv_bench_case_and_report_smoke(threads):
     assert all(r["time_ms"] > 0 for r in rows)
     md = conv.report(rows)
     assert "| 3x3 4->6 7x7 | 3 |" in md and ("met" in md or "MISSED" in md)
+
+
+def test_sparse_grad_bench_case_and_report_smoke(threads):
+    import sparsebp
+    from sparsebp.bench import sparse_grad
+
+    sparsebp.set_num_threads(1)
+    rows = sparse_grad.run_case(500, 32, 0.04, reps=1, have_torch=HAVE_TORCH)
+    names = {r["contender"] for r in rows}
+    assert {"dense", "meprop-example", "meprop-unified", "topk"} <= names
+    assert all(r["time_ms"] > 0 for r in rows)
+    md = sparse_grad.report(rows)
+    assert "| 500x500 | 32 | 20 (4%) | 1 |" in md
+
+
+def test_train_step_bench_case_and_report_smoke(threads):
+    pytest.importorskip("torch")
+    import sparsebp
+    from sparsebp.bench import train_step
+
+    sparsebp.set_num_threads(1)
+    old = train_step.BATCH
+    train_step.BATCH = 4
+    try:
+        rows = train_step.run_case(0.95, reps=1, have_sp=False)
+    finally:
+        train_step.BATCH = old
+    assert {r["contender"] for r in rows} == {"dense", "sparsebp"}
+    assert "0.95" in train_step.report(rows)

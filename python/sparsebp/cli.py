@@ -44,6 +44,11 @@ def _bench(args) -> int:
     if args.what in ("all", "linear"):
         linear.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
         print(f"wrote {args.out}/linear.csv, linear.md, linear.png")
+    if args.what in ("all", "sparse-grad"):
+        from sparsebp.bench import sparse_grad
+
+        sparse_grad.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
+        print(f"wrote {args.out}/sparse_grad.csv, sparse_grad.md")
     if args.what in ("all", "conv"):
         if not have_torch:
             print("conv benchmark skipped: it needs PyTorch (sparsebp.torch.SparseConv2d)")
@@ -52,7 +57,41 @@ def _bench(args) -> int:
 
             conv.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
             print(f"wrote {args.out}/conv.csv, conv.md")
+    if args.what in ("all", "train"):
+        if not have_torch:
+            print("training-step benchmark skipped: it needs PyTorch (the example CNN is a torch model)")
+        else:
+            from sparsebp.bench import train_step
+
+            train_step.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
+            print(f"wrote {args.out}/train_step.csv, train_step.md")
     return 0
+
+
+def _demo(args) -> int:
+    from sparsebp import demo
+
+    if args.threads is not None:
+        import sparsebp
+
+        sparsebp.set_num_threads(args.threads)
+    demo.run(epochs=args.epochs, batch=args.batch, k=args.k, sparsity=args.sparsity, alpha=args.alpha,
+             out=args.out, quick=args.quick, with_torch=False if args.no_torch else None)
+    return 0
+
+
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int; got {v}")
+    return n
+
+
+def _fraction(v: str) -> float:
+    f = float(v)
+    if not 0.0 <= f < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1); got {v}")
+    return f
 
 
 def main(argv=None) -> int:
@@ -61,13 +100,25 @@ def main(argv=None) -> int:
     pi = sub.add_parser("info", help="version, ISA chosen and available, threads, build flags")
     pi.add_argument("--json", action="store_true", help="print build_info() as JSON")
     pi.set_defaults(fn=_info)
+    pd = sub.add_parser("demo", help="train the meProp MLP on the bundled MNIST digits: dense vs sparse gradients "
+                                      "vs sparse weights (NumPy; no torch needed)")
+    pd.add_argument("--epochs", type=_positive, default=5, help="epochs per model (default 5)")
+    pd.add_argument("--batch", type=_positive, default=32, help="mini-batch size (default 32)")
+    pd.add_argument("--k", type=_positive, default=20, help="top-k of each hidden layer's gradient (default 20)")
+    pd.add_argument("--sparsity", type=_fraction, default=0.9, help="weight sparsity of the sparse model (default 0.9)")
+    pd.add_argument("--alpha", type=float, default=0.8, help="MSBP memory ratio (default 0.8)")
+    pd.add_argument("--threads", type=_positive, default=None, help="sparsebp kernel threads (default: all cores)")
+    pd.add_argument("--quick", action="store_true", help="2,000 training digits (a smoke run)")
+    pd.add_argument("--no-torch", action="store_true", help="leave out the dense torch reference run")
+    pd.add_argument("--out", default="demo-results", help="folder for demo.csv and demo.png (default demo-results)")
+    pd.set_defaults(fn=_demo)
     pb = sub.add_parser("bench", help="benchmark the kernels against dense torch, torch.sparse and SparseProp")
     pb.add_argument("--quick", action="store_true", help="a few cases, 1 thread (about a minute)")
     pb.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 2)")
     pb.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 7; quick: 3)")
     pb.add_argument("--out", default="bench-results", help="folder for CSV, markdown and PNG (default bench-results)")
-    pb.add_argument("--what", choices=["all", "linear", "conv"], default="all",
-                    help="which benchmark (default all; conv needs torch)")
+    pb.add_argument("--what", choices=["all", "linear", "sparse-grad", "conv", "train"], default="all",
+                    help="which benchmark (default all; conv and train, the example CNN's training step, need torch)")
     pb.set_defaults(fn=_bench)
     args = p.parse_args(argv)
     return args.fn(args)

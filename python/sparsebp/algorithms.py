@@ -1,0 +1,182 @@
+"""Sparse-gradient policies, written once and used by the NumPy layers (``sparsebp.nn``) and the
+torch layers (``sparsebp.torch``). The math is in ``design/ALGORITHMS.md`` sections 2-4.
+
+- ``MeProp(k=... | ratio=..., mode="example" | "unified")``: keep the top-k of the output gradient
+  (per example, or one set of k columns for the batch).
+- ``MSBP(k=... | ratio=..., alpha=...)``: MSBP-style memory (our reading of the paper, see the docs):
+  ``u = G + M``; ``Ĝ = unified top-k of u``; ``M = alpha * (u - Ĝ)``. ``alpha = 0`` is unified
+  meProp, bit for bit.
+- ``MeSimp(k=... | ratio=..., p=0.1)``: per-example meProp that counts, per output unit, how many
+  examples selected it; ``prune_mask()`` gives the units to keep (selected by at least
+  ``floor(p * seen)`` examples since the last prune). The layers apply the removal
+  (``sparsebp.nn.Linear.remove_units``).
+
+Every policy is an object with per-layer state: give each layer its own (``policy.clone()``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .sparse_grad import _check_k, topk, topk_columns
+
+__all__ = ["MeProp", "MSBP", "MeSimp", "SparseGrad", "Selection"]
+
+
+class Selection:
+    """What a policy chose for one backward: the gradient to propagate and which entries it keeps.
+
+    ``mode``: "example" (``cols`` is (batch, k): per-row columns) or "unified" (``cols`` is (k,)).
+    ``grad``: the (batch, out) gradient whose selected entries are propagated (G itself, or G plus
+    memory for MSBP); entries outside the selection count as zero.
+    """
+
+    __slots__ = ("mode", "cols", "grad")
+
+    def __init__(self, mode: str, cols: np.ndarray, grad: np.ndarray):
+        self.mode, self.cols, self.grad = mode, cols, grad
+
+    def dense(self) -> np.ndarray:
+        """Ĝ as a dense array (zeros outside the selection); for tests and small layers."""
+        out = np.zeros_like(self.grad)
+        if self.mode == "example":
+            np.put_along_axis(out, self.cols.astype(np.int64),
+                              np.take_along_axis(self.grad, self.cols.astype(np.int64), axis=1), axis=1)
+        else:
+            out[:, self.cols] = self.grad[:, self.cols]
+        return out
+
+
+class SparseGrad:
+    """Base of the policies: k given directly or as a ratio of the layer's outputs."""
+
+    mode = "example"
+
+    def __init__(self, k: Optional[int] = None, ratio: Optional[float] = None):
+        if (k is None) == (ratio is None):
+            raise ValueError("give exactly one of k (an int >= 0) and ratio (a number in (0, 1])")
+        if k is not None:
+            k = _check_k(k)
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)):
+                raise TypeError(f"ratio must be a number; got {type(ratio).__name__}")
+            if not (0.0 < float(ratio) <= 1.0):
+                raise ValueError(f"ratio must lie in (0, 1]; got {ratio}")
+            ratio = float(ratio)
+        self.k, self.ratio = k, ratio
+
+    def k_for(self, out_features: int) -> int:
+        """k for a layer with ``out_features`` outputs (a ratio rounds, at least 1)."""
+        if self.k is not None:
+            return self.k
+        return max(1, int(round(self.ratio * out_features)))
+
+    def clone(self) -> "SparseGrad":
+        """A fresh policy with the same settings and no state (one per layer)."""
+        raise NotImplementedError
+
+    def select(self, g: np.ndarray) -> Selection:
+        raise NotImplementedError
+
+    def _desc(self) -> str:
+        return f"k={self.k}" if self.k is not None else f"ratio={self.ratio}"
+
+
+class MeProp(SparseGrad):
+    """meProp: top-k of the output gradient, per example (``mode="example"``, as published) or one
+    set for the batch (``mode="unified"``)."""
+
+    def __init__(self, k: Optional[int] = None, ratio: Optional[float] = None, mode: str = "example"):
+        super().__init__(k, ratio)
+        if mode not in ("example", "unified"):
+            raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
+        self.mode = mode
+
+    def clone(self) -> "MeProp":
+        return MeProp(self.k, self.ratio, self.mode)
+
+    def select(self, g: np.ndarray) -> Selection:
+        k = self.k_for(g.shape[1])
+        cols = topk(g, k) if self.mode == "example" else topk_columns(g, k)
+        return Selection(self.mode, cols, g)
+
+    def __repr__(self) -> str:
+        return f"MeProp({self._desc()}, mode={self.mode!r})"
+
+
+class MSBP(SparseGrad):
+    """MSBP-style memory of the dropped gradient (unified selection). The memory has the shape of
+    the gradient, (batch, out); it restarts at zero when the batch size changes (e.g. a short last
+    batch) and on ``reset()``."""
+
+    mode = "unified"
+
+    def __init__(self, k: Optional[int] = None, ratio: Optional[float] = None, alpha: float = 0.8):
+        super().__init__(k, ratio)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
+            raise TypeError(f"alpha must be a number; got {type(alpha).__name__}")
+        if not (0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
+        self.alpha = float(alpha)
+        self.memory: Optional[np.ndarray] = None
+
+    def clone(self) -> "MSBP":
+        return MSBP(self.k, self.ratio, self.alpha)
+
+    def reset(self) -> None:
+        self.memory = None
+
+    def select(self, g: np.ndarray) -> Selection:
+        k = self.k_for(g.shape[1])
+        if self.alpha == 0.0:
+            return Selection("unified", topk_columns(g, k), g)  # exactly unified meProp
+        u = g if self.memory is None or self.memory.shape != g.shape else g + self.memory
+        cols = topk_columns(u, k)
+        rest = u.copy()
+        rest[:, cols] = 0.0
+        rest *= np.float32(self.alpha)
+        self.memory = rest
+        return Selection("unified", cols, u)
+
+    def __repr__(self) -> str:
+        return f"MSBP({self._desc()}, alpha={self.alpha})"
+
+
+class MeSimp(MeProp):
+    """meSimp: per-example meProp plus activeness counters. ``hits[j]``: examples whose top-k held
+    unit j since the last prune; ``seen``: examples since then. ``prune_mask()`` returns the units
+    to keep (``hits >= floor(p * seen)``) and resets the counters; the layer removes the others."""
+
+    def __init__(self, k: Optional[int] = None, ratio: Optional[float] = None, p: float = 0.1):
+        super().__init__(k, ratio, "example")
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)):
+            raise TypeError(f"p must be a number; got {type(p).__name__}")
+        if not (0.0 <= float(p) <= 1.0):
+            raise ValueError(f"p must lie in [0, 1]; got {p}")
+        self.p = float(p)
+        self.hits: Optional[np.ndarray] = None
+        self.seen = 0
+
+    def clone(self) -> "MeSimp":
+        return MeSimp(self.k, self.ratio, self.p)
+
+    def select(self, g: np.ndarray) -> Selection:
+        sel = super().select(g)
+        if self.hits is None or self.hits.shape[0] != g.shape[1]:
+            self.hits = np.zeros(g.shape[1], dtype=np.int64)
+        self.hits += np.bincount(sel.cols.reshape(-1), minlength=g.shape[1])
+        self.seen += g.shape[0]
+        return sel
+
+    def prune_mask(self) -> np.ndarray:
+        """Boolean (out,) mask of the units to keep; resets the counters. Before any backward, all."""
+        if self.hits is None:
+            raise ValueError("no backward pass has been counted since the last prune")
+        keep = self.hits >= int(np.floor(self.p * self.seen))
+        self.hits = None
+        self.seen = 0
+        return keep
+
+    def __repr__(self) -> str:
+        return f"MeSimp({self._desc()}, p={self.p})"

@@ -1,0 +1,170 @@
+"""``sparsebp demo``: the meProp paper's MLP (784-500-500-10, Adam) on the bundled MNIST digits,
+trained densely and with sparse gradients / sparse weights, with the NumPy path (no torch needed).
+Prints a table of test accuracy and time per epoch and writes a PNG of the learning curves."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import algorithms as alg
+from . import nn
+from .datasets import load_mnist
+
+HIDDEN = 500
+
+
+def build(kind: str, k: int, sparsity: float, alpha: float, seed: int) -> nn.Sequential:
+    rng = np.random.default_rng(seed)
+    if kind == "dense":
+        return nn.Sequential(nn.Linear(784, HIDDEN, rng=rng), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN, rng=rng), nn.ReLU(),
+                             nn.Linear(HIDDEN, 10, rng=rng))
+    if kind == "meprop":
+        pol = alg.MeProp(k=k, mode="example")
+    elif kind == "meprop-unified":
+        pol = alg.MeProp(k=k, mode="unified")
+    elif kind == "msbp":
+        pol = alg.MSBP(k=k, alpha=alpha)
+    elif kind == "sparse+meprop":
+        pol = alg.MeProp(k=k, mode="example")
+        return nn.Sequential(nn.SparseLinear(784, HIDDEN, sparsity, grad=pol, rng=rng), nn.ReLU(),
+                             nn.SparseLinear(HIDDEN, HIDDEN, sparsity, grad=pol, rng=rng), nn.ReLU(),
+                             nn.Linear(HIDDEN, 10, rng=rng))
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    # Hidden layers take the policy; the output layer stays dense (as in the authors' code).
+    return nn.Sequential(nn.Linear(784, HIDDEN, grad=pol, rng=rng), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN, grad=pol, rng=rng),
+                         nn.ReLU(), nn.Linear(HIDDEN, 10, rng=rng))
+
+
+def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress) -> List[dict]:
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(784, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
+                                torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    tX, ty, tXt, tyt = map(torch.from_numpy, (X, y, Xt, yt))
+    rng = np.random.default_rng(seed)
+    steps = len(X) // batch
+    hist = []
+    for e in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(X)))
+        tf = tb = tu = 0.0
+        losses = []
+        for s in tqdm(range(steps), desc=f"dense torch epoch {e + 1}/{epochs}", leave=False, disable=not progress):
+            idx = order[s * batch:(s + 1) * batch]
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(tX[idx]), ty[idx])
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+            tf, tb, tu = tf + t1 - t0, tb + t2 - t1, tu + t3 - t2
+            losses.append(float(loss.detach()))
+        with torch.no_grad():
+            acc = float((model(tXt).argmax(1) == tyt).double().mean())
+        hist.append(dict(epoch=e + 1, loss=float(np.mean(losses)), forward_s=tf, backward_s=tb, update_s=tu,
+                         total_s=tf + tb + tu, test_acc=acc))
+    return hist
+
+
+def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, alpha: float = 0.8, lr: float = 1e-3,
+        seed: int = 0, out: Optional[str] = "demo-results", quick: bool = False, progress: bool = True,
+        with_torch: Optional[bool] = None) -> Dict[str, List[dict]]:
+    X, y = load_mnist("train")
+    Xt, yt = load_mnist("test")
+    if quick:
+        X, y, Xt, yt = X[:2000], y[:2000], Xt[:500], yt[:500]
+    print(f"MNIST (bundled with sparsebp; LeCun, Cortes and Burges): {len(X)} training, {len(Xt)} test digits. "
+          f"MLP 784-{HIDDEN}-{HIDDEN}-10, Adam lr {lr}, batch {batch}, {epochs} epoch(s).")
+    runs = [("dense (NumPy)", "dense"), (f"meProp k={k}", "meprop"), (f"meProp k={k} unified", "meprop-unified"),
+            (f"MSBP k={k}, alpha={alpha}", "msbp"),
+            (f"sparse {sparsity:.0%} + meProp k={k}", "sparse+meprop")]
+    results: Dict[str, List[dict]] = {}
+    for name, kind in runs:
+        model = build(kind, k, sparsity, alpha, seed)
+        opt = nn.Adam(model.params(), lr=lr)
+        results[name] = nn.fit(model, opt, X, y, epochs=epochs, batch=batch, X_test=Xt, y_test=yt, seed=seed,
+                               desc=name, progress=progress)
+        last = results[name][-1]
+        print(f"  {name:32s} test accuracy {last['test_acc']:.4f}, {np.median([h['total_s'] for h in results[name]]):.2f} s/epoch")
+    if with_torch is None:
+        try:
+            import torch  # noqa: F401
+
+            with_torch = True
+        except ImportError:
+            with_torch = False
+    if with_torch:
+        results["dense (torch)"] = _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress)
+        last = results["dense (torch)"][-1]
+        print(f"  {'dense (torch)':32s} test accuracy {last['test_acc']:.4f}, "
+              f"{np.median([h['total_s'] for h in results['dense (torch)']]):.2f} s/epoch")
+    print()
+    print(table(results))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        _write_csv(os.path.join(out, "demo.csv"), results)
+        png = _plot(os.path.join(out, "demo.png"), results)
+        print(f"wrote {out}/demo.csv" + (f" and {png}" if png else " (matplotlib not installed: no PNG)"))
+    return results
+
+
+def table(results: Dict[str, List[dict]]) -> str:
+    base = results["dense (NumPy)"]
+    med = lambda h, key: float(np.median([r[key] for r in h]))  # noqa: E731
+    dense_total = med(base, "total_s")
+    dense_acc = base[-1]["test_acc"]
+    lines = ["| model | test acc. | vs dense (points) | forward s/epoch | backward s/epoch | update s/epoch | "
+             "total s/epoch | speed-up (total) | speed-up (backward) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, h in results.items():
+        lines.append(f"| {name} | {h[-1]['test_acc']:.4f} | {100 * (h[-1]['test_acc'] - dense_acc):+.2f} | "
+                     f"{med(h, 'forward_s'):.2f} | {med(h, 'backward_s'):.2f} | {med(h, 'update_s'):.2f} | "
+                     f"{med(h, 'total_s'):.2f} | {dense_total / med(h, 'total_s'):.2f}x | "
+                     f"{med(base, 'backward_s') / med(h, 'backward_s'):.2f}x |")
+    lines.append("")
+    lines.append("Speed-ups are over the dense NumPy path (the same code with dense gradients); medians over epochs.")
+    return "\n".join(lines)
+
+
+def _write_csv(path: str, results: Dict[str, List[dict]]) -> None:
+    import csv
+
+    keys = ["model", "epoch", "loss", "test_acc", "forward_s", "backward_s", "update_s", "total_s"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for name, h in results.items():
+            for r in h:
+                w.writerow({"model": name, **{k: r[k] for k in keys[1:]}})
+
+
+def _plot(path: str, results: Dict[str, List[dict]]) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, h in results.items():
+        ep = [r["epoch"] for r in h]
+        ax[0].plot(ep, [r["loss"] for r in h], marker="o", label=name)
+        ax[1].plot(ep, [100 * r["test_acc"] for r in h], marker="o", label=name)
+    ax[0].set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax[1].set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy (2,000 held-out digits)")
+    for a in ax:
+        a.grid(alpha=0.3)
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,455 @@
+"""A small NumPy training path (no torch): dense and sparse-weight linear layers, each optionally
+with a sparse-gradient policy (``sparsebp.algorithms``), ReLU, softmax cross-entropy, Adam and SGD,
+and a training loop with a progress bar.
+
+Arrays are float32, (batch, features), C-ordered. A layer's ``forward`` keeps what its
+``backward`` needs; ``backward(grad)`` stores parameter gradients in ``Param.grad`` and returns the
+input gradient.
+
+Sparse gradients and the optimizers: a layer whose backward touched only some rows of its weight
+(meProp) says so in ``Param.rows``; ``Adam`` and ``SGD`` then update only those rows (lazily, as
+``torch.optim.SparseAdam`` does), so the update costs what the gradient holds. Dense layers are
+updated everywhere.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from . import ops
+from .algorithms import MeSimp, SparseGrad
+from .csr import CSR
+from .sparse_grad import selected_backward
+
+__all__ = ["Param", "Linear", "SparseLinear", "ReLU", "Sequential", "softmax_cross_entropy", "Adam", "SGD", "fit",
+           "evaluate"]
+
+_F32 = np.float32
+
+
+class Param:
+    """A parameter: ``data``, its gradient ``grad`` (None before a backward) and ``rows``: the rows
+    of a 2-D gradient that may be nonzero (None: all)."""
+
+    __slots__ = ("name", "data", "grad", "rows")
+
+    def __init__(self, name: str, data: np.ndarray):
+        self.name, self.data, self.grad, self.rows = name, data, None, None
+
+    def __repr__(self) -> str:
+        return f"Param({self.name}, shape={self.data.shape})"
+
+
+def _as_input(x, features: int, name: str = "x") -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; got {type(x).__name__}")
+    if x.dtype != _F32:
+        raise TypeError(f"{name} must be float32; got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != features:
+        raise ValueError(f"{name} must have shape (batch, {features}); got {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _check_policy(grad) -> Optional[SparseGrad]:
+    if grad is not None and not isinstance(grad, SparseGrad):
+        raise TypeError(f"grad must be a sparsebp.algorithms policy (MeProp, MSBP, MeSimp) or None; "
+                        f"got {type(grad).__name__}")
+    return None if grad is None else grad.clone()
+
+
+class Linear:
+    """``y = x @ W.T + b`` with a dense ``W`` (out, in); ``grad=`` a sparse-gradient policy
+    (cloned: each layer keeps its own state)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, grad: Optional[SparseGrad] = None,
+                 rng: Optional[np.random.Generator] = None):
+        for v, nm in ((in_features, "in_features"), (out_features, "out_features")):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{nm} must be a positive int; got {v!r}")
+        rng = rng if rng is not None else np.random.default_rng()
+        bound = 1.0 / np.sqrt(in_features)
+        self.weight = Param("weight", rng.uniform(-bound, bound, (out_features, in_features)).astype(_F32))
+        self.bias = Param("bias", rng.uniform(-bound, bound, out_features).astype(_F32)) if bias else None
+        self.policy = _check_policy(grad)
+        self._x = None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.data.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.data.shape[0]
+
+    def params(self) -> List[Param]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_input(x, self.in_features)
+        self._x = x
+        y = x @ self.weight.data.T
+        if self.bias is not None:
+            y += self.bias.data
+        return y
+
+    def backward(self, g: np.ndarray, input_grad: bool = True) -> Optional[np.ndarray]:
+        if self._x is None:
+            raise RuntimeError("backward called before forward")
+        g = _as_input(g, self.out_features, "grad")
+        w, x = self.weight.data, self._x
+        if self.policy is None:
+            self.weight.grad, self.weight.rows = g.T @ x, None
+            if self.bias is not None:
+                self.bias.grad = g.sum(axis=0)
+            return g @ w if input_grad else None
+        sel = self.policy.select(g)
+        res = selected_backward(sel.grad, x, w, sel.cols, sel.mode, input_grad=input_grad,
+                                bias_grad=self.bias is not None, bias_from=g)
+        self.weight.grad = res.weight
+        self.weight.rows = np.unique(sel.cols)
+        if self.bias is not None:
+            self.bias.grad = res.bias
+        return res.input
+
+    def remove_units(self, keep: np.ndarray) -> None:
+        """Remove the output units where ``keep`` is False (rows of W and b) for good."""
+        self.weight.data = np.ascontiguousarray(self.weight.data[keep])
+        if self.bias is not None:
+            self.bias.data = np.ascontiguousarray(self.bias.data[keep])
+        for p in self.params():
+            p.grad, p.rows = None, None
+
+    def remove_inputs(self, keep: np.ndarray) -> None:
+        """Remove the input features where ``keep`` is False (columns of W)."""
+        self.weight.data = np.ascontiguousarray(self.weight.data[:, keep])
+        self.weight.grad, self.weight.rows = None, None
+
+    def __repr__(self) -> str:
+        return f"Linear({self.in_features}, {self.out_features}, grad={self.policy!r})"
+
+
+class SparseLinear:
+    """``y = x @ W.T + b`` with ``W`` a fixed-mask CSR (sparsebp kernels; the gradient only at the
+    stored entries), optionally with a sparse-gradient policy: then the backward runs on the rows of
+    W the selection touched (unified: the k selected rows; per example: the union of the rows any
+    example selected, with the unselected entries of G zero)."""
+
+    def __init__(self, in_features: int, out_features: int, sparsity: float, bias: bool = True, *,
+                 grad: Optional[SparseGrad] = None, rng: Optional[np.random.Generator] = None):
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1); got {sparsity!r}")
+        dense = Linear(in_features, out_features, bias, rng=rng)
+        rng = rng if rng is not None else np.random.default_rng()
+        keep = max(1, int(round((1.0 - sparsity) * in_features)))
+        mask = np.zeros((out_features, in_features), dtype=bool)
+        for r in range(out_features):  # the same number of inputs per output unit
+            mask[r, rng.choice(in_features, keep, replace=False)] = True
+        bound = 1.0 / np.sqrt(keep)
+        w = rng.uniform(-bound, bound, (out_features, in_features)).astype(_F32)
+        self.csr = CSR.from_dense(np.where(mask, w, 0).astype(_F32), mask=mask)
+        self.values = Param("values", self.csr.values)
+        self.bias = dense.bias
+        self.policy = _check_policy(grad)
+        self._x = None
+
+    @property
+    def in_features(self) -> int:
+        return self.csr.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.csr.shape[0]
+
+    def params(self) -> List[Param]:
+        return [self.values] + ([self.bias] if self.bias is not None else [])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_input(x, self.in_features)
+        self._x = x
+        return ops.linear_forward(x, self.csr, None if self.bias is None else self.bias.data,
+                                  values=self.values.data)
+
+    def backward(self, g: np.ndarray, input_grad: bool = True) -> Optional[np.ndarray]:
+        if self._x is None:
+            raise RuntimeError("backward called before forward")
+        g = _as_input(g, self.out_features, "grad")
+        w = self.csr.with_values(self.values.data)
+        if self.policy is None:
+            r = ops.linear_backward(g, self._x, w, input_grad=input_grad, bias_grad=self.bias is not None)
+            self.values.grad, self.values.rows = r.grad_values, None
+            if self.bias is not None:
+                self.bias.grad = r.grad_bias
+            return r.grad_input
+        sel = self.policy.select(g)
+        rows = np.unique(sel.cols).astype(np.int64)
+        gs = sel.dense()[:, rows] if sel.mode == "example" else sel.grad[:, rows]
+        sub, pos = _row_subset(w, rows)
+        r = ops.linear_backward(np.ascontiguousarray(gs), self._x, sub, input_grad=input_grad, bias_grad=False)
+        dv = np.zeros_like(self.values.data)
+        dv[pos] = r.grad_values
+        self.values.grad, self.values.rows = dv, pos  # only the selected rows' entries move
+        if self.bias is not None:
+            self.bias.grad = g.sum(axis=0)
+        return r.grad_input
+
+    def __repr__(self) -> str:
+        return (f"SparseLinear({self.in_features}, {self.out_features}, density={self.csr.density:.3f}, "
+                f"grad={self.policy!r})")
+
+
+def _row_subset(w: CSR, rows: np.ndarray):
+    """The CSR of the given rows of w (in that order) and the positions of its entries in w."""
+    starts, ends = w.indptr[rows], w.indptr[rows + 1]
+    lens = ends - starts
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    pos = np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1], dtype=np.int64)
+    sub = CSR(indptr, w.indices[pos], np.ascontiguousarray(w.values[pos]), (len(rows), w.shape[1]))
+    return sub, pos
+
+
+class ReLU:
+    def __init__(self):
+        self._mask = None
+
+    def params(self) -> List[Param]:
+        return []
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._mask = x > 0
+        return np.where(self._mask, x, _F32(0))
+
+    def backward(self, g: np.ndarray, input_grad: bool = True) -> np.ndarray:
+        if self._mask is None:
+            raise RuntimeError("backward called before forward")
+        return np.where(self._mask, g, _F32(0))
+
+    def __repr__(self) -> str:
+        return "ReLU()"
+
+
+class Sequential:
+    """Layers applied in order; ``backward(grad)`` runs them in reverse (the first layer computes no
+    input gradient)."""
+
+    def __init__(self, *layers):
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        self.layers = list(layers)
+
+    def params(self) -> List[Param]:
+        return [p for layer in self.layers for p in layer.params()]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, g: np.ndarray) -> None:
+        for i in range(len(self.layers) - 1, -1, -1):
+            g = self.layers[i].backward(g, input_grad=i > 0)
+
+    def simplify(self, optimizer=None) -> List[int]:
+        """meSimp: for every ``Linear`` with a ``MeSimp`` policy followed (after element-wise layers)
+        by a ``Linear``, remove the units its counters found inactive, from both layers and from the
+        optimizer state. Returns the new widths of the simplified layers."""
+        widths = []
+        for i, layer in enumerate(self.layers):
+            if not (isinstance(layer, Linear) and isinstance(layer.policy, MeSimp) and layer.policy.hits is not None):
+                continue
+            nxt = next((m for m in self.layers[i + 1:] if isinstance(m, (Linear, SparseLinear))), None)
+            if not isinstance(nxt, Linear):
+                raise ValueError(f"layer {i} can shrink only when the next weight layer is a dense Linear")
+            keep = layer.policy.prune_mask()
+            if not keep.any():
+                keep[np.argmax(layer.weight.data.any(axis=1))] = True  # never remove every unit
+            if optimizer is not None:
+                optimizer.select(layer.weight, keep, axis=0)
+                if layer.bias is not None:
+                    optimizer.select(layer.bias, keep, axis=0)
+                optimizer.select(nxt.weight, keep, axis=1)
+            layer.remove_units(keep)
+            nxt.remove_inputs(keep)
+            widths.append(int(keep.sum()))
+        return widths
+
+    def __repr__(self) -> str:
+        return "Sequential(\n" + "\n".join(f"  {layer!r}" for layer in self.layers) + "\n)"
+
+
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray):
+    """Mean cross-entropy of softmax(logits) against integer labels, and its gradient."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (batch, classes); got shape {logits.shape}")
+    labels = np.asarray(labels)
+    if labels.shape != (logits.shape[0],) or labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers of shape ({logits.shape[0]},); got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    n = logits.shape[0]
+    loss = float(np.mean(np.log(s[:, 0]) - z[np.arange(n), labels]))
+    grad = e / s
+    grad[np.arange(n), labels] -= 1.0
+    return loss, (grad / n).astype(_F32)
+
+
+class _Optimizer:
+    def __init__(self, params: Iterable[Param], lr: float):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("the optimizer got no parameters")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr must be a positive number; got {lr!r}")
+        self.lr = float(lr)
+        self.state = {}
+
+    def select(self, p: Param, keep: np.ndarray, axis: int) -> None:
+        """Follow a parameter that lost rows (axis 0) or columns (axis 1)."""
+        st = self.state.get(id(p))
+        if st:
+            for k, v in st.items():
+                if isinstance(v, np.ndarray) and v.ndim > axis:
+                    st[k] = np.ascontiguousarray(np.compress(keep, v, axis=axis))
+
+
+class Adam(_Optimizer):
+    """Adam (Kingma and Ba). Parameters whose gradient lists ``rows`` are updated only there."""
+
+    def __init__(self, params: Iterable[Param], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, lr)
+        self.b1, self.b2 = float(betas[0]), float(betas[1])
+        self.eps = float(eps)
+        self.t = 0
+
+    def step(self) -> None:
+        self.t += 1
+        c1 = 1.0 - self.b1 ** self.t
+        c2 = 1.0 - self.b2 ** self.t
+        for p in self.params:
+            if p.grad is None:
+                continue
+            st = self.state.setdefault(id(p), {})
+            if "m" not in st or st["m"].shape != p.data.shape:
+                st["m"] = np.zeros_like(p.data)
+                st["v"] = np.zeros_like(p.data)
+            m, v = st["m"], st["v"]
+            rows = p.rows
+            if rows is not None and 2 * len(rows) <= p.data.shape[0]:
+                # Few rows: update them alone (gather, update, scatter).
+                g = p.grad[rows]
+                mr = self.b1 * m[rows] + (1 - self.b1) * g
+                vr = self.b2 * v[rows] + (1 - self.b2) * (g * g)
+                m[rows], v[rows] = mr, vr
+                p.data[rows] -= (self.lr / c1) * mr / (np.sqrt(vr / c2) + self.eps)
+                continue
+            # Dense update in place; with `rows` (most of them), the untouched rest is put back after.
+            keep = None
+            if rows is not None:
+                rest = np.ones(p.data.shape[0], dtype=bool)
+                rest[rows] = False
+                keep = (rest, p.data[rest], m[rest], v[rest])
+            g = p.grad
+            tmp = st.get("tmp")
+            if tmp is None or tmp.shape != p.data.shape:
+                tmp = st["tmp"] = np.empty_like(p.data)
+            m *= self.b1
+            np.multiply(g, 1 - self.b1, out=tmp)
+            m += tmp
+            v *= self.b2
+            np.multiply(g, g, out=tmp)
+            tmp *= 1 - self.b2
+            v += tmp
+            np.multiply(v, 1.0 / c2, out=tmp)
+            np.sqrt(tmp, out=tmp)
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp)
+            tmp *= self.lr / c1
+            p.data -= tmp
+            if keep is not None:
+                rest, d0, m0, v0 = keep
+                p.data[rest], m[rest], v[rest] = d0, m0, v0
+
+
+class SGD(_Optimizer):
+    """SGD with optional momentum. Parameters whose gradient lists ``rows`` are updated only there."""
+
+    def __init__(self, params: Iterable[Param], lr: float = 0.01, momentum: float = 0.0):
+        super().__init__(params, lr)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}")
+        self.momentum = float(momentum)
+
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            r = slice(None) if p.rows is None else p.rows
+            g = p.grad[r]
+            if self.momentum:
+                st = self.state.setdefault(id(p), {})
+                if "buf" not in st or st["buf"].shape != p.data.shape:
+                    st["buf"] = np.zeros_like(p.data)
+                b = self.momentum * st["buf"][r] + g
+                st["buf"][r] = b
+                g = b
+            p.data[r] -= self.lr * g
+
+
+def evaluate(model: Sequential, X: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
+    """Accuracy of argmax(model(X)) against y."""
+    correct = 0
+    for i in range(0, len(X), batch):
+        correct += int((model.forward(X[i:i + batch]).argmax(axis=1) == y[i:i + batch]).sum())
+    return correct / max(len(X), 1)
+
+
+def fit(model: Sequential, optimizer, X: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch: int = 32,
+        X_test: Optional[np.ndarray] = None, y_test: Optional[np.ndarray] = None, seed: int = 0,
+        desc: str = "train", progress: bool = True, on_chunk=None, chunks: int = 8) -> List[dict]:
+    """Mini-batch training with softmax cross-entropy and a tqdm progress bar. Returns one dict per
+    epoch: loss, test accuracy (when test data is given) and seconds spent in forward, backward
+    and update. ``on_chunk(epoch, chunk)``, if given, runs after each of ``chunks`` equal parts of
+    an epoch (meSimp's schedule)."""
+    from tqdm import tqdm
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0; got {epochs!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int; got {batch!r}")
+    if len(X) != len(y):
+        raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
+    rng = np.random.default_rng(seed)
+    steps = len(X) // batch
+    history = []
+    for e in range(epochs):
+        order = rng.permutation(len(X))
+        tf = tb = tu = 0.0
+        losses = []
+        bounds = set(int(steps * (c + 1) / chunks) for c in range(chunks))
+        bar = tqdm(range(steps), desc=f"{desc} epoch {e + 1}/{epochs}", leave=False, disable=not progress)
+        for s in bar:
+            idx = order[s * batch:(s + 1) * batch]
+            xb, yb = X[idx], y[idx]
+            t0 = time.perf_counter()
+            logits = model.forward(xb)
+            loss, g = softmax_cross_entropy(logits, yb)
+            t1 = time.perf_counter()
+            model.backward(g)
+            t2 = time.perf_counter()
+            optimizer.step()
+            t3 = time.perf_counter()
+            tf, tb, tu = tf + t1 - t0, tb + t2 - t1, tu + t3 - t2
+            losses.append(loss)
+            if on_chunk is not None and (s + 1) in bounds:
+                on_chunk(e, sorted(bounds).index(s + 1))
+        rec = dict(epoch=e + 1, loss=float(np.mean(losses)) if losses else float("nan"), forward_s=tf,
+                   backward_s=tb, update_s=tu, total_s=tf + tb + tu)
+        if X_test is not None:
+            rec["test_acc"] = evaluate(model, X_test, y_test)
+        history.append(rec)
+    return history

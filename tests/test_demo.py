@@ -1,0 +1,28 @@
+"""The main job, `sparsebp demo`, on a small slice (a smoke run: it trains, reports, writes files),
+and its argument checks."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from sparsebp import demo
+
+
+def test_demo_quick_run(tmp_path):
+    res = demo.run(epochs=1, batch=64, out=str(tmp_path), quick=True, progress=False, with_torch=False)
+    assert list(res)[0] == "dense (NumPy)" and len(res) == 5
+    for name, hist in res.items():
+        assert len(hist) == 1 and 0.0 <= hist[0]["test_acc"] <= 1.0 and hist[0]["total_s"] > 0, name
+    assert res["dense (NumPy)"][0]["test_acc"] > 0.5  # it learns (chance is 0.1)
+    assert (tmp_path / "demo.csv").exists()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "demo.png").stat().st_size > 1000
+    table = demo.table(res)
+    assert "| dense (NumPy) |" in table and "speed-up" in table
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--sparsity", "1.0"], ["--k", "-3"]])
+def test_demo_rejects_bad_arguments(args):
+    proc = subprocess.run([sys.executable, "-m", "sparsebp.cli", "demo", *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and "error" in proc.stderr

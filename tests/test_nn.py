@@ -1,0 +1,226 @@
+"""The NumPy training path and the sparse-gradient policies, against float64 NumPy references."""
+import numpy as np
+import pytest
+
+from sparsebp import algorithms as alg
+from sparsebp import nn
+
+import reference as ref
+
+
+def _mlp(policy=None, seed=0, widths=(12, 9, 7, 4)):
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        last = i == len(widths) - 2
+        layers.append(nn.Linear(widths[i], widths[i + 1], grad=None if last else policy, rng=rng))
+        if not last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _forward64(model, x):
+    """The model's function in float64, from its parameters (independent of nn.forward)."""
+    h = x.astype(np.float64)
+    for layer in model.layers:
+        if isinstance(layer, nn.Linear):
+            h = h @ layer.weight.data.astype(np.float64).T
+            if layer.bias is not None:
+                h = h + layer.bias.data
+        else:
+            h = np.maximum(h, 0)
+    return h
+
+
+def test_dense_gradients_against_float64():
+    model = _mlp()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 12)).astype(np.float32)
+    y = rng.integers(0, 4, 5)
+    logits = model.forward(x)
+    np.testing.assert_allclose(logits, _forward64(model, x), rtol=1e-5, atol=1e-5)
+    loss, g = nn.softmax_cross_entropy(logits, y)
+    model.backward(g)
+    # Finite differences in float64 on a few weights of each layer.
+    for layer in [m for m in model.layers if isinstance(m, nn.Linear)]:
+        w = layer.weight
+        for (i, j) in [(0, 0), (w.data.shape[0] - 1, w.data.shape[1] - 1), (1, 2)]:
+            def lossf(delta):
+                old = w.data[i, j]
+                w.data[i, j] = old + delta
+                z = _forward64(model, x)
+                w.data[i, j] = old
+                z = z - z.max(1, keepdims=True)
+                return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(5), y]))
+            h = 1e-3
+            fd = (lossf(h) - lossf(-h)) / (2 * h)
+            assert abs(fd - w.grad[i, j]) < 2e-3 * max(1, abs(fd)), (i, j, fd, w.grad[i, j])
+
+
+def test_meprop_layer_matches_masked_reference():
+    """One hidden layer with per-example meProp: dW and dx equal the float64 products with the
+    gradient masked to each row's top-k (selected by numpy's sort)."""
+    rng = np.random.default_rng(2)
+    layer = nn.Linear(30, 40, grad=alg.MeProp(k=5), rng=rng)
+    x = rng.standard_normal((6, 30)).astype(np.float32)
+    g = rng.standard_normal((6, 40)).astype(np.float32)
+    layer.forward(x)
+    dx = layer.backward(g)
+    order = np.argsort(-np.abs(g), axis=1, kind="stable")[:, :5]
+    gh = np.zeros_like(g, dtype=np.float64)
+    np.put_along_axis(gh, order, np.take_along_axis(g, order, 1), 1)
+    w64 = layer.weight.data.astype(np.float64)
+    ref.assert_close(dx, gh @ w64, np.abs(gh) @ np.abs(w64), 40, "dx")
+    ref.assert_close(layer.weight.grad, gh.T @ x, np.abs(gh).T @ np.abs(x), 6, "dW")
+    ref.assert_close(layer.bias.grad, g.astype(np.float64).sum(0), np.abs(g).sum(0), 6, "db (full G)")
+    np.testing.assert_array_equal(layer.weight.rows, np.unique(order))
+
+
+def test_msbp_alpha_zero_is_unified_meprop_bit_for_bit():
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((64, 12)).astype(np.float32)
+    y = rng.integers(0, 4, 64)
+    a = _mlp(alg.MSBP(k=3, alpha=0.0), seed=5)
+    b = _mlp(alg.MeProp(k=3, mode="unified"), seed=5)
+    for m in (a, b):
+        nn.fit(m, nn.Adam(m.params(), lr=1e-2), X, y, epochs=3, batch=8, progress=False)
+    for pa, pb in zip(a.params(), b.params()):
+        np.testing.assert_array_equal(pa.data, pb.data)
+
+
+def test_msbp_memory_is_the_dropped_part():
+    pol = alg.MSBP(k=2, alpha=0.5)
+    g1 = np.array([[3.0, -1.0, 0.5, 2.0], [1.0, 0.25, -4.0, 0.0]], np.float32)
+    s1 = pol.select(g1)
+    np.testing.assert_array_equal(s1.cols, [0, 2])  # column sums of |g|: 4, 1.25, 4.5, 2
+    np.testing.assert_array_equal(pol.memory, 0.5 * np.array([[0, -1, 0, 2], [0, 0.25, 0, 0]], np.float32))
+    g2 = np.zeros_like(g1)
+    s2 = pol.select(g2)  # only the memory remains: its largest columns are selected now
+    np.testing.assert_array_equal(s2.cols, [1, 3])
+    np.testing.assert_array_equal(s2.grad, 0.5 * np.array([[0, -1, 0, 2], [0, 0.25, 0, 0]], np.float32))
+    pol.select(np.ones((3, 4), np.float32))  # a new batch size restarts the memory
+    assert pol.memory.shape == (3, 4)
+
+
+def test_sparse_weights_with_meprop_against_masked_reference():
+    rng = np.random.default_rng(4)
+    for mode in ("example", "unified"):
+        layer = nn.SparseLinear(20, 16, 0.75, grad=alg.MeProp(k=3, mode=mode), rng=rng)
+        x = rng.standard_normal((5, 20)).astype(np.float32)
+        g = rng.standard_normal((5, 16)).astype(np.float32)
+        y = layer.forward(x)
+        wd = layer.csr.to_dense().astype(np.float64)
+        np.testing.assert_allclose(y, x @ wd.T + layer.bias.data, rtol=1e-5, atol=1e-5)
+        dx = layer.backward(g)
+        gh = np.zeros_like(g, dtype=np.float64)
+        if mode == "example":
+            order = np.argsort(-np.abs(g), axis=1, kind="stable")[:, :3]
+            np.put_along_axis(gh, order, np.take_along_axis(g, order, 1), 1)
+        else:
+            cols = np.argsort(-np.abs(g).sum(0), kind="stable")[:3]
+            gh[:, cols] = g[:, cols]
+        ref.assert_close(dx, gh @ wd, np.abs(gh) @ np.abs(wd), 16, f"{mode} dx")
+        dw = gh.T @ x
+        rows = np.repeat(np.arange(16), np.diff(layer.csr.indptr))
+        expect = dw[rows, layer.csr.indices]
+        ref.assert_close(layer.values.grad, expect, (np.abs(gh).T @ np.abs(x))[rows, layer.csr.indices], 5,
+                         f"{mode} dvalues")
+
+
+def test_mesimp_shrunk_network_computes_the_masked_function():
+    """After simplify(), the smaller network equals the original with the removed units masked
+    to zero (their outgoing weights zeroed), on any input; the optimizer state follows."""
+    rng = np.random.default_rng(6)
+    model = _mlp(alg.MeSimp(k=2, p=0.1), seed=7, widths=(10, 16, 12, 3))
+    X = rng.standard_normal((40, 10)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    opt = nn.Adam(model.params(), lr=1e-2)
+    nn.fit(model, opt, X, y, epochs=1, batch=8, progress=False)
+    hidden = [m for m in model.layers if isinstance(m, nn.Linear)][:2]
+    keeps = [h.policy.hits >= np.floor(0.1 * h.policy.seen) for h in hidden]
+    # The masked reference: zero the removed units' rows (and biases) in place of removing them.
+    masked = [(m.weight.data.copy(), None if m.bias is None else m.bias.data.copy())
+              for m in model.layers if isinstance(m, nn.Linear)]
+    for (w, b), keep in zip(masked, keeps):
+        w[~keep] = 0
+        b[~keep] = 0
+    widths = model.simplify(opt)
+    assert widths == [int(k.sum()) for k in keeps] and widths[0] < 16
+    xt = rng.standard_normal((9, 10)).astype(np.float32)
+    h = xt.astype(np.float64)
+    for i, (w, b) in enumerate(masked):
+        h = h @ w.astype(np.float64).T + b
+        if i < len(masked) - 1:
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(model.forward(xt), h, rtol=1e-5, atol=1e-5)
+    for m in [m for m in model.layers if isinstance(m, nn.Linear)]:
+        st = opt.state[id(m.weight)]
+        assert st["m"].shape == m.weight.data.shape
+    nn.fit(model, opt, X, y, epochs=1, batch=8, progress=False)  # trains on after shrinking
+
+
+def test_policy_arguments():
+    with pytest.raises(ValueError, match="exactly one"):
+        alg.MeProp()
+    with pytest.raises(ValueError, match="exactly one"):
+        alg.MeProp(k=3, ratio=0.1)
+    with pytest.raises(ValueError, match="ratio"):
+        alg.MeProp(ratio=1.5)
+    with pytest.raises(TypeError, match="k must be an int"):
+        alg.MeProp(k=2.5)
+    with pytest.raises(ValueError, match="mode"):
+        alg.MeProp(k=2, mode="batch")
+    with pytest.raises(ValueError, match="alpha"):
+        alg.MSBP(k=2, alpha=-0.1)
+    with pytest.raises(ValueError, match="p must"):
+        alg.MeSimp(k=2, p=2)
+    assert alg.MeProp(ratio=0.04).k_for(500) == 20
+    with pytest.raises(TypeError, match="policy"):
+        nn.Linear(3, 4, grad="meprop")
+    with pytest.raises(ValueError, match="lr"):
+        nn.Adam(nn.Linear(3, 4).params(), lr=0)
+    with pytest.raises(ValueError, match="labels"):
+        nn.softmax_cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 3]))
+    with pytest.raises(TypeError, match="float32"):
+        nn.Linear(3, 4).forward(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("k,mode", [(2, "unified"), (7, "unified"), (3, "example")])
+def test_lazy_adam_touches_only_selected_rows(k, mode):
+    """Few rows take the gather path, most rows the dense-then-restore path: same semantics."""
+    rng = np.random.default_rng(8)
+    layer = nn.Linear(6, 10, grad=alg.MeProp(k=k, mode=mode), rng=rng)
+    before = layer.weight.data.copy()
+    opt = nn.Adam(layer.params(), lr=0.1)
+    layer.forward(rng.standard_normal((3, 6)).astype(np.float32))
+    layer.backward(rng.standard_normal((3, 10)).astype(np.float32))
+    opt.step()
+    changed = np.flatnonzero(np.any(layer.weight.data != before, axis=1))
+    np.testing.assert_array_equal(changed, layer.weight.rows)
+    if mode == "unified":
+        assert len(changed) == k
+
+
+def test_adam_and_sgd_against_the_formulas():
+    rng = np.random.default_rng(9)
+    w0 = rng.standard_normal((4, 3)).astype(np.float32)
+    grads = [rng.standard_normal((4, 3)).astype(np.float32) for _ in range(3)]
+    p = nn.Param("w", w0.copy())
+    opt = nn.Adam([p], lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    w, m, v = w0.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, 1):
+        p.grad = g
+        opt.step()
+        m = 0.9 * m + 0.1 * g
+        v = 0.99 * v + 0.01 * g.astype(np.float64) ** 2
+        w = w - 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.99 ** t)) + 1e-6)
+    np.testing.assert_allclose(p.data, w, rtol=1e-5, atol=1e-6)
+    q = nn.Param("w", w0.copy())
+    sgd = nn.SGD([q], lr=0.1, momentum=0.5)
+    w, b = w0.astype(np.float64), 0.0
+    for g in grads:
+        q.grad = g
+        sgd.step()
+        b = 0.5 * b + g
+        w = w - 0.1 * b
+    np.testing.assert_allclose(q.data, w, rtol=1e-5, atol=1e-6)
