@@ -125,3 +125,34 @@ def test_forked_child_runs_kernels(threads):
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
     expect, scale = ref.linear_forward(x, W.indptr, W.indices, W.values, W.shape)
     ref.assert_close(y0, expect, scale, 512)
+
+
+@pytest.mark.parametrize("backend", ["pool", "openmp"])
+def test_thread_backends_give_identical_results(threads, backend):
+    if backend == "openmp" and not _core.openmp_available():
+        pytest.skip("built without OpenMP")
+    before = sparsebp.thread_backend()
+    rng = np.random.default_rng(5)
+    d = rng.standard_normal((700, 300)).astype(np.float32)
+    d[rng.random(d.shape) < 0.8] = 0
+    W = sparsebp.CSR.from_dense(d)
+    x = np.asfortranarray(rng.standard_normal((96, 300), dtype=np.float32))
+    try:
+        sparsebp.set_num_threads(1)
+        y1 = ops.linear_forward(x, W, None)
+        sparsebp.set_thread_backend(backend)
+        assert sparsebp.thread_backend() == backend
+        sparsebp.set_num_threads(2)
+        _core.max_job_threads(True)
+        y2 = ops.linear_forward(x, W, None)
+        assert _core.max_job_threads(True) == 2
+        np.testing.assert_array_equal(y1, y2)
+    finally:
+        sparsebp.set_thread_backend(before)
+
+
+def test_thread_backend_errors():
+    with pytest.raises(ValueError, match="'pool' or 'openmp'"):
+        sparsebp.set_thread_backend("tbb")
+    with pytest.raises(TypeError):
+        sparsebp.set_thread_backend(2)

@@ -274,6 +274,30 @@ PYBIND11_MODULE(_core, m) {
         sparsebp::spmm_rows(ip, rows, ix, vp, nv, dp, drows, ldd, dcols, op, ldo);
       },
       py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("out"));
+  m.def(
+      "spmm_scatter",
+      [rowmajor](const py::array& indptr, const py::array& indices, const py::array& values, const py::array& d,
+                 const py::array& out) {
+        if (!py::array_t<int64_t>::check_(indptr) || indptr.ndim() != 1 || indptr.shape(0) < 1 ||
+            !(indptr.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("indptr must be a contiguous 1-D int64 array with at least 1 entry");
+        if (!py::array_t<int32_t>::check_(indices) || indices.ndim() != 1 ||
+            !(indices.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("indices must be a contiguous 1-D int32 array");
+        int64_t nv = 0;
+        const float* vp = vector_of<const float>(values, "values", false, &nv);
+        if (nv != indices.shape(0)) throw sparsebp::ValueError("values and indices differ in length");
+        auto [dp, drows, dcols, ldd] = rowmajor(d, "d", false);
+        auto [op, orows, ocols, ldo] = rowmajor(out, "out", true);
+        const int64_t rows = indptr.shape(0) - 1;
+        if (drows != rows) throw sparsebp::ValueError(str_cat("d must have ", rows, " rows (one per CSR row); got ", drows));
+        if (ocols != dcols) throw sparsebp::ValueError(str_cat("out must have ", dcols, " columns; got ", ocols));
+        const int64_t* ip = static_cast<const int64_t*>(indptr.data());
+        const int32_t* ix = static_cast<const int32_t*>(indices.data());
+        py::gil_scoped_release nogil;
+        sparsebp::spmm_scatter(ip, rows, ix, vp, nv, dp, ldd, dcols, op, orows, ldo);
+      },
+      py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("out"));
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);
@@ -283,6 +307,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &sparsebp::set_num_threads, py::arg("n"));
   m.def("padded_ld", &sparsebp::padded_ld, py::arg("batch"));
   m.def("max_job_threads", &sparsebp::max_job_threads, py::arg("reset") = false);
+  m.def("set_thread_backend", &sparsebp::set_thread_backend, py::arg("name"));
+  m.def("thread_backend", &sparsebp::thread_backend);
+  m.def("openmp_available", &sparsebp::openmp_available);
   m.attr("build_tables") = SPARSEBP_BUILD_TABLES;
   m.attr("compiler") = SPARSEBP_COMPILER;
   m.attr("build_type") = SPARSEBP_BUILD_TYPE;

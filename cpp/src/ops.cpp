@@ -413,9 +413,39 @@ void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, cons
                          " is outside the dense operand's ", d_rows, " rows");
   if (rows == 0 || ncols == 0) return;
   const KernelTable& t = active_table();
-  const kernels::SpmmRowsArgs a{indptr, indices, values, d, ldd, out, ldo, ncols};
+  // Column panels: the gathered slice of d (d_rows x panel floats) within ~512 KB, in whole
+  // 64-float tiles (the widest register tile), at least one tile.
+  const int64_t budget = int64_t{512} << 10;
+  int64_t panel = std::max<int64_t>(64, budget / (4 * std::max<int64_t>(d_rows, 1)) / 64 * 64);
+  if (const char* env = std::getenv("SPARSEBP_SPMM_PANEL")) panel = std::max<int64_t>(1, std::atoll(env));
+  const kernels::SpmmRowsArgs a{indptr, indices, values, d, ldd, out, ldo, ncols, panel};
   const std::vector<int64_t> cut = balanced_rows(indptr, rows, threads_for((nnz + rows) * ncols));
   parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.spmm_rows(a, cut[i], cut[i + 1]); });
+}
+
+void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
+                  const float* d, int64_t ldd, int64_t ncols, float* out, int64_t out_rows, int64_t ldo) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && ncols >= 0 && ldd >= ncols && ldo >= ncols && out_rows >= 0,
+                       "bad shape for spmm_scatter");
+  SPARSEBP_CHECK_VALUE(indptr[0] == 0 && indptr[rows] == nnz, "indptr must start at 0 and end at nnz = ", nnz);
+  for (int64_t r = 0; r < rows; ++r)
+    SPARSEBP_CHECK_VALUE(indptr[r] <= indptr[r + 1], "indptr must be non-decreasing (row ", r, ")");
+  for (int64_t p = 0; p < nnz; ++p)
+    SPARSEBP_CHECK_VALUE(indices[p] >= 0 && indices[p] < out_rows, "indices[", p, "] = ", indices[p],
+                         " is outside the output's ", out_rows, " rows");
+  if (out_rows == 0 || ncols == 0) return;
+  const KernelTable& t = active_table();
+  // Panel: out's slice (out_rows x panel floats) within ~512 KB, whole 64-float tiles.
+  int64_t panel = std::max<int64_t>(64, (int64_t{512} << 10) / (4 * out_rows) / 64 * 64);
+  if (const char* env = std::getenv("SPARSEBP_SPMM_PANEL")) panel = std::max<int64_t>(1, std::atoll(env));
+  const kernels::SpmmScatterArgs a{indptr, indices, values, rows, d, ldd, out, ldo, out_rows, panel};
+  // Threads own column ranges (whole 64-float tiles), so no two write the same element.
+  const int64_t tiles = (ncols + 63) / 64;
+  const int64_t nt = std::min(threads_for((nnz + rows) * ncols), tiles);
+  parallel_for(nt, [&](int64_t i) {
+    const int64_t c0 = std::min(ncols, tiles * i / nt * 64), c1 = std::min(ncols, tiles * (i + 1) / nt * 64);
+    if (c0 < c1) t.spmm_scatter(a, c0, c1);
+  });
 }
 
 }  // namespace sparsebp

@@ -1,13 +1,15 @@
 // The engine's threads. Two back ends with the same static schedule (task t on thread t % n):
-//  - OpenMP (when built with it, the default): the process's OpenMP runtime. PyTorch's wheels load
+//  - OpenMP (when built with it, and selected: sparsebp.torch selects it): the process's OpenMP runtime. PyTorch's wheels load
 //    a libgomp.so.1, and ours then resolves to that same library, so torch's ops and ours run on
 //    one team of threads. With two separate pools, torch's workers keep spinning after each torch
 //    op while ours start, and on a machine with as many threads as cores the two fight: measured
 //    on 2 cores, our kernels ran no faster with 2 threads than with 1 inside a torch training step.
-//  - The engine's own pool: nthreads - 1 workers plus the calling thread, no barriers inside a job.
-//    Workers spin briefly after each job and then sleep on a condition variable. Used without
-//    OpenMP, and in a forked child of a process that had already started OpenMP threads (GNU
-//    OpenMP is not usable after fork there).
+//  - The engine's own pool (the default): nthreads - 1 workers plus the calling thread, no barriers
+//    inside a job. Workers spin briefly (200 us) after each job and then sleep on a condition
+//    variable. Without torch this is the better neighbour: GNU OpenMP's workers spin far longer after
+//    each region and fight NumPy's BLAS threads (measured on the demo MLP with per-example meProp,
+//    batch 32, 2 cores: backward 0.58 s per 6,000 digits on the pool, 1.17 s on OpenMP). Also used
+//    in a forked child (GNU OpenMP is not usable after fork there).
 #include "sparsebp/threading.h"
 
 #include <unistd.h>
@@ -164,6 +166,8 @@ void set_num_threads(int n) {
 
 #ifdef SPARSEBP_OPENMP
 namespace {
+std::atomic<bool> g_use_openmp{false};
+
 // Set in every forked child: its OpenMP runtime may still believe in the parent's threads (ours or
 // torch's), and GNU OpenMP can hang there, so a child uses the engine's own pool instead.
 std::atomic<bool> g_forked{false};
@@ -172,7 +176,7 @@ const int g_atfork_registered = pthread_atfork(nullptr, nullptr, [] { g_forked.s
 // Returns how many threads ran at least one task, or -1 when OpenMP must not be used here.
 int run_openmp(int want, int64_t ntasks, const std::function<void(int64_t)>& fn) {
   (void)g_atfork_registered;
-  if (g_forked.load(std::memory_order_relaxed)) return -1;
+  if (!g_use_openmp.load(std::memory_order_relaxed) || g_forked.load(std::memory_order_relaxed)) return -1;
   if (omp_in_parallel()) return -1;  // called from inside someone's parallel region
   std::atomic<int> participants{0};
   std::mutex err_mu;
@@ -229,6 +233,36 @@ void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn) {
     g_pool_pid = pid;
   }
   note_job_threads(g_pool->run(ntasks, fn));
+}
+
+bool openmp_available() {
+#ifdef SPARSEBP_OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+void set_thread_backend(const std::string& name) {
+  if (name == "pool") {
+#ifdef SPARSEBP_OPENMP
+    g_use_openmp.store(false);
+#endif
+    return;
+  }
+  SPARSEBP_CHECK_VALUE(name == "openmp", "thread backend must be 'pool' or 'openmp'; got '", name, "'");
+  SPARSEBP_CHECK_VALUE(openmp_available(), "thread backend 'openmp': this build has no OpenMP (SPARSEBP_OPENMP=OFF or "
+                                           "no OpenMP found at build time)");
+#ifdef SPARSEBP_OPENMP
+  g_use_openmp.store(true);
+#endif
+}
+
+std::string thread_backend() {
+#ifdef SPARSEBP_OPENMP
+  if (g_use_openmp.load()) return "openmp";
+#endif
+  return "pool";
 }
 
 int max_job_threads(bool reset) {

@@ -1,7 +1,9 @@
 """sparsebp: CPU-first sparse training. Backprop that costs what the nonzeros cost.
 
 Sparse weights in CSR (forward, input gradient and weight gradient at the stored positions, all
-proportional to nnz), with C++ kernels for scalar, AVX2 and AVX-512 chosen at import.
+proportional to nnz) and sparse gradients (meProp top-k, MSBP memory, meSimp shrinking), with C++
+kernels for scalar, AVX2 and AVX-512 chosen at import. ``sparsebp.nn`` trains small networks with
+NumPy alone; ``sparsebp.torch`` (optional) bridges to PyTorch.
 """
 from ._runtime import (
     __version__,
@@ -10,6 +12,8 @@ from ._runtime import (
     build_info,
     get_num_threads,
     set_num_threads,
+    set_thread_backend,
+    thread_backend,
 )
 from .csr import CSR
 from . import ops
@@ -22,5 +26,7 @@ __all__ = [
     "build_info",
     "get_num_threads",
     "set_num_threads",
+    "set_thread_backend",
+    "thread_backend",
     "__version__",
 ]

@@ -49,6 +49,20 @@ def set_num_threads(n: int) -> None:
     _core.set_num_threads(int(n))
 
 
+def set_thread_backend(name: str) -> None:
+    """Where the kernels' threads come from: ``"pool"`` (sparsebp's own, the default) or
+    ``"openmp"`` (the process's OpenMP runtime, shared with PyTorch's operators; builds with OpenMP
+    only). ``import sparsebp.torch`` selects ``"openmp"`` when available. Results do not change."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str; got {type(name).__name__}")
+    _core.set_thread_backend(name)
+
+
+def thread_backend() -> str:
+    """The thread back end in use: ``"pool"`` or ``"openmp"``."""
+    return _core.thread_backend()
+
+
 def build_info() -> dict:
     """What this build contains and what it runs on."""
     return {
@@ -58,6 +72,8 @@ def build_info() -> dict:
         "active_isa": active_isa(),
         "isa_override": os.environ.get("SPARSEBP_ISA") or None,
         "num_threads": get_num_threads(),
+        "thread_backend": thread_backend(),
+        "openmp": bool(_core.openmp_available()),
         "compiler": _core.compiler,
         "build_type": _core.build_type,
         "cpu_features": dict(_core.cpu_features()),

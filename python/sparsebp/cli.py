@@ -21,7 +21,8 @@ def _info(args) -> int:
                                                         if info["isa_override"] else " (best this CPU runs)"))
     print(f"  available ISAs : {', '.join(info['available_isas'])}")
     print(f"  compiled ISAs  : {', '.join(info['compiled_isas'])}")
-    print(f"  threads        : {info['num_threads']}")
+    print(f"  threads        : {info['num_threads']} ({info['thread_backend']}; OpenMP "
+          f"{'available' if info['openmp'] else 'not built'})")
     print(f"  build          : {info['build_type']}, {info['compiler']}, CUDA {'on' if info['cuda'] else 'off'}")
     print(f"  cpu            : {cpu_name()}")
     print(f"  cpu features   : {feats}")

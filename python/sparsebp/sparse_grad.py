@@ -70,11 +70,6 @@ class MePropGrads(NamedTuple):
     selected: np.ndarray          # example mode: (batch, k) per-row columns; unified: (k,) columns
 
 
-def _csr_of_rows(idx: np.ndarray, vals: np.ndarray):
-    b, k = idx.shape
-    return np.arange(b + 1, dtype=np.int64) * k, idx.reshape(-1), vals.reshape(-1)
-
-
 def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, k: int, mode: str = "example", *,
                     input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True) -> MePropGrads:
     """Backward of ``y = x @ weight.T + b`` (weight dense, (out, in)) with the output gradient
@@ -118,7 +113,7 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
     if sel.size and (sel.min() < 0 or sel.max() >= out_f):
         raise ValueError(f"selected holds columns outside [0, {out_f})")
     src = g if bias_from is None else bias_from
-    db = src.sum(axis=0, dtype=np.float64).astype(np.float32) if bias_grad else None
+    db = src.sum(axis=0) if bias_grad else None
     dx = dw = None
     if sel.shape[-1] == out_f:  # every column selected: exactly dense backprop, the same products
         if input_grad:
@@ -126,20 +121,24 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
         if weight_grad:
             dw = g.T @ xx
     elif mode == "example":
+        # Ĝ by output unit j (CSR of Ĝᵀ: the examples that selected j, in order), built once for
+        # both products: dW[j] = sum_b Ĝ[b, j] x[b] (gathered rows) and dx[b] += Ĝ[b, j] W[j]
+        # (scattered, W streamed once).
         kk = sel.shape[1]
-        vals = np.ascontiguousarray(np.take_along_axis(g, sel.astype(np.int64), axis=1))
+        vals = np.take_along_axis(g, sel.astype(np.int64), axis=1)
+        flat = sel.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        counts = np.bincount(flat, minlength=out_f)
+        indptr = np.zeros(out_f + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        rows_b = (order // max(kk, 1)).astype(np.int32)
+        gvals = np.ascontiguousarray(vals.reshape(-1)[order])
         if input_grad:
             dx = np.empty((bsz, in_f), dtype=np.float32)
-            _core.spmm_rows(*_csr_of_rows(sel, vals), w, dx)
+            _core.spmm_scatter(indptr, rows_b, gvals, w, dx)
         if weight_grad:
-            flat = sel.reshape(-1)
-            order = np.argsort(flat, kind="stable")  # by output row, examples in order within a row
-            counts = np.bincount(flat, minlength=out_f)
-            indptr = np.zeros(out_f + 1, dtype=np.int64)
-            np.cumsum(counts, out=indptr[1:])
-            rows_b = (order // max(kk, 1)).astype(np.int32)
             dw = np.empty((out_f, in_f), dtype=np.float32)
-            _core.spmm_rows(indptr, rows_b, np.ascontiguousarray(vals.reshape(-1)[order]), xx, dw)
+            _core.spmm_rows(indptr, rows_b, gvals, xx, dw)
     else:
         gc = g[:, sel]
         if input_grad:

@@ -70,4 +70,9 @@ void abs_colsum(const float* g, int64_t rows, int64_t n, int64_t ldg, float* out
 void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
                const float* d, int64_t d_rows, int64_t ldd, int64_t ncols, float* out, int64_t ldo);
 
+// out (out_rows x ncols) = sum over the CSR's rows r and entries p: values[p] * d[r, :] into row
+// indices[p] (the transposed product, d having `rows` rows). Indices checked.
+void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
+                  const float* d, int64_t ldd, int64_t ncols, float* out, int64_t out_rows, int64_t ldo);
+
 }  // namespace sparsebp

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace sparsebp {
 
@@ -15,6 +16,13 @@ void set_num_threads(int n);
 // and returns when all are done. Task t always runs on thread t % nthreads (static schedule).
 // An exception thrown by any task is rethrown here after all tasks have finished.
 void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn);
+
+// Where the threads come from: "pool" (the engine's own) or "openmp" (the process's OpenMP
+// runtime; only in builds with OpenMP, else ValueError). Default "pool". sparsebp.torch switches to
+// "openmp", which shares PyTorch's libgomp threads. Thread counts and results do not change.
+void set_thread_backend(const std::string& name);
+std::string thread_backend();
+bool openmp_available();
 
 // The most threads that ran tasks of one parallel_for since the last reset (observed: a thread
 // counts once it has run a task). For tests of set_num_threads. reset: return it and start over.

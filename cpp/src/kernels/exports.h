@@ -16,6 +16,7 @@ void gather_sddmm(const GatherArgs& a, int64_t row_begin, int64_t row_end);
 void topk_rows(const TopkArgs& a, int64_t row_begin, int64_t row_end);
 void abs_colsum(const AbsColsumArgs& a, int64_t col_begin, int64_t col_end);
 void spmm_rows(const SpmmRowsArgs& a, int64_t row_begin, int64_t row_end);
+void spmm_scatter(const SpmmScatterArgs& a, int64_t col_begin, int64_t col_end);
 
 }  // namespace SPARSEBP_ISA_NS
 }  // namespace kernels

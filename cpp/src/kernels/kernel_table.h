@@ -138,6 +138,8 @@ using AbsColsumFn = void (*)(const AbsColsumArgs&, int64_t col_begin, int64_t co
 // Sparse rows times a dense row-major matrix:
 //   out[r, j] = sum_{p in [indptr[r], indptr[r+1])} values[p] * d[indices[p], j]   for j < ncols
 // entries summed in order p; overwrites rows [row_begin, row_end) of out (rows without entries: 0).
+// Columns are visited in panels of `panel` (all rows of a range per panel), so that the slice of d
+// one panel gathers from stays in cache; the panel does not change the result.
 struct SpmmRowsArgs {
   const int64_t* indptr;
   const int32_t* indices;
@@ -147,8 +149,28 @@ struct SpmmRowsArgs {
   float* out;
   int64_t ldo;
   int64_t ncols;
+  int64_t panel;
 };
 using SpmmRowsFn = void (*)(const SpmmRowsArgs&, int64_t row_begin, int64_t row_end);
+
+// The transposed product, scattered: for the rows r of a CSR (in order) and their entries p,
+//   out[indices[p], j] += values[p] * d[r, j]        for j in [col_begin, col_end)
+// after zeroing out[0 .. out_rows, col_begin .. col_end). Each output element sums its terms in
+// increasing r, so the result does not depend on how columns are split. Columns are visited in
+// panels of `panel`, so that out's slice (out_rows x panel) stays in cache while d streams by.
+struct SpmmScatterArgs {
+  const int64_t* indptr;
+  const int32_t* indices;
+  const float* values;
+  int64_t rows;
+  const float* d;
+  int64_t ldd;
+  float* out;
+  int64_t ldo;
+  int64_t out_rows;
+  int64_t panel;
+};
+using SpmmScatterFn = void (*)(const SpmmScatterArgs&, int64_t col_begin, int64_t col_end);
 
 struct KernelTable {
   const char* name;
@@ -163,6 +185,7 @@ struct KernelTable {
   TopkFn topk_rows;
   AbsColsumFn abs_colsum;
   SpmmRowsFn spmm_rows;
+  SpmmScatterFn spmm_scatter;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.

@@ -19,6 +19,12 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without torch
     raise ImportError("sparsebp.torch needs PyTorch: pip install \"sparsebp[torch]\"") from e
 
+from .. import _core
+
+if _core.openmp_available():
+    # Share PyTorch's OpenMP threads instead of running a second pool beside them (see the README).
+    _core.set_thread_backend("openmp")
+
 from . import _ops as ops
 from . import _conv as conv_ops
 from ._conv import batch_inner
