@@ -45,3 +45,20 @@ def test_readme_torch_example(tmp_path, monkeypatch):
     nnz = sum(m.nnz for m in model if hasattr(m, "nnz"))
     total = 32 * 9 + 32 * 28 * 28 * 10
     assert nnz == round(0.1 * total)
+
+
+def test_readme_sparse_gradient_example():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+    with open(path) as f:
+        text = f.read()
+    code = re.search(r"## Sparse gradients: meProp, MSBP, meSimp \(NumPy\)\n\n```python\n(.*?)```", text, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    g, x, W, ex, un = ns["g"], ns["x"], ns["W"], ns["ex"], ns["un"]
+    order = np.argsort(-np.abs(g), axis=1, kind="stable")[:, :20]
+    np.testing.assert_array_equal(ns["idx"], np.sort(order, axis=1))
+    gh = np.zeros(g.shape)
+    np.put_along_axis(gh, order, np.take_along_axis(g, order, 1), 1)
+    ref.assert_close(ex.input, gh @ W.astype(np.float64), np.abs(gh) @ np.abs(W.astype(np.float64)), 500, "dx")
+    assert np.count_nonzero(np.abs(un.weight).sum(1)) == 20
+    assert len(ns["history"]) == 1 and np.isfinite(ns["history"][0]["loss"])
