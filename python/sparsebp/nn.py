@@ -21,7 +21,7 @@ import numpy as np
 from . import ops
 from .algorithms import MeSimp, SparseGrad
 from .csr import CSR
-from .sparse_grad import selected_backward
+from .sparse_grad import csr_selected_backward, selected_backward
 
 __all__ = ["Param", "Linear", "SparseLinear", "ReLU", "Sequential", "softmax_cross_entropy", "Adam", "SGD", "fit",
            "evaluate"]
@@ -183,31 +183,15 @@ class SparseLinear:
                 self.bias.grad = r.grad_bias
             return r.grad_input
         sel = self.policy.select(g)
-        rows = np.unique(sel.cols).astype(np.int64)
-        gs = sel.dense()[:, rows] if sel.mode == "example" else sel.grad[:, rows]
-        sub, pos = _row_subset(w, rows)
-        r = ops.linear_backward(np.ascontiguousarray(gs), self._x, sub, input_grad=input_grad, bias_grad=False)
-        dv = np.zeros_like(self.values.data)
-        dv[pos] = r.grad_values
+        dx, dv, pos = csr_selected_backward(sel.grad, self._x, w, sel.cols, sel.mode, input_grad=input_grad)
         self.values.grad, self.values.rows = dv, pos  # only the selected rows' entries move
         if self.bias is not None:
             self.bias.grad = g.sum(axis=0)
-        return r.grad_input
+        return dx
 
     def __repr__(self) -> str:
         return (f"SparseLinear({self.in_features}, {self.out_features}, density={self.csr.density:.3f}, "
                 f"grad={self.policy!r})")
-
-
-def _row_subset(w: CSR, rows: np.ndarray):
-    """The CSR of the given rows of w (in that order) and the positions of its entries in w."""
-    starts, ends = w.indptr[rows], w.indptr[rows + 1]
-    lens = ends - starts
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lens, out=indptr[1:])
-    pos = np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1], dtype=np.int64)
-    sub = CSR(indptr, w.indices[pos], np.ascontiguousarray(w.values[pos]), (len(rows), w.shape[1]))
-    return sub, pos
 
 
 class ReLU:

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["topk", "topk_columns", "meprop_backward", "selected_backward", "MePropGrads"]
+__all__ = ["topk", "topk_columns", "meprop_backward", "selected_backward", "csr_selected_backward", "MePropGrads"]
 
 _F32 = np.dtype(np.float32)
 
@@ -147,3 +147,44 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
             dw = np.zeros((out_f, in_f), dtype=np.float32)
             dw[sel] = gc.T @ xx
     return MePropGrads(dx, dw, db, sel)
+
+
+def _row_subset(w, rows: np.ndarray):
+    """The CSR of the given rows of w (in that order) and the positions of its entries in w."""
+    from .csr import CSR
+
+    starts, ends = w.indptr[rows], w.indptr[rows + 1]
+    lens = ends - starts
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    pos = np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1], dtype=np.int64)
+    sub = CSR(indptr, w.indices[pos], np.ascontiguousarray(w.values[pos]), (len(rows), w.shape[1]))
+    return sub, pos
+
+
+def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, selected: np.ndarray, mode: str, *,
+                          input_grad: bool = True):
+    """Sparse weights and sparse gradients together: the backward of ``y = x @ W.T`` for a CSR
+    ``weight`` with the output gradient restricted to ``selected`` (as in ``selected_backward``).
+    Runs sparsebp's CSR kernels on the rows of W the selection touched (unified: the k selected
+    rows; per example: the union of the rows any example selected, with the unselected entries of
+    G zero). Returns ``(dx or None, dvalues, positions)``: ``dvalues`` (nnz,) is zero outside the
+    touched rows, whose entries are ``positions``."""
+    from . import ops
+
+    g = _rows_f32(grad_output, "grad_output", cols=weight.shape[0])
+    sel = np.asarray(selected)
+    rows = np.unique(sel).astype(np.int64)
+    if mode == "example":
+        gs = np.zeros((g.shape[0], len(rows)), dtype=np.float32)
+        where = np.searchsorted(rows, sel)
+        np.put_along_axis(gs, where, np.take_along_axis(g, sel.astype(np.int64), axis=1), axis=1)
+    elif mode == "unified":
+        gs = np.ascontiguousarray(g[:, rows])
+    else:
+        raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
+    sub, pos = _row_subset(weight, rows)
+    r = ops.linear_backward(gs, x, sub, input_grad=input_grad, bias_grad=False)
+    dv = np.zeros(weight.nnz, dtype=np.float32)
+    dv[pos] = r.grad_values
+    return r.grad_input, dv, pos

@@ -30,7 +30,8 @@ from . import _conv as conv_ops
 from ._conv import batch_inner
 from .modules import BatchInner, SparseConv2d, SparseLinear, magnitude_mask, random_mask
 from .convert import LayerChange, Report, densify, from_pruned, sparsify
+from .meprop import MePropLinear
 from .io import load, save
 
-__all__ = ["SparseLinear", "SparseConv2d", "BatchInner", "batch_inner", "conv_ops", "magnitude_mask", "random_mask",
-           "ops", "sparsify", "from_pruned", "densify", "Report", "LayerChange", "save", "load"]
+__all__ = ["SparseLinear", "SparseConv2d", "BatchInner", "MePropLinear", "batch_inner", "conv_ops", "magnitude_mask",
+           "random_mask", "ops", "sparsify", "from_pruned", "densify", "Report", "LayerChange", "save", "load"]

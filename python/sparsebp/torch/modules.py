@@ -189,12 +189,18 @@ class SparseLinear(_SparseWeight):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
                  mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None, device=None,
-                 dtype=None) -> None:
+                 dtype=None, grad_topk: Optional[int] = None, grad_mode: str = "example",
+                 grad_policy=None) -> None:
         super().__init__()
         _check_int(in_features, "in_features", 0)
         _check_int(out_features, "out_features", 0)
         self.in_features, self.out_features = in_features, out_features
         self._init_weight((out_features, in_features), bias, sparsity, mask, generator, device, dtype)
+        from .meprop import make_policy
+
+        # Sparse gradients too (meProp on this layer's output gradient): grad_topk=k with grad_mode,
+        # or grad_policy= any sparsebp.algorithms policy. None: the full gradient.
+        self.grad_policy = make_policy(grad_topk, None, grad_mode, grad_policy)
 
     @property
     def weight_shape(self) -> tuple:
@@ -218,12 +224,20 @@ class SparseLinear(_SparseWeight):
                                              device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, input: Tensor) -> Tensor:
+        policy = getattr(self, "grad_policy", None)
+        if policy is not None and torch.is_grad_enabled() and (input.requires_grad or self.values.requires_grad):
+            from .meprop import sparse_meprop_linear
+
+            _ops._check_tensor(input, "input")
+            return sparse_meprop_linear(input, self.values, self.bias, self.indptr, self.indices, self.in_features,
+                                        self.out_features, policy)
         return _ops.linear(input, self.values, self.bias, self.indptr, self.indices, self.in_features,
                            self.out_features)
 
     def extra_repr(self) -> str:
+        extra = "" if getattr(self, "grad_policy", None) is None else f", grad={self.grad_policy!r}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+                f"nnz={self.nnz}, sparsity={self.sparsity:.4f}" + extra)
 
 
 def conv_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int]:

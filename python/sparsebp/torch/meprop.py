@@ -1,0 +1,164 @@
+"""Sparse gradients in PyTorch: ``MePropLinear`` (a drop-in ``nn.Linear`` whose backward keeps only
+the top-k of its output gradient) and the ``grad_topk`` / ``grad_policy`` option of
+``SparseLinear`` (sparse weights and sparse gradients together).
+
+The policies are those of ``sparsebp.algorithms`` (MeProp per example or unified, MSBP-style
+memory, MeSimp counters); each module keeps its own copy (its state, e.g. MSBP's memory, is per
+layer). The backward runs sparsebp's kernels on float32 CPU tensors; float64 takes a dense masked
+reference path (same selection) so that ``torch.autograd.gradcheck`` can check the formulas.
+Under DDP each process selects on its own gradient; DDP then averages the (sparse) weight gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import algorithms as _alg
+from ..csr import CSR
+from ..sparse_grad import csr_selected_backward, selected_backward
+from . import _ops
+
+__all__ = ["MePropLinear", "make_policy"]
+
+
+def make_policy(k: Optional[int] = None, ratio: Optional[float] = None, mode: str = "example",
+                policy: Optional[_alg.SparseGrad] = None) -> Optional[_alg.SparseGrad]:
+    """A fresh policy from ``k`` / ``ratio`` / ``mode`` (meProp), or a clone of ``policy``; None
+    when neither is given."""
+    if policy is not None:
+        if k is not None or ratio is not None:
+            raise ValueError("give either policy or k/ratio, not both")
+        if not isinstance(policy, _alg.SparseGrad):
+            raise TypeError(f"policy must be a sparsebp.algorithms policy; got {type(policy).__name__}")
+        return policy.clone()
+    if k is None and ratio is None:
+        return None
+    return _alg.MeProp(k=k, ratio=ratio, mode=mode)
+
+
+def _select(policy: _alg.SparseGrad, g: Tensor):
+    gn = g.detach().to(torch.float32).contiguous().numpy()
+    return policy.select(gn)
+
+
+def _selected_grad(policy, sel, g: Tensor) -> Tensor:
+    """The gradient the selection applies to, in g's dtype: g itself for meProp (so float64 stays
+    exact), the policy's own (G plus memory) for MSBP."""
+    if isinstance(policy, _alg.MeProp) or (isinstance(policy, _alg.MSBP) and policy.alpha == 0.0):
+        return g
+    return torch.from_numpy(sel.grad).to(g.dtype)
+
+
+def _mask_of(sel, shape) -> np.ndarray:
+    m = np.zeros(shape, dtype=bool)
+    if sel.mode == "example":
+        np.put_along_axis(m, sel.cols.astype(np.int64), True, axis=1)
+    else:
+        m[:, sel.cols] = True
+    return m
+
+
+class _MePropLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, policy):
+        ctx.save_for_backward(x, weight)
+        ctx.policy, ctx.has_bias = policy, bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        sel = _select(ctx.policy, g)
+        gb = g.sum(0) if need_b else None
+        if g.dtype != torch.float32:  # reference path (gradcheck): the same selection, dense products
+            gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))
+            return (gh @ w if need_x else None), (gh.t() @ x if need_w else None), gb, None
+        res = selected_backward(sel.grad, x.detach().contiguous().numpy(), w.detach().contiguous().numpy(), sel.cols,
+                                sel.mode, input_grad=need_x, weight_grad=need_w, bias_grad=False)
+        return (torch.from_numpy(res.input) if need_x else None,
+                torch.from_numpy(res.weight) if need_w else None, gb, None)
+
+
+class MePropLinear(nn.Linear):
+    """``nn.Linear`` whose backward propagates only the top-k of its output gradient (meProp).
+
+    ``MePropLinear(in, out, bias=True, k=20)`` (or ``ratio=0.04``; ``mode="example"`` as published,
+    or ``"unified"``), or ``policy=`` any ``sparsebp.algorithms`` policy (e.g. ``MSBP(k=20,
+    alpha=0.8)``). The forward is ``nn.Linear``'s; parameters, ``state_dict`` and optimizers are
+    unchanged; the bias gradient uses the full output gradient. ``from_linear(linear, k=...)``
+    wraps trained weights. Inputs of shape ``(*, in_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: Optional[int] = None,
+                 ratio: Optional[float] = None, mode: str = "example", policy: Optional[_alg.SparseGrad] = None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.policy = make_policy(k, ratio, mode, policy)
+        if self.policy is None:
+            raise ValueError("MePropLinear needs k, ratio or policy")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw) -> "MePropLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                  dtype=linear.weight.dtype, **kw)
+        with torch.no_grad():
+            mod.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias)
+        return mod
+
+    def forward(self, input: Tensor) -> Tensor:
+        _ops._check_tensor(input, "input")
+        if not torch.is_grad_enabled() or not (input.requires_grad or self.weight.requires_grad):
+            return super().forward(input)
+        lead = input.shape[:-1]
+        x2 = input.reshape(-1, self.in_features)
+        y = _MePropLinearFn.apply(x2, self.weight, self.bias, self.policy)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", grad={self.policy!r}"
+
+
+class _SparseMePropFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, indptr, indices, in_f, out_f, policy):
+        ctx.save_for_backward(x, values, indptr, indices)
+        ctx.shape, ctx.policy, ctx.has_bias = (out_f, in_f), policy, bias is not None
+        return _ops.linear(x, values, bias, indptr, indices, in_f, out_f)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, values, indptr, indices = ctx.saved_tensors
+        need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        sel = _select(ctx.policy, g)
+        gb = g.sum(0) if need_b else None
+        none5 = (None,) * 5
+        if g.dtype != torch.float32:  # reference path (gradcheck)
+            wd = _ops._dense_weight(values, indptr, indices, *ctx.shape)
+            gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))
+            gv = None
+            if need_v:
+                gv = (gh.t() @ x)[_ops._rows_of(indptr, ctx.shape[0]), indices.to(torch.int64)]
+            return (gh @ wd if need_x else None), gv, gb, *none5
+        w = CSR(indptr.numpy(), indices.numpy(), values.detach().numpy(), ctx.shape)
+        dx, dv, _ = csr_selected_backward(sel.grad, x.detach().contiguous().numpy(), w, sel.cols, sel.mode,
+                                          input_grad=need_x)
+        return (torch.from_numpy(dx) if need_x else None), (torch.from_numpy(dv) if need_v else None), gb, *none5
+
+
+def sparse_meprop_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
+                         in_features: int, out_features: int, policy: _alg.SparseGrad) -> Tensor:
+    """The forward of a ``SparseLinear`` with a sparse-gradient policy (its backward: the selected
+    rows' stored weights only)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    y = _SparseMePropFn.apply(x2, values, bias, indptr, indices, in_features, out_features, policy)
+    return y.reshape(*lead, out_features)

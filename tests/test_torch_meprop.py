@@ -1,0 +1,101 @@
+"""Sparse gradients in PyTorch: MePropLinear and SparseLinear(grad_topk=...) against dense torch in
+float64 with the gradient masked to the top-k chosen by numpy's sort."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import sparsebp.torch as st  # noqa: E402
+from sparsebp import algorithms as alg  # noqa: E402
+
+import reference as ref  # noqa: E402
+
+
+def _mask(g: np.ndarray, k: int, mode: str) -> np.ndarray:
+    m = np.zeros(g.shape, bool)
+    if mode == "example":
+        np.put_along_axis(m, np.argsort(-np.abs(g), axis=1, kind="stable")[:, :k], True, axis=1)
+    else:
+        m[:, np.argsort(-np.abs(g).sum(0), kind="stable")[:k]] = True
+    return m
+
+
+@pytest.mark.parametrize("mode", ["example", "unified"])
+def test_meprop_linear_against_masked_float64(isa, mode):
+    torch.manual_seed(0)
+    lin = st.MePropLinear(37, 50, k=6, mode=mode)
+    x = torch.randn(2, 9, 37, requires_grad=True)  # (*, in) inputs
+    y = lin(x)
+    w64 = lin.weight.detach().double()
+    assert torch.allclose(y.double(), x.detach().double() @ w64.T + lin.bias.detach().double(), atol=1e-5)
+    g = torch.randn(2, 9, 50)
+    y.backward(g)
+    g2 = g.reshape(-1, 50).double().numpy()
+    gh = np.where(_mask(g2, 6, mode), g2, 0.0)
+    x2 = x.detach().reshape(-1, 37).double().numpy()
+    ref.assert_close(x.grad.reshape(-1, 37), gh @ w64.numpy(), np.abs(gh) @ np.abs(w64.numpy()), 50, "dx")
+    ref.assert_close(lin.weight.grad, gh.T @ x2, np.abs(gh).T @ np.abs(x2), 18, "dW")
+    ref.assert_close(lin.bias.grad, g2.sum(0), np.abs(g2).sum(0), 18, "db (full gradient)")
+
+
+@pytest.mark.parametrize("mode", ["example", "unified"])
+def test_sparse_linear_with_grad_topk_against_masked_float64(isa, mode):
+    torch.manual_seed(1)
+    lin = st.SparseLinear(40, 30, sparsity=0.8, grad_topk=4, grad_mode=mode)
+    x = torch.randn(11, 40, requires_grad=True)
+    y = lin(x)
+    g = torch.randn(11, 30)
+    y.backward(g)
+    wd = lin.weight.detach().double().numpy()
+    g2 = g.double().numpy()
+    gh = np.where(_mask(g2, 4, mode), g2, 0.0)
+    x2 = x.detach().double().numpy()
+    ref.assert_close(x.grad, gh @ wd, np.abs(gh) @ np.abs(wd), 30, "dx")
+    rows = np.repeat(np.arange(30), np.diff(lin.indptr.numpy()))
+    cols = lin.indices.numpy()
+    ref.assert_close(lin.values.grad, (gh.T @ x2)[rows, cols], (np.abs(gh).T @ np.abs(x2))[rows, cols], 11, "dvalues")
+    ref.assert_close(lin.bias.grad, g2.sum(0), np.abs(g2).sum(0), 11, "db")
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(2)
+    lin = st.MePropLinear(5, 7, k=3).double()
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: lin(a), (x,))
+    sp = st.SparseLinear(6, 8, sparsity=0.5, grad_topk=2).double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: sp(a), (x,))
+
+
+def test_no_grad_paths_and_training_steps():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(st.MePropLinear(20, 32, policy=alg.MSBP(k=4, alpha=0.5)), torch.nn.ReLU(),
+                                st.SparseLinear(32, 16, sparsity=0.5, grad_topk=3), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(64, 20)
+    y = torch.randint(0, 4, (64,))
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert model[0].policy.memory is not None  # MSBP kept its memory on the layer
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    frozen = torch.randn(5, 20)  # input needing no gradient: fine, no input gradient
+    model(frozen).sum().backward()
+
+
+def test_meprop_arguments():
+    with pytest.raises(ValueError, match="needs k, ratio or policy"):
+        st.MePropLinear(3, 4)
+    with pytest.raises(ValueError, match="not both"):
+        st.MePropLinear(3, 4, k=2, policy=alg.MeProp(k=2))
+    with pytest.raises(TypeError, match="policy"):
+        st.SparseLinear(3, 4, sparsity=0.5, grad_policy="topk")
+    lin = torch.nn.Linear(6, 5)
+    mp = st.MePropLinear.from_linear(lin, ratio=0.4)
+    assert torch.equal(mp.weight, lin.weight) and mp.policy.k_for(5) == 2
