@@ -11,9 +11,7 @@ Contenders
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import warnings
 from typing import List
@@ -124,33 +122,15 @@ def report(rows: List[dict]) -> str:
 
 
 def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, reps: int | None = None) -> List[dict]:
-    threads = threads or ([1] if quick else [1, 2])
-    reps = reps or (3 if quick else 5)
-    from sparsebp.bench.harness import run_workers, write_csv
+    from sparsebp.bench.harness import run_and_write
 
-    rows = run_workers("sparsebp.bench.conv", threads, reps, quick)
-
-    os.makedirs(out_dir, exist_ok=True)
-    write_csv(os.path.join(out_dir, "conv.csv"), rows)
-    md = report(rows)
-    with open(os.path.join(out_dir, "conv.md"), "w") as f:
-        f.write(md)
-    print(md)
-    return rows
+    return run_and_write("sparsebp.bench.conv", "conv", report, out_dir, quick, threads, reps, default_reps=5)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m sparsebp.bench.conv")
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, nargs="+", default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default="bench-results")
-    a = ap.parse_args(argv)
-    if a.worker:
-        worker(a.threads[0], a.quick, a.reps)
-    else:
-        run(a.out, a.quick, a.threads, a.reps)
+    from sparsebp.bench.harness import bench_main
+
+    bench_main("python -m sparsebp.bench.conv", worker, run, argv)
 
 
 if __name__ == "__main__":

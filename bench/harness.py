@@ -96,3 +96,37 @@ def run_workers(module: str, threads: List[int], reps: int, quick: bool) -> List
         if proc.wait() != 0:
             raise RuntimeError(f"benchmark worker {module} for {n} thread(s) failed (exit {proc.returncode})")
     return rows
+
+
+def run_and_write(module: str, name: str, report: Callable[[List[dict]], str], out_dir: str, quick: bool,
+                  threads: List[int] | None, reps: int | None, default_reps: int) -> List[dict]:
+    """The usual `run` of a benchmark module: its worker once per thread count (default 1 thread
+    when quick, else 1 and 2), then `<name>.csv` and `<name>.md` (from `report`) in out_dir."""
+    threads = threads or ([1] if quick else [1, 2])
+    reps = reps or (3 if quick else default_reps)
+    rows = run_workers(module, threads, reps, quick)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(os.path.join(out_dir, f"{name}.csv"), rows)
+    md = report(rows)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return rows
+
+
+def bench_main(prog: str, worker: Callable[[int, bool, int], None], run: Callable[..., List[dict]],
+               argv=None) -> None:
+    """The command line of a benchmark module: `--worker` (what run_workers starts) or a whole run."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, nargs="+", default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default="bench-results")
+    a = ap.parse_args(argv)
+    if a.worker:
+        worker(a.threads[0], a.quick, a.reps)
+    else:
+        run(a.out, a.quick, a.threads, a.reps)

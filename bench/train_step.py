@@ -12,10 +12,8 @@ Contenders
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import sys
 import warnings
 from typing import List
@@ -114,32 +112,15 @@ def report(rows: List[dict]) -> str:
 
 
 def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, reps: int | None = None) -> List[dict]:
-    threads = threads or ([1] if quick else [1, 2])
-    reps = reps or (3 if quick else 9)
-    from sparsebp.bench.harness import run_workers, write_csv
+    from sparsebp.bench.harness import run_and_write
 
-    rows = run_workers("sparsebp.bench.train_step", threads, reps, quick)
-    os.makedirs(out_dir, exist_ok=True)
-    write_csv(os.path.join(out_dir, "train_step.csv"), rows)
-    md = report(rows)
-    with open(os.path.join(out_dir, "train_step.md"), "w") as f:
-        f.write(md)
-    print(md)
-    return rows
+    return run_and_write("sparsebp.bench.train_step", "train_step", report, out_dir, quick, threads, reps, default_reps=9)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m sparsebp.bench.train_step")
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, nargs="+", default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default="bench-results")
-    a = ap.parse_args(argv)
-    if a.worker:
-        worker(a.threads[0], a.quick, a.reps)
-    else:
-        run(a.out, a.quick, a.threads, a.reps)
+    from sparsebp.bench.harness import bench_main
+
+    bench_main("python -m sparsebp.bench.train_step", worker, run, argv)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_readme_sparse_gradient_example():
     code = re.search(r"## Sparse gradients: meProp, MSBP, meSimp \(NumPy\)\n\n```python\n(.*?)```", text, re.S).group(1)
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
-    g, x, W, ex, un = ns["g"], ns["x"], ns["W"], ns["ex"], ns["un"]
+    g, W, ex, un = ns["g"], ns["W"], ns["ex"], ns["un"]
     order = np.argsort(-np.abs(g), axis=1, kind="stable")[:, :20]
     np.testing.assert_array_equal(ns["idx"], np.sort(order, axis=1))
     gh = np.zeros(g.shape)

@@ -250,50 +250,44 @@ PYBIND11_MODULE(_core, m) {
         sparsebp::abs_colsum(gp, rows, n, ld, op);
       },
       py::arg("g"), py::arg("out"));
+  // A CSR given as three arrays (indptr int64, indices int32, values float32), contiguous.
+  auto csr_arrays = [](const py::array& indptr, const py::array& indices, const py::array& values) {
+    if (!py::array_t<int64_t>::check_(indptr) || indptr.ndim() != 1 || indptr.shape(0) < 1 ||
+        !(indptr.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+      throw sparsebp::ValueError("indptr must be a contiguous 1-D int64 array with at least 1 entry");
+    if (!py::array_t<int32_t>::check_(indices) || indices.ndim() != 1 ||
+        !(indices.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+      throw sparsebp::ValueError("indices must be a contiguous 1-D int32 array");
+    int64_t nv = 0;
+    const float* vp = vector_of<const float>(values, "values", false, &nv);
+    if (nv != indices.shape(0)) throw sparsebp::ValueError("values and indices differ in length");
+    return std::make_tuple(static_cast<const int64_t*>(indptr.data()), static_cast<const int32_t*>(indices.data()),
+                           vp, nv);
+  };
   m.def(
       "spmm_rows",
-      [rowmajor](const py::array& indptr, const py::array& indices, const py::array& values, const py::array& d,
+      [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values, const py::array& d,
                  const py::array& out) {
-        if (!py::array_t<int64_t>::check_(indptr) || indptr.ndim() != 1 || indptr.shape(0) < 1 ||
-            !(indptr.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-          throw sparsebp::ValueError("indptr must be a contiguous 1-D int64 array with at least 1 entry");
-        if (!py::array_t<int32_t>::check_(indices) || indices.ndim() != 1 ||
-            !(indices.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-          throw sparsebp::ValueError("indices must be a contiguous 1-D int32 array");
-        int64_t nv = 0;
-        const float* vp = vector_of<const float>(values, "values", false, &nv);
-        if (nv != indices.shape(0)) throw sparsebp::ValueError("values and indices differ in length");
+        auto [ip, ix, vp, nv] = csr_arrays(indptr, indices, values);
         auto [dp, drows, dcols, ldd] = rowmajor(d, "d", false);
         auto [op, orows, ocols, ldo] = rowmajor(out, "out", true);
         const int64_t rows = indptr.shape(0) - 1;
         if (orows != rows || ocols != dcols)
           throw sparsebp::ValueError(str_cat("out must have shape (", rows, ", ", dcols, "); got (", orows, ", ", ocols, ")"));
-        const int64_t* ip = static_cast<const int64_t*>(indptr.data());
-        const int32_t* ix = static_cast<const int32_t*>(indices.data());
         py::gil_scoped_release nogil;
         sparsebp::spmm_rows(ip, rows, ix, vp, nv, dp, drows, ldd, dcols, op, ldo);
       },
       py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("out"));
   m.def(
       "spmm_scatter",
-      [rowmajor](const py::array& indptr, const py::array& indices, const py::array& values, const py::array& d,
+      [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values, const py::array& d,
                  const py::array& out) {
-        if (!py::array_t<int64_t>::check_(indptr) || indptr.ndim() != 1 || indptr.shape(0) < 1 ||
-            !(indptr.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-          throw sparsebp::ValueError("indptr must be a contiguous 1-D int64 array with at least 1 entry");
-        if (!py::array_t<int32_t>::check_(indices) || indices.ndim() != 1 ||
-            !(indices.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-          throw sparsebp::ValueError("indices must be a contiguous 1-D int32 array");
-        int64_t nv = 0;
-        const float* vp = vector_of<const float>(values, "values", false, &nv);
-        if (nv != indices.shape(0)) throw sparsebp::ValueError("values and indices differ in length");
+        auto [ip, ix, vp, nv] = csr_arrays(indptr, indices, values);
         auto [dp, drows, dcols, ldd] = rowmajor(d, "d", false);
         auto [op, orows, ocols, ldo] = rowmajor(out, "out", true);
         const int64_t rows = indptr.shape(0) - 1;
         if (drows != rows) throw sparsebp::ValueError(str_cat("d must have ", rows, " rows (one per CSR row); got ", drows));
         if (ocols != dcols) throw sparsebp::ValueError(str_cat("out must have ", dcols, " columns; got ", ocols));
-        const int64_t* ip = static_cast<const int64_t*>(indptr.data());
-        const int32_t* ix = static_cast<const int32_t*>(indices.data());
         py::gil_scoped_release nogil;
         sparsebp::spmm_scatter(ip, rows, ix, vp, nv, dp, ldd, dcols, op, orows, ldo);
       },

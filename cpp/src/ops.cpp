@@ -369,6 +369,19 @@ void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
 
 // ---- Sparse gradients -----------------------------------------------------------------------------
 
+namespace {
+// indptr: rows + 1 non-decreasing offsets from 0 to nnz; every index in [0, bound).
+void check_row_csr(const int64_t* indptr, int64_t rows, const int32_t* indices, int64_t nnz, int64_t bound,
+                   const char* what) {
+  SPARSEBP_CHECK_VALUE(indptr[0] == 0 && indptr[rows] == nnz, "indptr must start at 0 and end at nnz = ", nnz);
+  for (int64_t r = 0; r < rows; ++r)
+    SPARSEBP_CHECK_VALUE(indptr[r] <= indptr[r + 1], "indptr must be non-decreasing (row ", r, ")");
+  for (int64_t p = 0; p < nnz; ++p)
+    SPARSEBP_CHECK_VALUE(indices[p] >= 0 && indices[p] < bound, "indices[", p, "] = ", indices[p], " is outside ",
+                         what, " ", bound, " rows");
+}
+}  // namespace
+
 void topk_rows(const float* g, int64_t rows, int64_t n, int64_t ldg, int64_t k, int32_t* idx) {
   SPARSEBP_CHECK_VALUE(k >= 0, "k must be >= 0; got ", k);
   SPARSEBP_CHECK_VALUE(rows >= 0 && n >= 0 && ldg >= n, "bad shape for topk_rows");
@@ -405,12 +418,7 @@ void abs_colsum(const float* g, int64_t rows, int64_t n, int64_t ldg, float* out
 void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
                const float* d, int64_t d_rows, int64_t ldd, int64_t ncols, float* out, int64_t ldo) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && ncols >= 0 && ldd >= ncols && ldo >= ncols, "bad shape for spmm_rows");
-  SPARSEBP_CHECK_VALUE(indptr[0] == 0 && indptr[rows] == nnz, "indptr must start at 0 and end at nnz = ", nnz);
-  for (int64_t r = 0; r < rows; ++r)
-    SPARSEBP_CHECK_VALUE(indptr[r] <= indptr[r + 1], "indptr must be non-decreasing (row ", r, ")");
-  for (int64_t p = 0; p < nnz; ++p)
-    SPARSEBP_CHECK_VALUE(indices[p] >= 0 && indices[p] < d_rows, "indices[", p, "] = ", indices[p],
-                         " is outside the dense operand's ", d_rows, " rows");
+  check_row_csr(indptr, rows, indices, nnz, d_rows, "the dense operand's");
   if (rows == 0 || ncols == 0) return;
   const KernelTable& t = active_table();
   // Column panels: the gathered slice of d (d_rows x panel floats) within ~512 KB, in whole
@@ -427,12 +435,7 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
                   const float* d, int64_t ldd, int64_t ncols, float* out, int64_t out_rows, int64_t ldo) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && ncols >= 0 && ldd >= ncols && ldo >= ncols && out_rows >= 0,
                        "bad shape for spmm_scatter");
-  SPARSEBP_CHECK_VALUE(indptr[0] == 0 && indptr[rows] == nnz, "indptr must start at 0 and end at nnz = ", nnz);
-  for (int64_t r = 0; r < rows; ++r)
-    SPARSEBP_CHECK_VALUE(indptr[r] <= indptr[r + 1], "indptr must be non-decreasing (row ", r, ")");
-  for (int64_t p = 0; p < nnz; ++p)
-    SPARSEBP_CHECK_VALUE(indices[p] >= 0 && indices[p] < out_rows, "indices[", p, "] = ", indices[p],
-                         " is outside the output's ", out_rows, " rows");
+  check_row_csr(indptr, rows, indices, nnz, out_rows, "the output's");
   if (out_rows == 0 || ncols == 0) return;
   const KernelTable& t = active_table();
   // Panel: out's slice (out_rows x panel floats) within ~512 KB, whole 64-float tiles.

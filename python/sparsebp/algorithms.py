@@ -24,6 +24,14 @@ from .sparse_grad import _check_k, topk, topk_columns
 __all__ = ["MeProp", "MSBP", "MeSimp", "SparseGrad", "Selection"]
 
 
+def _unit_number(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)):
+        raise TypeError(f"{name} must be a number; got {type(v).__name__}")
+    if not (0.0 <= float(v) <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1]; got {v}")
+    return float(v)
+
+
 class Selection:
     """What a policy chose for one backward: the gradient to propagate and which entries it keeps.
 
@@ -114,11 +122,7 @@ class MSBP(SparseGrad):
 
     def __init__(self, k: Optional[int] = None, ratio: Optional[float] = None, alpha: float = 0.8):
         super().__init__(k, ratio)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
-            raise TypeError(f"alpha must be a number; got {type(alpha).__name__}")
-        if not (0.0 <= float(alpha) <= 1.0):
-            raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = _unit_number(alpha, "alpha")
         self.memory: Optional[np.ndarray] = None
 
     def clone(self) -> "MSBP":
@@ -150,11 +154,7 @@ class MeSimp(MeProp):
 
     def __init__(self, k: Optional[int] = None, ratio: Optional[float] = None, p: float = 0.1):
         super().__init__(k, ratio, "example")
-        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)):
-            raise TypeError(f"p must be a number; got {type(p).__name__}")
-        if not (0.0 <= float(p) <= 1.0):
-            raise ValueError(f"p must lie in [0, 1]; got {p}")
-        self.p = float(p)
+        self.p = _unit_number(p, "p")
         self.hits: Optional[np.ndarray] = None
         self.seen = 0
 
