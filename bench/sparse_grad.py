@@ -4,8 +4,9 @@ and top-k selection against torch.topk; interleaved in one process, medians.
 
 Contenders (one backward = input gradient + weight gradient + bias gradient)
   dense            torch: G @ W, G.T @ X, G.sum(0) (NumPy's matmul without torch).
-  meprop-example   sparsebp.ops.meprop_backward(..., mode="example") (selection included).
-  meprop-unified   sparsebp.ops.meprop_backward(..., mode="unified") (selection included).
+  meprop-example   sparsebp.ops.meprop_backward(..., mode="example", compact=True) (selection included;
+                   the weight gradient as the rows it touches).
+  meprop-unified   sparsebp.ops.meprop_backward(..., mode="unified", compact=True) (selection included).
 Top-k: sparsebp.ops.topk(G, k) against torch.topk(G.abs(), k, dim=1, sorted=False).
 """
 from __future__ import annotations
@@ -41,8 +42,10 @@ def run_case(n: int, batch: int, ratio: float, reps: int, have_torch: bool) -> L
         contenders["torch.topk"] = lambda: torch.topk(tg.abs(), k, dim=1, sorted=False)
     else:
         contenders["dense"] = lambda: (g @ w, g.T @ x, g.sum(0))
-    contenders["meprop-example"] = lambda: ops.meprop_backward(g, x, w, k, "example")
-    contenders["meprop-unified"] = lambda: ops.meprop_backward(g, x, w, k, "unified")
+    # compact=True: the weight gradient as the touched rows (what a row-wise optimizer update
+    # takes), not a full (out, in) array of mostly zeros.
+    contenders["meprop-example"] = lambda: ops.meprop_backward(g, x, w, k, "example", compact=True)
+    contenders["meprop-unified"] = lambda: ops.meprop_backward(g, x, w, k, "unified", compact=True)
     contenders["topk"] = lambda: ops.topk(g, k)
     med = interleaved_medians(contenders, reps=reps, warmup=1)
     rows = []

@@ -187,3 +187,19 @@ def test_spmm_scatter_against_float64(isa):
     with pytest.raises(ValueError, match="outside"):
         _core.spmm_scatter(np.array([0, 1], np.int64), np.array([5], np.int32), np.ones(1, np.float32),
                            np.ones((1, 4), np.float32), np.empty((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("mode", ["example", "unified"])
+def test_compact_weight_gradient_holds_the_touched_rows(isa, mode):
+    rng = np.random.default_rng(21)
+    g, x, w = _problem(rng, 9, 60, 13)
+    for k in (0, 3, 59, 60):
+        full = ops.meprop_backward(g, x, w, k, mode)
+        comp = ops.meprop_backward(g, x, w, k, mode, compact=True)
+        np.testing.assert_array_equal(comp.input, full.input)
+        expect_rows = np.unique(full.selected) if k < 60 else np.arange(60)
+        np.testing.assert_array_equal(comp.weight_rows, expect_rows)
+        np.testing.assert_array_equal(comp.weight, full.weight[expect_rows])
+        rest = np.setdiff1d(np.arange(60), expect_rows)
+        assert not full.weight[rest].any()
+        assert full.weight_rows is None

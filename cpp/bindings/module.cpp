@@ -220,6 +220,8 @@ PYBIND11_MODULE(_core, m) {
     check_float32(a, name);
     if (a.ndim() != 2) throw sparsebp::ValueError(str_cat(name, " must be 2-D; got ", a.ndim(), "-D"));
     if (writable && !a.writeable()) throw sparsebp::ValueError(str_cat(name, " must be writeable"));
+    if (a.size() == 0)  // NumPy gives empty arrays zero strides
+      return std::make_tuple(static_cast<float*>(const_cast<void*>(a.data())), a.shape(0), a.shape(1), a.shape(1));
     if (a.shape(1) > 1 && a.strides(1) != 4) throw sparsebp::ValueError(str_cat(name, " must be C-contiguous"));
     if (a.shape(0) > 1 && (a.strides(0) % 4 != 0 || a.strides(0) < 4 * a.shape(1)))
       throw sparsebp::ValueError(str_cat(name, " has unsupported strides"));

@@ -65,13 +65,16 @@ def topk_columns(g: np.ndarray, k: int) -> np.ndarray:
 
 class MePropGrads(NamedTuple):
     input: Optional[np.ndarray]   # (batch, in)
-    weight: Optional[np.ndarray]  # (out, in), zero outside the rows any example selected
+    weight: Optional[np.ndarray]  # (out, in), zero outside the rows any example selected; with
+                                  # compact=True only those rows, (len(weight_rows), in)
     bias: Optional[np.ndarray]    # (out,), from the full output gradient
     selected: np.ndarray          # example mode: (batch, k) per-row columns; unified: (k,) columns
+    weight_rows: Optional[np.ndarray] = None  # compact=True: the rows of W that ``weight`` holds
 
 
 def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, k: int, mode: str = "example", *,
-                    input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True) -> MePropGrads:
+                    input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True,
+                    compact: bool = False) -> MePropGrads:
     """Backward of ``y = x @ weight.T + b`` (weight dense, (out, in)) with the output gradient
     sparsified to ``k`` entries:
 
@@ -81,6 +84,9 @@ def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, 
       ``dx = G[:, T] W[T]``, ``dW[T] = G[:, T]ᵀ x`` as dense products on the compacted rows.
 
     ``k >= out`` is exactly dense backprop. The bias gradient uses the full ``grad_output``.
+    ``compact=True``: the weight gradient holds only the rows the selection touched
+    (``weight_rows``, sorted), not the zero rows of a full (out, in) array: what a row-wise
+    optimizer update needs, and cheaper for large layers.
     """
     if mode not in ("example", "unified"):
         raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
@@ -88,16 +94,16 @@ def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, 
     g = _rows_f32(grad_output, "grad_output")
     sel = topk(g, k) if mode == "example" else topk_columns(g, k)
     return selected_backward(g, x, weight, sel, mode, input_grad=input_grad, weight_grad=weight_grad,
-                             bias_grad=bias_grad)
+                             bias_grad=bias_grad, compact=compact)
 
 
 def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, selected: np.ndarray, mode: str, *,
                       input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True,
-                      bias_from: Optional[np.ndarray] = None) -> MePropGrads:
+                      bias_from: Optional[np.ndarray] = None, compact: bool = False) -> MePropGrads:
     """``meprop_backward`` with the selection given: ``selected`` is (batch, k) per-row columns
     (``mode="example"``) or (k,) columns (``"unified"``), sorted; entries of ``grad_output``
     outside it count as zero. ``bias_from``: the gradient the bias gradient sums (default
-    ``grad_output``)."""
+    ``grad_output``). ``compact``: as for ``meprop_backward``."""
     if mode not in ("example", "unified"):
         raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
     w = _rows_f32(weight, "weight")
@@ -114,12 +120,13 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
         raise ValueError(f"selected holds columns outside [0, {out_f})")
     src = g if bias_from is None else bias_from
     db = src.sum(axis=0) if bias_grad else None
-    dx = dw = None
+    dx = dw = wrows = None
     if sel.shape[-1] == out_f:  # every column selected: exactly dense backprop, the same products
         if input_grad:
             dx = g @ w
         if weight_grad:
             dw = g.T @ xx
+            wrows = np.arange(out_f, dtype=np.int32) if compact else None
     elif mode == "example":
         # Ĝ by output unit j (CSR of Ĝᵀ: the examples that selected j, in order), built once for
         # both products: dW[j] = sum_b Ĝ[b, j] x[b] (gathered rows) and dx[b] += Ĝ[b, j] W[j]
@@ -137,16 +144,25 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
             dx = np.empty((bsz, in_f), dtype=np.float32)
             _core.spmm_scatter(indptr, rows_b, gvals, w, dx)
         if weight_grad:
-            dw = np.empty((out_f, in_f), dtype=np.float32)
-            _core.spmm_rows(indptr, rows_b, gvals, xx, dw)
+            if compact:  # only the rows some example selected
+                wrows = np.flatnonzero(counts).astype(np.int32)
+                dw = np.empty((len(wrows), in_f), dtype=np.float32)
+                cindptr = np.concatenate([[0], indptr[1:][counts > 0]]).astype(np.int64)
+                _core.spmm_rows(cindptr, rows_b, gvals, xx, dw)
+            else:
+                dw = np.empty((out_f, in_f), dtype=np.float32)
+                _core.spmm_rows(indptr, rows_b, gvals, xx, dw)
     else:
         gc = g[:, sel]
         if input_grad:
             dx = gc @ w[sel]
         if weight_grad:
-            dw = np.zeros((out_f, in_f), dtype=np.float32)
-            dw[sel] = gc.T @ xx
-    return MePropGrads(dx, dw, db, sel)
+            if compact:
+                dw, wrows = gc.T @ xx, sel
+            else:
+                dw = np.zeros((out_f, in_f), dtype=np.float32)
+                dw[sel] = gc.T @ xx
+    return MePropGrads(dx, dw, db, sel, wrows)
 
 
 def _row_subset(w, rows: np.ndarray):
