@@ -22,7 +22,14 @@ def test_demo_quick_run(tmp_path):
     assert "| dense (NumPy) |" in table and "speed-up" in table
 
 
-@pytest.mark.parametrize("args", [["--epochs", "0"], ["--sparsity", "1.0"], ["--k", "-3"]])
+def test_demo_with_sgd_runs(tmp_path):
+    res = demo.run(epochs=1, batch=64, out=None, quick=True, progress=False, with_torch=False, optimizer="sgd")
+    assert res["dense (NumPy)"][0]["test_acc"] > 0.5
+    with pytest.raises(ValueError, match="optimizer"):
+        demo.run(epochs=1, quick=True, out=None, optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--sparsity", "1.0"], ["--k", "-3"], ["--optimizer", "lbfgs"]])
 def test_demo_rejects_bad_arguments(args):
     proc = subprocess.run([sys.executable, "-m", "sparsebp.cli", "demo", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and "error" in proc.stderr

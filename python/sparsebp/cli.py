@@ -77,7 +77,8 @@ def _demo(args) -> int:
 
         sparsebp.set_num_threads(args.threads)
     demo.run(epochs=args.epochs, batch=args.batch, k=args.k, sparsity=args.sparsity, alpha=args.alpha,
-             out=args.out, quick=args.quick, with_torch=False if args.no_torch else None)
+             out=args.out, quick=args.quick, with_torch=False if args.no_torch else None, optimizer=args.optimizer,
+             lr=args.lr)
     return 0
 
 
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
     pd.add_argument("--k", type=_positive, default=20, help="top-k of each hidden layer's gradient (default 20)")
     pd.add_argument("--sparsity", type=_fraction, default=0.9, help="weight sparsity of the sparse model (default 0.9)")
     pd.add_argument("--alpha", type=float, default=0.8, help="MSBP memory ratio (default 0.8)")
+    pd.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                    help="adam (the paper's, lr 1e-3) or sgd (momentum 0.9, lr 0.05)")
+    pd.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's above)")
     pd.add_argument("--threads", type=_positive, default=None, help="sparsebp kernel threads (default: all cores)")
     pd.add_argument("--quick", action="store_true", help="2,000 training digits (a smoke run)")
     pd.add_argument("--no-torch", action="store_true", help="leave out the dense torch reference run")
