@@ -35,8 +35,9 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
   cand.clear();
   bool filtered = false;
   if (4 * k <= n) {
-    // Rows up to kSample long: the "sample" is the row and t is exactly the k-th largest |v|.
-    const int64_t s_len = std::min(n, kSample);
+    // Sample size: enough that ~6 samples lie above the k-th largest (3n/k, at least 64, at most
+    // kSample); a row no longer than that is its own sample, and t is then exactly the k-th largest.
+    const int64_t s_len = std::min(n, std::max<int64_t>(64, std::min<int64_t>(kSample, (3 * n + k - 1) / k)));
     sample.resize(static_cast<size_t>(s_len));
     for (int64_t s = 0; s < s_len; ++s) {
       const float a = std::fabs(row[s_len == n ? s : (s * n) / s_len]);
