@@ -224,3 +224,20 @@ def test_adam_and_sgd_against_the_formulas():
         b = 0.5 * b + g
         w = w - 0.1 * b
     np.testing.assert_allclose(q.data, w, rtol=1e-5, atol=1e-6)
+
+
+def test_mesimp_schedule_shrinks_in_simplify_epochs_only():
+    rng = np.random.default_rng(10)
+    X = rng.standard_normal((96, 10)).astype(np.float32)
+    y = rng.integers(0, 3, 96)
+    model = _mlp(alg.MeSimp(k=2, p=0.2), seed=11, widths=(10, 24, 16, 3))
+    opt = nn.Adam(model.params(), lr=1e-2)
+    sched = alg.MeSimpSchedule(model, opt, chunks=4, cycle=1)
+    assert [sched.simplifying(e) for e in range(4)] == [True, False, True, False]
+    nn.fit(model, opt, X, y, epochs=2, batch=8, progress=False, on_chunk=sched, chunks=4)
+    assert [(e, c) for e, c, _ in sched.widths] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    first = [m for m in model.layers if isinstance(m, nn.Linear)][0]
+    assert first.out_features == sched.widths[-1][2][0] < 24  # the layer really shrank
+    assert nn.evaluate(model, X, y) >= 0  # and still runs
+    with pytest.raises(ValueError, match="chunks"):
+        alg.MeSimpSchedule(model, opt, chunks=0)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .sparse_grad import _check_k, topk, topk_columns
 
-__all__ = ["MeProp", "MSBP", "MeSimp", "SparseGrad", "Selection"]
+__all__ = ["MeProp", "MSBP", "MeSimp", "MeSimpSchedule", "SparseGrad", "Selection"]
 
 
 def _unit_number(v, name: str) -> float:
@@ -180,3 +180,26 @@ class MeSimp(MeProp):
 
     def __repr__(self) -> str:
         return f"MeSimp({self._desc()}, p={self.p})"
+
+
+class MeSimpSchedule:
+    """The meSimp authors' schedule, as an ``on_chunk`` callback for ``sparsebp.nn.fit``: each epoch
+    is split into ``chunks`` parts (``fit(..., chunks=8)``); epochs come in cycles of ``cycle``
+    "simplify" epochs followed by ``cycle`` "normal" ones. In a simplify epoch the model is
+    simplified (``model.simplify(optimizer)``) after every chunk; in a normal epoch the counters
+    are left to run. ``widths`` records (epoch, chunk, new widths) after each simplification."""
+
+    def __init__(self, model, optimizer, chunks: int = 8, cycle: int = 5):
+        for v, name in ((chunks, "chunks"), (cycle, "cycle")):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        self.model, self.optimizer, self.chunks, self.cycle = model, optimizer, chunks, cycle
+        self.widths: list = []
+
+    def simplifying(self, epoch: int) -> bool:
+        """Whether epoch (0-based) is a simplify epoch."""
+        return (epoch // self.cycle) % 2 == 0
+
+    def __call__(self, epoch: int, chunk: int) -> None:
+        if self.simplifying(epoch):
+            self.widths.append((epoch, chunk, self.model.simplify(self.optimizer)))
