@@ -72,6 +72,15 @@ class MePropGrads(NamedTuple):
     weight_rows: Optional[np.ndarray] = None  # compact=True: the rows of W that ``weight`` holds
 
 
+def _padded_rows(rows: int, cols: int) -> np.ndarray:
+    """An uninitialised (rows, cols) float32 array whose row stride is cols + 16 floats when cols is a
+    multiple of 128 (rows 512 bytes apart, or any power of two from there, share L1 cache sets: the
+    scattered and gathered products slow down by a third). A view; np.ascontiguousarray copies."""
+    if cols % 128 != 0 or rows <= 1:
+        return np.empty((rows, cols), dtype=np.float32)
+    return np.empty((rows, cols + 16), dtype=np.float32)[:, :cols]
+
+
 def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, k: int, mode: str = "example", *,
                     input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True,
                     compact: bool = False) -> MePropGrads:
@@ -80,6 +89,7 @@ def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, 
 
     - ``mode="example"`` (meProp as published): each row of ``grad_output`` keeps its own top-k;
       ``dx = Ĝ W`` and ``dW = Ĝᵀ x`` touch only the selected rows of W (cost ∝ batch · k · in).
+      ``dx`` may come back as a view with padded rows (when ``in`` is a multiple of 128).
     - ``mode="unified"``: one set T of k columns for the batch (largest ``sum_b |G[b, j]|``);
       ``dx = G[:, T] W[T]``, ``dW[T] = G[:, T]ᵀ x`` as dense products on the compacted rows.
 
@@ -141,9 +151,13 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
         rows_b = (order // max(kk, 1)).astype(np.int32)
         gvals = np.ascontiguousarray(vals.reshape(-1)[order])
         if input_grad:
-            dx = np.empty((bsz, in_f), dtype=np.float32)
+            dx = _padded_rows(bsz, in_f)
             _core.spmm_scatter(indptr, rows_b, gvals, w, dx)
         if weight_grad:
+            if in_f % 128 == 0 and bsz > 1:  # gathered rows of x 2^n bytes apart: copy to a padded stride
+                xp = _padded_rows(bsz, in_f)
+                xp[...] = xx
+                xx = xp
             if compact:  # only the rows some example selected
                 wrows = np.flatnonzero(counts).astype(np.int32)
                 dw = np.empty((len(wrows), in_f), dtype=np.float32)
