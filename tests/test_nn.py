@@ -241,3 +241,29 @@ def test_mesimp_schedule_shrinks_in_simplify_epochs_only():
     assert nn.evaluate(model, X, y) >= 0  # and still runs
     with pytest.raises(ValueError, match="chunks"):
         alg.MeSimpSchedule(model, opt, chunks=0)
+
+
+def test_adam_kernel_rows_and_errors():
+    """The fused C++ step with a row list against the formula on those rows only."""
+    from sparsebp import _core
+
+    rng = np.random.default_rng(13)
+    p = rng.standard_normal((6, 5)).astype(np.float32)
+    g = rng.standard_normal((6, 5)).astype(np.float32)
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    before = p.copy()
+    rows = np.array([1, 4], np.int64)
+    _core.adam_step(p, g, m, v, rows, 0.9, 0.999, 0.1, 1.0 / 0.001, 1e-8)
+    expect = before.astype(np.float64).copy()
+    mm = 0.1 * g[rows].astype(np.float64)
+    vv = 0.001 * g[rows].astype(np.float64) ** 2
+    expect[rows] -= 0.1 * mm / (np.sqrt(vv / 0.001) + 1e-8)
+    np.testing.assert_allclose(p, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.flatnonzero(m.any(axis=1)), rows)
+    with pytest.raises(ValueError, match="outside"):
+        _core.adam_step(p, g, m, v, np.array([6]), 0.9, 0.999, 0.1, 1.0, 1e-8)
+    with pytest.raises(ValueError, match="shape"):
+        _core.adam_step(p, g[:3], m, v, None, 0.9, 0.999, 0.1, 1.0, 1e-8)
+    with pytest.raises(TypeError, match="float32"):
+        _core.adam_step(p.astype(np.float64), g, m, v, None, 0.9, 0.999, 0.1, 1.0, 1e-8)

@@ -294,6 +294,40 @@ PYBIND11_MODULE(_core, m) {
         sparsebp::spmm_scatter(ip, rows, ix, vp, nv, dp, ldd, dcols, op, orows, ldo);
       },
       py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("out"));
+  m.def(
+      "adam_step",
+      [](const py::array& p, const py::array& g, const py::array& m, const py::array& v, const py::object& rows,
+         float b1, float b2, float step_size, float inv_c2, float eps) {
+        auto c_f32 = [](const py::array& a, const char* name, bool writable) {
+          check_float32(a, name);
+          if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+            throw sparsebp::ValueError(str_cat(name, " must be C-contiguous"));
+          if (writable && !a.writeable()) throw sparsebp::ValueError(str_cat(name, " must be writeable"));
+          return static_cast<float*>(const_cast<void*>(a.data()));
+        };
+        if (p.ndim() < 1 || p.ndim() > 2) throw sparsebp::ValueError("p must be 1-D or 2-D");
+        for (const py::array* a : {&g, &m, &v})
+          if (a->ndim() != p.ndim() || !std::equal(a->shape(), a->shape() + a->ndim(), p.shape()))
+            throw sparsebp::ValueError("g, m and v must have p's shape");
+        float* pp = c_f32(p, "p", true);
+        const float* gp = c_f32(g, "g", false);
+        float* mp = c_f32(m, "m", true);
+        float* vp = c_f32(v, "v", true);
+        const int64_t nrows = p.shape(0), ncols = p.ndim() == 2 ? p.shape(1) : 1;
+        const int64_t* rl = nullptr;
+        int64_t nrl = 0;
+        py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows_arr;
+        if (!rows.is_none()) {
+          rows_arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>(rows);
+          if (rows_arr.ndim() != 1) throw sparsebp::ValueError("rows must be 1-D");
+          rl = rows_arr.data();
+          nrl = rows_arr.shape(0);
+        }
+        py::gil_scoped_release nogil;
+        sparsebp::adam_step(pp, gp, mp, vp, nrows, ncols, rl, nrl, b1, b2, step_size, inv_c2, eps);
+      },
+      py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("rows"), py::arg("b1"), py::arg("b2"),
+      py::arg("step_size"), py::arg("inv_c2"), py::arg("eps"));
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);

@@ -3,6 +3,7 @@
 #include "sparsebp/ops.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -448,6 +449,36 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
   parallel_for(nt, [&](int64_t i) {
     const int64_t c0 = std::min(ncols, tiles * i / nt * 64), c1 = std::min(ncols, tiles * (i + 1) / nt * 64);
     if (c0 < c1) t.spmm_scatter(a, c0, c1);
+  });
+}
+
+void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
+               int64_t n_rows, float b1, float b2, float step_size, float inv_c2, float eps) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0, "bad shape for adam_step");
+  if (row_list)
+    for (int64_t i = 0; i < n_rows; ++i)
+      SPARSEBP_CHECK_VALUE(row_list[i] >= 0 && row_list[i] < rows, "rows[", i, "] = ", row_list[i],
+                           " is outside the parameter's ", rows, " rows");
+  const int64_t n = row_list ? n_rows : rows;
+  if (n == 0 || cols == 0) return;
+  const float a1 = 1.0f - b1, a2 = 1.0f - b2;
+  auto one_row = [&](int64_t r) {
+    float* pr = p + r * cols;
+    const float* gr = g + r * cols;
+    float* mr = m + r * cols;
+    float* vr = v + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {  // vectorised by the compiler
+      const float gj = gr[j];
+      const float mj = b1 * mr[j] + a1 * gj;
+      const float vj = b2 * vr[j] + a2 * gj * gj;
+      mr[j] = mj;
+      vr[j] = vj;
+      pr[j] -= step_size * mj / (std::sqrt(vj * inv_c2) + eps);
+    }
+  };
+  const int64_t nt = std::min<int64_t>(threads_for(n * cols), n);
+  parallel_for(nt, [&](int64_t i) {
+    for (int64_t q = n * i / nt; q < n * (i + 1) / nt; ++q) one_row(row_list ? row_list[q] : q);
   });
 }
 

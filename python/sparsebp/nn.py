@@ -18,7 +18,7 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 
-from . import ops
+from . import _core, ops
 from .algorithms import MeSimp, SparseGrad
 from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
@@ -321,42 +321,12 @@ class Adam(_Optimizer):
             if "m" not in st or st["m"].shape != p.data.shape:
                 st["m"] = np.zeros_like(p.data)
                 st["v"] = np.zeros_like(p.data)
-            m, v = st["m"], st["v"]
-            rows = p.rows
-            if rows is not None and 2 * len(rows) <= p.data.shape[0]:
-                # Few rows: update them alone (gather, update, scatter).
-                g = p.grad[rows]
-                mr = self.b1 * m[rows] + (1 - self.b1) * g
-                vr = self.b2 * v[rows] + (1 - self.b2) * (g * g)
-                m[rows], v[rows] = mr, vr
-                p.data[rows] -= (self.lr / c1) * mr / (np.sqrt(vr / c2) + self.eps)
-                continue
-            # Dense update in place; with `rows` (most of them), the untouched rest is put back after.
-            keep = None
-            if rows is not None:
-                rest = np.ones(p.data.shape[0], dtype=bool)
-                rest[rows] = False
-                keep = (rest, p.data[rest], m[rest], v[rest])
             g = p.grad
-            tmp = st.get("tmp")
-            if tmp is None or tmp.shape != p.data.shape:
-                tmp = st["tmp"] = np.empty_like(p.data)
-            m *= self.b1
-            np.multiply(g, 1 - self.b1, out=tmp)
-            m += tmp
-            v *= self.b2
-            np.multiply(g, g, out=tmp)
-            tmp *= 1 - self.b2
-            v += tmp
-            np.multiply(v, 1.0 / c2, out=tmp)
-            np.sqrt(tmp, out=tmp)
-            tmp += self.eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= self.lr / c1
-            p.data -= tmp
-            if keep is not None:
-                rest, d0, m0, v0 = keep
-                p.data[rest], m[rest], v[rest] = d0, m0, v0
+            if g.dtype != np.float32 or p.data.dtype != np.float32 or not g.flags.c_contiguous:
+                g = np.ascontiguousarray(g, dtype=np.float32)
+            # One fused pass in C++ (m, v and the parameter together); with rows, only those rows.
+            _core.adam_step(p.data, g, st["m"], st["v"], p.rows, self.b1, self.b2, self.lr / c1, 1.0 / c2,
+                            self.eps)
 
 
 class SGD(_Optimizer):

@@ -75,4 +75,11 @@ void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, cons
 void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
                   const float* d, int64_t ldd, int64_t ncols, float* out, int64_t out_rows, int64_t ldo);
 
+// One fused Adam step over a parameter viewed as (rows x cols), contiguous; only the rows listed in
+// `row_list` (n_rows of them, each in [0, rows)) when it is not null, else all. In one pass:
+//   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= step_size * m / (sqrt(v * inv_c2) + eps)
+// with step_size = lr / (1 - b1^t) and inv_c2 = 1 / (1 - b2^t) given by the caller.
+void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
+               int64_t n_rows, float b1, float b2, float step_size, float inv_c2, float eps);
+
 }  // namespace sparsebp
