@@ -11,7 +11,6 @@ Contenders
 """
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from typing import List
@@ -82,24 +81,14 @@ def run_case(case: dict, sparsity: float, reps: int, have_sp: bool) -> List[dict
 
 
 def worker(threads: int, quick: bool, reps: int) -> None:
-    import torch
-
-    import sparsebp
-
-    sparsebp.set_num_threads(threads)
-    torch.set_num_threads(threads)
-    try:
-        import sparseprop  # noqa: F401
-
-        have_sp = True
-    except Exception:
-        have_sp = False
     from tqdm import tqdm
 
+    from sparsebp.bench.harness import emit, worker_setup
+
+    have = worker_setup(threads)
     todo = [(c, s) for c in (CASES[:1] if quick else CASES) for s in ([0.9] if quick else SPARSITIES)]
     for case, s in tqdm(todo, desc=f"conv, {threads} thread(s)", file=sys.stderr):
-        for row in run_case(case, s, reps, have_sp):
-            print("RESULT " + json.dumps(row), flush=True)
+        emit(run_case(case, s, reps, have["sparseprop"]))
 
 
 def report(rows: List[dict]) -> str:

@@ -130,3 +130,32 @@ def bench_main(prog: str, worker: Callable[[int, bool, int], None], run: Callabl
         worker(a.threads[0], a.quick, a.reps)
     else:
         run(a.out, a.quick, a.threads, a.reps)
+
+
+def worker_setup(threads: int) -> Dict[str, bool]:
+    """Sets sparsebp's and (when installed) torch's thread counts for a benchmark worker and says
+    which optional contenders are installed: {"torch": ..., "sparseprop": ...}."""
+    import sparsebp
+
+    sparsebp.set_num_threads(threads)
+    have = {"torch": False, "sparseprop": False}
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        have["torch"] = True
+    except ImportError:
+        return have
+    try:
+        import sparseprop  # noqa: F401
+
+        have["sparseprop"] = True
+    except Exception:  # its import can fail in more ways than ImportError
+        pass
+    return have
+
+
+def emit(rows: List[dict]) -> None:
+    """A worker's result rows, one `RESULT {json}` line each (what run_workers collects)."""
+    for row in rows:
+        print("RESULT " + json.dumps(row), flush=True)

@@ -11,7 +11,6 @@ Top-k: sparsebp.ops.topk(G, k) against torch.topk(G.abs(), k, dim=1, sorted=Fals
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import List
 
@@ -59,23 +58,15 @@ def run_case(n: int, batch: int, ratio: float, reps: int, have_torch: bool) -> L
 
 
 def worker(threads: int, quick: bool, reps: int) -> None:
-    import sparsebp
-
-    sparsebp.set_num_threads(threads)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        have_torch = True
-    except ImportError:
-        have_torch = False
     from tqdm import tqdm
 
+    from sparsebp.bench.harness import emit, worker_setup
+
+    have = worker_setup(threads)
     todo = ([(4096, 256, 0.04)] if quick else
             [(n, b, r) for n in LAYERS for b in BATCHES for r in RATIOS])
     for n, b, r in tqdm(todo, desc=f"sparse gradients, {threads} thread(s)", file=sys.stderr):
-        for row in run_case(n, b, r, reps, have_torch):
-            print("RESULT " + json.dumps(row), flush=True)
+        emit(run_case(n, b, r, reps, have["torch"]))
 
 
 def report(rows: List[dict]) -> str:

@@ -13,7 +13,6 @@ Contenders
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import warnings
 from typing import List
@@ -71,23 +70,13 @@ def run_case(sparsity: float, reps: int, have_sp: bool) -> List[dict]:
 
 
 def worker(threads: int, quick: bool, reps: int) -> None:
-    import torch
-
-    import sparsebp
-
-    sparsebp.set_num_threads(threads)
-    torch.set_num_threads(threads)
-    try:
-        import sparseprop  # noqa: F401
-
-        have_sp = True
-    except Exception:
-        have_sp = False
     from tqdm import tqdm
 
+    from sparsebp.bench.harness import emit, worker_setup
+
+    have = worker_setup(threads)
     for s in tqdm([0.95] if quick else SPARSITIES, desc=f"training step, {threads} thread(s)", file=sys.stderr):
-        for row in run_case(s, reps, have_sp):
-            print("RESULT " + json.dumps(row), flush=True)
+        emit(run_case(s, reps, have["sparseprop"]))
 
 
 def report(rows: List[dict]) -> str:
