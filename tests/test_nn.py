@@ -267,3 +267,17 @@ def test_adam_kernel_rows_and_errors():
         _core.adam_step(p, g[:3], m, v, None, 0.9, 0.999, 0.1, 1.0, 1e-8)
     with pytest.raises(TypeError, match="float32"):
         _core.adam_step(p.astype(np.float64), g, m, v, None, 0.9, 0.999, 0.1, 1.0, 1e-8)
+
+
+def test_adam_kernel_flushes_subnormal_moments():
+    """Moments of gradients that stay zero decay into subnormals; the step flushes them to zero
+    (arithmetic on subnormals is very slow) instead of carrying them on."""
+    from sparsebp import _core
+
+    p = np.ones((2, 3), np.float32)
+    g = np.zeros((2, 3), np.float32)
+    m = np.full((2, 3), 1e-38, np.float32)  # 0.9 * 1e-38 is subnormal
+    v = np.full((2, 3), 1e-38, np.float32)
+    _core.adam_step(p, g, m, v, None, 0.9, 0.999, 0.1, 1.0, 1e-8)
+    assert not m.any() and not v.any()
+    np.testing.assert_array_equal(p, 1.0)

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -469,8 +470,14 @@ void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64
     float* vr = v + r * cols;
     for (int64_t j = 0; j < cols; ++j) {  // vectorised by the compiler
       const float gj = gr[j];
-      const float mj = b1 * mr[j] + a1 * gj;
-      const float vj = b2 * vr[j] + a2 * gj * gj;
+      float mj = b1 * mr[j] + a1 * gj;
+      float vj = b2 * vr[j] + a2 * gj * gj;
+      // Moments of rarely nonzero gradients decay into subnormals (m after ~800 steps at b1 = 0.9),
+      // and arithmetic on subnormals is ~100x slower on x86: measured, the demo MLP's Adam step grew
+      // from 5 to 12 ms per step over 5 epochs. Flush them to zero (their contribution to the step
+      // is below 1e-30 * lr / eps).
+      mj = std::fabs(mj) < std::numeric_limits<float>::min() ? 0.0f : mj;
+      vj = vj < std::numeric_limits<float>::min() ? 0.0f : vj;
       mr[j] = mj;
       vr[j] = vj;
       pr[j] -= step_size * mj / (std::sqrt(vj * inv_c2) + eps);
