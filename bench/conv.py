@@ -113,7 +113,8 @@ def report(rows: List[dict]) -> str:
 def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, reps: int | None = None) -> List[dict]:
     from sparsebp.bench.harness import run_and_write
 
-    return run_and_write("sparsebp.bench.conv", "conv", report, out_dir, quick, threads, reps, default_reps=5)
+    return run_and_write("sparsebp.bench.conv", "conv", report, out_dir, quick, threads, reps,
+                         default_reps=5)
 
 
 def main(argv=None) -> None:

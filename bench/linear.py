@@ -243,31 +243,18 @@ def scaling_worker(reps: int, quick: bool) -> None:
 
 
 def worker(threads: int, quick: bool, reps: int) -> None:
-    import sparsebp
-
-    sparsebp.set_num_threads(threads)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        have_torch = True
-    except ImportError:
-        have_torch = False
-    try:
-        import sparseprop  # noqa: F401
-
-        have_sp = have_torch
-    except Exception:
-        have_sp = False
     from tqdm import tqdm
 
+    from sparsebp.bench.harness import emit, worker_setup
+
+    have = worker_setup(threads)
+    have_torch, have_sp = have["torch"], have["sparseprop"]
     todo = cases(quick)
     if threads > 1 and not quick:
         # The 2-thread bar concerns 4096^2 at batch 256; the other layers show scaling.
         todo = [c for c in todo if c["kind"] == "random" and c["sparsity"] >= 0.8]
     for case in tqdm(todo, desc=f"linear, {threads} thread(s)", file=sys.stderr):
-        for row in run_case(case, reps, have_sp, have_torch):
-            print("RESULT " + json.dumps(row), flush=True)
+        emit(run_case(case, reps, have_sp, have_torch))
 
 
 def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, reps: int | None = None) -> List[dict]:

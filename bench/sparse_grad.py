@@ -100,7 +100,8 @@ def report(rows: List[dict]) -> str:
 def run(out_dir: str, quick: bool = False, threads: List[int] | None = None, reps: int | None = None) -> List[dict]:
     from sparsebp.bench.harness import run_and_write
 
-    return run_and_write("sparsebp.bench.sparse_grad", "sparse_grad", report, out_dir, quick, threads, reps, default_reps=9)
+    return run_and_write("sparsebp.bench.sparse_grad", "sparse_grad", report, out_dir, quick, threads, reps,
+                         default_reps=9)
 
 
 def main(argv=None) -> None:

@@ -268,27 +268,29 @@ PYBIND11_MODULE(_core, m) {
   };
   m.def(
       "spmm_rows",
-      [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values, const py::array& d,
-                 const py::array& out) {
+      [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values,
+                             const py::array& d, const py::array& out) {
         auto [ip, ix, vp, nv] = csr_arrays(indptr, indices, values);
         auto [dp, drows, dcols, ldd] = rowmajor(d, "d", false);
         auto [op, orows, ocols, ldo] = rowmajor(out, "out", true);
         const int64_t rows = indptr.shape(0) - 1;
         if (orows != rows || ocols != dcols)
-          throw sparsebp::ValueError(str_cat("out must have shape (", rows, ", ", dcols, "); got (", orows, ", ", ocols, ")"));
+          throw sparsebp::ValueError(
+              str_cat("out must have shape (", rows, ", ", dcols, "); got (", orows, ", ", ocols, ")"));
         py::gil_scoped_release nogil;
         sparsebp::spmm_rows(ip, rows, ix, vp, nv, dp, drows, ldd, dcols, op, ldo);
       },
       py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("out"));
   m.def(
       "spmm_scatter",
-      [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values, const py::array& d,
-                 const py::array& out) {
+      [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values,
+                             const py::array& d, const py::array& out) {
         auto [ip, ix, vp, nv] = csr_arrays(indptr, indices, values);
         auto [dp, drows, dcols, ldd] = rowmajor(d, "d", false);
         auto [op, orows, ocols, ldo] = rowmajor(out, "out", true);
         const int64_t rows = indptr.shape(0) - 1;
-        if (drows != rows) throw sparsebp::ValueError(str_cat("d must have ", rows, " rows (one per CSR row); got ", drows));
+        if (drows != rows)
+          throw sparsebp::ValueError(str_cat("d must have ", rows, " rows (one per CSR row); got ", drows));
         if (ocols != dcols) throw sparsebp::ValueError(str_cat("out must have ", dcols, " columns; got ", ocols));
         py::gil_scoped_release nogil;
         sparsebp::spmm_scatter(ip, rows, ix, vp, nv, dp, ldd, dcols, op, orows, ldo);

@@ -1,9 +1,10 @@
 // The engine's threads. Two back ends with the same static schedule (task t on thread t % n):
-//  - OpenMP (when built with it, and selected: sparsebp.torch selects it): the process's OpenMP runtime. PyTorch's wheels load
-//    a libgomp.so.1, and ours then resolves to that same library, so torch's ops and ours run on
-//    one team of threads. With two separate pools, torch's workers keep spinning after each torch
-//    op while ours start, and on a machine with as many threads as cores the two fight: measured
-//    on 2 cores, our kernels ran no faster with 2 threads than with 1 inside a torch training step.
+//  - OpenMP (when built with it, and selected: sparsebp.torch selects it): the process's OpenMP runtime.
+//    PyTorch's wheels load a libgomp.so.1, and ours then resolves to that same library, so torch's
+//    ops and ours run on one team of threads. With two separate pools, torch's workers keep
+//    spinning after each torch op while ours start, and on a machine with as many threads as cores
+//    the two fight: measured on 2 cores, our kernels ran no faster with 2 threads than with 1
+//    inside a torch training step.
 //  - The engine's own pool (the default): nthreads - 1 workers plus the calling thread, no barriers
 //    inside a job. Workers spin briefly (200 us) after each job and then sleep on a condition
 //    variable. Without torch this is the better neighbour: GNU OpenMP's workers spin far longer after

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -37,35 +38,24 @@ def _bench(args) -> int:
         have_torch = False
         print("note: PyTorch is not installed, so the dense baseline is NumPy's matmul and the torch.sparse and "
               "SparseProp contenders are left out (pip install 'sparsebp[torch]' to compare against them)")
-    from sparsebp.bench import linear
     from sparsebp.bench.harness import machine_header
 
     for line in machine_header():
         print(line)
-    if args.what in ("all", "linear"):
-        linear.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
-        print(f"wrote {args.out}/linear.csv, linear.md, linear.png")
-    if args.what in ("all", "sparse-grad"):
-        from sparsebp.bench import sparse_grad
-
-        sparse_grad.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
-        print(f"wrote {args.out}/sparse_grad.csv, sparse_grad.md")
-    if args.what in ("all", "conv"):
-        if not have_torch:
-            print("conv benchmark skipped: it needs PyTorch (sparsebp.torch.SparseConv2d)")
-        else:
-            from sparsebp.bench import conv
-
-            conv.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
-            print(f"wrote {args.out}/conv.csv, conv.md")
-    if args.what in ("all", "train"):
-        if not have_torch:
-            print("training-step benchmark skipped: it needs PyTorch (the example CNN is a torch model)")
-        else:
-            from sparsebp.bench import train_step
-
-            train_step.run(args.out, quick=args.quick, threads=args.threads, reps=args.reps)
-            print(f"wrote {args.out}/train_step.csv, train_step.md")
+    # (name, module, needs torch, files written)
+    benches = [("linear", "linear", False, "linear.csv, linear.md, linear.png"),
+               ("sparse-grad", "sparse_grad", False, "sparse_grad.csv, sparse_grad.md"),
+               ("conv", "conv", True, "conv.csv, conv.md"),
+               ("train", "train_step", True, "train_step.csv, train_step.md")]
+    for name, module, needs_torch, files in benches:
+        if args.what not in ("all", name):
+            continue
+        if needs_torch and not have_torch:
+            print(f"{name} benchmark skipped: it needs PyTorch")
+            continue
+        importlib.import_module(f"sparsebp.bench.{module}").run(args.out, quick=args.quick, threads=args.threads,
+                                                                 reps=args.reps)
+        print(f"wrote {args.out}/{files}")
     return 0
 
 

@@ -35,8 +35,8 @@ def build(kind: str, k: int, sparsity: float, alpha: float, seed: int) -> nn.Seq
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     # Hidden layers take the policy; the output layer stays dense (as in the authors' code).
-    return nn.Sequential(nn.Linear(784, HIDDEN, grad=pol, rng=rng), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN, grad=pol, rng=rng),
-                         nn.ReLU(), nn.Linear(HIDDEN, 10, rng=rng))
+    return nn.Sequential(nn.Linear(784, HIDDEN, grad=pol, rng=rng), nn.ReLU(),
+                         nn.Linear(HIDDEN, HIDDEN, grad=pol, rng=rng), nn.ReLU(), nn.Linear(HIDDEN, 10, rng=rng))
 
 
 def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer) -> List[dict]:
@@ -100,7 +100,8 @@ def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, al
         results[name] = nn.fit(model, opt, X, y, epochs=epochs, batch=batch, X_test=Xt, y_test=yt, seed=seed,
                                desc=name, progress=progress)
         last = results[name][-1]
-        print(f"  {name:32s} test accuracy {last['test_acc']:.4f}, {np.median([h['total_s'] for h in results[name]]):.2f} s/epoch")
+        per_epoch = np.median([h["total_s"] for h in results[name]])
+        print(f"  {name:32s} test accuracy {last['test_acc']:.4f}, {per_epoch:.2f} s/epoch")
     if with_torch is None:
         try:
             import torch  # noqa: F401

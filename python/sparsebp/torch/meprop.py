@@ -71,7 +71,8 @@ class _MePropLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         sel = _select(ctx.policy, g)
         gb = g.sum(0) if need_b else None
         if g.dtype != torch.float32:  # reference path (gradcheck): the same selection, dense products
