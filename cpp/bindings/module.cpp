@@ -330,6 +330,124 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("rows"), py::arg("b1"), py::arg("b2"),
       py::arg("step_size"), py::arg("inv_c2"), py::arg("eps"));
+  // Unit-mask blocks. Index lists: None or 1-D int64 (converted); 1-D float arrays count as (n, 1).
+  using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  auto index_list = [](const py::object& o, const char* name, IndexArray* keep) -> std::pair<const int64_t*, int64_t> {
+    if (o.is_none()) return {nullptr, -1};
+    *keep = IndexArray(o);
+    if (keep->ndim() != 1) throw sparsebp::ValueError(str_cat(name, " must be 1-D"));
+    return {keep->data(), keep->shape(0)};
+  };
+  auto matrix = [rowmajor](const py::array& a, const char* name, bool writable) {
+    if (a.ndim() == 1) {
+      check_float32(a, name);
+      if (writable && !a.writeable()) throw sparsebp::ValueError(str_cat(name, " must be writeable"));
+      if (a.shape(0) > 1 && a.strides(0) != 4) throw sparsebp::ValueError(str_cat(name, " must be contiguous"));
+      return std::make_tuple(static_cast<float*>(const_cast<void*>(a.data())), static_cast<int64_t>(a.shape(0)),
+                             int64_t{1}, int64_t{1});
+    }
+    auto [p, r, c, ld] = rowmajor(a, name, writable);
+    return std::make_tuple(p, static_cast<int64_t>(r), static_cast<int64_t>(c), static_cast<int64_t>(ld));
+  };
+  m.def(
+      "gather_block",
+      [index_list, matrix](const py::array& src, const py::object& rows, const py::object& cols, const py::array& out) {
+        IndexArray ra, ca;
+        auto [rp, nr] = index_list(rows, "rows", &ra);
+        auto [cp, nc] = index_list(cols, "cols", &ca);
+        auto [sp, srows, scols, lds] = matrix(src, "src", false);
+        auto [op, orows, ocols, ldo] = matrix(out, "out", true);
+        if (!rp) nr = srows;
+        if (!cp) nc = scols;
+        if (orows != nr || ocols != nc)
+          throw sparsebp::ValueError(str_cat("out must have shape (", nr, ", ", nc, "); got (", orows, ", ", ocols, ")"));
+        py::gil_scoped_release nogil;
+        sparsebp::gather_block(sp, srows, scols, lds, rp, nr, cp, nc, op, ldo);
+      },
+      py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("out"));
+  m.def(
+      "scatter_add_block",
+      [index_list, matrix](const py::array& dst, const py::object& rows, const py::object& cols, const py::array& src,
+                           float alpha) {
+        IndexArray ra, ca;
+        auto [rp, nr] = index_list(rows, "rows", &ra);
+        auto [cp, nc] = index_list(cols, "cols", &ca);
+        auto [dp, drows, dcols, ldd] = matrix(dst, "dst", true);
+        auto [sp, srows, scols, lds] = matrix(src, "src", false);
+        if (!rp) nr = drows;
+        if (!cp) nc = dcols;
+        if (srows != nr || scols != nc)
+          throw sparsebp::ValueError(str_cat("src must have shape (", nr, ", ", nc, "); got (", srows, ", ", scols, ")"));
+        py::gil_scoped_release nogil;
+        sparsebp::scatter_add_block(dp, drows, dcols, ldd, rp, nr, cp, nc, sp, lds, alpha);
+      },
+      py::arg("dst"), py::arg("rows"), py::arg("cols"), py::arg("src"), py::arg("alpha") = 1.0f);
+  m.def(
+      "lazy_sgd",
+      [index_list, matrix](const py::array& w, const py::array& buf, const py::object& stamp, const py::object& rows,
+                           const py::object& cols, const py::object& powers, int64_t now, const py::object& g,
+                           const py::object& out, double lr, double momentum, double decay) {
+        IndexArray ra, ca;
+        auto [rp, nr] = index_list(rows, "rows", &ra);
+        auto [cp, nc] = index_list(cols, "cols", &ca);
+        auto [wp, wr, wc, ldw] = matrix(w, "w", true);
+        auto [bp, br, bc, ldb] = matrix(buf, "buf", true);
+        if (ldw != wc || ldb != bc || br != wr || bc != wc)
+          throw sparsebp::ValueError("w and buf must be C-contiguous arrays of the same shape");
+        if (!rp) nr = wr;
+        if (!cp) nc = wc;
+        int32_t* stp = nullptr;
+        bool row_stamps = false;
+        if (!stamp.is_none()) {
+          py::array st = stamp.cast<py::array>();
+          if (!py::array_t<int32_t>::check_(st) || (st.size() != wr * wc && st.size() != wr) || !st.writeable() ||
+              !(st.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+            throw sparsebp::ValueError(
+                "stamp must be a writeable C-contiguous int32 array with w's size, or one entry per row");
+          row_stamps = st.size() == wr && wc != 1;
+          stp = static_cast<int32_t*>(st.mutable_data());
+        }
+        const float* pw = nullptr;
+        int64_t max_lag = 0;
+        py::array_t<float, py::array::c_style | py::array::forcecast> pa;
+        if (!powers.is_none()) {
+          pa = py::array_t<float, py::array::c_style | py::array::forcecast>(powers);
+          if (pa.ndim() != 3 || pa.shape(1) != 2 || pa.shape(2) != 2 || pa.shape(0) < 1)
+            throw sparsebp::ValueError("powers must have shape (max_lag + 1, 2, 2)");
+          pw = pa.data();
+          max_lag = pa.shape(0) - 1;
+        }
+        if (now < 0 || now > INT32_MAX - 1) throw sparsebp::ValueError(str_cat("now must lie in [0, 2^31 - 2]; got ", now));
+        auto block = [&](const py::object& o, const char* name, bool writable) -> float* {
+          if (o.is_none()) return nullptr;
+          py::array a = o.cast<py::array>();
+          auto [p, r, c, ld] = matrix(a, name, writable);
+          if (r != nr || c != nc || ld != nc)
+            throw sparsebp::ValueError(str_cat(name, " must be a C-contiguous (", nr, ", ", nc, ") block"));
+          return p;
+        };
+        const float* gp = block(g, "g", false);
+        float* op = block(out, "out", true);
+        py::gil_scoped_release nogil;
+        sparsebp::lazy_sgd(wp, bp, stp, row_stamps, wr, wc, rp, nr, cp, nc, pw, max_lag, static_cast<int32_t>(now), gp,
+                           op, static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(decay));
+      },
+      py::arg("w"), py::arg("buf"), py::arg("stamp"), py::arg("rows"), py::arg("cols"), py::arg("powers"),
+      py::arg("now"), py::arg("g"), py::arg("out"), py::arg("lr"), py::arg("momentum"), py::arg("decay"));
+  m.def(
+      "bernoulli_csr",
+      [rowmajor](const py::array& s, uint64_t seed) {
+        auto [sp, rows, cols, lds] = rowmajor(s, "s", false);
+        std::vector<int64_t> indptr;
+        std::vector<int32_t> indices;
+        {
+          py::gil_scoped_release nogil;
+          sparsebp::bernoulli_csr(sp, rows, cols, lds, seed, &indptr, &indices);
+        }
+        return py::make_tuple(py::array_t<int64_t>(indptr.size(), indptr.data()),
+                              py::array_t<int32_t>(indices.size(), indices.data()));
+      },
+      py::arg("s"), py::arg("seed"));
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);

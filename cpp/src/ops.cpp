@@ -489,4 +489,94 @@ void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64
   });
 }
 
+namespace {
+void check_index_list(const int64_t* idx, int64_t n, int64_t bound, const char* name) {
+  if (!idx) return;
+  for (int64_t i = 0; i < n; ++i) {
+    SPARSEBP_CHECK_VALUE(idx[i] >= 0 && idx[i] < bound, name, "[", i, "] = ", idx[i], " is outside [0, ", bound, ")");
+    SPARSEBP_CHECK_VALUE(i == 0 || idx[i] > idx[i - 1], name, " must be strictly increasing; ", name, "[", i,
+                         "] = ", idx[i], " follows ", idx[i - 1]);
+  }
+}
+
+template <typename Fn>
+void run_block_rows(int64_t n_rows, int64_t work, Fn&& fn) {
+  const int64_t nt = std::min<int64_t>(threads_for(work), std::max<int64_t>(n_rows, 1));
+  parallel_for(nt, [&](int64_t i) { fn(n_rows * i / nt, n_rows * (i + 1) / nt); });
+}
+}  // namespace
+
+void gather_block(const float* src, int64_t src_rows, int64_t src_cols, int64_t lds, const int64_t* rows,
+                  int64_t n_rows, const int64_t* cols, int64_t n_cols, float* dst, int64_t ldd) {
+  SPARSEBP_CHECK_VALUE(src_rows >= 0 && src_cols >= 0 && lds >= src_cols && n_rows >= 0 && n_cols >= 0 &&
+                           ldd >= n_cols, "bad shape for gather_block");
+  SPARSEBP_CHECK_VALUE(rows || n_rows == src_rows, "without rows, the block has all ", src_rows, " rows");
+  SPARSEBP_CHECK_VALUE(cols || n_cols == src_cols, "without cols, the block has all ", src_cols, " columns");
+  check_index_list(rows, n_rows, src_rows, "rows");
+  check_index_list(cols, n_cols, src_cols, "cols");
+  if (n_rows == 0 || n_cols == 0) return;
+  const KernelTable& t = active_table();
+  const kernels::BlockArgs a{src, lds, dst, ldd, rows, cols, n_cols, 1.0f};
+  run_block_rows(n_rows, n_rows * n_cols * 4, [&](int64_t i0, int64_t i1) { t.gather_block(a, i0, i1); });
+}
+
+void scatter_add_block(float* dst, int64_t dst_rows, int64_t dst_cols, int64_t ldd, const int64_t* rows,
+                       int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* src, int64_t lds,
+                       float alpha) {
+  SPARSEBP_CHECK_VALUE(dst_rows >= 0 && dst_cols >= 0 && ldd >= dst_cols && n_rows >= 0 && n_cols >= 0 &&
+                           lds >= n_cols, "bad shape for scatter_add_block");
+  SPARSEBP_CHECK_VALUE(rows || n_rows == dst_rows, "without rows, the block has all ", dst_rows, " rows");
+  SPARSEBP_CHECK_VALUE(cols || n_cols == dst_cols, "without cols, the block has all ", dst_cols, " columns");
+  check_index_list(rows, n_rows, dst_rows, "rows");
+  check_index_list(cols, n_cols, dst_cols, "cols");
+  if (n_rows == 0 || n_cols == 0) return;
+  const KernelTable& t = active_table();
+  kernels::BlockArgs a{src, lds, dst, ldd, rows, cols, n_cols, alpha};
+  run_block_rows(n_rows, n_rows * n_cols * 4, [&](int64_t i0, int64_t i1) { t.scatter_add_block(a, i0, i1); });
+}
+
+void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_rows, int64_t w_cols,
+              const int64_t* rows, int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* powers,
+              int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay) {
+  SPARSEBP_CHECK_VALUE(w_rows >= 0 && w_cols >= 0 && n_rows >= 0 && n_cols >= 0 && max_lag >= 0,
+                       "bad shape for lazy_sgd");
+  SPARSEBP_CHECK_VALUE(rows || n_rows == w_rows, "without rows, the block has all ", w_rows, " rows");
+  SPARSEBP_CHECK_VALUE(cols || n_cols == w_cols, "without cols, the block has all ", w_cols, " columns");
+  SPARSEBP_CHECK_VALUE(stamp == nullptr || powers != nullptr, "lazy_sgd with stamps needs the powers table");
+  SPARSEBP_CHECK_VALUE(!(stamp && row_stamps && cols), "with row stamps, blocks must span whole rows (cols = all)");
+  check_index_list(rows, n_rows, w_rows, "rows");
+  check_index_list(cols, n_cols, w_cols, "cols");
+  if (n_rows == 0 || n_cols == 0) return;
+  const KernelTable& t = active_table();
+  std::vector<uint8_t> bad(static_cast<size_t>(n_rows), 0);
+  const kernels::LazySgdArgs a{w,     buf, stamp,  row_stamps, w_cols, rows,  cols,     n_cols, powers, max_lag,
+                               now,   g,   n_cols, out,        n_cols, lr,    momentum, decay,  bad.data()};
+  run_block_rows(n_rows, n_rows * n_cols * 8, [&](int64_t i0, int64_t i1) { t.lazy_sgd(a, i0, i1); });
+  for (int64_t i = 0; i < n_rows; ++i)
+    SPARSEBP_CHECK_VALUE(!bad[static_cast<size_t>(i)], "lazy_sgd: an entry of block row ", i,
+                         " is more than max_lag = ", max_lag, " steps behind (or ahead of) now = ", now,
+                         "; flush more often");
+}
+
+void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint64_t seed,
+                   std::vector<int64_t>* indptr, std::vector<int32_t>* indices) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0 && lds >= cols, "bad shape for bernoulli_csr");
+  SPARSEBP_CHECK_VALUE(cols <= INT32_MAX, "bernoulli_csr: more than 2^31 - 1 columns; got ", cols);
+  indptr->assign(static_cast<size_t>(rows) + 1, 0);
+  if (rows == 0 || cols == 0) {
+    indices->clear();
+    return;
+  }
+  const KernelTable& t = active_table();
+  std::vector<int64_t> counts(static_cast<size_t>(rows), 0);
+  kernels::BernoulliArgs a{s, lds, cols, seed, counts.data(), nullptr, nullptr};
+  const int64_t nt = std::min<int64_t>(threads_for(rows * cols * 4), rows);
+  parallel_for(nt, [&](int64_t i) { t.bernoulli_rows(a, rows * i / nt, rows * (i + 1) / nt); });
+  for (int64_t r = 0; r < rows; ++r) (*indptr)[r + 1] = (*indptr)[r] + counts[r];
+  indices->resize(static_cast<size_t>((*indptr)[rows]));
+  a.indptr = indptr->data();
+  a.indices = indices->data();
+  parallel_for(nt, [&](int64_t i) { t.bernoulli_rows(a, rows * i / nt, rows * (i + 1) / nt); });
+}
+
 }  // namespace sparsebp

@@ -107,6 +107,11 @@ def main(argv=None) -> int:
     pd.add_argument("--no-torch", action="store_true", help="leave out the dense torch reference run")
     pd.add_argument("--out", default="demo-results", help="folder for demo.csv and demo.png (default demo-results)")
     pd.set_defaults(fn=_demo)
+    pv = sub.add_parser("vrpge", add_help=False,
+                        help="VR-PGE learned unit masks on the MNIST MLP at keep 0.5/0.25/0.1 vs dense vs random "
+                             "masks (NumPy; see sparsebp vrpge --help)")
+    pv.add_argument("rest", nargs=argparse.REMAINDER)
+    pv.set_defaults(fn=lambda a: __import__("sparsebp.vrpge_demo", fromlist=["main"]).main(a.rest))
     pb = sub.add_parser("bench", help="benchmark the kernels against dense torch, torch.sparse and SparseProp")
     pb.add_argument("--quick", action="store_true", help="a few cases, 1 thread (about a minute)")
     pb.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 2)")
@@ -115,6 +120,11 @@ def main(argv=None) -> int:
     pb.add_argument("--what", choices=["all", "linear", "sparse-grad", "conv", "train"], default="all",
                     help="which benchmark (default all; conv and train, the example CNN's training step, need torch)")
     pb.set_defaults(fn=_bench)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["vrpge"]:  # its own parser (sparsebp/vrpge_demo.py) takes the rest
+        from sparsebp import vrpge_demo
+
+        return vrpge_demo.main(argv[1:])
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -330,28 +330,31 @@ class Adam(_Optimizer):
 
 
 class SGD(_Optimizer):
-    """SGD with optional momentum. Parameters whose gradient lists ``rows`` are updated only there."""
+    """SGD with optional momentum and weight decay (PyTorch's rule: ``b = momentum * b + g +
+    weight_decay * w``; ``w -= lr * b``), one fused pass in C++ per parameter. Parameters whose
+    gradient lists ``rows`` are updated only there (the other rows are left alone, momentum and
+    decay included). For exact sparse updates of blocks see ``sparsebp.ops.LazySGD``."""
 
-    def __init__(self, params: Iterable[Param], lr: float = 0.01, momentum: float = 0.0):
+    def __init__(self, params: Iterable[Param], lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0):
         super().__init__(params, lr)
-        if not 0.0 <= momentum < 1.0:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}")
-        self.momentum = float(momentum)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}")
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
 
     def step(self) -> None:
         for p in self.params:
             if p.grad is None:
                 continue
-            r = slice(None) if p.rows is None else p.rows
-            g = p.grad[r]
-            if self.momentum:
-                st = self.state.setdefault(id(p), {})
-                if "buf" not in st or st["buf"].shape != p.data.shape:
-                    st["buf"] = np.zeros_like(p.data)
-                b = self.momentum * st["buf"][r] + g
-                st["buf"][r] = b
-                g = b
-            p.data[r] -= self.lr * g
+            st = self.state.setdefault(id(p), {})
+            if "buf" not in st or st["buf"].shape != p.data.shape:
+                st["buf"] = np.zeros_like(p.data)
+            rows = None if p.rows is None else np.asarray(p.rows, dtype=np.int64)
+            g = p.grad if rows is None or p.grad.shape[0] != p.data.shape[0] else p.grad[rows]
+            g = np.ascontiguousarray(g, dtype=np.float32)
+            _core.lazy_sgd(p.data, st["buf"], None, rows, None, None, 0, g, None, self.lr, self.momentum,
+                           self.weight_decay)
 
 
 def evaluate(model: Sequential, X: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:

@@ -2,6 +2,7 @@
 // live in ops.cpp; kernels trust what they are given.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "sparsebp/csr.h"
 
@@ -81,5 +82,26 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
 // with step_size = lr / (1 - b1^t) and inv_c2 = 1 / (1 - b2^t) given by the caller.
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
                int64_t n_rows, float b1, float b2, float step_size, float inv_c2, float eps);
+
+// ---- Unit masks (VR-PGE): blocks of row-major matrices -------------------------------------------
+// rows / cols: strictly increasing indices into the big matrix (null: all of them, n = its size).
+// dst (n_rows x n_cols, leading dimension ldd) = src[rows][:, cols].
+void gather_block(const float* src, int64_t src_rows, int64_t src_cols, int64_t lds, const int64_t* rows,
+                  int64_t n_rows, const int64_t* cols, int64_t n_cols, float* dst, int64_t ldd);
+// dst[rows][:, cols] += alpha * src (src: n_rows x n_cols, leading dimension lds).
+void scatter_add_block(float* dst, int64_t dst_rows, int64_t dst_cols, int64_t ldd, const int64_t* rows,
+                       int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* src, int64_t lds,
+                       float alpha);
+// Lazy SGD over the block rows x cols of w (w_rows x w_cols, contiguous; buf alike; stamp:
+// w_rows x w_cols, or w_rows with row_stamps, where cols must be null): the contract of
+// kernels::LazySgdArgs. powers: 4 * (max_lag + 1) floats. g / out may be null (leading dimension
+// = n_cols). A lag outside [0, max_lag] is a ValueError (that block row may be partly updated: the
+// caller's bookkeeping is broken).
+void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_rows, int64_t w_cols,
+              const int64_t* rows, int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* powers,
+              int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay);
+// The CSR structure (indptr: rows + 1, indices) of a Bernoulli(s) mask: kernels::BernoulliArgs.
+void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint64_t seed,
+                   std::vector<int64_t>* indptr, std::vector<int32_t>* indices);
 
 }  // namespace sparsebp

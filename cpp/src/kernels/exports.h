@@ -17,6 +17,10 @@ void topk_rows(const TopkArgs& a, int64_t row_begin, int64_t row_end);
 void abs_colsum(const AbsColsumArgs& a, int64_t col_begin, int64_t col_end);
 void spmm_rows(const SpmmRowsArgs& a, int64_t row_begin, int64_t row_end);
 void spmm_scatter(const SpmmScatterArgs& a, int64_t col_begin, int64_t col_end);
+void gather_block(const BlockArgs& a, int64_t i_begin, int64_t i_end);
+void scatter_add_block(const BlockArgs& a, int64_t i_begin, int64_t i_end);
+void lazy_sgd(const LazySgdArgs& a, int64_t i_begin, int64_t i_end);
+void bernoulli_rows(const BernoulliArgs& a, int64_t row_begin, int64_t row_end);
 
 }  // namespace SPARSEBP_ISA_NS
 }  // namespace kernels

@@ -172,6 +172,71 @@ struct SpmmScatterArgs {
 };
 using SpmmScatterFn = void (*)(const SpmmScatterArgs&, int64_t col_begin, int64_t col_end);
 
+// ---- Unit masks (VR-PGE) -----------------------------------------------------------------------
+// Row-major blocks. R(i) = rows ? rows[i] : i and C(j) = cols ? cols[j] : j, for j < ncols.
+//   gather_block:      dst[i * ldd + j] = src[R(i) * lds + C(j)]
+//   scatter_add_block: dst[R(i) * ldd + C(j)] += alpha * src[i * lds + j]
+// over i in [i_begin, i_end). rows / cols hold no duplicates (ops.cpp checks), so disjoint i
+// ranges never write the same element.
+struct BlockArgs {
+  const float* src;
+  int64_t lds;
+  float* dst;
+  int64_t ldd;
+  const int64_t* rows;  // may be null
+  const int64_t* cols;  // may be null
+  int64_t ncols;
+  float alpha;          // scatter_add_block only
+};
+using BlockFn = void (*)(const BlockArgs&, int64_t i_begin, int64_t i_end);
+
+// Lazy SGD with momentum and weight decay (PyTorch's rule: b = mu b + g + decay w; w -= lr b) over
+// the block R x C of a row-major parameter w (leading dimension ld) and its momentum buffer buf.
+// A step with g = 0 is linear in (w, b): (w, b) <- A (w, b), A = [[1 - lr decay, -lr mu],
+// [decay, mu]]. The stamps count the steps an entry (or, with row_stamps, a whole row: then
+// blocks always span whole rows, C = all) has received; an entry `lag = now - stamp` steps behind
+// is first caught up with powers[4 lag .. 4 lag + 3] = A^lag (row-major; lag in [0, max_lag],
+// else bad[i] = 1 and the row is not, or not wholly, updated). Then:
+//   out (if not null): out[i * ldo + j] = the caught-up w;
+//   g (if not null):   one step with gradient g[i * ldg + j], and stamp = now + 1; else now.
+// stamp null: no catch-up (a plain fused step). Float arithmetic (as PyTorch's float32 step).
+struct LazySgdArgs {
+  float* w;
+  float* buf;
+  int32_t* stamp;       // may be null; rows x ld entries, or rows entries with row_stamps
+  bool row_stamps;
+  int64_t ld;
+  const int64_t* rows;  // may be null
+  const int64_t* cols;  // may be null
+  int64_t ncols;
+  const float* powers;
+  int64_t max_lag;
+  int32_t now;
+  const float* g;       // may be null
+  int64_t ldg;
+  float* out;           // may be null
+  int64_t ldo;
+  float lr, momentum, decay;
+  uint8_t* bad;         // one flag per block row i
+};
+using LazySgdFn = void (*)(const LazySgdArgs&, int64_t i_begin, int64_t i_end);
+
+// A Bernoulli(s) mask of a rows x cols matrix of probabilities s, as CSR, from a counter-based
+// generator: u(e) = top 24 bits of h(seed, e) / 2^24 with e = r * cols + j, h = SplitMix64's mixer
+// applied to the mixed seed plus e; m(e) = u(e) < s(e). A pure function of (seed, s): the same
+// for every thread count and ISA. Pass 1 (indices null): counts[r] = stored entries of row r.
+// Pass 2: indices[indptr[r] ..] = the columns of row r, increasing.
+struct BernoulliArgs {
+  const float* s;
+  int64_t lds;
+  int64_t cols;
+  uint64_t seed;
+  int64_t* counts;
+  const int64_t* indptr;
+  int32_t* indices;
+};
+using BernoulliFn = void (*)(const BernoulliArgs&, int64_t row_begin, int64_t row_end);
+
 struct KernelTable {
   const char* name;
   // Batch columns one register tile of each kernel covers (ops.cpp sizes cache panels from them).
@@ -186,6 +251,10 @@ struct KernelTable {
   AbsColsumFn abs_colsum;
   SpmmRowsFn spmm_rows;
   SpmmScatterFn spmm_scatter;
+  BlockFn gather_block;
+  BlockFn scatter_add_block;
+  LazySgdFn lazy_sgd;
+  BernoulliFn bernoulli_rows;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.

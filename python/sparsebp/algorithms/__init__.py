@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from .sparse_grad import _check_k, topk, topk_columns
+from ..sparse_grad import _check_k, topk, topk_columns
 
 __all__ = ["MeProp", "MSBP", "MeSimp", "MeSimpSchedule", "SparseGrad", "Selection"]
 

@@ -1,0 +1,515 @@
+"""VR-PGE (Zhou et al., NeurIPS 2021): learned Bernoulli masks under a global budget, trained by a
+two-sample variance-reduced policy-gradient estimator, with truly sparse forward and backward.
+The math is ``design/ALGORITHMS.md`` section 5; this is the NumPy path (no torch). The torch path
+is ``sparsebp.torch.vrpge``.
+
+One step on a minibatch (``VRPGE.step``)::
+
+    draw m1, m2 ~ Bern(s)
+    f_j, G_j = loss and weight gradient of the sub-network m_j (only kept units computed)
+    g_w = (G_1 + G_2) / 2
+    g_s = (f_1 - f_2) (psi(m1) - psi(m2)) / 2
+    clip the joint norm of (g_w, g_s); w <- SGD(momentum, weight decay); s <- Adam; s <- project(s)
+
+``psi``: ``score="authors"``, ``(m - s) / sqrt(s (1 - s))`` (the authors' code: an estimate of
+``sqrt(s (1 - s)) * grad``), or ``"textbook"``, ``(m - s) / (s (1 - s))`` (the score function:
+an unbiased estimate of the gradient itself). ``psi(m1) - psi(m2) = (m1 - m2) / den(s)``, so g_s
+is nonzero only where the two masks differ.
+
+Granularity. ``"unit"`` (default): one s per output unit of every hidden ``Linear`` (the
+classifier is not masked); a mask applies after the activation, so a dropped unit is exactly
+zero and is never computed: each sub-network runs on the compacted weights (the kept rows and
+columns gathered by C++ kernels), its gradients are scattered back into the union of the two
+masks, and the weights outside it are updated lazily (``sparsebp.ops.LazySGD``: exact, in closed
+form, when next touched). ``"weight"``: one s per weight of every hidden ``Linear``; each sampled
+mask becomes a CSR (``sparsebp.ops.bernoulli_csr``, no dense mask) and the sub-network runs on
+sparsebp's CSR kernels.
+"""
+from __future__ import annotations
+
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .. import _core
+from ..blocks import LazySGD, gather_block, scatter_add_block, bernoulli_csr
+from ..csr import CSR
+
+__all__ = ["project_budget", "score", "estimator", "plain_estimator", "VRPGE", "SCORES"]
+
+SCORES = ("authors", "textbook")
+
+
+def _check_score(kind: str) -> str:
+    if kind not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}; got {kind!r}")
+    return kind
+
+
+def project_budget(s, budget: float, method: str = "sort") -> np.ndarray:
+    """The projection onto ``{x in [0, 1]^n : sum x <= budget}``: ``clip(s - v, 0, 1)`` with
+    ``v = 0`` when ``sum clip(s, 0, 1) <= budget``, else the root ``v > 0`` of
+    ``sum clip(s - v, 0, 1) = budget``. ``method``: ``"sort"`` (exact: the piecewise-linear
+    equation solved between its sorted breakpoints) or ``"bisect"`` (in double, to 1e-15).
+    Returns a float64 array."""
+    s = np.asarray(s, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"s must be 1-D; got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("s must be finite")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) or not budget >= 0:
+        raise ValueError(f"budget must be a number >= 0; got {budget!r}")
+    if method not in ("sort", "bisect"):
+        raise ValueError(f"method must be 'sort' or 'bisect'; got {method!r}")
+    budget = float(budget)
+    c = np.clip(s, 0.0, 1.0)
+    if c.sum() <= budget:
+        return c
+    if method == "bisect":
+        lo, hi = 0.0, float(s.max())
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if np.clip(s - mid, 0.0, 1.0).sum() > budget:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-15:
+                break
+        return np.clip(s - hi, 0.0, 1.0)
+    # f(v) = #{s_i >= v + 1} + sum_{v < s_i < v + 1} (s_i - v): linear between breakpoints s_i - 1, s_i.
+    srt = np.sort(s)
+    pre = np.concatenate([[0.0], np.cumsum(srt)])
+    n = len(srt)
+
+    def f(v):
+        hi = np.searchsorted(srt, v + 1.0, side="left")
+        lo = np.searchsorted(srt, v, side="right")
+        return (n - hi) + (pre[hi] - pre[lo]) - v * (hi - lo)
+
+    bp = np.concatenate([[0.0], srt - 1.0, srt])
+    bp = np.sort(bp[bp >= 0.0])  # (np.unique is ~50x slower here; repeated breakpoints are harmless)
+    fv = f(bp)  # non-increasing; fv[0] = f(0) > budget, f(max s) = 0 <= budget
+    k = int(np.searchsorted(-fv, -budget, side="left"))  # first breakpoint with f <= budget
+    v0, v1, f0, f1 = bp[k - 1], bp[k], fv[k - 1], fv[k]
+    v = v1 if f0 == f1 else v0 + (f0 - budget) * (v1 - v0) / (f0 - f1)
+    return np.clip(s - v, 0.0, 1.0)
+
+
+def _den(s: np.ndarray, kind: str) -> np.ndarray:
+    q = s * (1.0 - s)
+    return np.sqrt(q) if kind == "authors" else q
+
+
+def score(m, s, kind: str = "authors") -> np.ndarray:
+    """psi(m): ``(m - s) / sqrt(s (1 - s))`` (authors) or ``(m - s) / (s (1 - s))`` (textbook);
+    0 where s is 0 or 1 (there m = s with probability 1)."""
+    _check_score(kind)
+    s = np.asarray(s, dtype=np.float64)
+    d = _den(s, kind)
+    num = np.asarray(m, dtype=np.float64) - s
+    return np.divide(num, d, out=np.zeros_like(s), where=d > 0)
+
+
+def estimator(f1: float, f2: float, m1, m2, s, kind: str = "authors") -> np.ndarray:
+    """The two-sample variance-reduced policy gradient ``(f1 - f2) (psi(m1) - psi(m2)) / 2``."""
+    _check_score(kind)
+    s = np.asarray(s, dtype=np.float64)
+    d = _den(s, kind)
+    diff = np.asarray(m1, dtype=np.float64) - np.asarray(m2, dtype=np.float64)
+    return 0.5 * (float(f1) - float(f2)) * np.divide(diff, d, out=np.zeros_like(s), where=d > 0)
+
+
+def plain_estimator(f1: float, f2: float, m1, m2, s, kind: str = "authors") -> np.ndarray:
+    """Plain policy gradient averaged over the same two samples, ``(f1 psi(m1) + f2 psi(m2)) / 2``
+    (the baseline the variance reduction is measured against)."""
+    return 0.5 * (float(f1) * score(m1, s, kind) + float(f2) * score(m2, s, kind))
+
+
+def _softmax_xent(z: np.ndarray, y: np.ndarray):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    ssum = e.sum(axis=1, keepdims=True)
+    n = len(y)
+    loss = float(np.mean(np.log(ssum[:, 0]) - z[np.arange(n), y]))
+    g = e / ssum
+    g[np.arange(n), y] -= 1.0
+    return loss, (g / n).astype(np.float32)
+
+
+def _positive(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"{name} must be a positive number; got {v!r}")
+    return float(v)
+
+
+class VRPGE:
+    """VR-PGE trainer for a ``sparsebp.nn.Sequential`` MLP of the form
+    ``Linear, ReLU, Linear, ReLU, ..., Linear`` (dense ``Linear`` layers, each hidden one followed
+    by a ReLU; the last is the classifier).
+
+    ``keep_ratio``: the budget ``sum s <= keep_ratio * n`` over all masked units (or weights),
+    global across layers. ``s`` starts at ``keep_ratio``. Weights: SGD with ``momentum`` and
+    ``weight_decay`` (lazy, exact: ``LazySGD``); ``s``: Adam with ``lr_s``; ``clip``: the joint
+    gradient norm (``None``: no clipping). ``seed``: the mask samples' generator.
+    """
+
+    def __init__(self, model, keep_ratio: float, *, lr: float = 0.05, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, lr_s: float = 0.01, score: str = "authors", clip: Optional[float] = 3.0,
+                 granularity: str = "unit", seed: int = 0):
+        from ..nn import Linear, ReLU, Sequential
+
+        if not isinstance(model, Sequential):
+            raise TypeError(f"model must be a sparsebp.nn.Sequential; got {type(model).__name__}")
+        layers = model.layers
+        ok = len(layers) % 2 == 1 and len(layers) >= 3 and all(
+            isinstance(m, Linear) if i % 2 == 0 else isinstance(m, ReLU) for i, m in enumerate(layers))
+        if not ok:
+            raise ValueError("VRPGE needs a Sequential of the form Linear, ReLU, Linear, ..., ReLU, Linear "
+                             f"(dense Linear layers, at least one hidden); got {[type(m).__name__ for m in layers]}")
+        if any(m.policy is not None for m in layers[::2]):
+            raise ValueError("VRPGE does not combine with a sparse-gradient policy on the layers (grad=...)")
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must lie in (0, 1]; got {keep_ratio!r}")
+        if granularity not in ("unit", "weight"):
+            raise ValueError(f"granularity must be 'unit' or 'weight'; got {granularity!r}")
+        if clip is not None:
+            clip = _positive(clip, "clip")
+        self.model, self.linears = model, layers[::2]
+        self.keep_ratio, self.score, self.clip, self.granularity = float(keep_ratio), _check_score(score), clip, granularity
+        self.lr_s = _positive(lr_s, "lr_s")
+        self.opt = LazySGD(model.params(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           whole_rows=model.params())
+        hidden = self.linears[:-1]
+        if granularity == "unit":
+            self.s = [np.full(m.out_features, self.keep_ratio) for m in hidden]
+        else:
+            self.s = [np.full(m.weight.data.shape, self.keep_ratio) for m in hidden]
+        self.budget = self.keep_ratio * sum(x.size for x in self.s)
+        self._m1 = [np.zeros_like(x) for x in self.s]  # Adam moments of s
+        self._m2 = [np.zeros_like(x) for x in self.s]
+        self._t = 0
+        self.rng = np.random.default_rng(seed)
+        self._bufs = {}
+
+    # ---- masks -------------------------------------------------------------------------------------
+    def sample(self) -> list:
+        """One mask per hidden layer, m ~ Bern(s): bool arrays (units), or CSR structures
+        ``(indptr, indices)`` (weights, built without a dense mask)."""
+        if self.granularity == "unit":
+            return [self.rng.random(s.shape) < s for s in self.s]
+        return [bernoulli_csr(s.astype(np.float32), int(self.rng.integers(0, 2 ** 63))) for s in self.s]
+
+    def _dense(self, mask, l: int) -> np.ndarray:
+        """A sampled mask of hidden layer l as a bool array of s's shape."""
+        if self.granularity == "unit":
+            return mask
+        indptr, indices = mask
+        out = np.zeros(self.s[l].shape, dtype=bool)
+        out[np.repeat(np.arange(out.shape[0]), np.diff(indptr)), indices] = True
+        return out
+
+    def density(self) -> float:
+        """Expected kept fraction, sum s / n."""
+        return float(sum(s.sum() for s in self.s) / sum(s.size for s in self.s))
+
+    def polarised(self, tol: float = 0.01) -> float:
+        """Fraction of entries of s within ``tol`` of 0 or 1."""
+        allv = np.concatenate([s.ravel() for s in self.s])
+        return float(np.mean((allv <= tol) | (allv >= 1 - tol)))
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def step(self, x: np.ndarray, y: np.ndarray) -> dict:
+        """One VR-PGE step on a minibatch; returns the two losses and the kept fractions."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.asarray(y)
+        masks = (self.sample(), self.sample())
+        if self.granularity == "unit":
+            fs, gw = self._unit_grads(x, y, masks)
+        else:
+            fs, gw = self._weight_grads(x, y, masks)
+        if self.granularity == "unit":
+            gs = [estimator(fs[0], fs[1], a, b, s, self.score) for a, b, s in zip(masks[0], masks[1], self.s)]
+        else:  # nonzero only where the masks differ: built from the two CSRs
+            gs = []
+            for l, (a, b, s) in enumerate(zip(masks[0], masks[1], self.s)):
+                diff = np.zeros(s.shape)
+                for (indptr, indices), sign in ((a, 1.0), (b, -1.0)):
+                    diff[np.repeat(np.arange(s.shape[0]), np.diff(indptr)), indices] += sign
+                d = _den(s, self.score)
+                gs.append(0.5 * (fs[0] - fs[1]) * np.divide(diff, d, out=np.zeros_like(s), where=d > 0))
+        scale = 1.0
+        if self.clip is not None:
+            norm = np.sqrt(sum(float(np.vdot(g, g)) for _, _, _, g in gw) + sum(float(np.vdot(g, g)) for g in gs))
+            if norm > self.clip:
+                scale = self.clip / (norm + 1e-6)
+        for p, rows, cols, g in gw:
+            if scale != 1.0:
+                g *= np.float32(scale)
+            self.opt._run(p, rows, cols, g, None)
+        self.opt.advance()
+        self._adam_s([g * scale for g in gs])
+        kept = [float(np.mean(m)) if self.granularity == "unit" else len(m[1]) / s.size
+                for m, s in zip(masks[0], self.s)]
+        return dict(loss1=fs[0], loss2=fs[1], kept=kept)
+
+    def _adam_s(self, grads, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
+        self._t += 1
+        c1, c2 = 1 - b1 ** self._t, 1 - b2 ** self._t
+        for s, g, m, v in zip(self.s, grads, self._m1, self._m2):
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            s -= self.lr_s * (m / c1) / (np.sqrt(v / c2) + eps)
+        flat = project_budget(np.concatenate([s.ravel() for s in self.s]), self.budget)
+        o = 0
+        for s in self.s:
+            s[...] = flat[o:o + s.size].reshape(s.shape)
+            o += s.size
+
+    def _buf(self, name: str, shape: tuple, zero: bool = False) -> np.ndarray:
+        """A reused float32 work array (fresh multi-MB arrays cost page faults every step)."""
+        b = self._bufs.get(name)
+        n = int(np.prod(shape))
+        if b is None or b.size < n:
+            b = self._bufs[name] = np.empty(max(n, 1), dtype=np.float32)
+        out = b[:n].reshape(shape)
+        if zero:
+            out.fill(0.0)
+        return out
+
+    def _unit_grads(self, x, y, masks):
+        """Both sub-networks on compacted weights; returns the losses and the gradient blocks
+        (param, rows, None, g): whole rows of the union of the two masks' units (every parameter
+        keeps one step counter per row, so its lazy updates stream; the columns outside the union
+        get a zero gradient, which is what they have).
+
+        The first layer's input is the same for both samples, so it runs once over the union of
+        their kept units: one forward product and one weight-gradient product on 1 - (1 - r)^2 of
+        the units instead of two on r each (and no scatter of its gradient)."""
+        lin, H = self.linears, len(self.linears) - 1
+        opt = self.opt
+        # Internal calls go straight to the C++ kernels with int64 index arrays (the kernels still
+        # check order and bounds); the Python-side validation cost ~1.5 ms per step.
+        union = [np.flatnonzero(a | b) for a, b in zip(masks[0], masks[1])]
+        rows_of = [union[l] if l < H else None for l in range(H + 1)]
+        cols_of = [union[l - 1] if l > 0 else None for l in range(H + 1)]
+
+        def gather(src, r, c, name=None):
+            shape = (src.shape[0] if r is None else len(r), src.shape[1] if c is None else len(c))
+            out = np.empty(shape, dtype=np.float32) if name is None else self._buf(name, shape)
+            _core.gather_block(src, r, c, out)
+            return out
+
+        full = []
+        for l, m in enumerate(lin):  # caught-up rows of the union
+            shape = (m.out_features if rows_of[l] is None else len(rows_of[l]), m.in_features)
+            f = self._buf(f"full{l}", shape)
+            opt._run(m.weight, rows_of[l], None, None, f)
+            full.append(f)
+        wu = [f if cols_of[l] is None else gather(f, None, cols_of[l], f"wu{l}") for l, f in enumerate(full)]
+        bu = [opt._gather(m.bias, rows_of[l], None) if m.bias is not None else None for l, m in enumerate(lin)]
+        gw = [None] + [self._buf(f"gw{l}", full[l].shape, zero=True) for l in range(1, H + 1)]
+        gb = [np.zeros_like(b) if b is not None else None for b in bu]
+        # layer 0 over the union, once
+        z0 = x @ wu[0].T
+        if bu[0] is not None:
+            z0 += bu[0]
+        a0 = np.maximum(z0, np.float32(0))
+        g0 = self._buf("g0", z0.shape, zero=True)
+        fs = []
+        for mask in masks:
+            # Positions of this sample's kept units inside the union (None: all of the union).
+            pos = []
+            for l in range(H):
+                k = np.flatnonzero(mask[l])
+                pos.append(None if len(k) == len(union[l]) else np.searchsorted(union[l], k))
+            r_of = pos + [None]
+            c_of = [None] + pos
+            a = a0 if pos[0] is None else gather(a0, None, pos[0])
+            acts, ws = [x, a], [None]
+            for l in range(1, H + 1):
+                r, c = r_of[l], c_of[l]
+                w = wu[l] if r is None and c is None else gather(wu[l], r, c)
+                ws.append(w)
+                z = a @ w.T
+                if bu[l] is not None:
+                    z += bu[l] if r is None else bu[l][r]
+                if l < H:
+                    a = np.maximum(z, np.float32(0))
+                    acts.append(a)
+            loss, g = _softmax_xent(z, y)
+            fs.append(loss)
+            for l in range(H, 0, -1):
+                r, c = r_of[l], c_of[l]
+                # columns of the full rows: the kept units of the layer below
+                cols = cols_of[l] if c is None else cols_of[l][c]
+                _core.scatter_add_block(gw[l], r, cols, g.T @ acts[l], 0.5)
+                if gb[l] is not None:
+                    _core.scatter_add_block(gb[l], r, None, g.sum(axis=0), 0.5)
+                g = (g @ ws[l]) * (acts[l] > 0)
+            _core.scatter_add_block(g0, None, pos[0], g, 0.5)
+        gw[0] = g0.T @ x
+        if gb[0] is not None:
+            gb[0] = g0.sum(axis=0)
+        out = [(m.weight, rows_of[l], None, gw[l]) for l, m in enumerate(lin)]
+        out += [(m.bias, rows_of[l], None, gb[l]) for l, m in enumerate(lin) if m.bias is not None]
+        return fs, out
+
+    def _weight_grads(self, x, y, masks):
+        """Both sub-networks on sparsebp's CSR kernels (hidden layers), dense classifier."""
+        from .. import ops
+
+        lin, H = self.linears, len(self.linears) - 1
+        self.opt.flush()  # dense parameters read directly below
+        gw = [np.zeros_like(m.weight.data) for m in lin]
+        gb = [np.zeros_like(m.bias.data) if m.bias is not None else None for m in lin]
+        fs = []
+        for mask in masks:
+            csrs, acts = [], [x]
+            a = x
+            for l in range(H):
+                w = lin[l].weight.data
+                indptr, indices = mask[l]
+                rows = np.repeat(np.arange(w.shape[0]), np.diff(indptr))
+                vals = np.ascontiguousarray(w[rows, indices])
+                csr = CSR(indptr, indices, vals, w.shape)
+                csrs.append((csr, rows))
+                a = np.maximum(ops.linear_forward(a, csr, None if lin[l].bias is None else lin[l].bias.data),
+                               np.float32(0))
+                acts.append(np.ascontiguousarray(a))
+            z = acts[-1] @ lin[H].weight.data.T
+            if lin[H].bias is not None:
+                z += lin[H].bias.data
+            loss, g = _softmax_xent(z, y)
+            fs.append(loss)
+            gw[H] += 0.5 * (g.T @ acts[H])
+            if gb[H] is not None:
+                gb[H] += 0.5 * g.sum(axis=0)
+            g = (g @ lin[H].weight.data) * (acts[H] > 0)
+            for l in range(H - 1, -1, -1):
+                csr, rows = csrs[l]
+                r = ops.linear_backward(np.ascontiguousarray(g), acts[l], csr, input_grad=l > 0,
+                                        bias_grad=gb[l] is not None)
+                np.add.at(gw[l], (rows, csr.indices), 0.5 * r.grad_values)
+                if gb[l] is not None:
+                    gb[l] += 0.5 * r.grad_bias
+                if l > 0:
+                    g = r.grad_input * (acts[l] > 0)
+        out = [(m.weight, None, None, gw[l]) for l, m in enumerate(lin)]
+        out += [(m.bias, None, None, gb[l]) for l, m in enumerate(lin) if m.bias is not None]
+        return fs, out
+
+    # ---- using a mask --------------------------------------------------------------------------------
+    def forward(self, x: np.ndarray, mask) -> np.ndarray:
+        """Logits of the sub-network ``mask`` (as ``sample()`` gives) on x."""
+        self.opt.flush()
+        a = np.ascontiguousarray(x, dtype=np.float32)
+        H = len(self.linears) - 1
+        for l, m in enumerate(self.linears):
+            w = m.weight.data
+            if self.granularity == "weight" and l < H:
+                w = np.where(self._dense(mask[l], l), w, np.float32(0))
+            z = a @ w.T
+            if m.bias is not None:
+                z += m.bias.data
+            if l < H:
+                a = np.maximum(z, np.float32(0))
+                if self.granularity == "unit":
+                    a *= mask[l]
+        return z
+
+    def accuracy(self, X: np.ndarray, y: np.ndarray, mask, batch: int = 1000) -> float:
+        correct = 0
+        for i in range(0, len(X), batch):
+            correct += int((self.forward(X[i:i + batch], mask).argmax(axis=1) == y[i:i + batch]).sum())
+        return correct / max(len(X), 1)
+
+    def best_mask(self, X: np.ndarray, y: np.ndarray, samples: int = 10) -> tuple:
+        """Draw ``samples`` masks; return (the one with the best accuracy on (X, y), its accuracy)."""
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive int; got {samples!r}")
+        best, best_acc = None, -1.0
+        for _ in range(samples):
+            m = self.sample()
+            acc = self.accuracy(X, y, m)
+            if acc > best_acc:
+                best, best_acc = m, acc
+        return best, best_acc
+
+    def compact(self, mask):
+        """A new ``sparsebp.nn.Sequential`` holding only the kept units of ``mask`` (unit
+        granularity: the hidden layers really shrink, so fine-tuning it costs what the kept units
+        cost) or, for weights, sparsebp ``SparseLinear`` layers with the mask as their structure.
+        Computes the same function as the masked network."""
+        from ..nn import Linear, ReLU, Sequential, SparseLinear, Param
+
+        self.opt.flush()
+        H = len(self.linears) - 1
+        layers = []
+        if self.granularity == "unit":
+            keep = [np.flatnonzero(m) for m in mask]
+            for l, m in enumerate(self.linears):
+                r = keep[l] if l < H else slice(None)
+                w = m.weight.data[r]
+                if l > 0:
+                    w = w[:, keep[l - 1]]
+                new = Linear(w.shape[1], w.shape[0], m.bias is not None)
+                new.weight.data = np.ascontiguousarray(w, dtype=np.float32)
+                if m.bias is not None:
+                    new.bias.data = np.ascontiguousarray(m.bias.data[r])
+                layers += [new, ReLU()] if l < H else [new]
+            return Sequential(*layers)
+        for l, m in enumerate(self.linears):
+            if l < H:
+                indptr, indices = mask[l]
+                rows = np.repeat(np.arange(m.out_features), np.diff(indptr))
+                new = SparseLinear.__new__(SparseLinear)
+                new.csr = CSR(indptr, indices, np.ascontiguousarray(m.weight.data[rows, indices]),
+                              m.weight.data.shape)
+                new.values = Param("values", new.csr.values)
+                new.bias = Param("bias", m.bias.data.copy()) if m.bias is not None else None
+                new.policy, new._x = None, None
+                layers += [new, ReLU()]
+            else:
+                new = Linear(m.in_features, m.out_features, m.bias is not None)
+                new.weight.data = m.weight.data.copy()
+                if m.bias is not None:
+                    new.bias.data = m.bias.data.copy()
+                layers.append(new)
+        return Sequential(*layers)
+
+    # ---- training loop ------------------------------------------------------------------------------
+    def fit(self, X: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch: int = 128, seed: int = 0,
+            progress: bool = True, desc: str = "vr-pge") -> List[dict]:
+        """Mask search: ``epochs`` passes of ``step`` over shuffled minibatches, with a tqdm bar.
+        One record per epoch: mean losses, expected density (sum s / n), realised kept fraction of
+        the last samples, the fraction of s polarised (within 0.01 of 0 or 1), seconds per step."""
+        from tqdm import tqdm
+
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs must be an int >= 0; got {epochs!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int; got {batch!r}")
+        if len(X) != len(y):
+            raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
+        rng = np.random.default_rng(seed)
+        steps = len(X) // batch
+        history = []
+        for e in range(epochs):
+            order = rng.permutation(len(X))
+            losses, kept, t = [], [], 0.0
+            bar = tqdm(range(steps), desc=f"{desc} epoch {e + 1}/{epochs}", leave=False, disable=not progress)
+            for i in bar:
+                idx = order[i * batch:(i + 1) * batch]
+                t0 = time.perf_counter()
+                r = self.step(X[idx], y[idx])
+                t += time.perf_counter() - t0
+                losses.append(0.5 * (r["loss1"] + r["loss2"]))
+                kept.append(r["kept"])
+            history.append(dict(epoch=e + 1, loss=float(np.mean(losses)) if losses else float("nan"),
+                                density=self.density(), kept=np.mean(kept, axis=0).tolist() if kept else [],
+                                polarised=self.polarised(), step_s=t / max(steps, 1)))
+        self.opt.flush()
+        return history

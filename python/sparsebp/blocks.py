@@ -1,0 +1,236 @@
+"""Blocks of dense matrices picked by unit masks (VR-PGE, ``design/ALGORITHMS.md`` section 5):
+gather the kept rows/columns into a compact matrix, scatter-add a compact gradient back, a lazy
+momentum-SGD that updates only a block and catches the other entries up in closed form when they
+are next touched, and a fast Bernoulli mask -> CSR build for the per-weight variant. Re-exported
+by ``sparsebp.ops``.
+
+Index lists (``rows``, ``cols``) are 1-D integer arrays, strictly increasing, inside the matrix;
+``None`` means all. Matrices are float32 and C-ordered (a 1-D array counts as one column).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["gather_block", "scatter_add_block", "bernoulli_csr", "LazySGD"]
+
+_F32 = np.dtype(np.float32)
+
+
+def _matrix(a, name: str, writable: bool = False) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; got {type(a).__name__}")
+    if a.dtype != _F32:
+        raise TypeError(f"{name} must be float32; got {a.dtype}")
+    if a.ndim not in (1, 2):
+        raise ValueError(f"{name} must be 1-D or 2-D; got shape {a.shape}")
+    if writable:
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (it is written in place)")
+        if not a.flags.writeable:
+            raise ValueError(f"{name} must be writeable")
+        return a
+    return np.ascontiguousarray(a)
+
+
+def _index(idx, name: str, bound: int) -> Optional[np.ndarray]:
+    if idx is None:
+        return None
+    idx = np.asarray(idx)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers; got dtype {idx.dtype}")
+    if idx.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {idx.shape}")
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if idx.size:
+        if idx[0] < 0 or idx[-1] >= bound:
+            raise ValueError(f"{name} must lie in [0, {bound}); got values from {idx.min()} to {idx.max()}")
+        if np.any(np.diff(idx) <= 0):
+            raise ValueError(f"{name} must be strictly increasing (sorted, no duplicates)")
+    return idx
+
+
+def _shape2(a: np.ndarray) -> Tuple[int, int]:
+    return (a.shape[0], a.shape[1] if a.ndim == 2 else 1)
+
+
+def gather_block(src: np.ndarray, rows=None, cols=None, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``src[rows][:, cols]`` as a new C-ordered float32 array (or into ``out``), threaded.
+    A 1-D ``src`` (a bias) takes ``rows`` only and gives a 1-D result."""
+    src = _matrix(src, "src")
+    r, c = _shape2(src)
+    if src.ndim == 1 and cols is not None:
+        raise ValueError("cols must be None for a 1-D src")
+    rows, cols = _index(rows, "rows", r), _index(cols, "cols", c)
+    shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if src.ndim == 2 else ())
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    else:
+        out = _matrix(out, "out", writable=True)
+        if out.shape != shape:
+            raise ValueError(f"out must have shape {shape}; got {out.shape}")
+    _core.gather_block(src, rows, cols, out)
+    return out
+
+
+def scatter_add_block(dst: np.ndarray, src: np.ndarray, rows=None, cols=None, alpha: float = 1.0) -> None:
+    """In place: ``dst[rows][:, cols] += alpha * src`` (``dst`` C-ordered float32)."""
+    dst = _matrix(dst, "dst", writable=True)
+    src = _matrix(src, "src")
+    r, c = _shape2(dst)
+    if dst.ndim == 1 and cols is not None:
+        raise ValueError("cols must be None for a 1-D dst")
+    rows, cols = _index(rows, "rows", r), _index(cols, "cols", c)
+    shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if dst.ndim == 2 else ())
+    if src.shape != shape:
+        raise ValueError(f"src must have shape {shape}; got {src.shape}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
+        raise TypeError(f"alpha must be a number; got {type(alpha).__name__}")
+    _core.scatter_add_block(dst, rows, cols, src, float(alpha))
+
+
+def bernoulli_csr(s: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A Bernoulli(s) mask of a 2-D array of probabilities ``s`` as a CSR structure
+    ``(indptr int64, indices int32)``, built in two threaded passes without a dense mask.
+    Entry e = r * cols + j is kept when u(seed, e) < s[r, j], u a counter-based uniform (24 bits;
+    see ``cpp/src/kernels/kernel_table.h``): the same mask for the same (seed, s) on every ISA
+    and thread count. ``seed``: an int in [0, 2^64)."""
+    s = _matrix(s, "s")
+    if s.ndim != 2:
+        raise ValueError(f"s must be 2-D; got shape {s.shape}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be an int in [0, 2^64); got {seed!r}")
+    return _core.bernoulli_csr(s, int(seed))
+
+
+class LazySGD:
+    """SGD with momentum and weight decay (PyTorch's rule, ``dampening=0``:
+    ``b = momentum * b + g + weight_decay * w``; ``w -= lr * b``) that can update a *block* of a
+    parameter: the entries outside it take steps with g = 0, which are linear in (w, b), so they
+    are not touched now but caught up exactly (in double, the matrix power of that linear step)
+    when a later ``gather`` or ``step_block`` reaches them. The cost of a step is then the cost of
+    the blocks, not of the whole parameter.
+
+    Protocol per training step: ``gather`` the blocks the step reads (the caught-up values),
+    ``step_block`` each block with its gradient (each entry at most once), then ``advance()``.
+    ``step()`` is the plain form (every parameter with a ``grad``, all rows or ``Param.rows``) and
+    advances by itself. The entries of ``Param.data`` outside recent blocks lag behind: call
+    ``flush()`` before reading them directly (evaluation, saving). ``flush()`` also runs every
+    ``max_lag`` steps (at most that many pending steps per entry) and before a change of ``lr``.
+    ``whole_rows``: parameters whose blocks always span whole rows (``cols=None``): they keep one
+    step counter per row instead of per entry (less memory traffic, vectorised catch-up).
+    Arithmetic in float32, as PyTorch's step; the catch-up coefficients are computed in double.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
+                 max_lag: int = 256, whole_rows: Iterable = ()):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("the optimizer got no parameters")
+        for v, name, lo in ((lr, "lr", 0.0), (weight_decay, "weight_decay", 0.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= lo:
+                raise ValueError(f"{name} must be a number >= {lo}; got {v!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}")
+        if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 1:
+            raise ValueError(f"max_lag must be a positive int; got {max_lag!r}")
+        self.lr, self.momentum, self.weight_decay, self.max_lag = float(lr), float(momentum), float(weight_decay), max_lag
+        self.now = 0
+        self._flushed = 0
+        self.state = {}
+        rowwise = {id(p) for p in whole_rows}
+        for p in self.params:
+            if p.data.dtype != _F32 or not p.data.flags.c_contiguous:
+                raise ValueError(f"{p!r}: LazySGD needs C-contiguous float32 parameters")
+            stamp = np.zeros(p.data.shape[:1] if id(p) in rowwise else p.data.shape, dtype=np.int32)
+            self.state[id(p)] = dict(buf=np.zeros_like(p.data), stamp=stamp, rowwise=id(p) in rowwise)
+        self._powers = self._make_powers()
+
+    def _make_powers(self) -> np.ndarray:
+        lr, mu, wd = self.lr, self.momentum, self.weight_decay
+        a = np.array([[1.0 - lr * wd, -lr * mu], [wd, mu]])
+        out = np.empty((self.max_lag + 1, 2, 2))
+        out[0] = np.eye(2)
+        for d in range(1, self.max_lag + 1):
+            out[d] = a @ out[d - 1]
+        return out.astype(np.float32)
+
+    def _st(self, p):
+        st = self.state.get(id(p))
+        if st is None:
+            raise ValueError(f"{p!r} is not a parameter of this optimizer")
+        if st["buf"].shape != p.data.shape:
+            raise ValueError(f"{p!r} changed shape since the optimizer was made")
+        return st
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate (pending catch-ups are applied at the old one first)."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+            raise ValueError(f"lr must be a number >= 0; got {lr!r}")
+        self.flush()
+        self.lr = float(lr)
+        self._powers = self._make_powers()
+
+    def _run(self, p, rows, cols, g, out) -> None:
+        st = self._st(p)
+        if st["rowwise"] and cols is not None and p.data.ndim == 2:
+            raise ValueError(f"{p!r} was declared whole_rows: its blocks must span all columns (cols=None)")
+        _core.lazy_sgd(p.data, st["buf"], st["stamp"], rows, cols, self._powers, self.now, g, out, self.lr,
+                       self.momentum, self.weight_decay)
+
+    def gather(self, p, rows=None, cols=None) -> np.ndarray:
+        """Catch the block up to now and return a compact copy of its values."""
+        r, c = _shape2(p.data)
+        return self._gather(p, _index(rows, "rows", r), _index(cols, "cols", c))
+
+    def _gather(self, p, rows: Optional[np.ndarray], cols: Optional[np.ndarray]) -> np.ndarray:
+        # rows / cols: None or int64 arrays (the C++ side still checks order and bounds)
+        r, c = _shape2(p.data)
+        shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if p.data.ndim == 2 else ())
+        out = np.empty(shape, dtype=np.float32)
+        self._run(p, rows, cols, None, out)
+        return out
+
+    def step_block(self, p, g: np.ndarray, rows=None, cols=None) -> None:
+        """One step on the block rows x cols of p with gradient g (its shape)."""
+        r, c = _shape2(p.data)
+        rows, cols = _index(rows, "rows", r), _index(cols, "cols", c)
+        shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if p.data.ndim == 2 else ())
+        g = _matrix(g, "g")
+        if g.shape != shape:
+            raise ValueError(f"g must have the block's shape {shape}; got {g.shape}")
+        self._run(p, rows, cols, g, None)
+
+    def advance(self) -> None:
+        """End a training step."""
+        self.now += 1
+        if self.now - self._flushed >= self.max_lag:
+            self.flush()
+
+    def flush(self) -> None:
+        """Catch every entry up to now."""
+        for p in self.params:
+            self._run(p, None, None, None, None)
+        self._flushed = self.now
+
+    def step(self) -> None:
+        """A whole step: every parameter with a gradient (all of it, or its ``Param.rows``)."""
+        for p in self.params:
+            if p.grad is None:
+                continue
+            rows = None if p.rows is None else np.asarray(p.rows, dtype=np.int64)
+            g = p.grad if rows is None or p.grad.shape[0] != p.data.shape[0] else p.grad[rows]
+            self.step_block(p, np.ascontiguousarray(g, dtype=np.float32), rows)
+        self.advance()
+
+    def select(self, p, keep: np.ndarray, axis: int) -> None:
+        """Follow a parameter that lost rows (axis 0) or columns (axis 1): call before the parameter
+        shrinks (its pending catch-ups are applied first)."""
+        st = self._st(p)
+        self._run(p, None, None, None, None)
+        for k in ("buf", "stamp"):
+            if st[k].ndim > axis:
+                st[k] = np.ascontiguousarray(np.compress(keep, st[k], axis=axis))

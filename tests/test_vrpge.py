@@ -1,0 +1,444 @@
+"""VR-PGE (design/ALGORITHMS.md section 5): the estimator by exact enumeration over all masks, the
+budget projection against an exact rational-arithmetic solver, the block kernels (every ISA)
+against NumPy, lazy SGD against float64 dense SGD, and the trainer's gradients against a float64
+NumPy masked network."""
+import itertools
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import sparsebp
+from sparsebp import _core, nn, ops
+from sparsebp.algorithms import vrpge
+from sparsebp.algorithms.vrpge import VRPGE, estimator, plain_estimator, project_budget, score
+
+
+# ---- estimator: exact enumeration ----------------------------------------------------------------
+def _masks(n):
+    return [np.array(b, dtype=float) for b in itertools.product([0, 1], repeat=n)]
+
+
+def _prob(m, s):
+    return float(np.prod(np.where(m == 1, s, 1 - s)))
+
+
+def _enumerate(loss, s, est, kind):
+    """Exact mean and total variance of est(f1, f2, m1, m2, s) over independent m1, m2 ~ Bern(s)."""
+    ms = _masks(len(s))
+    mean = np.zeros(len(s))
+    second = 0.0
+    for m1 in ms:
+        for m2 in ms:
+            p = _prob(m1, s) * _prob(m2, s)
+            g = est(loss(m1), loss(m2), m1, m2, s, kind)
+            mean += p * g
+            second += p * float(g @ g)
+    return mean, second - float(mean @ mean)
+
+
+def _exact_grad(loss, s):
+    """d/ds_i E[L(m)] = sum_m L(m) dp(m)/ds_i, by enumeration."""
+    g = np.zeros(len(s))
+    for m in _masks(len(s)):
+        for i in range(len(s)):
+            others = np.prod([s[j] if m[j] else 1 - s[j] for j in range(len(s)) if j != i])
+            g[i] += loss(m) * (1.0 if m[i] else -1.0) * others
+    return g
+
+
+def _loss_table(n, seed, offset):
+    rng = np.random.default_rng(seed)
+    table = {tuple(m): offset + 0.3 * rng.standard_normal() for m in _masks(n)}
+    return lambda m: table[tuple(m)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_estimator_unbiased_both_scores(seed):
+    n = 4
+    rng = np.random.default_rng(seed)
+    s = rng.uniform(0.1, 0.9, n)
+    loss = _loss_table(n, seed, 2.3)
+    exact = _exact_grad(loss, s)
+    mean_t, _ = _enumerate(loss, s, estimator, "textbook")
+    np.testing.assert_allclose(mean_t, exact, rtol=1e-10, atol=1e-12)
+    # the authors' score estimates sqrt(s(1-s)) * gradient
+    mean_a, _ = _enumerate(loss, s, estimator, "authors")
+    np.testing.assert_allclose(mean_a, np.sqrt(s * (1 - s)) * exact, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["textbook", "authors"])
+def test_estimator_variance_far_below_plain_policy_gradient(kind):
+    n = 4
+    s = np.array([0.2, 0.5, 0.7, 0.35])
+    loss = _loss_table(n, 7, 2.3)  # a loss around 2.3 (cross-entropy of 10 classes), varying by ~0.3
+    m_vr, v_vr = _enumerate(loss, s, estimator, kind)
+    m_pg, v_pg = _enumerate(loss, s, plain_estimator, kind)
+    np.testing.assert_allclose(m_vr, m_pg, rtol=1e-10, atol=1e-12)  # both unbiased for the same target
+    assert v_pg / v_vr >= 10.0, (v_pg, v_vr)
+
+
+def test_estimator_invariant_to_constant_shift():
+    n = 3
+    s = np.array([0.3, 0.6, 0.45])
+    loss = _loss_table(n, 3, 1.0)
+    shifted = lambda m: loss(m) + 123.0  # noqa: E731
+    for kind in ("authors", "textbook"):
+        a = _enumerate(loss, s, estimator, kind)
+        b = _enumerate(shifted, s, estimator, kind)
+        np.testing.assert_allclose(a[0], b[0], atol=1e-9)
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-6)
+    ms = _masks(n)
+    for m1, m2 in itertools.product(ms, ms):  # per sample too (f1 - f2 is all it sees)
+        np.testing.assert_allclose(estimator(loss(m1), loss(m2), m1, m2, s),
+                                   estimator(shifted(m1), shifted(m2), m1, m2, s), atol=1e-9)
+
+
+def test_score_values_and_edges():
+    s = np.array([0.25, 0.5, 0.0, 1.0])
+    m = np.array([1, 0, 0, 1])
+    np.testing.assert_allclose(score(m, s, "textbook"), [0.75 / 0.1875, -0.5 / 0.25, 0, 0])
+    np.testing.assert_allclose(score(m, s, "authors"), [0.75 / np.sqrt(0.1875), -0.5 / 0.5, 0, 0])
+    with pytest.raises(ValueError, match="score"):
+        score(m, s, "nope")
+
+
+# ---- projection ----------------------------------------------------------------------------------
+def _project_exact(s, k):
+    """Independent reference in exact rational arithmetic: try every segment between breakpoints."""
+    s = [Fraction(x) for x in s]
+    k = Fraction(k)
+    clip = lambda x: min(max(x, Fraction(0)), Fraction(1))  # noqa: E731
+    if sum(clip(x) for x in s) <= k:
+        return [clip(x) for x in s]
+    bps = sorted({Fraction(0)} | {x - 1 for x in s if x - 1 > 0} | {x for x in s if x > 0})
+    for lo, hi in zip(bps, bps[1:]):
+        flo = sum(clip(x - lo) for x in s)
+        fhi = sum(clip(x - hi) for x in s)
+        if flo >= k >= fhi:
+            v = hi if flo == fhi else lo + (flo - k) * (hi - lo) / (flo - fhi)
+            return [clip(x - v) for x in s]
+    raise AssertionError("no segment")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_projection_exact_feasible_idempotent(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    s = rng.uniform(-0.5, 1.8, n)
+    s[rng.random(n) < 0.2] = 0.5  # repeated values
+    k = float(rng.uniform(0, n))
+    ref = np.array([float(x) for x in _project_exact(s, k)])
+    for method in ("sort", "bisect"):
+        p = project_budget(s, k, method)
+        np.testing.assert_allclose(p, ref, atol=1e-12)
+        assert p.min() >= 0 and p.max() <= 1 and p.sum() <= k + 1e-9
+        np.testing.assert_allclose(project_budget(p, k, method), p, atol=1e-12)
+    # optimality (variational inequality): (s - p) . (z - p) <= 0 for feasible z
+    p = project_budget(s, k)
+    for _ in range(20):
+        z = project_budget(rng.uniform(0, 1, n), k)
+        assert float((s - p) @ (z - p)) <= 1e-9
+
+
+def test_projection_bad_input():
+    with pytest.raises(ValueError, match="budget"):
+        project_budget([0.5], -1)
+    with pytest.raises(ValueError, match="finite"):
+        project_budget([np.nan], 1)
+    with pytest.raises(ValueError, match="method"):
+        project_budget([0.5], 1, "x")
+
+
+# ---- block kernels, every ISA --------------------------------------------------------------------
+def _sorted_subset(rng, n, k):
+    return np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 130), (300, 17)])
+def test_gather_scatter_blocks(isa, shape):
+    rng = np.random.default_rng(sum(shape))
+    a = rng.standard_normal(shape).astype(np.float32)
+    keep = a.copy()
+    for kr, kc in [(shape[0], shape[1]), (max(1, shape[0] // 3), max(1, shape[1] // 2)), (0, 1)]:
+        r = _sorted_subset(rng, shape[0], kr)
+        c = _sorted_subset(rng, shape[1], kc)
+        np.testing.assert_array_equal(ops.gather_block(a, r, c), a[np.ix_(r, c)])
+        np.testing.assert_array_equal(ops.gather_block(a, r), a[r])
+        np.testing.assert_array_equal(ops.gather_block(a, None, c), a[:, c])
+        d = rng.standard_normal(shape).astype(np.float32)
+        exp = d.astype(np.float64)
+        src = rng.standard_normal((len(r), len(c))).astype(np.float32)
+        exp[np.ix_(r, c)] += 0.5 * src
+        ops.scatter_add_block(d, src, r, c, alpha=0.5)
+        np.testing.assert_allclose(d, exp, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a, keep)  # input untouched
+    b = rng.standard_normal(shape[0]).astype(np.float32)
+    r = _sorted_subset(rng, shape[0], max(1, shape[0] // 2))
+    np.testing.assert_array_equal(ops.gather_block(b, r), b[r])
+
+
+def test_block_bad_input():
+    a = np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ops.gather_block(a, [2, 1])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ops.gather_block(a, [1, 1])
+    with pytest.raises(ValueError, match="lie in"):
+        ops.gather_block(a, None, [0, 5])
+    with pytest.raises(TypeError, match="float32"):
+        ops.gather_block(a.astype(np.float64), [0])
+    with pytest.raises(TypeError, match="integers"):
+        ops.gather_block(a, [0.5])
+    with pytest.raises(ValueError, match="shape"):
+        ops.scatter_add_block(a, np.zeros((2, 2), np.float32), [0, 1], [0, 1, 2])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.scatter_add_block(np.asfortranarray(a), np.zeros((1, 1), np.float32), [0], [0])
+    # the C++ layer checks on its own too
+    with pytest.raises(ValueError, match="strictly increasing"):
+        _core.gather_block(a, np.array([3, 0]), None, np.zeros((2, 5), np.float32))
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_lazy_sgd_matches_dense_sgd(isa, rowwise):
+    """Random blocks each step; the untouched entries catch up later; against float64 dense SGD
+    (PyTorch's rule) where every entry steps every time (g = 0 outside the block)."""
+    rng = np.random.default_rng(5)
+    R, C = 23, 41
+    p = nn.Param("w", rng.standard_normal((R, C)).astype(np.float32))
+    b = nn.Param("b", rng.standard_normal(R).astype(np.float32))
+    lr, mu, wd = 0.05, 0.9, 0.01
+    opt = ops.LazySGD([p, b], lr=lr, momentum=mu, weight_decay=wd, max_lag=6,
+                      whole_rows=[p, b] if rowwise else ())
+    w64, bw64 = p.data.astype(np.float64), np.zeros((R, C))
+    b64, bb64 = b.data.astype(np.float64), np.zeros(R)
+    for t in range(40):
+        rows = _sorted_subset(rng, R, int(rng.integers(1, R)))
+        cols = None if rowwise else _sorted_subset(rng, C, int(rng.integers(1, C)))
+        got = opt.gather(p, rows, cols)
+        np.testing.assert_allclose(got, w64[rows][:, slice(None) if cols is None else cols], rtol=2e-5, atol=2e-5)
+        g = rng.standard_normal((len(rows), C if cols is None else len(cols))).astype(np.float32)
+        gb = rng.standard_normal(len(rows)).astype(np.float32)
+        opt.step_block(p, g, rows, cols)
+        opt.step_block(b, gb, rows)
+        G = np.zeros((R, C))
+        G[np.ix_(rows, np.arange(C) if cols is None else cols)] = g
+        Gb = np.zeros(R)
+        Gb[rows] = gb
+        for (w, buf, grad) in ((w64, bw64, G), (b64, bb64, Gb)):
+            buf *= mu
+            buf += grad + wd * w
+            w -= lr * buf
+        opt.advance()
+        if t == 25:
+            opt.set_lr(lr)  # flushes; same rate
+    opt.flush()
+    np.testing.assert_allclose(p.data, w64, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b.data, b64, rtol=1e-4, atol=1e-4)
+
+
+def test_lazy_sgd_guards():
+    p = nn.Param("w", np.zeros((3, 4), np.float32))
+    opt = ops.LazySGD([p], lr=0.1, momentum=0.5, max_lag=4, whole_rows=[p])
+    with pytest.raises(ValueError, match="whole_rows"):
+        opt.gather(p, [0], [1])
+    g = np.zeros((1, 4), np.float32)
+    opt.step_block(p, g, [0])
+    with pytest.raises(ValueError, match="ahead|behind"):
+        opt.step_block(p, g, [0])  # twice in one step: the bookkeeping would break
+    with pytest.raises(ValueError, match="momentum"):
+        ops.LazySGD([p], momentum=1.0)
+    with pytest.raises(ValueError, match="not a parameter"):
+        opt.gather(nn.Param("x", np.zeros(2, np.float32)))
+
+
+def test_sgd_weight_decay_matches_reference():
+    rng = np.random.default_rng(0)
+    p = nn.Param("w", rng.standard_normal((5, 6)).astype(np.float32))
+    w, buf = p.data.astype(np.float64), np.zeros((5, 6))
+    opt = nn.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(5):
+        g = rng.standard_normal((5, 6)).astype(np.float32)
+        p.grad = g
+        opt.step()
+        buf = 0.9 * buf + g + 0.01 * w
+        w = w - 0.1 * buf
+    np.testing.assert_allclose(p.data, w, rtol=1e-5, atol=1e-6)
+
+
+# ---- Bernoulli mask -> CSR -----------------------------------------------------------------------
+def _mix64(z):
+    z = (z + np.uint64(0x9E3779B97F4A7C15))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _bernoulli_ref(s, seed):
+    """The documented generator, re-implemented in NumPy uint64 arithmetic."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.uint64(seed))
+        e = np.arange(s.size, dtype=np.uint64)
+        u = (_mix64(key + e) >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+    return (u < s.ravel()).reshape(s.shape)
+
+
+def test_bernoulli_csr(isa, threads):
+    rng = np.random.default_rng(1)
+    s = rng.uniform(0, 1, (37, 101)).astype(np.float32)
+    s[3] = 0.0
+    s[4] = 1.0
+    masks = []
+    for nt in (1, 2):
+        sparsebp.set_num_threads(nt)
+        indptr, indices = ops.bernoulli_csr(s, 12345)
+        m = sparsebp.CSR(indptr, indices, np.ones(len(indices), np.float32), s.shape).to_dense() > 0
+        masks.append(m)
+    np.testing.assert_array_equal(masks[0], masks[1])
+    np.testing.assert_array_equal(masks[0], _bernoulli_ref(s, 12345))
+    assert not masks[0][3].any() and masks[0][4].all()
+    big = np.full((200, 500), 0.3, np.float32)
+    dens = ops.bernoulli_csr(big, 7)[0][-1] / big.size
+    assert abs(dens - 0.3) < 4 * np.sqrt(0.3 * 0.7 / big.size)
+    with pytest.raises(ValueError, match="seed"):
+        ops.bernoulli_csr(s, -1)
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+def _mlp(seed, sizes=(12, 9, 7, 4)):
+    r = np.random.default_rng(seed)
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], rng=r))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _masked_grads64(model, x, y, masks):
+    """Float64 NumPy: loss and dense weight/bias gradients of the network with unit masks applied
+    after each hidden activation."""
+    lin = model.layers[::2]
+    a, acts, zs = x.astype(np.float64), [], []
+    for l, m in enumerate(lin):
+        acts.append(a)
+        z = a @ m.weight.data.astype(np.float64).T + m.bias.data
+        zs.append(z)
+        a = np.maximum(z, 0) * masks[l] if l < len(lin) - 1 else z
+    z = a - a.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    n = len(y)
+    loss = float(np.mean(-np.log(p[np.arange(n), y])))
+    g = p.copy()
+    g[np.arange(n), y] -= 1
+    g /= n
+    gw, gb = [None] * len(lin), [None] * len(lin)
+    for l in range(len(lin) - 1, -1, -1):
+        gw[l], gb[l] = g.T @ acts[l], g.sum(axis=0)
+        if l > 0:
+            g = (g @ lin[l].weight.data.astype(np.float64)) * masks[l - 1] * (zs[l - 1] > 0)
+    return loss, gw, gb
+
+
+def test_unit_gradients_against_float64_masked_network(isa):
+    model = _mlp(0)
+    vr = VRPGE(model, 0.5, seed=3)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 12)).astype(np.float32)
+    y = rng.integers(0, 4, 16)
+    masks = (vr.sample(), vr.sample())
+    masks[0][0][:] = True  # one sample keeps every unit of the first layer (the "all of union" path)
+    fs, blocks = vr._unit_grads(x, y, masks)
+    lin = model.layers[::2]
+    ref = [_masked_grads64(model, x, y, [m.astype(float) for m in mk]) for mk in masks]
+    for j in range(2):
+        assert abs(fs[j] - ref[j][0]) < 1e-5
+    for p, rows, cols, g in blocks:
+        l = next(i for i, m in enumerate(lin) if p is m.weight or p is m.bias)
+        which = 1 if p is lin[l].weight else 2
+        dense = 0.5 * (ref[0][which][l] + ref[1][which][l])
+        r = slice(None) if rows is None else rows
+        np.testing.assert_allclose(g, dense[r], rtol=1e-4, atol=1e-6)
+        outside = np.ones(dense.shape[0], bool)
+        outside[r] = False
+        assert np.all(dense[outside] == 0)  # nothing outside the union block
+
+
+def test_step_keeps_budget_and_compact_is_same_function():
+    model = _mlp(1, (20, 16, 16, 3))
+    vr = VRPGE(model, 0.25, lr=0.05, lr_s=0.05, seed=0)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((64, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    for _ in range(30):
+        vr.step(x, y)
+        total = sum(s.sum() for s in vr.s)
+        assert total <= vr.budget + 1e-9
+        assert all(s.min() >= 0 and s.max() <= 1 for s in vr.s)
+    mask = vr.sample()
+    small = vr.compact(mask)
+    assert [m.out_features for m in small.layers[:-1:2]] == [int(m.sum()) for m in mask]
+    np.testing.assert_allclose(small.forward(x), vr.forward(x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_granularity_runs_on_csr_and_compacts():
+    model = _mlp(2, (20, 16, 3))
+    vr = VRPGE(model, 0.3, granularity="weight", seed=1)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 32)
+    m = vr.sample()
+    fs, blocks = vr._weight_grads(x, y, (m, m))
+    dense_mask = vr._dense(m[0], 0).astype(float)
+    masked = _mlp(2, (20, 16, 3))
+    masked.layers[0].weight.data = (model.layers[0].weight.data * dense_mask).astype(np.float32)
+    masked.layers[2].weight.data = model.layers[2].weight.data
+    loss, gw, gb = _masked_grads64(masked, x, y, [np.ones(16)])
+    assert abs(fs[0] - loss) < 1e-5
+    np.testing.assert_allclose(blocks[0][3], gw[0] * dense_mask, rtol=1e-4, atol=1e-6)
+    for _ in range(5):
+        vr.step(x, y)
+    assert sum(s.sum() for s in vr.s) <= vr.budget + 1e-6
+    small = vr.compact(m)
+    np.testing.assert_allclose(small.forward(x), vr.forward(x, m), rtol=1e-4, atol=1e-5)
+
+
+def test_mnist_mask_search_tracks_budget_and_polarises():
+    from sparsebp.datasets import load_mnist
+
+    X, y = load_mnist("train", limit=3000)
+    r = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(784, 64, rng=r), nn.ReLU(), nn.Linear(64, 64, rng=r), nn.ReLU(),
+                          nn.Linear(64, 10, rng=r))
+    vr = VRPGE(model, 0.25, lr=0.05, lr_s=0.1, seed=0)
+    hist = vr.fit(X, y, epochs=6, batch=64, progress=False)
+    for h in hist:  # the budget binds (sum s <= K, and s does not drift far below it)
+        assert 0.2 <= h["density"] <= 0.25 + 1e-9, h
+        realised = np.average(h["kept"], weights=[64, 64])  # what the sampled masks really kept
+        assert abs(realised - h["density"]) < 0.05, (realised, h)
+    assert vr.polarised(0.01) > 0.8, vr.polarised(0.01)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_trainer_bad_arguments():
+    with pytest.raises(TypeError, match="Sequential"):
+        VRPGE([1], 0.5)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        VRPGE(_mlp(0), 0.0)
+    with pytest.raises(ValueError, match="granularity"):
+        VRPGE(_mlp(0), 0.5, granularity="x")
+    with pytest.raises(ValueError, match="score"):
+        VRPGE(_mlp(0), 0.5, score="x")
+    with pytest.raises(ValueError, match="form"):
+        VRPGE(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 0.5)
+
+
+def test_cli_smoke(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sparsebp.cli", "vrpge", "--limit", "1500", "--search", "1",
+                        "--finetune", "1", "--seeds", "1", "--keep", "0.5", "--no-progress", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "vrpge.md").read_text()
+    assert "| vr-pge | 0.5 |" in table and "| random | 0.5 |" in table and "| dense |" in table
