@@ -8,6 +8,7 @@ Needs PyTorch (``pip install "sparsebp[torch]"``); ``import sparsebp`` alone nev
   ``from_pruned(model)``: take the masks a pruned checkpoint already has; ``densify(model)``: back to
   plain torch modules.
 - ``save(model, path)`` / ``load(model, path)``: ``.pt`` or ``.safetensors`` files of sparse models.
+- ``VRPGETrainer``: VR-PGE learned unit masks with compacted forward and backward.
 - ``ops.linear``: the functional form; the operators are registered as ``torch.ops.sparsebp.*``.
 
 Layout: outputs follow the input's layout. Row-major (the usual) input gives row-major output; an
@@ -32,6 +33,8 @@ from .modules import BatchInner, SparseConv2d, SparseLinear, magnitude_mask, ran
 from .convert import LayerChange, Report, densify, from_pruned, sparsify
 from .meprop import MePropLinear
 from .io import load, save
+from .vrpge import VRPGETrainer
 
 __all__ = ["SparseLinear", "SparseConv2d", "BatchInner", "MePropLinear", "batch_inner", "conv_ops", "magnitude_mask",
-           "random_mask", "ops", "sparsify", "from_pruned", "densify", "Report", "LayerChange", "save", "load"]
+           "random_mask", "ops", "sparsify", "from_pruned", "densify", "Report", "LayerChange", "save", "load",
+           "VRPGETrainer"]

@@ -1,0 +1,94 @@
+"""VR-PGE's torch path against dense torch with the unit masks applied after each activation."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import sparsebp.torch as st  # noqa: E402
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 4)).double()
+
+
+def _cnn():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 5, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+class _Masked(nn.Module):
+    """The reference: the dense model with each unit mask multiplied in after the activation."""
+
+    def __init__(self, model, masks):
+        super().__init__()
+        self.model, self.masks = model, masks
+
+    def forward(self, x):
+        weights = [i for i, m in enumerate(self.model) if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
+        acts = {}
+        for li, i in enumerate(weights):  # the activation right after each masked layer
+            acts[i + 1] = torch.as_tensor(self.masks[li], dtype=x.dtype)
+        for i, m in enumerate(self.model):
+            x = m(x)
+            if i in acts:
+                shape = (1, -1) + (1,) * (x.dim() - 2)
+                x = x * acts[i].reshape(shape)
+        return x
+
+
+@pytest.mark.parametrize("make,shape", [(_mlp, (10, 12)), (_cnn, (6, 2, 8, 8))])
+def test_forward_and_gradients_match_masked_dense(make, shape):
+    model = make()
+    tr = st.VRPGETrainer(model, 0.5, seed=2)
+    torch.manual_seed(3)
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randint(0, model[-1].out_features, (shape[0],))
+    mask = tr.sample()
+    mask[0][0] = True
+    ref_model = make()
+    ref = _Masked(ref_model, mask)
+    out = tr.forward(x, mask)
+    torch.testing.assert_close(out, ref(x))
+    torch.nn.functional.cross_entropy(out, y).backward()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+    small = tr.compact(mask)
+    torch.testing.assert_close(small(x), ref(x))
+    kept = [int(m.sum()) for m in mask]
+    widths = [m.out_features if isinstance(m, nn.Linear) else m.out_channels
+              for m in small if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
+    assert widths == kept
+
+
+def test_steps_keep_budget_and_learn():
+    torch.manual_seed(0)
+    X = torch.randn(256, 12)
+    y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    tr = st.VRPGETrainer(model, 0.5, lr=0.05, lr_s=0.05, seed=0)
+    first = None
+    for e in range(60):
+        r = tr.step(X, y)
+        first = first if first is not None else 0.5 * (r["loss1"] + r["loss2"])
+        assert sum(s.sum() for s in tr.s) <= tr.budget + 1e-9
+    last = 0.5 * (r["loss1"] + r["loss2"])
+    assert last < first
+    mask, acc = tr.best_mask(X, y, samples=5)
+    assert acc > 0.5
+
+
+def test_bad_models():
+    with pytest.raises(TypeError, match="Sequential"):
+        st.VRPGETrainer(nn.Linear(3, 2), 0.5)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        st.VRPGETrainer(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), 0.5)
+    with pytest.raises(ValueError, match="groups"):
+        st.VRPGETrainer(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)), 0.5)
+    with pytest.raises(ValueError, match="two weight layers"):
+        st.VRPGETrainer(nn.Sequential(nn.Linear(3, 2)), 0.5)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        st.VRPGETrainer(_mlp(), 1.5)
