@@ -201,8 +201,9 @@ def test_block_bad_input():
         _core.gather_block(a, np.array([3, 0]), None, np.zeros((2, 5), np.float32))
 
 
+@pytest.mark.parametrize("peek", [False, True])
 @pytest.mark.parametrize("rowwise", [False, True])
-def test_lazy_sgd_matches_dense_sgd(isa, rowwise):
+def test_lazy_sgd_matches_dense_sgd(isa, rowwise, peek):
     """Random blocks each step; the untouched entries catch up later; against float64 dense SGD
     (PyTorch's rule) where every entry steps every time (g = 0 outside the block)."""
     rng = np.random.default_rng(5)
@@ -217,8 +218,12 @@ def test_lazy_sgd_matches_dense_sgd(isa, rowwise):
     for t in range(40):
         rows = _sorted_subset(rng, R, int(rng.integers(1, R)))
         cols = None if rowwise else _sorted_subset(rng, C, int(rng.integers(1, C)))
-        got = opt.gather(p, rows, cols)
+        before = (p.data.copy(), opt.state[id(p)]["stamp"].copy())
+        got = opt.gather(p, rows, cols, peek=peek)
         np.testing.assert_allclose(got, w64[rows][:, slice(None) if cols is None else cols], rtol=2e-5, atol=2e-5)
+        if peek:  # nothing written
+            np.testing.assert_array_equal(p.data, before[0])
+            np.testing.assert_array_equal(opt.state[id(p)]["stamp"], before[1])
         g = rng.standard_normal((len(rows), C if cols is None else len(cols))).astype(np.float32)
         gb = rng.standard_normal(len(rows)).astype(np.float32)
         opt.step_block(p, g, rows, cols)

@@ -386,7 +386,7 @@ PYBIND11_MODULE(_core, m) {
       "lazy_sgd",
       [index_list, matrix](const py::array& w, const py::array& buf, const py::object& stamp, const py::object& rows,
                            const py::object& cols, const py::object& powers, int64_t now, const py::object& g,
-                           const py::object& out, double lr, double momentum, double decay) {
+                           const py::object& out, double lr, double momentum, double decay, bool peek) {
         IndexArray ra, ca;
         auto [rp, nr] = index_list(rows, "rows", &ra);
         auto [cp, nc] = index_list(cols, "cols", &ca);
@@ -430,10 +430,11 @@ PYBIND11_MODULE(_core, m) {
         float* op = block(out, "out", true);
         py::gil_scoped_release nogil;
         sparsebp::lazy_sgd(wp, bp, stp, row_stamps, wr, wc, rp, nr, cp, nc, pw, max_lag, static_cast<int32_t>(now), gp,
-                           op, static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(decay));
+                           op, static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(decay), peek);
       },
       py::arg("w"), py::arg("buf"), py::arg("stamp"), py::arg("rows"), py::arg("cols"), py::arg("powers"),
-      py::arg("now"), py::arg("g"), py::arg("out"), py::arg("lr"), py::arg("momentum"), py::arg("decay"));
+      py::arg("now"), py::arg("g"), py::arg("out"), py::arg("lr"), py::arg("momentum"), py::arg("decay"),
+      py::arg("peek") = false);
   m.def(
       "bernoulli_csr",
       [rowmajor](const py::array& s, uint64_t seed) {

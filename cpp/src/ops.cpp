@@ -537,20 +537,23 @@ void scatter_add_block(float* dst, int64_t dst_rows, int64_t dst_cols, int64_t l
 
 void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_rows, int64_t w_cols,
               const int64_t* rows, int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* powers,
-              int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay) {
+              int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay,
+              bool peek) {
   SPARSEBP_CHECK_VALUE(w_rows >= 0 && w_cols >= 0 && n_rows >= 0 && n_cols >= 0 && max_lag >= 0,
                        "bad shape for lazy_sgd");
   SPARSEBP_CHECK_VALUE(rows || n_rows == w_rows, "without rows, the block has all ", w_rows, " rows");
   SPARSEBP_CHECK_VALUE(cols || n_cols == w_cols, "without cols, the block has all ", w_cols, " columns");
   SPARSEBP_CHECK_VALUE(stamp == nullptr || powers != nullptr, "lazy_sgd with stamps needs the powers table");
   SPARSEBP_CHECK_VALUE(!(stamp && row_stamps && cols), "with row stamps, blocks must span whole rows (cols = all)");
+  SPARSEBP_CHECK_VALUE(!peek || (out && !g), "peek needs out and no g");
   check_index_list(rows, n_rows, w_rows, "rows");
   check_index_list(cols, n_cols, w_cols, "cols");
   if (n_rows == 0 || n_cols == 0) return;
   const KernelTable& t = active_table();
   std::vector<uint8_t> bad(static_cast<size_t>(n_rows), 0);
   const kernels::LazySgdArgs a{w,     buf, stamp,  row_stamps, w_cols, rows,  cols,     n_cols, powers, max_lag,
-                               now,   g,   n_cols, out,        n_cols, lr,    momentum, decay,  bad.data()};
+                               now,   g,   n_cols, out,        n_cols, lr,    momentum, decay,  peek,
+                               bad.data()};
   run_block_rows(n_rows, n_rows * n_cols * 8, [&](int64_t i0, int64_t i1) { t.lazy_sgd(a, i0, i1); });
   for (int64_t i = 0; i < n_rows; ++i)
     SPARSEBP_CHECK_VALUE(!bad[static_cast<size_t>(i)], "lazy_sgd: an entry of block row ", i,

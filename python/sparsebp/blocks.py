@@ -174,24 +174,28 @@ class LazySGD:
         self.lr = float(lr)
         self._powers = self._make_powers()
 
-    def _run(self, p, rows, cols, g, out) -> None:
+    def _run(self, p, rows, cols, g, out, peek: bool = False) -> None:
         st = self._st(p)
         if st["rowwise"] and cols is not None and p.data.ndim == 2:
             raise ValueError(f"{p!r} was declared whole_rows: its blocks must span all columns (cols=None)")
         _core.lazy_sgd(p.data, st["buf"], st["stamp"], rows, cols, self._powers, self.now, g, out, self.lr,
-                       self.momentum, self.weight_decay)
+                       self.momentum, self.weight_decay, peek)
 
-    def gather(self, p, rows=None, cols=None) -> np.ndarray:
-        """Catch the block up to now and return a compact copy of its values."""
+    def gather(self, p, rows=None, cols=None, peek: bool = False) -> np.ndarray:
+        """A compact copy of the block's values, caught up to now. The entries are caught up in
+        place too, unless ``peek`` (then nothing is written: cheaper when the same block is stepped
+        in this training step anyway, which catches it up itself)."""
         r, c = _shape2(p.data)
-        return self._gather(p, _index(rows, "rows", r), _index(cols, "cols", c))
+        return self._gather(p, _index(rows, "rows", r), _index(cols, "cols", c), peek=peek)
 
-    def _gather(self, p, rows: Optional[np.ndarray], cols: Optional[np.ndarray]) -> np.ndarray:
+    def _gather(self, p, rows: Optional[np.ndarray], cols: Optional[np.ndarray], out=None,
+                peek: bool = False) -> np.ndarray:
         # rows / cols: None or int64 arrays (the C++ side still checks order and bounds)
         r, c = _shape2(p.data)
         shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if p.data.ndim == 2 else ())
-        out = np.empty(shape, dtype=np.float32)
-        self._run(p, rows, cols, None, out)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        self._run(p, rows, cols, None, out, peek)
         return out
 
     def step_block(self, p, g: np.ndarray, rows=None, cols=None) -> None:

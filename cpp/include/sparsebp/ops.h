@@ -94,12 +94,13 @@ void scatter_add_block(float* dst, int64_t dst_rows, int64_t dst_cols, int64_t l
                        float alpha);
 // Lazy SGD over the block rows x cols of w (w_rows x w_cols, contiguous; buf alike; stamp:
 // w_rows x w_cols, or w_rows with row_stamps, where cols must be null): the contract of
-// kernels::LazySgdArgs. powers: 4 * (max_lag + 1) floats. g / out may be null (leading dimension
+// kernels::LazySgdArgs (peek: only `out` is written). powers: 4 * (max_lag + 1) floats. g / out may be null (leading dimension
 // = n_cols). A lag outside [0, max_lag] is a ValueError (that block row may be partly updated: the
 // caller's bookkeeping is broken).
 void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_rows, int64_t w_cols,
               const int64_t* rows, int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* powers,
-              int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay);
+              int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay,
+              bool peek = false);
 // The CSR structure (indptr: rows + 1, indices) of a Bernoulli(s) mask: kernels::BernoulliArgs.
 void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint64_t seed,
                    std::vector<int64_t>* indptr, std::vector<int32_t>* indices);

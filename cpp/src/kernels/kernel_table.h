@@ -199,6 +199,8 @@ using BlockFn = void (*)(const BlockArgs&, int64_t i_begin, int64_t i_end);
 // else bad[i] = 1 and the row is not, or not wholly, updated). Then:
 //   out (if not null): out[i * ldo + j] = the caught-up w;
 //   g (if not null):   one step with gradient g[i * ldg + j], and stamp = now + 1; else now.
+// peek (with out, without g): only out is written; w, buf and the stamps stay as they were (a
+// later step of the same entries catches them up itself).
 // stamp null: no catch-up (a plain fused step). Float arithmetic (as PyTorch's float32 step).
 struct LazySgdArgs {
   float* w;
@@ -217,6 +219,7 @@ struct LazySgdArgs {
   float* out;           // may be null
   int64_t ldo;
   float lr, momentum, decay;
+  bool peek;
   uint8_t* bad;         // one flag per block row i
 };
 using LazySgdFn = void (*)(const LazySgdArgs&, int64_t i_begin, int64_t i_end);

@@ -305,11 +305,10 @@ class VRPGE:
         full = []
         for l, m in enumerate(lin):  # caught-up rows of the union
             shape = (m.out_features if rows_of[l] is None else len(rows_of[l]), m.in_features)
-            f = self._buf(f"full{l}", shape)
-            opt._run(m.weight, rows_of[l], None, None, f)
-            full.append(f)
+            full.append(opt._gather(m.weight, rows_of[l], None, self._buf(f"full{l}", shape), peek=True))
         wu = [f if cols_of[l] is None else gather(f, None, cols_of[l], f"wu{l}") for l, f in enumerate(full)]
-        bu = [opt._gather(m.bias, rows_of[l], None) if m.bias is not None else None for l, m in enumerate(lin)]
+        bu = [opt._gather(m.bias, rows_of[l], None, peek=True) if m.bias is not None else None
+              for l, m in enumerate(lin)]
         gw = [None] + [self._buf(f"gw{l}", full[l].shape, zero=True) for l in range(1, H + 1)]
         gb = [np.zeros_like(b) if b is not None else None for b in bu]
         # layer 0 over the union, once
