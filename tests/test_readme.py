@@ -62,3 +62,20 @@ def test_readme_sparse_gradient_example():
     ref.assert_close(ex.input, gh @ W.astype(np.float64), np.abs(gh) @ np.abs(W.astype(np.float64)), 500, "dx")
     assert np.count_nonzero(np.abs(un.weight).sum(1)) == 20
     assert len(ns["history"]) == 1 and np.isfinite(ns["history"][0]["loss"])
+
+
+def test_readme_vrpge_example():
+    from sparsebp.datasets import load_mnist
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+    with open(path) as f:
+        text = f.read()
+    code = re.search(r"## Learned masks: VR-PGE.*?```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace("vr.fit(X, y, epochs=5, batch=128)", "vr.fit(X, y, epochs=5, batch=128, progress=False)")
+    X, y = load_mnist("train", limit=640)
+    ns: dict = {"X": X, "y": y}
+    exec(compile(code, "README.md", "exec"), ns)
+    small, mask = ns["small"], ns["mask"]
+    # the compact model computes what the masked one does, with only the kept units
+    np.testing.assert_allclose(small.forward(X[:50]), ns["vr"].forward(X[:50], mask), rtol=1e-5, atol=1e-5)
+    assert [m.out_features for m in small.layers[:-1:2]] == [int(m.sum()) for m in mask]
