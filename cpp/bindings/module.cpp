@@ -8,6 +8,7 @@
 #include <string>
 
 #include "sparsebp/csr.h"
+#include "sparsebp/cuda.h"
 #include "sparsebp/dispatch.h"
 #include "sparsebp/errors.h"
 #include "sparsebp/ops.h"
@@ -449,6 +450,55 @@ PYBIND11_MODULE(_core, m) {
                               py::array_t<int32_t>(indices.size(), indices.data()));
       },
       py::arg("s"), py::arg("seed"));
+  // CUDA: raw device pointers as Python ints (0 = null); the Python layer (sparsebp/_cuda.py)
+  // checks devices, shapes and dtypes and allocates the outputs.
+  namespace cu = sparsebp::cuda;
+  auto fptr = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
+  m.def("cuda_compiled", &cu::compiled);
+  m.def("cuda_device_count", &cu::device_count);
+  m.def("cuda_device_name", &cu::device_name, py::arg("device"));
+  m.def("cuda_synchronize", [](int dev, uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    cu::synchronize(dev, stream);
+  });
+  m.def("cuda_csr_rows", [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr,
+                                uintptr_t indices, uintptr_t values, uintptr_t vidx, uintptr_t bias, uintptr_t x,
+                                int64_t ldx, uintptr_t y, int64_t ldy) {
+    py::gil_scoped_release nogil;
+    cu::csr_rows_times_dense(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
+                             reinterpret_cast<const int32_t*>(indices), fptr(values),
+                             reinterpret_cast<const int64_t*>(vidx), fptr(bias), fptr(x), ldx, fptr(y), ldy);
+  });
+  m.def("cuda_sddmm", [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr,
+                             uintptr_t indices, uintptr_t gt, int64_t ldg, uintptr_t xt, int64_t ldx, uintptr_t dv,
+                             uintptr_t db) {
+    py::gil_scoped_release nogil;
+    cu::sddmm(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
+              reinterpret_cast<const int32_t*>(indices), fptr(gt), ldg, fptr(xt), ldx, fptr(dv), fptr(db));
+  });
+  m.def("cuda_topk_rows", [fptr](int dev, uintptr_t stream, uintptr_t src, int64_t rows, int64_t n, int64_t lds,
+                                 int64_t k, uintptr_t idx, uintptr_t nan_rows) {
+    py::gil_scoped_release nogil;
+    cu::topk_rows(dev, stream, fptr(src), rows, n, lds, k, reinterpret_cast<int32_t*>(idx),
+                  reinterpret_cast<uint8_t*>(nan_rows));
+  });
+  m.def("cuda_abs_colsum", [fptr](int dev, uintptr_t stream, uintptr_t src, int64_t rows, int64_t n, int64_t lds,
+                                  uintptr_t out) {
+    py::gil_scoped_release nogil;
+    cu::abs_colsum(dev, stream, fptr(src), rows, n, lds, fptr(out));
+  });
+  m.def("cuda_meprop_example", [fptr](int dev, uintptr_t stream, int64_t batch, int64_t k, int64_t out, int64_t in,
+                                      uintptr_t sel, uintptr_t g, int64_t ldg, uintptr_t w, uintptr_t x, int64_t ldx,
+                                      uintptr_t dx, uintptr_t dw) {
+    py::gil_scoped_release nogil;
+    cu::meprop_example(dev, stream, batch, k, out, in, reinterpret_cast<const int32_t*>(sel), fptr(g), ldg, fptr(w),
+                       fptr(x), ldx, fptr(dx), fptr(dw));
+  });
+  m.def("cuda_gemm", [fptr](int dev, uintptr_t stream, int64_t m_, int64_t n, int64_t kk, uintptr_t a, int64_t sa0,
+                            int64_t sa1, uintptr_t b, int64_t sb0, int64_t sb1, uintptr_t c, int64_t ldc) {
+    py::gil_scoped_release nogil;
+    cu::gemm(dev, stream, m_, n, kk, fptr(a), sa0, sa1, fptr(b), sb0, sb1, fptr(c), ldc);
+  });
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);

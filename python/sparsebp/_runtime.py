@@ -64,7 +64,8 @@ def thread_backend() -> str:
 
 
 def build_info() -> dict:
-    """What this build contains and what it runs on."""
+    """What this build contains and what it runs on. ``cuda``: whether the CUDA kernels are
+    compiled in (``SPARSEBP_CUDA=ON``); ``cuda_devices``: the GPUs they can run on here."""
     return {
         "version": __version__,
         "compiled_isas": list(_core.compiled_isas()),
@@ -77,5 +78,6 @@ def build_info() -> dict:
         "compiler": _core.compiler,
         "build_type": _core.build_type,
         "cpu_features": dict(_core.cpu_features()),
-        "cuda": False,
+        "cuda": bool(_core.cuda_compiled()),
+        "cuda_devices": [_core.cuda_device_name(i) for i in range(_core.cuda_device_count())],
     }

@@ -25,6 +25,8 @@ def _info(args) -> int:
     print(f"  threads        : {info['num_threads']} ({info['thread_backend']}; OpenMP "
           f"{'available' if info['openmp'] else 'not built'})")
     print(f"  build          : {info['build_type']}, {info['compiler']}, CUDA {'on' if info['cuda'] else 'off'}")
+    if info["cuda"]:
+        print(f"  GPUs           : {', '.join(info['cuda_devices']) or 'none seen'}")
     print(f"  cpu            : {cpu_name()}")
     print(f"  cpu features   : {feats}")
     return 0

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _core
+from . import _core, _cuda
 from .csr import CSR, _values_array
 from .sparse_grad import MePropGrads, meprop_backward, selected_backward, topk, topk_columns  # noqa: F401
 from .blocks import LazySGD, bernoulli_csr, gather_block, scatter_add_block  # noqa: F401
@@ -150,7 +150,15 @@ def linear_forward(x: np.ndarray, weight: CSR, bias: Optional[np.ndarray] = None
     y : float32 (batch, out_features); Fortran-ordered if ``x`` is (see the module doc).
 
     Cost: 2 * nnz * batch flops.
+
+    GPU arrays (CUDA torch tensors, CuPy, DLPack; see ``sparsebp._cuda``) run on the CUDA kernels:
+    then ``values`` must be given on the input's device, and ``out`` is not supported.
     """
+    dev = _cuda.route(x=x, values=values, bias=bias, out=out)
+    if dev is not None:
+        if out is not None:
+            raise ValueError("out= is not supported with GPU arrays")
+        return _cuda.linear_forward(x, _check_weight(weight), bias, values, dev)
     w = _check_weight(weight)
     rows, cols = w.shape
     v = w.values if values is None else _values_array(values, w.nnz)
@@ -191,7 +199,15 @@ def linear_backward(grad_output: np.ndarray, x: np.ndarray, weight: CSR, *, inpu
 
     ``grad_input`` / ``grad_values`` / ``grad_bias`` may be given to be overwritten. Cost:
     2 * nnz * batch flops per product. Returns a ``LinearGrads`` tuple (skipped entries are None).
+    GPU arrays run on the CUDA kernels (``values`` on the device, no output arguments).
     """
+    dev = _cuda.route(grad_output=grad_output, x=x, values=values, grad_input=grad_input, grad_values=grad_values,
+                      grad_bias=grad_bias)
+    if dev is not None:
+        if grad_input is not None or grad_values is not None or grad_bias is not None:
+            raise ValueError("grad_input= / grad_values= / grad_bias= are not supported with GPU arrays")
+        return LinearGrads(*_cuda.linear_backward(grad_output, x, _check_weight(weight), values, input_grad,
+                                                  weight_grad, bias_grad, dev))
     w = _check_weight(weight)
     rows, cols = w.shape
     v = w.values if values is None else _values_array(values, w.nnz)

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _core
+from . import _core, _cuda
 
 __all__ = ["topk", "topk_columns", "meprop_backward", "selected_backward", "csr_selected_backward", "MePropGrads"]
 
@@ -43,8 +43,12 @@ def _rows_f32(a, name: str, cols: Optional[int] = None, rows: Optional[int] = No
 
 def topk(g: np.ndarray, k: int) -> np.ndarray:
     """Per row of ``g`` (batch, n): the ``min(k, n)`` columns of largest |g|, as an int32 array of
-    shape (batch, min(k, n)), each row sorted increasingly. A NaN in ``g`` is a ValueError."""
+    shape (batch, min(k, n)), each row sorted increasingly. A NaN in ``g`` is a ValueError.
+    A GPU array runs on the CUDA kernels (same result)."""
     k = _check_k(k)
+    dev = _cuda.route(g=g)
+    if dev is not None:
+        return _cuda.topk(g, k, dev)
     g = _rows_f32(g, "g")
     idx = np.empty((g.shape[0], min(k, g.shape[1])), dtype=np.int32)
     _core.topk_rows(g, k, idx)
@@ -55,6 +59,9 @@ def topk_columns(g: np.ndarray, k: int) -> np.ndarray:
     """Unified selection: the ``min(k, n)`` columns j of ``g`` (batch, n) with the largest
     ``sum_b |g[b, j]|``, as a sorted int32 array (one set for the whole batch)."""
     k = _check_k(k)
+    dev = _cuda.route(g=g)
+    if dev is not None:
+        return _cuda.topk_columns(g, k, dev)
     g = _rows_f32(g, "g")
     scores = np.empty((1, g.shape[1]), dtype=np.float32)
     _core.abs_colsum(g, scores.reshape(-1))
@@ -101,6 +108,13 @@ def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, 
     if mode not in ("example", "unified"):
         raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
     k = _check_k(k)
+    dev = _cuda.route(grad_output=grad_output, x=x, weight=weight)
+    if dev is not None:  # GPU arrays: CUDA kernels (compact= does not apply: full-size dW)
+        if compact:
+            raise ValueError("compact=True is not supported with GPU arrays")
+        dx, dw, db, sel = _cuda.meprop_backward(grad_output, x, weight, k, mode, input_grad, weight_grad, bias_grad,
+                                                dev)
+        return MePropGrads(dx, dw, db, sel)
     g = _rows_f32(grad_output, "grad_output")
     sel = topk(g, k) if mode == "example" else topk_columns(g, k)
     return selected_backward(g, x, weight, sel, mode, input_grad=input_grad, weight_grad=weight_grad,

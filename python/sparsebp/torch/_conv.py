@@ -318,6 +318,10 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     ``(c, kh, kw)`` of ``in_channels // groups`` input channels). ``x``: (N, C, H, W) or (C, H, W)."""
     _ops._check_tensor(x, "x")
     _ops._check_tensor(values, "values")
+    _ops._check_same_device(x=x, values=values, bias=bias, indptr=indptr, indices=indices)
+    if x.device.type == "cuda":
+        raise ValueError("SparseConv2d runs on the CPU only: sparsebp's CUDA kernels cover the linear layers, top-k "
+                         "and the sparse-gradient products, not convolution yet; move the conv layers with .cpu()")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (or float64, a slow reference path); got {x.dtype}")
     for t, name in ((values, "values"), (bias, "bias")):

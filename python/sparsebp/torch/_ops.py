@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _core
+from .. import _core, _cuda
 
 # ---------------------------------------------------------------------------------------------
 # Validated structures, cached per index tensor
@@ -107,8 +107,9 @@ def _np(t: Optional[Tensor]):
 
 
 def _rows_of(indptr: Tensor, rows: int) -> Tensor:
-    """The row of every stored entry (int64, nnz)."""
-    return torch.repeat_interleave(torch.arange(rows, dtype=torch.int64), (indptr[1:] - indptr[:-1]).to(torch.int64))
+    """The row of every stored entry (int64, nnz), on indptr's device."""
+    return torch.repeat_interleave(torch.arange(rows, dtype=torch.int64, device=indptr.device),
+                                   (indptr[1:] - indptr[:-1]).to(torch.int64))
 
 
 def _dense_weight(values: Tensor, indptr: Tensor, indices: Tensor, rows: int, cols: int) -> Tensor:
@@ -194,6 +195,96 @@ linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA kernels of the same operators (builds with SPARSEBP_CUDA=ON; see sparsebp/_cuda.py)
+# ---------------------------------------------------------------------------------------------
+
+_cuda_structs: "dict" = {}
+
+
+def _cuda_structure(indptr: Tensor, indices: Tensor, rows: int, cols: int):
+    """(indptr, indices, colptr, rowidx, perm) on the device: W's CSR and its CSC, cached per index
+    tensors (dropped with them)."""
+    key = (indices.data_ptr(), indptr.data_ptr(), indices._version, indptr._version, rows, cols)
+    hit = _cuda_structs.get(key)
+    if hit is not None and hit[0]() is indices:
+        return hit[1]
+    row_of = _rows_of(indptr, rows)
+    ix = indices.to(torch.int64)
+    perm = torch.argsort(ix * max(rows, 1) + row_of, stable=True)  # by column, then row
+    colptr = torch.zeros(cols + 1, dtype=torch.int64, device=indices.device)
+    colptr[1:] = torch.cumsum(torch.bincount(ix, minlength=cols), 0)
+    value = (indptr.to(torch.int64).contiguous(), indices.to(torch.int32).contiguous(), colptr,
+             row_of[perm].to(torch.int32).contiguous(), perm.contiguous())
+    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key: _cuda_structs.pop(k, None)), value)
+    return value
+
+
+def _cuda_dev(t: Tensor) -> int:
+    dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if not _cuda.compiled():
+        raise ValueError(f"a tensor on {t.device} was passed, but this build of sparsebp has no CUDA kernels "
+                         "(SPARSEBP_CUDA=OFF); reinstall with pip install . -Ccmake.define.SPARSEBP_CUDA=ON")
+    return dev
+
+
+def _p(t: Optional[Tensor]) -> int:
+    return 0 if t is None or t.numel() == 0 else int(t.data_ptr())
+
+
+@linear_op.register_kernel("cuda")
+def _linear_cuda(x, values, bias, indptr, indices, out_features):
+    cols = x.shape[1]
+    if x.dtype == torch.float64:  # the dense reference path, on the device
+        w = _dense_weight(values, indptr, indices, out_features, cols)
+        y = _new_like_layout(x, x.shape[0], out_features)
+        y.copy_(x @ w.t() if bias is None else torch.addmm(bias, x, w.t()))
+        return y
+    dev = _cuda_dev(x)
+    ip, ix, _, _, _ = _cuda_structure(indptr, indices, out_features, cols)
+    xc, v = x.contiguous(), values.contiguous()
+    b = None if bias is None else bias.contiguous()
+    tmp = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
+    _core.cuda_csr_rows(dev, torch.cuda.current_stream(dev).cuda_stream, x.shape[0], out_features, _p(ip), _p(ix),
+                        _p(v), 0, _p(b), _p(xc), cols, _p(tmp), out_features)
+    y = _new_like_layout(x, x.shape[0], out_features)
+    y.copy_(tmp)
+    return y
+
+
+@linear_backward_op.register_kernel("cuda")
+def _linear_backward_cuda(grad_y, x, values, indptr, indices, out_features, input_grad, weight_grad, bias_grad):
+    batch, cols = x.shape
+    gi = _new_like_layout(grad_y, batch, cols) if input_grad else x.new_empty((0,))
+    gv = values.new_empty(values.shape) if weight_grad else values.new_empty((0,))
+    gb = values.new_empty((out_features,)) if bias_grad else values.new_empty((0,))
+    if x.dtype == torch.float64:
+        w = _dense_weight(values, indptr, indices, out_features, cols)
+        if input_grad:
+            gi.copy_(grad_y @ w)
+        if weight_grad:
+            gv.copy_((grad_y.t() @ x)[_rows_of(indptr, out_features), indices.to(torch.int64)])
+        if bias_grad:
+            gb.copy_(grad_y.sum(0))
+        return gi, gv, gb
+    dev = _cuda_dev(x)
+    st = torch.cuda.current_stream(dev).cuda_stream
+    ip, ix, colptr, rowidx, perm = _cuda_structure(indptr, indices, out_features, cols)
+    g = grad_y.contiguous()
+    if input_grad:
+        tmp = torch.empty((batch, cols), dtype=x.dtype, device=x.device)
+        _core.cuda_csr_rows(dev, st, batch, cols, _p(colptr), _p(rowidx), _p(values.contiguous()), _p(perm), 0, _p(g),
+                            out_features, _p(tmp), cols)
+        gi.copy_(tmp)
+    if weight_grad:
+        g_fm, x_fm = g.t().contiguous(), x.t().contiguous()  # batch contiguous: coalesced SDDMM reads
+        _core.cuda_sddmm(dev, st, batch, out_features, _p(ip), _p(ix), _p(g_fm), batch, _p(x_fm), batch, _p(gv),
+                         _p(gb) if bias_grad else 0)
+    elif bias_grad:
+        gb.copy_(g.sum(0))
+    return gi, gv, gb
+
+
+# ---------------------------------------------------------------------------------------------
 # The functional entry point (argument checks, any leading dimensions)
 # ---------------------------------------------------------------------------------------------
 
@@ -203,9 +294,20 @@ _FLOATS = (torch.float32, torch.float64)
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.device.type != "cpu":
+    if t.device.type == "cuda" and not _cuda.compiled():
         raise ValueError(f"{name} is on {t.device}, but this build of sparsebp runs on the CPU only "
-                         "(CUDA kernels are not compiled in); move it with .cpu()")
+                         "(CUDA kernels are not compiled in: SPARSEBP_CUDA=OFF); move it with .cpu() or reinstall "
+                         "with pip install . -Ccmake.define.SPARSEBP_CUDA=ON")
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name} is on {t.device}; sparsebp runs on the CPU and on CUDA GPUs")
+
+
+def _check_same_device(**tensors) -> None:
+    devs = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devs.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devs.items())
+        raise ValueError(f"the layer's tensors and its input are on different devices ({desc}); move the module "
+                         "with .to(device) or the input to the module's device")
 
 
 def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
@@ -217,6 +319,7 @@ def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     _check_tensor(values, "values")
     if bias is not None:
         _check_tensor(bias, "bias")
+    _check_same_device(x=x, values=values, bias=bias, indptr=indptr, indices=indices)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float32 (or float64, a slow reference path); got {x.dtype}")
     for t, name in ((values, "values"), (bias, "bias")):

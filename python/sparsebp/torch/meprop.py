@@ -73,6 +73,17 @@ class _MePropLinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if g.is_cuda:  # GPU: sparsebp's CUDA kernels (plain meProp: the stateful policies keep host state)
+            if type(ctx.policy) is not _alg.MeProp or g.dtype != torch.float32:
+                raise ValueError(f"on CUDA, MePropLinear supports float32 and the MeProp policy; got "
+                                 f"{ctx.policy!r} with {g.dtype}")
+            from .. import _cuda
+
+            dev = _ops._cuda_dev(g)
+            dx, dw, _, _ = _cuda.meprop_backward(g.contiguous(), x.contiguous(), w.detach().contiguous(),
+                                                 ctx.policy.k_for(g.shape[1]), ctx.policy.mode, need_x, need_w,
+                                                 False, dev)
+            return dx, dw, (g.sum(0) if need_b else None), None
         sel = _select(ctx.policy, g)
         gb = g.sum(0) if need_b else None
         if g.dtype != torch.float32:  # reference path (gradcheck): the same selection, dense products
@@ -159,6 +170,9 @@ def sparse_meprop_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indp
                          in_features: int, out_features: int, policy: _alg.SparseGrad) -> Tensor:
     """The forward of a ``SparseLinear`` with a sparse-gradient policy (its backward: the selected
     rows' stored weights only)."""
+    if x.device.type == "cuda":
+        raise ValueError("SparseLinear with grad_topk / grad_policy runs on the CPU only (the CUDA path covers "
+                         "SparseLinear without it and MePropLinear); move the layer with .cpu()")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     y = _SparseMePropFn.apply(x2, values, bias, indptr, indices, in_features, out_features, policy)

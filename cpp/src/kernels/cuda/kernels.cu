@@ -1,0 +1,366 @@
+// CUDA variants of sparsebp's kernels: CUDA runtime only (no cuSPARSE / cuBLAS). Contracts in
+// include/sparsebp/cuda.h. Compiled only with SPARSEBP_CUDA=ON.
+//
+// Choices (written for correctness first; none of this has run on a GPU in this project yet, see
+// the README):
+//  - CSR times dense: one thread per output element (b, o), threads of a warp on consecutive
+//    output rows o of one example b, so the writes are coalesced and the example's input row is
+//    reused from L1 by the whole warp. The input gradient is the same kernel over W's CSC.
+//  - SDDMM: one warp per weight row, lanes over the batch of feature-major operands (coalesced),
+//    a shuffle reduction per stored entry; the bias gradient in the same pass.
+//  - top-k: one block per row; radix select on the bits of |g| (4 passes of 8-bit histograms in
+//    shared memory) finds the k-th largest key T and how many entries equal to T to take; an ordered
+//    block-wide compaction then writes the selected columns in increasing order, taking the ties at
+//    T from the lowest columns (the engine's tie rule). Any row length.
+//  - per-example meProp: one block per example; dW accumulated with atomics.
+//  - gemm: 16 x 16 shared-memory tiles, transposes through strides.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "sparsebp/cuda.h"
+#include "sparsebp/errors.h"
+
+namespace sparsebp {
+namespace cuda {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear a sticky-free error so later calls start clean
+    throw ValueError(str_cat("CUDA error in ", what, ": ", cudaGetErrorString(e)));
+  }
+}
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    SPARSEBP_CHECK_VALUE(device >= 0 && device < device_count(), "CUDA device ", device,
+                         " does not exist (this process sees ", device_count(), ")");
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;  // lane 0 holds the sum
+}
+
+// ---- CSR rows times a dense matrix ---------------------------------------------------------------
+constexpr int kRowsPerBlock = 32;
+constexpr int kBatchPerBlock = 8;
+
+__global__ void csr_rows_kernel(int64_t batch, int64_t rows, const int64_t* __restrict__ indptr,
+                                const int32_t* __restrict__ indices, const float* __restrict__ values,
+                                const int64_t* __restrict__ vidx, const float* __restrict__ bias,
+                                const float* __restrict__ x, int64_t ldx, float* __restrict__ y, int64_t ldy) {
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x;
+  const int64_t b = static_cast<int64_t>(blockIdx.y) * kBatchPerBlock + threadIdx.y;
+  if (o >= rows || b >= batch) return;
+  const float* xb = x + b * ldx;
+  float acc = bias ? bias[o] : 0.0f;
+  const int64_t end = indptr[o + 1];
+  for (int64_t p = indptr[o]; p < end; ++p) acc = fmaf(values[vidx ? vidx[p] : p], xb[indices[p]], acc);
+  y[b * ldy + o] = acc;
+}
+
+// ---- SDDMM -----------------------------------------------------------------------------------------
+constexpr int kWarpsPerBlock = 8;
+
+__global__ void sddmm_kernel(int64_t batch, int64_t rows, const int64_t* __restrict__ indptr,
+                             const int32_t* __restrict__ indices, const float* __restrict__ gt, int64_t ldg,
+                             const float* __restrict__ xt, int64_t ldx, float* __restrict__ dvalues,
+                             float* __restrict__ dbias) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // uniform per warp
+  const float* g = gt + row * ldg;
+  if (dbias) {
+    float s = 0.0f;
+    for (int64_t b = lane; b < batch; b += 32) s += g[b];
+    s = warp_sum(s);
+    if (lane == 0) dbias[row] = s;
+  }
+  const int64_t end = indptr[row + 1];
+  for (int64_t p = indptr[row]; p < end; ++p) {
+    const float* xr = xt + static_cast<int64_t>(indices[p]) * ldx;
+    float s = 0.0f;
+    for (int64_t b = lane; b < batch; b += 32) s = fmaf(g[b], xr[b], s);
+    s = warp_sum(s);
+    if (lane == 0) dvalues[p] = s;
+  }
+}
+
+// ---- top-k -----------------------------------------------------------------------------------------
+constexpr int kTopkThreads = 256;
+
+__device__ __forceinline__ uint32_t abs_key(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+// Exclusive scan of v over the block (blockDim.x == kTopkThreads); *total = the sum. sh: scratch.
+__device__ int block_scan(int v, int* sh, int* total) {
+  const int t = threadIdx.x;
+  sh[t] = v;
+  __syncthreads();
+  for (int off = 1; off < kTopkThreads; off <<= 1) {
+    const int add = t >= off ? sh[t - off] : 0;
+    __syncthreads();
+    sh[t] += add;
+    __syncthreads();
+  }
+  const int incl = sh[t];
+  *total = sh[kTopkThreads - 1];
+  __syncthreads();
+  return incl - v;
+}
+
+__global__ void topk_kernel(const float* __restrict__ src, int64_t n, int64_t lds, int64_t k,
+                            int32_t* __restrict__ idx, uint8_t* __restrict__ nan_rows) {
+  __shared__ unsigned int hist[256];
+  __shared__ int scan[kTopkThreads];
+  __shared__ uint32_t s_prefix;
+  __shared__ int64_t s_remaining;
+  __shared__ int s_nan;
+  const int64_t r = blockIdx.x;
+  const float* row = src + r * lds;
+  const int t = threadIdx.x;
+  if (t == 0) {
+    s_prefix = 0;
+    s_remaining = k;
+    s_nan = 0;
+  }
+  __syncthreads();
+  uint32_t mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = t; i < 256; i += kTopkThreads) hist[i] = 0;
+    __syncthreads();
+    const uint32_t prefix = s_prefix;
+    for (int64_t j = t; j < n; j += kTopkThreads) {
+      const float v = row[j];
+      if (shift == 24 && isnan(v)) s_nan = 1;
+      const uint32_t key = abs_key(v);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (t == 0) {  // the digit of the k-th largest key among those sharing the prefix
+      int64_t need = s_remaining;
+      int d = 255;
+      for (; d > 0; --d) {
+        if (static_cast<int64_t>(hist[d]) >= need) break;
+        need -= hist[d];
+      }
+      s_remaining = need;  // how many with this digit (and the prefix) are still to take
+      s_prefix = prefix | (static_cast<uint32_t>(d) << shift);
+    }
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  const uint32_t T = s_prefix;
+  const int64_t ties = s_remaining;  // entries equal to T to take, lowest columns first
+  int64_t eq_seen = 0, written = 0;
+  for (int64_t base = 0; base < n; base += kTopkThreads) {
+    const int64_t j = base + t;
+    const uint32_t key = j < n ? abs_key(row[j]) : 0u;
+    const int gt = j < n && key > T;
+    const int eq = j < n && key == T;
+    int eq_total = 0;
+    const int eq_before = block_scan(eq, scan, &eq_total);
+    const int take = gt || (eq && eq_seen + eq_before < ties);
+    int take_total = 0;
+    const int pos = block_scan(take, scan, &take_total);
+    if (take) idx[r * k + written + pos] = static_cast<int32_t>(j);
+    eq_seen += eq_total;
+    written += take_total;
+  }
+  if (t == 0) nan_rows[r] = static_cast<uint8_t>(s_nan);
+}
+
+__global__ void abs_colsum_kernel(const float* __restrict__ src, int64_t rows, int64_t n, int64_t lds,
+                                  float* __restrict__ out) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  float s = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) s += fabsf(src[r * lds + j]);
+  out[j] = s;
+}
+
+// ---- per-example meProp products ---------------------------------------------------------------------
+__global__ void meprop_dx_kernel(int64_t k, int64_t in, const int32_t* __restrict__ sel,
+                                 const float* __restrict__ g, int64_t ldg, const float* __restrict__ w,
+                                 float* __restrict__ dx) {
+  const int64_t b = blockIdx.x;
+  const int32_t* s = sel + b * k;
+  const float* gb = g + b * ldg;
+  for (int64_t i = threadIdx.x; i < in; i += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < k; ++t) acc = fmaf(gb[s[t]], w[static_cast<int64_t>(s[t]) * in + i], acc);
+    dx[b * in + i] = acc;
+  }
+}
+
+__global__ void meprop_dw_kernel(int64_t k, int64_t in, const int32_t* __restrict__ sel,
+                                 const float* __restrict__ g, int64_t ldg, const float* __restrict__ x,
+                                 int64_t ldx, float* __restrict__ dw) {
+  const int64_t b = blockIdx.x;
+  const int32_t* s = sel + b * k;
+  const float* xb = x + b * ldx;
+  for (int64_t t = 0; t < k; ++t) {
+    const float gv = g[b * ldg + s[t]];
+    float* row = dw + static_cast<int64_t>(s[t]) * in;
+    for (int64_t i = threadIdx.x; i < in; i += blockDim.x) atomicAdd(row + i, gv * xb[i]);
+  }
+}
+
+// ---- gemm ------------------------------------------------------------------------------------------
+constexpr int kTile = 16;
+
+__global__ void gemm_kernel(int64_t m, int64_t n, int64_t kk, const float* __restrict__ a, int64_t sa0, int64_t sa1,
+                            const float* __restrict__ b, int64_t sb0, int64_t sb1, float* __restrict__ c,
+                            int64_t ldc) {
+  __shared__ float as[kTile][kTile];
+  __shared__ float bs[kTile][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * kTile + ty;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTile + tx;
+  float acc = 0.0f;
+  for (int64_t l0 = 0; l0 < kk; l0 += kTile) {
+    as[ty][tx] = (i < m && l0 + tx < kk) ? a[i * sa0 + (l0 + tx) * sa1] : 0.0f;
+    bs[ty][tx] = (l0 + ty < kk && j < n) ? b[(l0 + ty) * sb0 + j * sb1] : 0.0f;
+    __syncthreads();
+#pragma unroll
+    for (int l = 0; l < kTile; ++l) acc = fmaf(as[ty][l], bs[l][tx], acc);
+    __syncthreads();
+  }
+  if (i < m && j < n) c[i * ldc + j] = acc;
+}
+
+void check_grid(int64_t blocks, const char* what) {
+  SPARSEBP_CHECK_VALUE(blocks <= 2147483647LL, what, ": too large for one CUDA grid");
+}
+
+void check_grid_y(int64_t blocks, const char* what) {
+  SPARSEBP_CHECK_VALUE(blocks <= 65535, what, ": too large for one CUDA grid (second dimension)");
+}
+
+}  // namespace
+
+bool compiled() { return true; }
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::string device_name(int device) {
+  SPARSEBP_CHECK_VALUE(device >= 0 && device < device_count(), "CUDA device ", device, " does not exist");
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  return std::string(prop.name);
+}
+
+void synchronize(int device, uintptr_t stream) {
+  DeviceGuard guard(device);
+  check(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
+}
+
+void csr_rows_times_dense(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,
+                          const int32_t* indices, const float* values, const int64_t* value_index, const float* bias,
+                          const float* x, int64_t ldx, float* y, int64_t ldy) {
+  SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0, "bad shape for csr_rows_times_dense");
+  if (batch == 0 || rows == 0) return;
+  DeviceGuard guard(device);
+  const int64_t gx = ceil_div(rows, kRowsPerBlock), gy = ceil_div(batch, kBatchPerBlock);
+  check_grid(gx, "csr_rows_times_dense");
+  check_grid_y(gy, "csr_rows_times_dense (batch)");
+  csr_rows_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(kRowsPerBlock, kBatchPerBlock), 0,
+                    as_stream(stream)>>>(batch, rows, indptr, indices, values, value_index, bias, x, ldx, y, ldy);
+  check(cudaGetLastError(), "csr_rows_times_dense launch");
+}
+
+void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
+           const float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias) {
+  SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0, "bad shape for sddmm");
+  if (rows == 0) return;
+  DeviceGuard guard(device);
+  const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
+  check_grid(blocks, "sddmm");
+  sddmm_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, as_stream(stream)>>>(
+      batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+  check(cudaGetLastError(), "sddmm launch");
+}
+
+void topk_rows(int device, uintptr_t stream, const float* src, int64_t rows, int64_t n, int64_t lds, int64_t k,
+               int32_t* idx, uint8_t* nan_rows) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && n >= 0 && lds >= n && k > 0 && k <= n, "bad arguments for topk_rows");
+  if (rows == 0) return;
+  DeviceGuard guard(device);
+  check_grid(rows, "topk_rows");
+  topk_kernel<<<static_cast<unsigned>(rows), kTopkThreads, 0, as_stream(stream)>>>(src, n, lds, k, idx, nan_rows);
+  check(cudaGetLastError(), "topk_rows launch");
+}
+
+void abs_colsum(int device, uintptr_t stream, const float* src, int64_t rows, int64_t n, int64_t lds, float* out) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && n >= 0 && lds >= n, "bad shape for abs_colsum");
+  if (n == 0) return;
+  DeviceGuard guard(device);
+  const int64_t blocks = ceil_div(n, 256);
+  check_grid(blocks, "abs_colsum");
+  abs_colsum_kernel<<<static_cast<unsigned>(blocks), 256, 0, as_stream(stream)>>>(src, rows, n, lds, out);
+  check(cudaGetLastError(), "abs_colsum launch");
+}
+
+void meprop_example(int device, uintptr_t stream, int64_t batch, int64_t k, int64_t out, int64_t in,
+                    const int32_t* sel, const float* g, int64_t ldg, const float* w, const float* x, int64_t ldx,
+                    float* dx, float* dw) {
+  SPARSEBP_CHECK_VALUE(batch >= 0 && k >= 0 && out >= 0 && in >= 0, "bad shape for meprop_example");
+  DeviceGuard guard(device);
+  check_grid(batch, "meprop_example");
+  if (dw) {
+    check(cudaMemsetAsync(dw, 0, static_cast<size_t>(out) * static_cast<size_t>(in) * sizeof(float),
+                          as_stream(stream)),
+          "cudaMemsetAsync");
+  }
+  if (batch == 0 || in == 0) return;
+  if (dx) {
+    meprop_dx_kernel<<<static_cast<unsigned>(batch), 256, 0, as_stream(stream)>>>(k, in, sel, g, ldg, w, dx);
+    check(cudaGetLastError(), "meprop dx launch");
+  }
+  if (dw && k > 0) {
+    meprop_dw_kernel<<<static_cast<unsigned>(batch), 256, 0, as_stream(stream)>>>(k, in, sel, g, ldg, x, ldx, dw);
+    check(cudaGetLastError(), "meprop dw launch");
+  }
+}
+
+void gemm(int device, uintptr_t stream, int64_t m, int64_t n, int64_t kk, const float* a, int64_t sa0, int64_t sa1,
+          const float* b, int64_t sb0, int64_t sb1, float* c, int64_t ldc) {
+  SPARSEBP_CHECK_VALUE(m >= 0 && n >= 0 && kk >= 0 && ldc >= n, "bad shape for gemm");
+  if (m == 0 || n == 0) return;
+  DeviceGuard guard(device);
+  const int64_t gx = ceil_div(n, kTile), gy = ceil_div(m, kTile);
+  check_grid(gx, "gemm");
+  check_grid_y(gy, "gemm (rows)");
+  gemm_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(kTile, kTile), 0,
+                as_stream(stream)>>>(m, n, kk, a, sa0, sa1, b, sb0, sb1, c, ldc);
+  check(cudaGetLastError(), "gemm launch");
+}
+
+}  // namespace cuda
+}  // namespace sparsebp

@@ -1,0 +1,202 @@
+"""CUDA: the CPU/GPU dispatch logic (runs everywhere, with fake GPU arrays) and the GPU kernels
+against float64 references and against the CPU kernels (run only where a GPU is present; elsewhere
+they are skipped with the reason shown)."""
+import numpy as np
+import pytest
+
+import sparsebp
+from sparsebp import _cuda, ops
+
+import reference as ref
+
+COMPILED = _cuda.compiled()
+GPUS = _cuda.device_count()
+
+
+class FakeCudaArray:
+    """Looks like a GPU array to the dispatcher (never dereferenced: every path errors first)."""
+
+    def __init__(self, shape=(4, 3), device=0):
+        self.shape = shape
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "data": (0, False), "version": 3}
+        self.device = type("D", (), {"id": device})()
+
+
+class FakeDLPack:
+    def __init__(self, kind, idx):
+        self._dev = (kind, idx)
+
+    def __dlpack_device__(self):
+        return self._dev
+
+
+def test_build_info_reports_cuda():
+    info = sparsebp.build_info()
+    assert info["cuda"] is COMPILED
+    assert isinstance(info["cuda_devices"], list) and len(info["cuda_devices"]) == GPUS
+    if not COMPILED:
+        assert GPUS == 0
+
+
+def test_device_classification():
+    assert _cuda.device_of(np.zeros(3, np.float32)) == "cpu"
+    assert _cuda.device_of(None) is None
+    assert _cuda.device_of(FakeCudaArray(device=1)) == "cuda:1"
+    assert _cuda.device_of(FakeDLPack(2, 3)) == "cuda:3"
+    assert _cuda.device_of(FakeDLPack(1, 0)) == "cpu"
+    torch = pytest.importorskip("torch")
+    assert _cuda.device_of(torch.zeros(2)) == "cpu"
+    assert _cuda.device_of(torch.zeros(2, device="meta")) == "meta"
+
+
+def test_route_cpu_and_mismatches():
+    a = np.zeros((2, 2), np.float32)
+    assert _cuda.route(x=a, values=a, bias=None) is None
+    with pytest.raises(ValueError, match=r"x on cuda:0.*values on cpu"):
+        _cuda.route(x=FakeCudaArray(), values=a)
+    with pytest.raises(ValueError, match="different devices"):
+        _cuda.route(x=FakeCudaArray(device=0), values=FakeCudaArray(device=1))
+
+
+def test_gpu_input_without_a_usable_gpu_is_a_clear_error():
+    if GPUS:
+        pytest.skip("a GPU is present: the GPU tests below cover this path")
+    w = sparsebp.CSR.from_dense(np.eye(3, dtype=np.float32))
+    msg = "SPARSEBP_CUDA=OFF" if not COMPILED else "sees 0 device"
+    for call in (lambda: ops.linear_forward(FakeCudaArray((4, 3)), w),
+                 lambda: ops.linear_backward(FakeCudaArray((4, 3)), FakeCudaArray((4, 3)), w),
+                 lambda: ops.topk(FakeCudaArray(), 2),
+                 lambda: ops.topk_columns(FakeCudaArray(), 2),
+                 lambda: ops.meprop_backward(FakeCudaArray(), FakeCudaArray(), FakeCudaArray(), 2)):
+        with pytest.raises(ValueError, match=msg):
+            call()
+    # a mismatch is reported as such before anything else
+    with pytest.raises(ValueError, match="different devices"):
+        ops.linear_forward(FakeCudaArray((4, 3)), w, values=w.values)
+
+
+def test_torch_device_mismatch_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    import sparsebp.torch as st
+
+    x = torch.zeros(2, 5)
+    v = torch.zeros(3, device="meta")
+    ip = torch.tensor([0, 1, 2, 3, 3])
+    ix = torch.tensor([0, 1, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="different devices"):
+        st.ops.linear(x, v, None, ip, ix, 5, 4)
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------------
+_reason = (f"no CUDA GPU here (CUDA kernels compiled in: {'yes' if COMPILED else 'no'}; GPUs seen: {GPUS}): "
+           "the GPU tests have not run")
+gpu = pytest.mark.skipif(not (COMPILED and GPUS > 0), reason=_reason)
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    return torch
+
+
+@gpu
+@pytest.mark.parametrize("rows,cols,density,batch", [(1, 1, 1.0, 1), (33, 17, 0.3, 7), (300, 512, 0.1, 64),
+                                                     (128, 64, 0.0, 9), (64, 700, 0.05, 257)])
+def test_gpu_linear_against_float64(rows, cols, density, batch):
+    torch = _torch_cuda()
+    rng = np.random.default_rng(rows + cols)
+    ip, ix, vals = ref.random_csr(rng, rows, cols, density)
+    w = sparsebp.CSR(ip, ix, vals, (rows, cols))
+    x = rng.standard_normal((batch, cols)).astype(np.float32)
+    b = rng.standard_normal(rows).astype(np.float32)
+    g = rng.standard_normal((batch, rows)).astype(np.float32)
+    d = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+    y = ops.linear_forward(d(x), w, d(b), values=d(vals)).cpu().numpy()
+    yr, ys = ref.linear_forward(x, ip, ix, vals, (rows, cols), b)
+    ref.assert_close(y, yr, ys, cols, "gpu forward")
+    r = ops.linear_backward(d(g), d(x), w, values=d(vals))
+    (gi, gis), (gv, gvs), gb = ref.linear_backward(g, x, ip, ix, vals, (rows, cols))
+    ref.assert_close(r.grad_input.cpu().numpy(), gi, gis, rows, "gpu grad_input")
+    ref.assert_close(r.grad_values.cpu().numpy(), gv, gvs, batch, "gpu grad_values")
+    np.testing.assert_allclose(r.grad_bias.cpu().numpy(), g.astype(np.float64).sum(0), rtol=1e-4, atol=1e-4)
+    cpu = ops.linear_forward(x, w, b)
+    np.testing.assert_allclose(y, cpu, rtol=1e-5, atol=1e-5)
+
+
+def _topk_ref(g, k):
+    g = np.asarray(g, dtype=np.float64)
+    cols = np.arange(g.shape[1])
+    return np.array([np.sort(np.lexsort((cols, -np.abs(row)))[:k]) for row in g]).reshape(len(g), min(k, g.shape[1]))
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 7, 255, 256, 257, 4096, 10000])
+def test_gpu_topk_ties_and_edges(n):
+    torch = _torch_cuda()
+    rng = np.random.default_rng(n)
+    g = rng.integers(-3, 4, size=(9, n)).astype(np.float32)
+    g[1] = -0.0
+    for k in sorted({0, 1, max(1, n // 3), n - 1, n, n + 5}):
+        got = ops.topk(torch.from_numpy(g).cuda(), k).cpu().numpy()
+        np.testing.assert_array_equal(got, _topk_ref(g, k), err_msg=f"k={k}")
+    cont = rng.standard_normal((5, n)).astype(np.float32)
+    k = max(1, n // 10)
+    np.testing.assert_array_equal(ops.topk(torch.from_numpy(cont).cuda(), k).cpu().numpy(), ops.topk(cont, k))
+    np.testing.assert_array_equal(ops.topk_columns(torch.from_numpy(cont).cuda(), k).cpu().numpy(),
+                                  ops.topk_columns(cont, k))
+    if n > 1:
+        bad = cont.copy()
+        bad[2, 0] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            ops.topk(torch.from_numpy(bad).cuda(), 1)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["example", "unified"])
+def test_gpu_meprop_against_float64(mode):
+    torch = _torch_cuda()
+    rng = np.random.default_rng(4)
+    B, out_f, in_f, k = 32, 300, 200, 12
+    g = rng.standard_normal((B, out_f)).astype(np.float32)
+    x = rng.standard_normal((B, in_f)).astype(np.float32)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    d = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+    r = ops.meprop_backward(d(g), d(x), d(w), k, mode)
+    sel = r.selected.cpu().numpy()
+    gh = np.zeros((B, out_f))
+    if mode == "example":
+        np.testing.assert_array_equal(sel, _topk_ref(g, k))
+        np.put_along_axis(gh, sel.astype(np.int64), np.take_along_axis(g, sel.astype(np.int64), 1), 1)
+    else:
+        np.testing.assert_array_equal(sel, ops.topk_columns(g, k))
+        gh[:, sel] = g[:, sel]
+    np.testing.assert_allclose(r.input.cpu().numpy(), gh @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(r.weight.cpu().numpy(), gh.T @ x, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(r.bias.cpu().numpy(), g.astype(np.float64).sum(0), rtol=1e-4, atol=1e-4)
+
+
+@gpu
+def test_gpu_torch_modules_against_dense():
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48)
+    sparse = st.SparseLinear.from_dense(dense, mask=torch.rand(48, 64) < 0.2).cuda()
+    w = sparse.weight.detach()  # the dense view of the sparse weight
+    x = torch.randn(17, 64, device="cuda", requires_grad=True)
+    y = sparse(x)
+    xr = x.detach().clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    yd = xr @ wr.t() + sparse.bias.detach()
+    torch.testing.assert_close(y, yd, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    yd.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    mask = sparse.mask.to(torch.bool)
+    torch.testing.assert_close(sparse.values.grad, wr.grad[mask], rtol=1e-4, atol=1e-4)
+    m = st.MePropLinear(64, 48, k=48).cuda()  # k = out: exactly dense
+    x2 = torch.randn(9, 64, device="cuda", requires_grad=True)
+    m(x2).sum().backward()
+    torch.testing.assert_close(x2.grad, m.weight.detach().sum(0).expand(9, -1), rtol=1e-4, atol=1e-4)
