@@ -48,16 +48,18 @@ def _bench(args) -> int:
     benches = [("linear", "linear", False, "linear.csv, linear.md, linear.png"),
                ("sparse-grad", "sparse_grad", False, "sparse_grad.csv, sparse_grad.md"),
                ("conv", "conv", True, "conv.csv, conv.md"),
-               ("train", "train_step", True, "train_step.csv, train_step.md")]
+               ("train", "train_step", True, "train_step.csv, train_step.md"),
+               ("cuda", "cuda", True, "cuda.csv, cuda.md")]
     for name, module, needs_torch, files in benches:
         if args.what not in ("all", name):
             continue
         if needs_torch and not have_torch:
             print(f"{name} benchmark skipped: it needs PyTorch")
             continue
-        importlib.import_module(f"sparsebp.bench.{module}").run(args.out, quick=args.quick, threads=args.threads,
-                                                                 reps=args.reps)
-        print(f"wrote {args.out}/{files}")
+        done = importlib.import_module(f"sparsebp.bench.{module}").run(args.out, quick=args.quick,
+                                                                        threads=args.threads, reps=args.reps)
+        if done is not False:  # False: the benchmark could not run here and said why
+            print(f"wrote {args.out}/{files}")
     return 0
 
 
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     pb.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 2)")
     pb.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 7; quick: 3)")
     pb.add_argument("--out", default="bench-results", help="folder for CSV, markdown and PNG (default bench-results)")
-    pb.add_argument("--what", choices=["all", "linear", "sparse-grad", "conv", "train"], default="all",
+    pb.add_argument("--what", choices=["all", "linear", "sparse-grad", "conv", "train", "cuda"], default="all",
                     help="which benchmark (default all; conv and train, the example CNN's training step, need torch)")
     pb.set_defaults(fn=_bench)
     argv = sys.argv[1:] if argv is None else list(argv)
