@@ -57,15 +57,25 @@ def _shape2(a: np.ndarray) -> Tuple[int, int]:
     return (a.shape[0], a.shape[1] if a.ndim == 2 else 1)
 
 
+def _block(a: np.ndarray, rows, cols, name: str):
+    """Validated (rows, cols) of a block of ``a`` (a 1-D ``a`` takes rows only) and its shape."""
+    r, c = _shape2(a)
+    if a.ndim == 1 and cols is not None:
+        raise ValueError(f"cols must be None for a 1-D {name}")
+    rows, cols = _index(rows, "rows", r), _index(cols, "cols", c)
+    return rows, cols, _block_shape(a, rows, cols)
+
+
+def _block_shape(a: np.ndarray, rows, cols) -> tuple:
+    r, c = _shape2(a)
+    return (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if a.ndim == 2 else ())
+
+
 def gather_block(src: np.ndarray, rows=None, cols=None, out: Optional[np.ndarray] = None) -> np.ndarray:
     """``src[rows][:, cols]`` as a new C-ordered float32 array (or into ``out``), threaded.
     A 1-D ``src`` (a bias) takes ``rows`` only and gives a 1-D result."""
     src = _matrix(src, "src")
-    r, c = _shape2(src)
-    if src.ndim == 1 and cols is not None:
-        raise ValueError("cols must be None for a 1-D src")
-    rows, cols = _index(rows, "rows", r), _index(cols, "cols", c)
-    shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if src.ndim == 2 else ())
+    rows, cols, shape = _block(src, rows, cols, "src")
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     else:
@@ -80,11 +90,7 @@ def scatter_add_block(dst: np.ndarray, src: np.ndarray, rows=None, cols=None, al
     """In place: ``dst[rows][:, cols] += alpha * src`` (``dst`` C-ordered float32)."""
     dst = _matrix(dst, "dst", writable=True)
     src = _matrix(src, "src")
-    r, c = _shape2(dst)
-    if dst.ndim == 1 and cols is not None:
-        raise ValueError("cols must be None for a 1-D dst")
-    rows, cols = _index(rows, "rows", r), _index(cols, "cols", c)
-    shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if dst.ndim == 2 else ())
+    rows, cols, shape = _block(dst, rows, cols, "dst")
     if src.shape != shape:
         raise ValueError(f"src must have shape {shape}; got {src.shape}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
@@ -185,24 +191,20 @@ class LazySGD:
         """A compact copy of the block's values, caught up to now. The entries are caught up in
         place too, unless ``peek`` (then nothing is written: cheaper when the same block is stepped
         in this training step anyway, which catches it up itself)."""
-        r, c = _shape2(p.data)
-        return self._gather(p, _index(rows, "rows", r), _index(cols, "cols", c), peek=peek)
+        rows, cols, _ = _block(p.data, rows, cols, "parameter")
+        return self._gather(p, rows, cols, peek=peek)
 
     def _gather(self, p, rows: Optional[np.ndarray], cols: Optional[np.ndarray], out=None,
                 peek: bool = False) -> np.ndarray:
         # rows / cols: None or int64 arrays (the C++ side still checks order and bounds)
-        r, c = _shape2(p.data)
-        shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if p.data.ndim == 2 else ())
         if out is None:
-            out = np.empty(shape, dtype=np.float32)
+            out = np.empty(_block_shape(p.data, rows, cols), dtype=np.float32)
         self._run(p, rows, cols, None, out, peek)
         return out
 
     def step_block(self, p, g: np.ndarray, rows=None, cols=None) -> None:
         """One step on the block rows x cols of p with gradient g (its shape)."""
-        r, c = _shape2(p.data)
-        rows, cols = _index(rows, "rows", r), _index(cols, "cols", c)
-        shape = (r if rows is None else len(rows),) + ((c if cols is None else len(cols),) if p.data.ndim == 2 else ())
+        rows, cols, shape = _block(p.data, rows, cols, "parameter")
         g = _matrix(g, "g")
         if g.shape != shape:
             raise ValueError(f"g must have the block's shape {shape}; got {g.shape}")

@@ -357,6 +357,16 @@ class SGD(_Optimizer):
                            self.weight_decay)
 
 
+def check_loop_args(X, y, epochs, batch) -> None:
+    """The argument checks of a training loop (``fit`` here, ``VRPGE.fit``)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0; got {epochs!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int; got {batch!r}")
+    if len(X) != len(y):
+        raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
+
+
 def evaluate(model: Sequential, X: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
     """Accuracy of argmax(model(X)) against y."""
     correct = 0
@@ -374,12 +384,7 @@ def fit(model: Sequential, optimizer, X: np.ndarray, y: np.ndarray, *, epochs: i
     an epoch (meSimp's schedule)."""
     from tqdm import tqdm
 
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an int >= 0; got {epochs!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int; got {batch!r}")
-    if len(X) != len(y):
-        raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
+    check_loop_args(X, y, epochs, batch)
     rng = np.random.default_rng(seed)
     steps = len(X) // batch
     history = []

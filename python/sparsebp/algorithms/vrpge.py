@@ -126,6 +126,33 @@ def plain_estimator(f1: float, f2: float, m1, m2, s, kind: str = "authors") -> n
     return 0.5 * (float(f1) * score(m1, s, kind) + float(f2) * score(m2, s, kind))
 
 
+class MaskAdam:
+    """Adam on the mask probabilities (a list of arrays, updated in place), then the projection onto
+    the global budget: the update of s shared by the NumPy and the torch trainers."""
+
+    def __init__(self, s: list, lr: float, budget: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.s, self.lr, self.budget, self.betas, self.eps = s, lr, budget, betas, eps
+        self.m = [np.zeros_like(x) for x in s]
+        self.v = [np.zeros_like(x) for x in s]
+        self.t = 0
+
+    def step(self, grads: list) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for s, g, m, v in zip(self.s, grads, self.m, self.v):
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            s -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
+        flat = project_budget(np.concatenate([s.ravel() for s in self.s]), self.budget)
+        o = 0
+        for s in self.s:
+            s[...] = flat[o:o + s.size].reshape(s.shape)
+            o += s.size
+
+
 def _softmax_xent(z: np.ndarray, y: np.ndarray):
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -186,9 +213,7 @@ class VRPGE:
         else:
             self.s = [np.full(m.weight.data.shape, self.keep_ratio) for m in hidden]
         self.budget = self.keep_ratio * sum(x.size for x in self.s)
-        self._m1 = [np.zeros_like(x) for x in self.s]  # Adam moments of s
-        self._m2 = [np.zeros_like(x) for x in self.s]
-        self._t = 0
+        self.adam = MaskAdam(self.s, self.lr_s, self.budget)
         self.rng = np.random.default_rng(seed)
         self._bufs = {}
 
@@ -248,25 +273,10 @@ class VRPGE:
                 g *= np.float32(scale)
             self.opt._run(p, rows, cols, g, None)
         self.opt.advance()
-        self._adam_s([g * scale for g in gs])
+        self.adam.step([g * scale for g in gs])
         kept = [float(np.mean(m)) if self.granularity == "unit" else len(m[1]) / s.size
                 for m, s in zip(masks[0], self.s)]
         return dict(loss1=fs[0], loss2=fs[1], kept=kept)
-
-    def _adam_s(self, grads, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
-        self._t += 1
-        c1, c2 = 1 - b1 ** self._t, 1 - b2 ** self._t
-        for s, g, m, v in zip(self.s, grads, self._m1, self._m2):
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            s -= self.lr_s * (m / c1) / (np.sqrt(v / c2) + eps)
-        flat = project_budget(np.concatenate([s.ravel() for s in self.s]), self.budget)
-        o = 0
-        for s in self.s:
-            s[...] = flat[o:o + s.size].reshape(s.shape)
-            o += s.size
 
     def _buf(self, name: str, shape: tuple, zero: bool = False) -> np.ndarray:
         """A reused float32 work array (fresh multi-MB arrays cost page faults every step)."""
@@ -487,12 +497,9 @@ class VRPGE:
         the last samples, the fraction of s polarised (within 0.01 of 0 or 1), seconds per step."""
         from tqdm import tqdm
 
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be an int >= 0; got {epochs!r}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int; got {batch!r}")
-        if len(X) != len(y):
-            raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
+        from ..nn import check_loop_args
+
+        check_loop_args(X, y, epochs, batch)
         rng = np.random.default_rng(seed)
         steps = len(X) // batch
         history = []

@@ -118,6 +118,26 @@ def _dense_weight(values: Tensor, indptr: Tensor, indices: Tensor, rows: int, co
     return w
 
 
+def _linear_ref(x, values, bias, indptr, indices, out_features) -> Tensor:
+    """float64 (gradcheck) path of the forward: dense products, any device, x's layout."""
+    w = _dense_weight(values, indptr, indices, out_features, x.shape[1])
+    y = _new_like_layout(x, x.shape[0], out_features)
+    y.copy_(x @ w.t() if bias is None else torch.addmm(bias, x, w.t()))
+    return y
+
+
+def _linear_backward_ref(gy, x, values, indptr, indices, out_features, gi, gv, gb):
+    """float64 path of the backward into the given outputs (an empty one is skipped)."""
+    w = _dense_weight(values, indptr, indices, out_features, x.shape[1])
+    if gi.numel():
+        gi.copy_(gy @ w)
+    if gv.numel():
+        gv.copy_((gy.t() @ x)[_rows_of(indptr, out_features), indices.to(torch.int64)])
+    if gb.numel():
+        gb.copy_(gy.sum(0))
+    return gi, gv, gb
+
+
 # ---------------------------------------------------------------------------------------------
 # Operators
 # ---------------------------------------------------------------------------------------------
@@ -127,11 +147,9 @@ def _dense_weight(values: Tensor, indptr: Tensor, indices: Tensor, rows: int, co
 def linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
               out_features: int) -> Tensor:
     cols = x.shape[1]
-    y = _new_like_layout(x, x.shape[0], out_features)
     if x.dtype == torch.float64:
-        w = _dense_weight(values, indptr, indices, out_features, cols)
-        y.copy_(x @ w.t() if bias is None else torch.addmm(bias, x, w.t()))
-        return y
+        return _linear_ref(x, values, bias, indptr, indices, out_features)
+    y = _new_like_layout(x, x.shape[0], out_features)
     s = structure_of(indptr, indices, out_features, cols)
     _core.linear_forward(s, _np(values), _np(_kernel_ready(x)), _np(bias), _np(y))
     return y
@@ -152,14 +170,7 @@ def linear_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
     gv = values.new_empty(values.shape) if weight_grad else values.new_empty((0,))
     gb = values.new_empty((out_features,)) if bias_grad else values.new_empty((0,))
     if x.dtype == torch.float64:
-        w = _dense_weight(values, indptr, indices, out_features, cols)
-        if input_grad:
-            gi.copy_(gy @ w)
-        if weight_grad:
-            gv.copy_((gy.t() @ x)[_rows_of(indptr, out_features), indices.to(torch.int64)])
-        if bias_grad:
-            gb.copy_(gy.sum(0))
-        return gi, gv, gb
+        return _linear_backward_ref(gy, x, values, indptr, indices, out_features, gi, gv, gb)
     s = structure_of(indptr, indices, out_features, cols)
     _core.linear_backward(s, _np(values), _np(gy), _np(_kernel_ready(x)), _np(gi) if input_grad else None,
                           _np(gv) if weight_grad else None, _np(gb) if bias_grad else None)
@@ -235,10 +246,7 @@ def _p(t: Optional[Tensor]) -> int:
 def _linear_cuda(x, values, bias, indptr, indices, out_features):
     cols = x.shape[1]
     if x.dtype == torch.float64:  # the dense reference path, on the device
-        w = _dense_weight(values, indptr, indices, out_features, cols)
-        y = _new_like_layout(x, x.shape[0], out_features)
-        y.copy_(x @ w.t() if bias is None else torch.addmm(bias, x, w.t()))
-        return y
+        return _linear_ref(x, values, bias, indptr, indices, out_features)
     dev = _cuda_dev(x)
     ip, ix, _, _, _ = _cuda_structure(indptr, indices, out_features, cols)
     xc, v = x.contiguous(), values.contiguous()
@@ -258,14 +266,7 @@ def _linear_backward_cuda(grad_y, x, values, indptr, indices, out_features, inpu
     gv = values.new_empty(values.shape) if weight_grad else values.new_empty((0,))
     gb = values.new_empty((out_features,)) if bias_grad else values.new_empty((0,))
     if x.dtype == torch.float64:
-        w = _dense_weight(values, indptr, indices, out_features, cols)
-        if input_grad:
-            gi.copy_(grad_y @ w)
-        if weight_grad:
-            gv.copy_((grad_y.t() @ x)[_rows_of(indptr, out_features), indices.to(torch.int64)])
-        if bias_grad:
-            gb.copy_(grad_y.sum(0))
-        return gi, gv, gb
+        return _linear_backward_ref(grad_y, x, values, indptr, indices, out_features, gi, gv, gb)
     dev = _cuda_dev(x)
     st = torch.cuda.current_stream(dev).cuda_stream
     ip, ix, colptr, rowidx, perm = _cuda_structure(indptr, indices, out_features, cols)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms.vrpge import _check_score, _den, project_budget
+from ..algorithms.vrpge import MaskAdam, _check_score, _den
 
 __all__ = ["VRPGETrainer"]
 
@@ -70,9 +70,7 @@ class VRPGETrainer:
         units = [self._units(model[i]) for i in self.weights[:-1]]
         self.s = [np.full(n, self.keep_ratio) for n in units]
         self.budget = self.keep_ratio * sum(units)
-        self._m = [np.zeros(n) for n in units]
-        self._v = [np.zeros(n) for n in units]
-        self._t = 0
+        self.adam = MaskAdam(self.s, self.lr_s, self.budget)
         self.rng = np.random.default_rng(seed)
         self.optimizer = optimizer if optimizer is not None else torch.optim.SGD(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -147,23 +145,8 @@ class VRPGETrainer:
                 for p in params:
                     p.grad.mul_(scale)
         self.optimizer.step()
-        self._adam([g * scale for g in gs])
+        self.adam.step([g * scale for g in gs])
         return dict(loss1=f1, loss2=f2, kept=[float(m.mean()) for m in masks[0]])
-
-    def _adam(self, grads, b1=0.9, b2=0.999, eps=1e-8) -> None:
-        self._t += 1
-        c1, c2 = 1 - b1 ** self._t, 1 - b2 ** self._t
-        for s, g, m, v in zip(self.s, grads, self._m, self._v):
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            s -= self.lr_s * (m / c1) / (np.sqrt(v / c2) + eps)
-        flat = project_budget(np.concatenate(self.s), self.budget)
-        o = 0
-        for s in self.s:
-            s[...] = flat[o:o + s.size]
-            o += s.size
 
     @torch.no_grad()
     def accuracy(self, loader_or_xy, mask) -> float:
