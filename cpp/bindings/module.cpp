@@ -499,6 +499,29 @@ PYBIND11_MODULE(_core, m) {
     py::gil_scoped_release nogil;
     cu::gemm(dev, stream, m_, n, kk, fptr(a), sa0, sa1, fptr(b), sb0, sb1, fptr(c), ldc);
   });
+  m.def(
+      "relu",
+      [](const py::array& x, const py::object& mask, const py::array& y) {
+        auto flat = [](const py::array& a, const char* name, bool writable) {
+          check_float32(a, name);
+          if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+            throw sparsebp::ValueError(str_cat(name, " must be C-contiguous"));
+          if (writable && !a.writeable()) throw sparsebp::ValueError(str_cat(name, " must be writeable"));
+          return static_cast<float*>(const_cast<void*>(a.data()));
+        };
+        const float* xp = flat(x, "x", false);
+        float* yp = flat(y, "out", true);
+        const float* mp = nullptr;
+        if (!mask.is_none()) {
+          py::array m = mask.cast<py::array>();
+          mp = flat(m, "mask", false);
+          if (m.size() != x.size()) throw sparsebp::ValueError("mask must have x's size");
+        }
+        if (y.size() != x.size()) throw sparsebp::ValueError("out must have x's size");
+        py::gil_scoped_release nogil;
+        sparsebp::relu(xp, mp, yp, x.size());
+      },
+      py::arg("x"), py::arg("mask"), py::arg("out"));
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);

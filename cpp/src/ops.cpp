@@ -582,4 +582,18 @@ void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint
   parallel_for(nt, [&](int64_t i) { t.bernoulli_rows(a, rows * i / nt, rows * (i + 1) / nt); });
 }
 
+void relu(const float* x, const float* mask, float* y, int64_t n) {
+  SPARSEBP_CHECK_VALUE(n >= 0, "bad size for relu");
+  if (n == 0) return;
+  const KernelTable& t = active_table();
+  const kernels::EltwiseArgs a{x, mask, y};
+  // Whole 64-byte lines per thread, so that no two threads write one cache line.
+  const int64_t lines = (n + 15) / 16;
+  const int64_t nt = std::min(threads_for(n * 2), lines);
+  parallel_for(nt, [&](int64_t i) {
+    const int64_t b = std::min(n, lines * i / nt * 16), e = std::min(n, lines * (i + 1) / nt * 16);
+    if (b < e) t.relu(a, b, e);
+  });
+}
+
 }  // namespace sparsebp

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["gather_block", "scatter_add_block", "bernoulli_csr", "LazySGD"]
+__all__ = ["gather_block", "scatter_add_block", "bernoulli_csr", "LazySGD", "relu", "relu_backward"]
 
 _F32 = np.dtype(np.float32)
 
@@ -96,6 +96,44 @@ def scatter_add_block(dst: np.ndarray, src: np.ndarray, rows=None, cols=None, al
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
         raise TypeError(f"alpha must be a number; got {type(alpha).__name__}")
     _core.scatter_add_block(dst, rows, cols, src, float(alpha))
+
+
+def _eltwise_out(x: np.ndarray, out, name: str) -> np.ndarray:
+    if out is None:
+        return np.empty(x.shape, dtype=np.float32)
+    out = _matrix(out, "out", writable=True) if out.ndim in (1, 2) else out
+    if out.shape != x.shape or out.dtype != _F32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of {name}'s shape {x.shape}")
+    return out
+
+
+def _float_array(a, name: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; got {type(a).__name__}")
+    if a.dtype != _F32:
+        raise TypeError(f"{name} must be float32; got {a.dtype}")
+    return np.ascontiguousarray(a)
+
+
+def relu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``max(x, 0)`` (NaN stays NaN), any shape, threaded; ``out`` may be ``x`` (in place).
+    (NumPy's ``np.maximum(x, 0)`` takes ~5x longer on 128 x 500 here: a slow path for the scalar.)"""
+    x = _float_array(x, "x")
+    y = _eltwise_out(x, out, "x")
+    _core.relu(x.reshape(-1), None, y.reshape(-1))
+    return y
+
+
+def relu_backward(grad: np.ndarray, y: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The ReLU's input gradient: ``grad`` where the forward's output ``y`` is > 0, else 0;
+    ``out`` may be ``grad`` (in place)."""
+    g = _float_array(grad, "grad")
+    y = _float_array(y, "y")
+    if y.shape != g.shape:
+        raise ValueError(f"y must have grad's shape {g.shape}; got {y.shape}")
+    o = _eltwise_out(g, out, "grad")
+    _core.relu(g.reshape(-1), y.reshape(-1), o.reshape(-1))
+    return o
 
 
 def bernoulli_csr(s: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:

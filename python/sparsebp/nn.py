@@ -195,20 +195,23 @@ class SparseLinear:
 
 
 class ReLU:
+    """``max(x, 0)`` with sparsebp's element-wise kernel (NumPy's ``np.maximum(x, 0)`` and
+    ``np.where`` took 5-30x longer on these shapes here)."""
+
     def __init__(self):
-        self._mask = None
+        self._y = None
 
     def params(self) -> List[Param]:
         return []
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._mask = x > 0
-        return np.where(self._mask, x, _F32(0))
+        self._y = ops.relu(x)
+        return self._y
 
     def backward(self, g: np.ndarray, input_grad: bool = True) -> np.ndarray:
-        if self._mask is None:
+        if self._y is None:
             raise RuntimeError("backward called before forward")
-        return np.where(self._mask, g, _F32(0))
+        return ops.relu_backward(g, self._y)
 
     def __repr__(self) -> str:
         return "ReLU()"

@@ -21,11 +21,11 @@ import numpy as np
 from . import _core, _cuda
 from .csr import CSR, _values_array
 from .sparse_grad import MePropGrads, meprop_backward, selected_backward, topk, topk_columns  # noqa: F401
-from .blocks import LazySGD, bernoulli_csr, gather_block, scatter_add_block  # noqa: F401
+from .blocks import LazySGD, bernoulli_csr, gather_block, relu, relu_backward, scatter_add_block  # noqa: F401
 
 __all__ = ["linear_forward", "linear_backward", "LinearGrads", "empty", "padded_ld",
            "topk", "topk_columns", "meprop_backward", "selected_backward", "MePropGrads",
-           "gather_block", "scatter_add_block", "bernoulli_csr", "LazySGD"]
+           "gather_block", "scatter_add_block", "bernoulli_csr", "LazySGD", "relu", "relu_backward"]
 
 _F32 = np.dtype(np.float32)
 

@@ -101,6 +101,9 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
               const int64_t* rows, int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* powers,
               int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay,
               bool peek = false);
+// ReLU over n contiguous floats (y may alias x): forward (mask null) y = x > 0 or NaN ? x : 0;
+// backward y = mask > 0 ? x : 0 (x the gradient, mask the forward's output).
+void relu(const float* x, const float* mask, float* y, int64_t n);
 // The CSR structure (indptr: rows + 1, indices) of a Bernoulli(s) mask: kernels::BernoulliArgs.
 void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint64_t seed,
                    std::vector<int64_t>* indptr, std::vector<int32_t>* indices);

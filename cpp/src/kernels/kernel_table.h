@@ -240,6 +240,16 @@ struct BernoulliArgs {
 };
 using BernoulliFn = void (*)(const BernoulliArgs&, int64_t row_begin, int64_t row_end);
 
+// Element-wise ReLU over [begin, end) of contiguous arrays (y may alias x):
+//   forward (mask null): y[i] = x[i] if x[i] > 0 or x[i] is NaN, else 0
+//   backward:            y[i] = x[i] if mask[i] > 0, else 0   (x: the gradient, mask: the output)
+struct EltwiseArgs {
+  const float* x;
+  const float* mask;
+  float* y;
+};
+using EltwiseFn = void (*)(const EltwiseArgs&, int64_t begin, int64_t end);
+
 struct KernelTable {
   const char* name;
   // Batch columns one register tile of each kernel covers (ops.cpp sizes cache panels from them).
@@ -258,6 +268,7 @@ struct KernelTable {
   BlockFn scatter_add_block;
   LazySgdFn lazy_sgd;
   BernoulliFn bernoulli_rows;
+  EltwiseFn relu;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.

@@ -27,13 +27,14 @@ sparsebp's CSR kernels.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from .. import _core
-from ..blocks import LazySGD, gather_block, scatter_add_block, bernoulli_csr
+from ..blocks import LazySGD, bernoulli_csr, gather_block, relu, relu_backward, scatter_add_block
 from ..csr import CSR
 
 __all__ = ["project_budget", "score", "estimator", "plain_estimator", "VRPGE", "SCORES"]
@@ -281,7 +282,7 @@ class VRPGE:
     def _buf(self, name: str, shape: tuple, zero: bool = False) -> np.ndarray:
         """A reused float32 work array (fresh multi-MB arrays cost page faults every step)."""
         b = self._bufs.get(name)
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         if b is None or b.size < n:
             b = self._bufs[name] = np.empty(max(n, 1), dtype=np.float32)
         out = b[:n].reshape(shape)
@@ -325,7 +326,7 @@ class VRPGE:
         z0 = x @ wu[0].T
         if bu[0] is not None:
             z0 += bu[0]
-        a0 = np.maximum(z0, np.float32(0))
+        a0 = relu(z0, out=z0)
         g0 = self._buf("g0", z0.shape, zero=True)
         fs = []
         for mask in masks:
@@ -346,7 +347,7 @@ class VRPGE:
                 if bu[l] is not None:
                     z += bu[l] if r is None else bu[l][r]
                 if l < H:
-                    a = np.maximum(z, np.float32(0))
+                    a = relu(z, out=z)
                     acts.append(a)
             loss, g = _softmax_xent(z, y)
             fs.append(loss)
@@ -357,7 +358,8 @@ class VRPGE:
                 _core.scatter_add_block(gw[l], r, cols, g.T @ acts[l], 0.5)
                 if gb[l] is not None:
                     _core.scatter_add_block(gb[l], r, None, g.sum(axis=0), 0.5)
-                g = (g @ ws[l]) * (acts[l] > 0)
+                g = g @ ws[l]
+                relu_backward(g, acts[l], out=g)
             _core.scatter_add_block(g0, None, pos[0], g, 0.5)
         gw[0] = g0.T @ x
         if gb[0] is not None:
@@ -385,8 +387,7 @@ class VRPGE:
                 vals = np.ascontiguousarray(w[rows, indices])
                 csr = CSR(indptr, indices, vals, w.shape)
                 csrs.append((csr, rows))
-                a = np.maximum(ops.linear_forward(a, csr, None if lin[l].bias is None else lin[l].bias.data),
-                               np.float32(0))
+                a = relu(ops.linear_forward(a, csr, None if lin[l].bias is None else lin[l].bias.data))
                 acts.append(np.ascontiguousarray(a))
             z = acts[-1] @ lin[H].weight.data.T
             if lin[H].bias is not None:
@@ -396,7 +397,7 @@ class VRPGE:
             gw[H] += 0.5 * (g.T @ acts[H])
             if gb[H] is not None:
                 gb[H] += 0.5 * g.sum(axis=0)
-            g = (g @ lin[H].weight.data) * (acts[H] > 0)
+            g = relu_backward(g @ lin[H].weight.data, acts[H])
             for l in range(H - 1, -1, -1):
                 csr, rows = csrs[l]
                 r = ops.linear_backward(np.ascontiguousarray(g), acts[l], csr, input_grad=l > 0,
@@ -405,7 +406,7 @@ class VRPGE:
                 if gb[l] is not None:
                     gb[l] += 0.5 * r.grad_bias
                 if l > 0:
-                    g = r.grad_input * (acts[l] > 0)
+                    g = relu_backward(r.grad_input, acts[l])
         out = [(m.weight, None, None, gw[l]) for l, m in enumerate(lin)]
         out += [(m.bias, None, None, gb[l]) for l, m in enumerate(lin) if m.bias is not None]
         return fs, out
@@ -424,7 +425,7 @@ class VRPGE:
             if m.bias is not None:
                 z += m.bias.data
             if l < H:
-                a = np.maximum(z, np.float32(0))
+                a = relu(z)
                 if self.granularity == "unit":
                     a *= mask[l]
         return z
