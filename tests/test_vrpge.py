@@ -427,6 +427,34 @@ def test_mnist_mask_search_tracks_budget_and_polarises():
     assert hist[-1]["loss"] < hist[0]["loss"]
 
 
+def test_relu_kernels(isa):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 129)).astype(np.float32)
+    x[0, :3] = [np.nan, -0.0, np.inf]
+    y = ops.relu(x)
+    ref64 = np.maximum(x.astype(np.float64), 0)  # NaN propagates, as in the kernel
+    np.testing.assert_array_equal(y, ref64.astype(np.float32))
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_array_equal(ops.relu_backward(g, y), np.where(y > 0, g, 0).astype(np.float32))
+    z = x.copy()
+    ops.relu(z, out=z)  # in place
+    np.testing.assert_array_equal(z, y)
+    with pytest.raises(TypeError, match="float32"):
+        ops.relu(x.astype(np.float64))
+    with pytest.raises(ValueError, match="shape"):
+        ops.relu_backward(g, y[:, :5])
+    with pytest.raises(ValueError, match="out must be"):
+        ops.relu(x, out=np.empty((2, 2), np.float32))
+
+
+def test_compact_refuses_an_empty_layer():
+    vr = VRPGE(_mlp(0), 0.5)
+    mask = vr.sample()
+    mask[1][:] = False
+    with pytest.raises(ValueError, match="no unit of hidden layer 1"):
+        vr.compact(mask)
+
+
 def test_trainer_bad_arguments():
     with pytest.raises(TypeError, match="Sequential"):
         VRPGE([1], 0.5)

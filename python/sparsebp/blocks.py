@@ -101,9 +101,10 @@ def scatter_add_block(dst: np.ndarray, src: np.ndarray, rows=None, cols=None, al
 def _eltwise_out(x: np.ndarray, out, name: str) -> np.ndarray:
     if out is None:
         return np.empty(x.shape, dtype=np.float32)
-    out = _matrix(out, "out", writable=True) if out.ndim in (1, 2) else out
-    if out.shape != x.shape or out.dtype != _F32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 array of {name}'s shape {x.shape}")
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray; got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != _F32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous float32 array of {name}'s shape {x.shape}")
     return out
 
 

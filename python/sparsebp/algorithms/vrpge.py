@@ -460,6 +460,10 @@ class VRPGE:
         layers = []
         if self.granularity == "unit":
             keep = [np.flatnonzero(m) for m in mask]
+            for l, k in enumerate(keep):
+                if len(k) == 0:
+                    raise ValueError(f"the mask keeps no unit of hidden layer {l}: the network would output a "
+                                     "constant; sample another mask")
             for l, m in enumerate(self.linears):
                 r = keep[l] if l < H else slice(None)
                 w = m.weight.data[r]
