@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -49,6 +50,18 @@ int default_threads() {
     if (n > 0) return n;
   }
   return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// How long a pool worker spins after a job before it sleeps: SPARSEBP_SPIN_US (microseconds,
+// 0 to 100000), read once; default 200.
+int64_t spin_microseconds() {
+  static const int64_t us = [] {
+    const char* env = std::getenv("SPARSEBP_SPIN_US");
+    if (!env) return int64_t{200};
+    const long long v = std::atoll(env);
+    return static_cast<int64_t>(std::min(100000LL, std::max(0LL, v)));
+  }();
+  return us;
 }
 
 class Pool {
@@ -103,7 +116,7 @@ class Pool {
     uint64_t seen = 0;
     for (;;) {
       // Spin for a while (cheap hand-off between consecutive kernels), then sleep.
-      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_microseconds());
       uint64_t gen;
       while ((gen = generation_.load(std::memory_order_acquire)) == seen &&
              std::chrono::steady_clock::now() < spin_until) {
