@@ -156,3 +156,26 @@ def test_thread_backend_errors():
         sparsebp.set_thread_backend("tbb")
     with pytest.raises(TypeError):
         sparsebp.set_thread_backend(2)
+
+
+def test_pool_without_spinning_loses_no_wake_up():
+    """SPARSEBP_SPIN_US=0: workers sleep right after every job, so each job must wake them; many
+    small threaded jobs in a row give the results of one thread."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, sparsebp\n"
+        "from sparsebp import ops\n"
+        "sparsebp.set_thread_backend('pool'); sparsebp.set_num_threads(2)\n"
+        "rng = np.random.default_rng(0)\n"
+        "w = sparsebp.CSR.from_dense((rng.random((512, 512)) < 0.1).astype(np.float32))\n"
+        "x = rng.standard_normal((64, 512)).astype(np.float32)\n"
+        "ys = [ops.linear_forward(x, w) for _ in range(300)]\n"
+        "sparsebp.set_num_threads(1)\n"
+        "ref = ops.linear_forward(x, w)\n"
+        "assert all(np.array_equal(y, ref) for y in ys)\n"
+        "print('ok')\n")
+    env = dict(__import__("os").environ, SPARSEBP_SPIN_US="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
