@@ -44,6 +44,8 @@ def test_device_classification():
     assert _cuda.device_of(FakeCudaArray(device=1)) == "cuda:1"
     assert _cuda.device_of(FakeDLPack(2, 3)) == "cuda:3"
     assert _cuda.device_of(FakeDLPack(1, 0)) == "cpu"
+    assert _cuda.device_of(FakeDLPack(3, 0)) == "cpu"  # kDLCUDAHost: pinned host memory
+    assert _cuda.device_of(FakeDLPack(13, 2)) == "cuda:2"  # managed memory
     torch = pytest.importorskip("torch")
     assert _cuda.device_of(torch.zeros(2)) == "cpu"
     assert _cuda.device_of(torch.zeros(2, device="meta")) == "meta"

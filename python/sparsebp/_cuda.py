@@ -25,7 +25,7 @@ from . import _core
 
 __all__ = ["compiled", "device_count", "device_names", "device_of", "route"]
 
-_KDL_CUDA = (2, 3, 13)  # DLPack: kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+_KDL_CUDA = (2, 13)  # DLPack: kDLCUDA, kDLCUDAManaged (kDLCUDAHost, 3, is host memory)
 
 
 def compiled() -> bool:
