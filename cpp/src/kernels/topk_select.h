@@ -24,7 +24,6 @@ struct Cand {
   int32_t i;
 };
 
-inline bool better(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
 
 constexpr int64_t kSample = 256;
 
@@ -62,10 +61,28 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
     }
   }
   *nan_flag = has_nan;
-  if (static_cast<int64_t>(cand.size()) > k)
-    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
-  for (int64_t q = 0; q < k; ++q) out[q] = cand[q].i;
-  std::sort(out, out + k);
+  // The candidates are in increasing column order. Find the k-th largest value T among them (on the
+  // values alone), then take, in that order, every candidate above T and the first (lowest-column)
+  // ones equal to T until k are taken: the tie rule, with the output already sorted.
+  const int64_t m = static_cast<int64_t>(cand.size());
+  if (m == k) {
+    for (int64_t q = 0; q < k; ++q) out[q] = cand[q].i;
+    return;
+  }
+  std::vector<float>& vals = sample;  // free again: reused as scratch
+  vals.resize(static_cast<size_t>(m));
+  for (int64_t q = 0; q < m; ++q) vals[q] = cand[q].v;
+  std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), std::greater<float>());
+  const float t = vals[k - 1];
+  int64_t above = 0;
+  for (const Cand& c : cand) above += c.v > t;
+  int64_t ties = k - above, q = 0;
+  for (const Cand& c : cand) {
+    if (c.v > t || (c.v == t && ties > 0)) {
+      ties -= c.v == t;
+      out[q++] = c.i;
+    }
+  }
 }
 
 }  // namespace
