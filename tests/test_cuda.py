@@ -196,7 +196,7 @@ def test_gpu_torch_modules_against_dense():
     y.square().sum().backward()
     yd.square().sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
-    mask = sparse.mask.to(torch.bool)
+    mask = sparse.mask().to(torch.bool)
     torch.testing.assert_close(sparse.values.grad, wr.grad[mask], rtol=1e-4, atol=1e-4)
     m = st.MePropLinear(64, 48, k=48).cuda()  # k = out: exactly dense
     x2 = torch.randn(9, 64, device="cuda", requires_grad=True)
