@@ -137,17 +137,20 @@ def summary(rows, search, finetune, batch) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="sparsebp vrpge", description=__doc__.split("\n\n")[0])
-    p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    p = argparse.ArgumentParser(prog="sparsebp vrpge",
+                                description="VR-PGE mask learning on the bundled MNIST digits (no torch needed): "
+                                            "dense vs learned unit masks vs random masks of the same size.")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1],
+                   help="keep ratios (default 0.5 0.25 0.1)")
     p.add_argument("--seeds", type=int, default=3, help="seeds at the smallest keep ratio (default 3)")
     p.add_argument("--search", type=int, default=5, help="mask-search epochs (default 5)")
     p.add_argument("--finetune", type=int, default=5, help="fine-tuning epochs (default 5)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch", type=int, default=128, help="mini-batch size (default 128)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
     p.add_argument("--lr-s", type=float, default=0.05, help="Adam learning rate of s (default 0.05)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training digits")
     p.add_argument("--out", default=None, help="folder for vrpge.md and vrpge.csv")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     for k in a.keep:
         if not 0 < k <= 1:
