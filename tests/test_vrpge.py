@@ -475,3 +475,11 @@ def test_cli_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "vrpge.md").read_text()
     assert "| vr-pge | 0.5 |" in table and "| random | 0.5 |" in table and "| dense |" in table
+
+
+def test_cli_weight_granularity_smoke(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sparsebp.cli", "vrpge", "--granularity", "weight", "--limit", "600",
+                        "--search", "1", "--finetune", "1", "--seeds", "1", "--keep", "0.25", "--no-progress", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "| vr-pge | 0.25 |" in (tmp_path / "vrpge.md").read_text()

@@ -67,14 +67,15 @@ def random_units(keep: float, seed: int):
     return out
 
 
-def compact_random(model, masks):
-    """The compacted network of ``model`` restricted to the given unit masks."""
-    vr = VRPGE(model, 0.5)  # only its compaction is used
-    return vr.compact(masks)
+def _mask_density(vr, mask) -> float:
+    """Kept fraction of the masked units (unit masks) or hidden-layer weights (CSR masks)."""
+    if vr.granularity == "unit":
+        return sum(int(m.sum()) for m in mask) / sum(SIZES[1:-1])
+    return sum(len(m[1]) for m in mask) / sum(s.size for s in vr.s)
 
 
 def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128, lr=0.05, lr_s=0.05,
-        out_dir=None, progress=True, limit=None):
+        out_dir=None, progress=True, limit=None, granularity="unit"):
     X, y = load_mnist("train", limit=limit)
     Xt, yt = load_mnist("test")
     total = search + finetune
@@ -91,21 +92,26 @@ def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128
         step_ms=1e3 * t_dense, step_vs_dense=1.0)
     for keep in keeps:
         for seed in (seeds if keep == min(keeps) else seeds[:1]):
-            vr = VRPGE(mlp(seed), keep, lr=lr, lr_s=lr_s, seed=seed)
+            vr = VRPGE(mlp(seed), keep, lr=lr, lr_s=lr_s, seed=seed, granularity=granularity)
             hist = vr.fit(X, y, epochs=search, batch=batch, seed=seed, progress=progress, desc=f"vr-pge {keep}")
             t_step = float(np.median([h["step_s"] for h in hist])) if hist else float("nan")
             mask, _ = vr.best_mask(X[:3000], y[:3000], samples=10)
             small = vr.compact(mask)
             train_plain(small, X, y, finetune, batch, lr, seed, f"fine-tune {keep}", progress)
-            kept = sum(int(m.sum()) for m in mask)
             add(method="vr-pge", keep=keep, seed=seed, test_acc=nn.evaluate(small, Xt, yt),
-                density=kept / sum(SIZES[1:-1]), polarised=vr.polarised(), step_ms=1e3 * t_step,
+                density=_mask_density(vr, mask), polarised=vr.polarised(), step_ms=1e3 * t_step,
                 step_vs_dense=t_step / t_dense)
-            rnd = compact_random(mlp(seed), random_units(keep, seed + 100))
+            if granularity == "unit":
+                rmask = random_units(keep, seed + 100)
+                base = VRPGE(mlp(seed), 0.5)  # only its compaction is used
+            else:  # a Bernoulli(keep) mask per weight: the random mask of the same expected size
+                base = VRPGE(mlp(seed), keep, granularity="weight", seed=seed + 100)
+                rmask = base.sample()
+            rnd = base.compact(rmask)
             t_r = train_plain(rnd, X, y, total, batch, lr, seed, f"random {keep}", progress)
             add(method="random", keep=keep, seed=seed, test_acc=nn.evaluate(rnd, Xt, yt),
-                density=sum(max(1, int(round(keep * n))) for n in SIZES[1:-1]) / sum(SIZES[1:-1]),
-                polarised=float("nan"), step_ms=1e3 * t_r, step_vs_dense=t_r / t_dense)
+                density=_mask_density(base, rmask), polarised=float("nan"), step_ms=1e3 * t_r,
+                step_vs_dense=t_r / t_dense)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "vrpge.csv"), "w", newline="") as f:
@@ -150,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr-s", type=float, default=0.05, help="Adam learning rate of s (default 0.05)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training digits")
     p.add_argument("--out", default=None, help="folder for vrpge.md and vrpge.csv")
+    p.add_argument("--granularity", choices=["unit", "weight"], default="unit",
+                   help="unit masks (default; compacted dense products) or one s per weight (CSR kernels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     for k in a.keep:
@@ -158,5 +166,5 @@ def main(argv=None) -> int:
     if a.seeds < 1 or a.search < 0 or a.finetune < 0 or a.batch < 1:
         p.error("--seeds and --batch must be >= 1, --search and --finetune >= 0")
     run(tuple(a.keep), tuple(range(a.seeds)), a.search, a.finetune, a.batch, a.lr, a.lr_s, a.out,
-        not a.no_progress, a.limit)
+        not a.no_progress, a.limit, a.granularity)
     return 0

@@ -402,7 +402,7 @@ class VRPGE:
                 csr, rows = csrs[l]
                 r = ops.linear_backward(np.ascontiguousarray(g), acts[l], csr, input_grad=l > 0,
                                         bias_grad=gb[l] is not None)
-                np.add.at(gw[l], (rows, csr.indices), 0.5 * r.grad_values)
+                gw[l][rows, csr.indices] += 0.5 * r.grad_values  # (row, column) pairs are unique: no np.add.at
                 if gb[l] is not None:
                     gb[l] += 0.5 * r.grad_bias
                 if l > 0:
