@@ -350,35 +350,38 @@ PYBIND11_MODULE(_core, m) {
     auto [p, r, c, ld] = rowmajor(a, name, writable);
     return std::make_tuple(p, static_cast<int64_t>(r), static_cast<int64_t>(c), static_cast<int64_t>(ld));
   };
+  // The block rows x cols of a (big_rows x big_cols) matrix (None: all), and the check that the
+  // compact operand `name` has the block's shape.
+  auto block = [index_list](const py::object& rows, const py::object& cols, int64_t big_rows, int64_t big_cols,
+                            int64_t got_rows, int64_t got_cols, const char* name, IndexArray* ra, IndexArray* ca) {
+    auto [rp, nr] = index_list(rows, "rows", ra);
+    auto [cp, nc] = index_list(cols, "cols", ca);
+    if (!rp) nr = big_rows;
+    if (!cp) nc = big_cols;
+    if (got_rows != nr || got_cols != nc)
+      throw sparsebp::ValueError(
+          str_cat(name, " must have shape (", nr, ", ", nc, "); got (", got_rows, ", ", got_cols, ")"));
+    return std::make_tuple(rp, nr, cp, nc);
+  };
   m.def(
       "gather_block",
-      [index_list, matrix](const py::array& src, const py::object& rows, const py::object& cols, const py::array& out) {
+      [matrix, block](const py::array& src, const py::object& rows, const py::object& cols, const py::array& out) {
         IndexArray ra, ca;
-        auto [rp, nr] = index_list(rows, "rows", &ra);
-        auto [cp, nc] = index_list(cols, "cols", &ca);
         auto [sp, srows, scols, lds] = matrix(src, "src", false);
         auto [op, orows, ocols, ldo] = matrix(out, "out", true);
-        if (!rp) nr = srows;
-        if (!cp) nc = scols;
-        if (orows != nr || ocols != nc)
-          throw sparsebp::ValueError(str_cat("out must have shape (", nr, ", ", nc, "); got (", orows, ", ", ocols, ")"));
+        auto [rp, nr, cp, nc] = block(rows, cols, srows, scols, orows, ocols, "out", &ra, &ca);
         py::gil_scoped_release nogil;
         sparsebp::gather_block(sp, srows, scols, lds, rp, nr, cp, nc, op, ldo);
       },
       py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("out"));
   m.def(
       "scatter_add_block",
-      [index_list, matrix](const py::array& dst, const py::object& rows, const py::object& cols, const py::array& src,
+      [matrix, block](const py::array& dst, const py::object& rows, const py::object& cols, const py::array& src,
                            float alpha) {
         IndexArray ra, ca;
-        auto [rp, nr] = index_list(rows, "rows", &ra);
-        auto [cp, nc] = index_list(cols, "cols", &ca);
         auto [dp, drows, dcols, ldd] = matrix(dst, "dst", true);
         auto [sp, srows, scols, lds] = matrix(src, "src", false);
-        if (!rp) nr = drows;
-        if (!cp) nc = dcols;
-        if (srows != nr || scols != nc)
-          throw sparsebp::ValueError(str_cat("src must have shape (", nr, ", ", nc, "); got (", srows, ", ", scols, ")"));
+        auto [rp, nr, cp, nc] = block(rows, cols, drows, dcols, srows, scols, "src", &ra, &ca);
         py::gil_scoped_release nogil;
         sparsebp::scatter_add_block(dp, drows, dcols, ldd, rp, nr, cp, nc, sp, lds, alpha);
       },

@@ -66,6 +66,8 @@ def device_of(a) -> Optional[str]:
 def route(**arrays) -> Optional[int]:
     """None when no argument is a GPU array (the CPU kernels run); else the device index, after
     checking that every array argument is on it and that the GPU kernels can run there."""
+    if all(v is None or type(v) is np.ndarray for v in arrays.values()):  # the common CPU call: no work
+        return None
     devs = {k: device_of(v) for k, v in arrays.items() if v is not None}
     gpu = sorted({d for d in devs.values() if d.startswith("cuda")})
     if not gpu:

@@ -151,6 +151,22 @@ def bernoulli_csr(s: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     return _core.bernoulli_csr(s, int(seed))
 
 
+def check_sgd_args(momentum, weight_decay) -> None:
+    """The hyper-parameter checks shared by ``LazySGD`` and ``sparsebp.nn.SGD``."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}")
+
+
+def row_gradient(p):
+    """(rows, g) for one optimizer step on ``p``: rows None (all) or ``Param.rows`` as int64, and the
+    C-contiguous float32 gradient of those rows (``p.grad`` may hold all rows or only those)."""
+    rows = None if p.rows is None else np.asarray(p.rows, dtype=np.int64)
+    g = p.grad if rows is None or p.grad.shape[0] != p.data.shape[0] else p.grad[rows]
+    return rows, np.ascontiguousarray(g, dtype=np.float32)
+
+
 class LazySGD:
     """SGD with momentum and weight decay (PyTorch's rule, ``dampening=0``:
     ``b = momentum * b + g + weight_decay * w``; ``w -= lr * b``) that can update a *block* of a
@@ -175,11 +191,9 @@ class LazySGD:
         self.params = list(params)
         if not self.params:
             raise ValueError("the optimizer got no parameters")
-        for v, name, lo in ((lr, "lr", 0.0), (weight_decay, "weight_decay", 0.0)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= lo:
-                raise ValueError(f"{name} must be a number >= {lo}; got {v!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+            raise ValueError(f"lr must be a number >= 0.0; got {lr!r}")
+        check_sgd_args(momentum, weight_decay)
         if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 1:
             raise ValueError(f"max_lag must be a positive int; got {max_lag!r}")
         self.lr, self.momentum, self.weight_decay, self.max_lag = float(lr), float(momentum), float(weight_decay), max_lag
@@ -266,9 +280,8 @@ class LazySGD:
         for p in self.params:
             if p.grad is None:
                 continue
-            rows = None if p.rows is None else np.asarray(p.rows, dtype=np.int64)
-            g = p.grad if rows is None or p.grad.shape[0] != p.data.shape[0] else p.grad[rows]
-            self.step_block(p, np.ascontiguousarray(g, dtype=np.float32), rows)
+            rows, g = row_gradient(p)
+            self.step_block(p, g, rows)
         self.advance()
 
     def select(self, p, keep: np.ndarray, axis: int) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _core, ops
 from .algorithms import MeSimp, SparseGrad
+from .blocks import check_sgd_args, row_gradient
 from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
 
@@ -340,10 +341,7 @@ class SGD(_Optimizer):
 
     def __init__(self, params: Iterable[Param], lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0):
         super().__init__(params, lr)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}")
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}")
+        check_sgd_args(momentum, weight_decay)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
 
     def step(self) -> None:
@@ -353,9 +351,7 @@ class SGD(_Optimizer):
             st = self.state.setdefault(id(p), {})
             if "buf" not in st or st["buf"].shape != p.data.shape:
                 st["buf"] = np.zeros_like(p.data)
-            rows = None if p.rows is None else np.asarray(p.rows, dtype=np.int64)
-            g = p.grad if rows is None or p.grad.shape[0] != p.data.shape[0] else p.grad[rows]
-            g = np.ascontiguousarray(g, dtype=np.float32)
+            rows, g = row_gradient(p)
             _core.lazy_sgd(p.data, st["buf"], None, rows, None, None, 0, g, None, self.lr, self.momentum,
                            self.weight_decay)
 

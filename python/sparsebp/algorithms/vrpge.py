@@ -254,16 +254,8 @@ class VRPGE:
             fs, gw = self._unit_grads(x, y, masks)
         else:
             fs, gw = self._weight_grads(x, y, masks)
-        if self.granularity == "unit":
-            gs = [estimator(fs[0], fs[1], a, b, s, self.score) for a, b, s in zip(masks[0], masks[1], self.s)]
-        else:  # nonzero only where the masks differ: built from the two CSRs
-            gs = []
-            for l, (a, b, s) in enumerate(zip(masks[0], masks[1], self.s)):
-                diff = np.zeros(s.shape)
-                for (indptr, indices), sign in ((a, 1.0), (b, -1.0)):
-                    diff[np.repeat(np.arange(s.shape[0]), np.diff(indptr)), indices] += sign
-                d = _den(s, self.score)
-                gs.append(0.5 * (fs[0] - fs[1]) * np.divide(diff, d, out=np.zeros_like(s), where=d > 0))
+        gs = [estimator(fs[0], fs[1], self._dense(a, l), self._dense(b, l), s, self.score)
+              for l, (a, b, s) in enumerate(zip(masks[0], masks[1], self.s))]
         scale = 1.0
         if self.clip is not None:
             norm = np.sqrt(sum(float(np.vdot(g, g)) for _, _, _, g in gw) + sum(float(np.vdot(g, g)) for g in gs))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms.vrpge import MaskAdam, _check_score, _den
+from ..algorithms.vrpge import MaskAdam, _check_score, estimator
 
 __all__ = ["VRPGETrainer"]
 
@@ -131,10 +131,7 @@ class VRPGETrainer:
             (0.5 * loss).backward()  # g_w = (G_1 + G_2) / 2
             losses.append(float(loss.detach()))
         f1, f2 = losses
-        gs = []
-        for a, b, s in zip(masks[0], masks[1], self.s):
-            d = _den(s, self.score)
-            gs.append(0.5 * (f1 - f2) * np.divide(a.astype(float) - b, d, out=np.zeros_like(s), where=d > 0))
+        gs = [estimator(f1, f2, a, b, s, self.score) for a, b, s in zip(masks[0], masks[1], self.s)]
         scale = 1.0
         if self.clip is not None:
             params = [p for p in self.model.parameters() if p.grad is not None]
