@@ -243,7 +243,7 @@ def test_mesimp_schedule_shrinks_in_simplify_epochs_only():
         alg.MeSimpSchedule(model, opt, chunks=0)
 
 
-def test_adam_kernel_rows_and_errors():
+def test_adam_kernel_rows_and_errors(isa):
     """The fused C++ step with a row list against the formula on those rows only."""
     from sparsebp import _core
 
@@ -269,7 +269,32 @@ def test_adam_kernel_rows_and_errors():
         _core.adam_step(p.astype(np.float64), g, m, v, None, 0.9, 0.999, 0.1, 1.0, 1e-8)
 
 
-def test_adam_kernel_flushes_subnormal_moments():
+@pytest.mark.parametrize("shape, rows", [((37,), None), ((37,), [0, 5, 36]), ((9, 53), None),
+                                         ((9, 53), [0, 2, 8]), ((3, 16), None), ((1, 1), None)])
+def test_adam_kernel_against_float64_every_isa(isa, shape, rows):
+    """Several steps of the vectorised kernel (vector bodies and tails, 1-D and 2-D, row lists)
+    against the formula in float64."""
+    from sparsebp import _core
+
+    rng = np.random.default_rng(hash(shape) % 1000)
+    p = rng.standard_normal(shape).astype(np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    w, mm, vv = p.astype(np.float64), np.zeros(shape), np.zeros(shape)
+    sel = slice(None) if rows is None else np.array(rows)
+    for t in range(1, 5):
+        g = rng.standard_normal(shape).astype(np.float32)
+        c1, c2 = 1 - 0.9 ** t, 1 - 0.999 ** t
+        _core.adam_step(p, g, m, v, None if rows is None else np.array(rows, np.int64), 0.9, 0.999, 0.01 / c1,
+                        1.0 / c2, 1e-8)
+        mm[sel] = 0.9 * mm[sel] + 0.1 * g[sel]
+        vv[sel] = 0.999 * vv[sel] + 0.001 * g[sel].astype(np.float64) ** 2
+        w[sel] -= 0.01 / c1 * mm[sel] / (np.sqrt(vv[sel] / c2) + 1e-8)
+    np.testing.assert_allclose(p, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m, mm, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(v, vv, rtol=1e-5, atol=1e-9)
+
+
+def test_adam_kernel_flushes_subnormal_moments(isa):
     """Moments of gradients that stay zero decay into subnormals; the step flushes them to zero
     (arithmetic on subnormals is very slow) instead of carrying them on."""
     from sparsebp import _core

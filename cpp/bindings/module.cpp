@@ -300,7 +300,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "adam_step",
       [](const py::array& p, const py::array& g, const py::array& m, const py::array& v, const py::object& rows,
-         float b1, float b2, float step_size, float inv_c2, float eps) {
+         double b1, double b2, float step_size, float inv_c2, float eps) {
         auto c_f32 = [](const py::array& a, const char* name, bool writable) {
           check_float32(a, name);
           if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
@@ -316,7 +316,9 @@ PYBIND11_MODULE(_core, m) {
         const float* gp = c_f32(g, "g", false);
         float* mp = c_f32(m, "m", true);
         float* vp = c_f32(v, "v", true);
-        const int64_t nrows = p.shape(0), ncols = p.ndim() == 2 ? p.shape(1) : 1;
+        // A 1-D parameter is one row of n (contiguous, vectorised) unless a row list picks elements.
+        const bool one_row = p.ndim() == 1 && rows.is_none();
+        const int64_t nrows = one_row ? 1 : p.shape(0), ncols = p.ndim() == 2 ? p.shape(1) : one_row ? p.shape(0) : 1;
         const int64_t* rl = nullptr;
         int64_t nrl = 0;
         py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows_arr;

@@ -454,7 +454,7 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
 }
 
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
-               int64_t n_rows, float b1, float b2, float step_size, float inv_c2, float eps) {
+               int64_t n_rows, double b1, double b2, float step_size, float inv_c2, float eps) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0, "bad shape for adam_step");
   if (row_list)
     for (int64_t i = 0; i < n_rows; ++i)
@@ -462,31 +462,23 @@ void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64
                            " is outside the parameter's ", rows, " rows");
   const int64_t n = row_list ? n_rows : rows;
   if (n == 0 || cols == 0) return;
-  const float a1 = 1.0f - b1, a2 = 1.0f - b2;
-  auto one_row = [&](int64_t r) {
-    float* pr = p + r * cols;
-    const float* gr = g + r * cols;
-    float* mr = m + r * cols;
-    float* vr = v + r * cols;
-    for (int64_t j = 0; j < cols; ++j) {  // vectorised by the compiler
-      const float gj = gr[j];
-      float mj = b1 * mr[j] + a1 * gj;
-      float vj = b2 * vr[j] + a2 * gj * gj;
-      // Moments of rarely nonzero gradients decay into subnormals (m after ~800 steps at b1 = 0.9),
-      // and arithmetic on subnormals is ~100x slower on x86: measured, the demo MLP's Adam step grew
-      // from 5 to 12 ms per step over 5 epochs. Flush them to zero (their contribution to the step
-      // is below 1e-30 * lr / eps).
-      mj = std::fabs(mj) < std::numeric_limits<float>::min() ? 0.0f : mj;
-      vj = vj < std::numeric_limits<float>::min() ? 0.0f : vj;
-      mr[j] = mj;
-      vr[j] = vj;
-      pr[j] -= step_size * mj / (std::sqrt(vj * inv_c2) + eps);
-    }
-  };
+  const KernelTable& t = active_table();
+  // 1 - b in double, then rounded (as PyTorch's float32 Adam): 1.0f - 0.999f is off by 1.3e-5.
+  const kernels::AdamArgs a{p,
+                            g,
+                            m,
+                            v,
+                            cols,
+                            row_list,
+                            static_cast<float>(b1),
+                            static_cast<float>(b2),
+                            static_cast<float>(1.0 - b1),
+                            static_cast<float>(1.0 - b2),
+                            step_size,
+                            inv_c2,
+                            eps};
   const int64_t nt = std::min<int64_t>(threads_for(n * cols), n);
-  parallel_for(nt, [&](int64_t i) {
-    for (int64_t q = n * i / nt; q < n * (i + 1) / nt; ++q) one_row(row_list ? row_list[q] : q);
-  });
+  parallel_for(nt, [&](int64_t i) { t.adam(a, n * i / nt, n * (i + 1) / nt); });
 }
 
 namespace {

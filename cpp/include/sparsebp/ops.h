@@ -79,9 +79,10 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
 // One fused Adam step over a parameter viewed as (rows x cols), contiguous; only the rows listed in
 // `row_list` (n_rows of them, each in [0, rows)) when it is not null, else all. In one pass:
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= step_size * m / (sqrt(v * inv_c2) + eps)
-// with step_size = lr / (1 - b1^t) and inv_c2 = 1 / (1 - b2^t) given by the caller.
+// with step_size = lr / (1 - b1^t) and inv_c2 = 1 / (1 - b2^t) given by the caller; float arithmetic
+// (1 - b rounded from double), vectorised per ISA, threaded over rows.
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
-               int64_t n_rows, float b1, float b2, float step_size, float inv_c2, float eps);
+               int64_t n_rows, double b1, double b2, float step_size, float inv_c2, float eps);
 
 // ---- Unit masks (VR-PGE): blocks of row-major matrices -------------------------------------------
 // rows / cols: strictly increasing indices into the big matrix (null: all of them, n = its size).

@@ -20,6 +20,7 @@ void spmm_scatter(const SpmmScatterArgs& a, int64_t col_begin, int64_t col_end);
 void gather_block(const BlockArgs& a, int64_t i_begin, int64_t i_end);
 void scatter_add_block(const BlockArgs& a, int64_t i_begin, int64_t i_end);
 void lazy_sgd(const LazySgdArgs& a, int64_t i_begin, int64_t i_end);
+void adam(const AdamArgs& a, int64_t i_begin, int64_t i_end);
 void bernoulli_rows(const BernoulliArgs& a, int64_t row_begin, int64_t row_end);
 void relu(const EltwiseArgs& a, int64_t begin, int64_t end);
 

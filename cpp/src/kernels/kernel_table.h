@@ -224,6 +224,22 @@ struct LazySgdArgs {
 };
 using LazySgdFn = void (*)(const LazySgdArgs&, int64_t i_begin, int64_t i_end);
 
+// One fused Adam step over rows [i_begin, i_end) of the list (rows null: the rows themselves) of a
+// rows x cols parameter p with gradient g (same shape and row index as p), moments m and v:
+//   m = b1 m + a1 g;  v = b2 v + a2 g^2  (a1 = 1 - b1, a2 = 1 - b2);  p -= step_size * m / (sqrt(v * inv_c2) + eps)
+// Moments below FLT_MIN in magnitude are flushed to zero (subnormal arithmetic is ~100x slower on
+// x86, and rarely-nonzero gradients decay into them; their share of a step is below 1e-30 lr/eps).
+struct AdamArgs {
+  float* p;
+  const float* g;
+  float* m;
+  float* v;
+  int64_t cols;
+  const int64_t* rows;  // may be null
+  float b1, b2, a1, a2, step_size, inv_c2, eps;  // a1 = 1 - b1, a2 = 1 - b2 (rounded from double)
+};
+using AdamFn = void (*)(const AdamArgs&, int64_t i_begin, int64_t i_end);
+
 // A Bernoulli(s) mask of a rows x cols matrix of probabilities s, as CSR, from a counter-based
 // generator: u(e) = top 24 bits of h(seed, e) / 2^24 with e = r * cols + j, h = SplitMix64's mixer
 // applied to the mixed seed plus e; m(e) = u(e) < s(e). A pure function of (seed, s): the same
@@ -267,6 +283,7 @@ struct KernelTable {
   BlockFn gather_block;
   BlockFn scatter_add_block;
   LazySgdFn lazy_sgd;
+  AdamFn adam;
   BernoulliFn bernoulli_rows;
   EltwiseFn relu;
 };
