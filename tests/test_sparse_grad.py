@@ -203,3 +203,28 @@ def test_compact_weight_gradient_holds_the_touched_rows(isa, mode):
         rest = np.setdiff1d(np.arange(60), expect_rows)
         assert not full.weight[rest].any()
         assert full.weight_rows is None
+
+
+def test_selection_by_column_against_numpy():
+    """The per-example selection regrouped by column (the CSR both per-example products run on):
+    against a stable NumPy sort; columns outside the gradient and bad shapes are ValueErrors."""
+    from sparsebp import _core
+
+    rng = np.random.default_rng(31)
+    g = rng.standard_normal((9, 13)).astype(np.float32)
+    sel = np.sort(np.argsort(rng.random((9, 13)), axis=1)[:, :4], axis=1).astype(np.int32)
+    indptr, row_of, vals, touched = _core.selection_by_column(sel, g)
+    flat = sel.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=13))]))
+    np.testing.assert_array_equal(row_of, order // 4)
+    np.testing.assert_array_equal(vals, g[order // 4, flat[order]])
+    np.testing.assert_array_equal(touched, np.unique(flat))
+    empty = _core.selection_by_column(np.zeros((9, 0), np.int32), g)
+    assert empty[0].tolist() == [0] * 14 and len(empty[3]) == 0
+    bad = sel.copy()
+    bad[2, 1] = 13
+    with pytest.raises(ValueError, match=r"selected\[2, 1\] = 13 is outside \[0, 13\)"):
+        _core.selection_by_column(bad, g)
+    with pytest.raises(ValueError, match="shape"):
+        _core.selection_by_column(sel[:3], g)

@@ -243,6 +243,28 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("g"), py::arg("k"), py::arg("idx"));
   m.def(
+      "selection_by_column",
+      [rowmajor](const py::array& sel, const py::array& g) {
+        auto [gp, rows, n, ld] = rowmajor(g, "g", false);
+        if (!py::array_t<int32_t>::check_(sel) || sel.ndim() != 2 || sel.shape(0) != rows ||
+            !(sel.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError(str_cat("selected must be a C-contiguous int32 array of shape (", rows, ", k)"));
+        const int64_t k = sel.shape(1), total = rows * k;
+        py::array_t<int64_t> indptr(n + 1);
+        py::array_t<int32_t> row_of(total);
+        py::array_t<float> vals(total);
+        py::array_t<int32_t> touched(std::min(n, total));
+        int64_t nt = 0;
+        {
+          py::gil_scoped_release nogil;
+          sparsebp::selection_by_column(static_cast<const int32_t*>(sel.data()), rows, k, gp, ld, n,
+                                        indptr.mutable_data(), row_of.mutable_data(), vals.mutable_data(),
+                                        touched.mutable_data(), &nt);
+        }
+        return py::make_tuple(indptr, row_of, vals, touched[py::slice(0, nt, 1)]);
+      },
+      py::arg("selected"), py::arg("g"));
+  m.def(
       "abs_colsum",
       [rowmajor](const py::array& g, const py::array& out) {
         auto [gp, rows, n, ld] = rowmajor(g, "g", false);
@@ -300,7 +322,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "adam_step",
       [](const py::array& p, const py::array& g, const py::array& m, const py::array& v, const py::object& rows,
-         double b1, double b2, float step_size, float inv_c2, float eps) {
+         double b1, double b2, float step_size, float inv_c2, float eps, bool compact) {
         auto c_f32 = [](const py::array& a, const char* name, bool writable) {
           check_float32(a, name);
           if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
@@ -309,16 +331,9 @@ PYBIND11_MODULE(_core, m) {
           return static_cast<float*>(const_cast<void*>(a.data()));
         };
         if (p.ndim() < 1 || p.ndim() > 2) throw sparsebp::ValueError("p must be 1-D or 2-D");
-        for (const py::array* a : {&g, &m, &v})
+        for (const py::array* a : {&m, &v})
           if (a->ndim() != p.ndim() || !std::equal(a->shape(), a->shape() + a->ndim(), p.shape()))
-            throw sparsebp::ValueError("g, m and v must have p's shape");
-        float* pp = c_f32(p, "p", true);
-        const float* gp = c_f32(g, "g", false);
-        float* mp = c_f32(m, "m", true);
-        float* vp = c_f32(v, "v", true);
-        // A 1-D parameter is one row of n (contiguous, vectorised) unless a row list picks elements.
-        const bool one_row = p.ndim() == 1 && rows.is_none();
-        const int64_t nrows = one_row ? 1 : p.shape(0), ncols = p.ndim() == 2 ? p.shape(1) : one_row ? p.shape(0) : 1;
+            throw sparsebp::ValueError("m and v must have p's shape");
         const int64_t* rl = nullptr;
         int64_t nrl = 0;
         py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows_arr;
@@ -328,11 +343,25 @@ PYBIND11_MODULE(_core, m) {
           rl = rows_arr.data();
           nrl = rows_arr.shape(0);
         }
+        if (compact && rows.is_none()) throw sparsebp::ValueError("compact=True needs a row list");
+        if (compact) {  // g: one row per listed row
+          if (g.ndim() != p.ndim() || g.shape(0) != nrl || (p.ndim() == 2 && g.shape(1) != p.shape(1)))
+            throw sparsebp::ValueError(str_cat("g must have one row per listed row (", nrl, ") and p's columns"));
+        } else if (g.ndim() != p.ndim() || !std::equal(g.shape(), g.shape() + g.ndim(), p.shape())) {
+          throw sparsebp::ValueError("g must have p's shape");
+        }
+        float* pp = c_f32(p, "p", true);
+        const float* gp = c_f32(g, "g", false);
+        float* mp = c_f32(m, "m", true);
+        float* vp = c_f32(v, "v", true);
+        // A 1-D parameter is one row of n (contiguous, vectorised) unless a row list picks elements.
+        const bool one_row = p.ndim() == 1 && rows.is_none();
+        const int64_t nrows = one_row ? 1 : p.shape(0), ncols = p.ndim() == 2 ? p.shape(1) : one_row ? p.shape(0) : 1;
         py::gil_scoped_release nogil;
-        sparsebp::adam_step(pp, gp, mp, vp, nrows, ncols, rl, nrl, b1, b2, step_size, inv_c2, eps);
+        sparsebp::adam_step(pp, gp, mp, vp, nrows, ncols, rl, nrl, compact, b1, b2, step_size, inv_c2, eps);
       },
       py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("rows"), py::arg("b1"), py::arg("b2"),
-      py::arg("step_size"), py::arg("inv_c2"), py::arg("eps"));
+      py::arg("step_size"), py::arg("inv_c2"), py::arg("eps"), py::arg("compact") = false);
   // Unit-mask blocks. Index lists: None or 1-D int64 (converted); 1-D float arrays count as (n, 1).
   using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
   auto index_list = [](const py::object& o, const char* name, IndexArray* keep) -> std::pair<const int64_t*, int64_t> {

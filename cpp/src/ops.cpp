@@ -453,8 +453,41 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
   });
 }
 
+void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const float* g, int64_t ldg, int64_t n,
+                         int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && k >= 0 && n >= 0 && ldg >= n, "bad shape for selection_by_column");
+  std::fill(indptr, indptr + n + 1, int64_t{0});
+  const int64_t total = rows * k;
+  for (int64_t e = 0; e < total; ++e) {
+    const int32_t j = sel[e];
+    SPARSEBP_CHECK_VALUE(j >= 0 && j < n, "selected[", e / std::max<int64_t>(k, 1), ", ", e % std::max<int64_t>(k, 1),
+                         "] = ", j, " is outside [0, ", n, ")");
+    ++indptr[j + 1];
+  }
+  int64_t nt = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (indptr[j + 1]) touched[nt++] = static_cast<int32_t>(j);
+    indptr[j + 1] += indptr[j];
+  }
+  *n_touched = nt;
+  // Place each entry at its column's cursor; rows are visited in order, so each column's entries
+  // come out in increasing row order. The cursor array is indptr itself, shifted back after.
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* sr = sel + r * k;
+    const float* gr = g + r * ldg;
+    for (int64_t q = 0; q < k; ++q) {
+      const int32_t j = sr[q];
+      const int64_t pos = indptr[j]++;
+      row_of[pos] = static_cast<int32_t>(r);
+      vals[pos] = gr[j];
+    }
+  }
+  for (int64_t j = n; j > 0; --j) indptr[j] = indptr[j - 1];
+  indptr[0] = 0;
+}
+
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
-               int64_t n_rows, double b1, double b2, float step_size, float inv_c2, float eps) {
+               int64_t n_rows, bool g_compact, double b1, double b2, float step_size, float inv_c2, float eps) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0, "bad shape for adam_step");
   if (row_list)
     for (int64_t i = 0; i < n_rows; ++i)
@@ -470,6 +503,7 @@ void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64
                             v,
                             cols,
                             row_list,
+                            g_compact && row_list != nullptr,
                             static_cast<float>(b1),
                             static_cast<float>(b2),
                             static_cast<float>(1.0 - b1),

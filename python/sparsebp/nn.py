@@ -32,12 +32,22 @@ _F32 = np.float32
 
 class Param:
     """A parameter: ``data``, its gradient ``grad`` (None before a backward) and ``rows``: the rows
-    of a 2-D gradient that may be nonzero (None: all)."""
+    of a 2-D gradient that may be nonzero, strictly increasing (None: all). With ``rows``, ``grad``
+    holds either every row or only those (``len(rows)`` rows, in that order); ``dense_grad()`` gives
+    the full-shape gradient either way."""
 
     __slots__ = ("name", "data", "grad", "rows")
 
     def __init__(self, name: str, data: np.ndarray):
         self.name, self.data, self.grad, self.rows = name, data, None, None
+
+    def dense_grad(self) -> Optional[np.ndarray]:
+        """The gradient with ``data``'s shape (zeros outside ``rows``); None before a backward."""
+        if self.grad is None or self.rows is None or self.grad.shape == self.data.shape:
+            return self.grad
+        out = np.zeros(self.data.shape, dtype=self.grad.dtype)
+        out[np.asarray(self.rows, dtype=np.int64)] = self.grad
+        return out
 
     def __repr__(self) -> str:
         return f"Param({self.name}, shape={self.data.shape})"
@@ -106,10 +116,12 @@ class Linear:
                 self.bias.grad = g.sum(axis=0)
             return g @ w if input_grad else None
         sel = self.policy.select(g)
+        # compact: the gradient of the touched rows only (what the optimizers update); Param.rows
+        # lists them, increasing.
         res = selected_backward(sel.grad, x, w, sel.cols, sel.mode, input_grad=input_grad,
-                                bias_grad=self.bias is not None, bias_from=g)
+                                bias_grad=self.bias is not None, bias_from=g, compact=True)
         self.weight.grad = res.weight
-        self.weight.rows = np.unique(sel.cols)
+        self.weight.rows = res.weight_rows
         if self.bias is not None:
             self.bias.grad = res.bias
         return res.input
@@ -328,9 +340,11 @@ class Adam(_Optimizer):
             g = p.grad
             if g.dtype != np.float32 or p.data.dtype != np.float32 or not g.flags.c_contiguous:
                 g = np.ascontiguousarray(g, dtype=np.float32)
+            rows = p.rows
+            compact = rows is not None and g.shape[0] == len(rows) != p.data.shape[0]
             # One fused pass in C++ (m, v and the parameter together); with rows, only those rows.
-            _core.adam_step(p.data, g, st["m"], st["v"], p.rows, self.b1, self.b2, self.lr / c1, 1.0 / c2,
-                            self.eps)
+            _core.adam_step(p.data, g, st["m"], st["v"], rows, self.b1, self.b2, self.lr / c1, 1.0 / c2, self.eps,
+                            compact)
 
 
 class SGD(_Optimizer):

@@ -140,7 +140,8 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
         raise ValueError(f"selected must have shape ({bsz}, k) in mode 'example'; got {sel.shape}")
     if mode == "unified" and sel.ndim != 1:
         raise ValueError(f"selected must be 1-D in mode 'unified'; got shape {sel.shape}")
-    if sel.size and (sel.min() < 0 or sel.max() >= out_f):
+    by_example = mode == "example" and sel.shape[-1] != out_f
+    if not by_example and sel.size and (sel.min() < 0 or sel.max() >= out_f):  # (selection_by_column checks)
         raise ValueError(f"selected holds columns outside [0, {out_f})")
     src = g if bias_from is None else bias_from
     db = src.sum(axis=0) if bias_grad else None
@@ -155,15 +156,7 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
         # Ĝ by output unit j (CSR of Ĝᵀ: the examples that selected j, in order), built once for
         # both products: dW[j] = sum_b Ĝ[b, j] x[b] (gathered rows) and dx[b] += Ĝ[b, j] W[j]
         # (scattered, W streamed once).
-        kk = sel.shape[1]
-        vals = np.take_along_axis(g, sel.astype(np.int64), axis=1)
-        flat = sel.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        counts = np.bincount(flat, minlength=out_f)
-        indptr = np.zeros(out_f + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        rows_b = (order // max(kk, 1)).astype(np.int32)
-        gvals = np.ascontiguousarray(vals.reshape(-1)[order])
+        indptr, rows_b, gvals, touched = _core.selection_by_column(sel, g)
         if input_grad:
             dx = _padded_rows(bsz, in_f)
             _core.spmm_scatter(indptr, rows_b, gvals, w, dx)
@@ -173,9 +166,11 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
                 xp[...] = xx
                 xx = xp
             if compact:  # only the rows some example selected
-                wrows = np.flatnonzero(counts).astype(np.int32)
+                wrows = touched
                 dw = np.empty((len(wrows), in_f), dtype=np.float32)
-                cindptr = np.concatenate([[0], indptr[1:][counts > 0]]).astype(np.int64)
+                cindptr = np.empty(len(wrows) + 1, dtype=np.int64)
+                cindptr[0] = 0
+                cindptr[1:] = indptr[1:][touched]
                 _core.spmm_rows(cindptr, rows_b, gvals, xx, dw)
             else:
                 dw = np.empty((out_f, in_f), dtype=np.float32)

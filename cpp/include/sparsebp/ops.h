@@ -76,13 +76,23 @@ void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, cons
 void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
                   const float* d, int64_t ldd, int64_t ncols, float* out, int64_t out_rows, int64_t ldo);
 
+// A per-row selection (rows x k columns of an n-column gradient g, each row's columns distinct and
+// in [0, n)) regrouped by column, for the per-example products: CSR of the selected transpose.
+// indptr (n + 1): column j's entries are [indptr[j], indptr[j + 1]), in increasing row order;
+// row_of (rows * k): their rows; vals (rows * k): g[row, j]; touched: the columns selected at
+// least once, increasing (its first *n_touched entries; room for min(n, rows * k)). Counting sort,
+// O(rows * k + n). A column outside [0, n) is a ValueError.
+void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const float* g, int64_t ldg, int64_t n,
+                         int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched);
+
 // One fused Adam step over a parameter viewed as (rows x cols), contiguous; only the rows listed in
 // `row_list` (n_rows of them, each in [0, rows)) when it is not null, else all. In one pass:
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= step_size * m / (sqrt(v * inv_c2) + eps)
 // with step_size = lr / (1 - b1^t) and inv_c2 = 1 / (1 - b2^t) given by the caller; float arithmetic
-// (1 - b rounded from double), vectorised per ISA, threaded over rows.
+// (1 - b rounded from double), vectorised per ISA, threaded over rows. g_compact (with a row list):
+// g holds only the listed rows, n_rows x cols, row i for row row_list[i]; else g has p's shape.
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
-               int64_t n_rows, double b1, double b2, float step_size, float inv_c2, float eps);
+               int64_t n_rows, bool g_compact, double b1, double b2, float step_size, float inv_c2, float eps);
 
 // ---- Unit masks (VR-PGE): blocks of row-major matrices -------------------------------------------
 // rows / cols: strictly increasing indices into the big matrix (null: all of them, n = its size).

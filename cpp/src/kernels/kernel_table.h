@@ -236,6 +236,7 @@ struct AdamArgs {
   float* v;
   int64_t cols;
   const int64_t* rows;  // may be null
+  bool g_compact;       // g holds only the listed rows (row i of g is row rows[i] of p)
   float b1, b2, a1, a2, step_size, inv_c2, eps;  // a1 = 1 - b1, a2 = 1 - b2 (rounded from double)
 };
 using AdamFn = void (*)(const AdamArgs&, int64_t i_begin, int64_t i_end);

@@ -38,8 +38,13 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
     // kSample); a row no longer than that is its own sample, and t is then exactly the k-th largest.
     const int64_t s_len = std::min(n, std::max<int64_t>(64, std::min<int64_t>(kSample, (3 * n + k - 1) / k)));
     sample.resize(static_cast<size_t>(s_len));
+    // Sample s reads entry floor(s * n / s_len), in 32.32 fixed point: one division per row instead
+    // of one per sample (a 64-bit division costs tens of cycles; this loop was a third of a
+    // 500-wide row's time). n < 2^31 and s < s_len keep s * step below 2^63.
+    const uint64_t step = (static_cast<uint64_t>(n) << 32) / static_cast<uint64_t>(s_len);
     for (int64_t s = 0; s < s_len; ++s) {
-      const float a = std::fabs(row[s_len == n ? s : (s * n) / s_len]);
+      const int64_t at = s_len == n ? s : static_cast<int64_t>((static_cast<uint64_t>(s) * step) >> 32);
+      const float a = std::fabs(row[at]);
       sample[s] = std::isnan(a) ? std::numeric_limits<float>::infinity() : a;
     }
     // Rank in the sample: k itself when it is the row, else about twice k's share (so that ~2k pass).
