@@ -32,6 +32,27 @@ def _forward64(model, x):
     return h
 
 
+@pytest.mark.parametrize("scale", [1.0, 60.0])
+def test_softmax_cross_entropy_against_float64(scale):
+    """Loss and gradient against float64 NumPy, also with logits spread so wide that most
+    probabilities are far below float32's range (those entries come out exactly 0, never subnormal)."""
+    rng = np.random.default_rng(5)
+    z = (rng.standard_normal((33, 10)) * scale).astype(np.float32)
+    y = rng.integers(0, 10, 33)
+    loss, g = nn.softmax_cross_entropy(z, y)
+    z64 = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+    p = np.exp(z64) / np.exp(z64).sum(axis=1, keepdims=True)
+    ref = float(np.mean(np.log(np.exp(z64).sum(axis=1)) - z64[np.arange(33), y]))
+    assert abs(loss - ref) <= 1e-6 * max(1.0, abs(ref))
+    gref = p.copy()
+    gref[np.arange(33), y] -= 1
+    np.testing.assert_allclose(g, gref / 33, rtol=1e-5, atol=1e-7)
+    assert not np.any((g != 0) & (np.abs(g) < np.finfo(np.float32).tiny))  # no subnormals
+    assert g.dtype == np.float32 and g.flags.c_contiguous
+    with pytest.raises(ValueError, match="labels"):
+        nn.softmax_cross_entropy(z, y[:5])
+
+
 def test_dense_gradients_against_float64():
     model = _mlp()
     rng = np.random.default_rng(1)

@@ -123,12 +123,14 @@ def _project_exact(s, k):
     raise AssertionError("no segment")
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(30))
 def test_projection_exact_feasible_idempotent(seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 40))
     s = rng.uniform(-0.5, 1.8, n)
     s[rng.random(n) < 0.2] = 0.5  # repeated values
+    if seed % 3 == 0:  # breakpoints exactly at 0 and 1, and coinciding ones (s_i - 1 = s_j)
+        s[rng.random(n) < 0.3] = rng.choice([0.0, 1.0, 1.5, 2.0, 0.0 - 0.0])
     k = float(rng.uniform(0, n))
     ref = np.array([float(x) for x in _project_exact(s, k)])
     for method in ("sort", "bisect"):
@@ -141,6 +143,13 @@ def test_projection_exact_feasible_idempotent(seed):
     for _ in range(20):
         z = project_budget(rng.uniform(0, 1, n), k)
         assert float((s - p) @ (z - p)) <= 1e-9
+
+
+@pytest.mark.parametrize("s, k", [([1.0, 1.0, 0.0], 1.0), ([1.0, 2.0, 0.5], 0.0), ([0.3, 0.3, 0.3], 0.9),
+                                  ([2.0, 1.0], 1.5), ([5.0], 0.25), ([], 0.0)])
+def test_projection_edge_cases_against_exact(s, k):
+    ref = [float(x) for x in _project_exact(s, k)] if s else []
+    np.testing.assert_allclose(project_budget(np.array(s, dtype=np.float64), k), ref, atol=1e-12)
 
 
 def test_projection_bad_input():

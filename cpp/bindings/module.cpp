@@ -243,6 +243,40 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("g"), py::arg("k"), py::arg("idx"));
   m.def(
+      "softmax_xent",
+      [rowmajor](const py::array& z, const py::array& labels, const py::array& grad) {
+        auto [zp, rows, classes, ld] = rowmajor(z, "logits", false);
+        py::array_t<int64_t, py::array::c_style | py::array::forcecast> lab(labels);
+        if (lab.ndim() != 1 || lab.shape(0) != rows)
+          throw sparsebp::ValueError(str_cat("labels must have shape (", rows, ",)"));
+        check_float32(grad, "grad");
+        if (grad.ndim() != 2 || grad.shape(0) != rows || grad.shape(1) != classes || !grad.writeable() ||
+            !(grad.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("grad must be a writeable C-contiguous float32 array of the logits' shape");
+        if (classes == 0) throw sparsebp::ValueError("logits must have at least one class");
+        float* gp = static_cast<float*>(const_cast<void*>(grad.data()));
+        const int64_t* lp = lab.data();
+        py::gil_scoped_release nogil;
+        return sparsebp::softmax_xent(zp, rows, classes, ld, lp, gp);
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("grad"));
+  m.def(
+      "project_budget",
+      [](const py::array& s, double budget) {
+        py::array_t<double, py::array::c_style | py::array::forcecast> sd(s);
+        if (sd.ndim() != 1) throw sparsebp::ValueError(str_cat("s must be 1-D; got ", sd.ndim(), "-D"));
+        py::array_t<double> out(sd.shape(0));
+        const double* sp = sd.data();
+        double* op = out.mutable_data();
+        const int64_t n = sd.shape(0);
+        {
+          py::gil_scoped_release nogil;
+          sparsebp::project_budget(sp, n, budget, op);
+        }
+        return out;
+      },
+      py::arg("s"), py::arg("budget"));
+  m.def(
       "selection_by_column",
       [rowmajor](const py::array& sel, const py::array& g) {
         auto [gp, rows, n, ld] = rowmajor(g, "g", false);

@@ -453,6 +453,79 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
   });
 }
 
+double softmax_xent(const float* z, int64_t rows, int64_t classes, int64_t ldz, const int64_t* labels, float* grad) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && classes >= 1 && ldz >= classes, "bad shape for softmax_xent");
+  for (int64_t r = 0; r < rows; ++r)
+    SPARSEBP_CHECK_VALUE(labels[r] >= 0 && labels[r] < classes, "labels[", r, "] = ", labels[r],
+                         " is outside [0, ", classes, ")");
+  const float tiny = std::numeric_limits<float>::min();
+  const float inv_n = rows ? 1.0f / static_cast<float>(rows) : 0.0f;
+  double loss = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* zr = z + r * ldz;
+    float* gr = grad + r * classes;
+    float mx = zr[0];
+    for (int64_t c = 1; c < classes; ++c) mx = zr[c] > mx || zr[c] != zr[c] ? zr[c] : mx;
+    double sum = 0.0;
+    for (int64_t c = 0; c < classes; ++c) {
+      const float d = zr[c] - mx;
+      const float e = d < -80.0f ? 0.0f : std::exp(d);
+      gr[c] = e;
+      sum += e;
+    }
+    loss += std::log(sum) - static_cast<double>(zr[labels[r]] - mx);
+    const float scale = static_cast<float>(1.0 / sum) * inv_n;
+    for (int64_t c = 0; c < classes; ++c) {
+      const float g = gr[c] * scale;
+      gr[c] = std::fabs(g) < tiny ? 0.0f : g;
+    }
+    gr[labels[r]] -= inv_n;
+  }
+  return rows ? loss / static_cast<double>(rows) : 0.0;
+}
+
+void project_budget(const double* s, int64_t n, double budget, double* out) {
+  SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for project_budget");
+  double csum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    SPARSEBP_CHECK_VALUE(std::isfinite(s[i]), "s[", i, "] = ", s[i], " is not finite");
+    out[i] = std::min(1.0, std::max(0.0, s[i]));
+    csum += out[i];
+  }
+  if (csum <= budget) return;
+  // f(v) = sum clip(s_i - v, 0, 1) is continuous, non-increasing and linear between consecutive
+  // breakpoints {s_i - 1, s_i}; walk them in increasing order, tracking f's value and slope.
+  std::vector<double> srt(s, s + n);
+  std::sort(srt.begin(), srt.end());
+  // Events: at v = s_i - 1 entry i starts decreasing (slope -1 more); at v = s_i it reaches 0 (slope
+  // +1). Merge the two sorted lists.
+  double v = 0.0;
+  double f = csum;    // f(v)
+  int64_t slope = 0;  // f's slope just right of v: -(number of entries with s_i - 1 <= v < s_i)
+  int64_t a = 0, b = 0;  // next start event (srt[a] - 1) and end event (srt[b])
+  auto consume = [&] {
+    while (a < n && srt[a] - 1.0 <= v) --slope, ++a;
+    while (b < n && srt[b] <= v) ++slope, ++b;
+  };
+  consume();
+  double root = v;
+  for (;;) {  // invariant: f(v) > budget
+    const double next_a = a < n ? srt[a] - 1.0 : std::numeric_limits<double>::infinity();
+    const double next_b = b < n ? srt[b] : std::numeric_limits<double>::infinity();
+    const double nv = std::min(next_a, next_b);
+    const double fn = std::isfinite(nv) ? f + static_cast<double>(slope) * (nv - v) : f;
+    if (fn <= budget || !std::isfinite(nv)) {
+      root = slope < 0 ? v + (f - budget) / static_cast<double>(-slope) : v;
+      if (std::isfinite(nv) && root > nv) root = nv;
+      break;
+    }
+    v = nv;
+    f = fn;
+    consume();
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = std::min(1.0, std::max(0.0, s[i] - root));
+}
+
 void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const float* g, int64_t ldg, int64_t n,
                          int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && k >= 0 && n >= 0 && ldg >= n, "bad shape for selection_by_column");

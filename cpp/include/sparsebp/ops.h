@@ -85,6 +85,19 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
 void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const float* g, int64_t ldg, int64_t n,
                          int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched);
 
+// Mean softmax cross-entropy of the logits z (rows x classes, row stride ldz) against labels (each
+// in [0, classes), else ValueError), and its gradient into grad (rows x classes, contiguous):
+// (softmax(z) - onehot(label)) / rows. Exponentials of entries more than 80 below their row's
+// maximum are taken as 0 and gradient entries below FLT_MIN in magnitude are flushed to zero:
+// subnormal floats slow every later operation they enter (~100x on x86) and lie far below float32's
+// resolution next to the row's largest probability. Returns the loss (accumulated in double).
+double softmax_xent(const float* z, int64_t rows, int64_t classes, int64_t ldz, const int64_t* labels, float* grad);
+
+// The Euclidean projection onto {x in [0, 1]^n : sum x <= budget} of s (n doubles) into out:
+// clip(s - v, 0, 1) with v = 0 when sum clip(s, 0, 1) <= budget, else the root v > 0 of
+// sum clip(s - v, 0, 1) = budget, found exactly between the sorted breakpoints {s_i - 1, s_i}.
+void project_budget(const double* s, int64_t n, double budget, double* out);
+
 // One fused Adam step over a parameter viewed as (rows x cols), contiguous; only the rows listed in
 // `row_list` (n_rows of them, each in [0, rows)) when it is not null, else all. In one pass:
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= step_size * m / (sqrt(v * inv_c2) + eps)
