@@ -104,9 +104,10 @@ def test_gradcheck_and_opcheck():
     m = st.SparseConv2d(4, 6, 3, stride=(1, 2), padding=1, groups=2, sparsity=0.5)
     for x in (torch.randn(3, 4, 6, 7), st.batch_inner(torch.randn(3, 4, 6, 7)), torch.randn(1, 4, 6, 7)):
         for b in (m.bias, None):
-            torch.library.opcheck(torch.ops.sparsebp.conv2d.default,
-                                  (x.requires_grad_(), m.values, b, m.indptr, m.indices, 6, [3, 3], [1, 2], [1, 1],
-                                   [1, 1], 2))
+            for keep in (False, True):  # keep: the forward also returns its padded input, for the backward
+                torch.library.opcheck(torch.ops.sparsebp.conv2d.default,
+                                      (x.requires_grad_(), m.values, b, m.indptr, m.indices, 6, [3, 3], [1, 2],
+                                       [1, 1], [1, 1], 2, keep))
 
 
 def test_optimizer_never_regrows_and_state_dict():
@@ -159,3 +160,44 @@ def test_layers_sharing_a_padded_shape_keep_their_borders(isa):
         for m, x in ((a, xa), (b, xb), (c, xb), (a, xa), (c, xa)):
             m.zero_grad(set_to_none=True)  # check() compares one backward's gradients
             check(m, st.batch_inner(x), f"{m} on {tuple(x.shape)}")
+
+
+def test_kept_padded_input_is_reused_only_when_free():
+    """The forward keeps its zero-padded input for the weight gradient in a pooled buffer: a buffer
+    some live graph still holds is never handed out again (two graphs alive, backward of the older
+    one after the newer forward, a retained graph run twice: all against dense torch), and once the
+    graph is gone the next forward reuses it."""
+    from sparsebp.torch import _conv
+
+    torch.manual_seed(3)
+    m = st.SparseConv2d(5, 6, 3, padding=1, sparsity=0.6)
+    dense = torch.nn.Conv2d(5, 6, 3, padding=1)
+    with torch.no_grad():
+        dense.weight.copy_(m.weight)
+        dense.bias.copy_(m.bias)
+    xs = [st.batch_inner(torch.randn(4, 5, 7, 7)) for _ in range(2)]
+
+    def ref_grad(x):
+        dense.zero_grad()
+        dense(x).square().sum().backward()
+        return dense.weight.grad[m.mask()].clone()
+
+    ys = [m(x) for x in xs]  # two graphs alive at once
+    for i in (0, 1):  # the older graph's backward after the newer forward
+        m.zero_grad()
+        ys[i].square().sum().backward(retain_graph=True)
+        torch.testing.assert_close(m.values.grad, ref_grad(xs[i]), rtol=1e-4, atol=1e-4)
+    m.zero_grad()
+    ys[0].square().sum().backward()  # the retained graph again: same gradient
+    torch.testing.assert_close(m.values.grad, ref_grad(xs[0]), rtol=1e-4, atol=1e-4)
+    del ys
+    key = ((5, 9, 9, 4), 1, 1)
+    pool = _conv._kept.pools[key]
+    assert len(pool) == 2
+    ptrs = {a.ctypes.data for a in pool}
+    y = m(xs[0])  # both graphs gone: a pooled buffer is reused, no new one made
+    assert len(_conv._kept.pools[key]) == 2
+    assert y.grad_fn is not None
+    with torch.no_grad():  # no weight gradient coming: nothing kept
+        m(xs[1])
+    assert len(_conv._kept.pools[key]) == 2 and {a.ctypes.data for a in _conv._kept.pools[key]} == ptrs

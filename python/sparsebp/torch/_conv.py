@@ -24,6 +24,7 @@ layout changes; an ordinary (N, C, H, W)-contiguous input is converted on the wa
 """
 from __future__ import annotations
 
+import sys
 import threading
 from typing import List, Optional, Tuple
 
@@ -90,6 +91,69 @@ def _padded_chwn(t: Tensor, ph: int, pw: int) -> Tensor:
     if ph == pw == 0:
         return _chwn(t)
     out = _zero_bordered_scratch(f"x{ph},{pw}", (c, h + 2 * ph, w + 2 * pw, n), t.dtype)
+    out[:, ph:ph + h, pw:pw + w, :] = t.permute(1, 2, 3, 0)
+    return out
+
+
+def _refs(pool: list, i: int) -> int:
+    return sys.getrefcount(pool[i])
+
+
+_FREE_REFS = _refs([np.zeros(1, np.float32)], 0)  # an array held by its pool list alone
+_KEPT_BYTES = 1 << 30  # pooled buffers in all, in use or free; beyond it, fresh unpooled ones
+
+
+class _KeptPadded:
+    """Zero-bordered (C, Hp, Wp, N) buffers for the padded inputs the forward keeps for the
+    backward. Each is a NumPy array whose torch view (``torch.from_numpy``) holds a reference to it
+    for as long as any tensor uses its memory (autograd's saved copy included), so an array whose
+    only reference is this pool is free and is handed out again: steady-state training reuses the
+    same memory each step. (Fresh tensors of this size come from the OS every time, and their page
+    faults cost more than the copy itself.) The borders are zeroed once; callers overwrite exactly
+    the interior, which the key identifies."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pools = {}
+        self.bytes = 0
+
+    def take(self, shape: tuple, ph: int, pw: int) -> Tensor:
+        key = (shape, ph, pw)
+        with self.lock:
+            pool = self.pools.setdefault(key, [])
+            for i in range(len(pool)):
+                if _refs(pool, i) == _FREE_REFS:
+                    return torch.from_numpy(pool[i])
+            nbytes = 4 * int(np.prod(shape))
+            raw = np.zeros(nbytes + 64, dtype=np.uint8)
+            at = -raw.ctypes.data % 64  # 64-byte aligned, as torch's own allocations
+            arr = raw[at:at + nbytes].view(np.float32).reshape(shape)
+            if self.bytes + arr.nbytes > _KEPT_BYTES:
+                self._drop_free()
+            if self.bytes + arr.nbytes <= _KEPT_BYTES:
+                pool.append(arr)
+                self.bytes += arr.nbytes
+            return torch.from_numpy(arr)
+
+    def _drop_free(self) -> None:
+        for pool in self.pools.values():
+            i = 0
+            while i < len(pool):
+                if _refs(pool, i) == _FREE_REFS:
+                    self.bytes -= pool.pop(i).nbytes
+                else:
+                    i += 1
+
+
+_kept = _KeptPadded()
+_KEEP_PADDED = True  # (a switch for measuring the difference)
+
+
+def _padded_chwn_kept(t: Tensor, ph: int, pw: int) -> Tensor:
+    """As ``_padded_chwn``, but a buffer of its own until the caller lets go of it (``_KeptPadded``):
+    kept by the forward for the backward's weight gradient, which then needs no second copy."""
+    n, c, h, w = t.shape
+    out = _kept.take((c, h + 2 * ph, w + 2 * pw, n), ph, pw)
     out[:, ph:ph + h, pw:pw + w, :] = t.permute(1, 2, 3, 0)
     return out
 
@@ -197,37 +261,44 @@ def _out_like_fake(x: Tensor, shape) -> Tensor:
 @torch.library.custom_op("sparsebp::conv2d", mutates_args=())
 def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor, out_channels: int,
               kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
-              groups: int) -> Tensor:
+              groups: int, keep_padded: bool = False) -> Tuple[Tensor, Tensor]:
+    """The convolution and, with ``keep_padded`` (float32, padding > 0), the zero-padded (C, Hp,
+    Wp, N) copy of x it read, for the backward's weight gradient; else an empty tensor."""
     n, cin, h, w = x.shape
     kh, kw = kernel_size
+    none = x.new_empty((0,))
     if x.dtype == torch.float64:
         wd = _dense_weight(values, indptr, indices, out_channels, cin // groups, kh, kw)
         y = torch.nn.functional.conv2d(x, wd, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
-        return _out_like(x, y.permute(1, 2, 3, 0).contiguous())
+        return _out_like(x, y.permute(1, 2, 3, 0).contiguous()), none
     p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
-    xp = _padded_chwn(x, *p.padding)
+    keep = keep_padded and any(p.padding) and x.dtype == torch.float32
+    xp = _padded_chwn_kept(x, *p.padding) if keep else _padded_chwn(x, *p.padding)
     y = x.new_empty((out_channels, p.oh, p.ow, n))
     if n > 0:
         off, geo = p.forward_geometry(n)
         _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias), _flat(xp),
                              _flat(y), geo)
-    return _out_like(x, y)
+    return _out_like(x, y), (xp if keep else none)
 
 
 @conv2d_op.register_fake
-def _(x, values, bias, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups):
+def _(x, values, bias, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups,
+      keep_padded=False):
     n, cin, h, w = x.shape
     kh, kw = kernel_size
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return _out_like_fake(x, (n, out_channels, oh, ow))
+    keep = keep_padded and x.dtype != torch.float64 and (padding[0] or padding[1])
+    xp = (x.new_empty((cin, h + 2 * padding[0], w + 2 * padding[1], n)) if keep else x.new_empty((0,)))
+    return _out_like_fake(x, (n, out_channels, oh, ow)), xp
 
 
 @torch.library.custom_op("sparsebp::conv2d_backward", mutates_args=())
 def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
                        out_channels: int, kernel_size: List[int], stride: List[int], padding: List[int],
                        dilation: List[int], groups: int, input_grad: bool, weight_grad: bool,
-                       bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                       bias_grad: bool, x_padded: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     n, cin, h, w = x.shape
     kh, kw = kernel_size
     empty = values.new_empty((0,))
@@ -250,7 +321,8 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
     if bias_grad and not weight_grad:
         gb = g.sum((1, 2, 3))
     elif weight_grad:
-        xp = _padded_chwn(x, *p.padding)
+        # The forward's padded copy when it kept one (same x: autograd saved both unchanged).
+        xp = x_padded if x_padded is not None and x_padded.numel() else _padded_chwn(x, *p.padding)
         off, geo = p.forward_geometry(n)
         if n > 0:
             _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xp), _flat(gv), _flat(gb) if bias_grad else None, geo)
@@ -273,7 +345,7 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
 
 @conv2d_backward_op.register_fake
 def _(grad_y, x, values, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups, input_grad,
-      weight_grad, bias_grad):
+      weight_grad, bias_grad, x_padded=None):
     empty = values.new_empty((0,))
     gi = _out_like_fake(x, tuple(x.shape)) if input_grad else empty
     gv = values.new_empty(values.shape) if weight_grad else empty
@@ -282,21 +354,24 @@ def _(grad_y, x, values, indptr, indices, out_channels, kernel_size, stride, pad
 
 
 def _conv_setup(ctx, inputs, output):
-    x, values, bias, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, values, indptr, indices)
+    x, values, bias, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups, _keep = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd hands the backward a zero-filled grad for it
+    ctx.save_for_backward(x, values, indptr, indices, output[1])
     ctx.geom = (out_channels, kernel_size, stride, padding, dilation, groups)
     ctx.has_bias = bias is not None
 
 
-def _conv_backward(ctx, grad_y):
-    x, values, indptr, indices = ctx.saved_tensors
+def _conv_backward(ctx, grad_y, _grad_padded):
+    x, values, indptr, indices, x_padded = ctx.saved_tensors
     need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    none8 = (None,) * 8
-    if not (need_x or need_v or need_b):
-        return (None, None, None) + none8
-    gi, gv, gb = conv2d_backward_op(grad_y, x, values, indptr, indices, *ctx.geom, need_x, need_v, need_b)
-    return (gi if need_x else None, gv if need_v else None, gb if need_b else None) + none8
+    none9 = (None,) * 9
+    if grad_y is None or not (need_x or need_v or need_b):  # (None: the output did not reach the loss)
+        return (None, None, None) + none9
+    gi, gv, gb = conv2d_backward_op(grad_y, x, values, indptr, indices, *ctx.geom, need_x, need_v, need_b,
+                                    x_padded)
+    return (gi if need_x else None, gv if need_v else None, gb if need_b else None) + none9
 
 
 conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -333,6 +408,9 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     if unbatched:
         x = x.unsqueeze(0)
     kh, kw = _pair(kernel_size, "kernel_size", 1)
-    y = conv2d_op(x, values, bias, indptr, indices, out_channels, [kh, kw], list(_pair(stride, "stride", 1)),
-                  list(_pair(padding, "padding", 0)), list(_pair(dilation, "dilation", 1)), groups)
+    # Keep the forward's zero-padded input for the weight gradient when one will be needed: one
+    # padded copy per step instead of two (more memory held until the backward, one input's worth).
+    keep = _KEEP_PADDED and torch.is_grad_enabled() and values.requires_grad
+    y, _ = conv2d_op(x, values, bias, indptr, indices, out_channels, [kh, kw], list(_pair(stride, "stride", 1)),
+                     list(_pair(padding, "padding", 0)), list(_pair(dilation, "dilation", 1)), groups, keep)
     return y.squeeze(0) if unbatched else y
