@@ -162,13 +162,14 @@ def test_layers_sharing_a_padded_shape_keep_their_borders(isa):
             check(m, st.batch_inner(x), f"{m} on {tuple(x.shape)}")
 
 
-def test_kept_padded_input_is_reused_only_when_free():
+def test_kept_padded_input_is_reused_only_when_free(monkeypatch):
     """The forward keeps its zero-padded input for the weight gradient in a pooled buffer: a buffer
     some live graph still holds is never handed out again (two graphs alive, backward of the older
     one after the newer forward, a retained graph run twice: all against dense torch), and once the
     graph is gone the next forward reuses it."""
     from sparsebp.torch import _conv
 
+    monkeypatch.setattr(_conv._Pool, "MIN_BYTES", 0)  # pool even these small tensors
     torch.manual_seed(3)
     m = st.SparseConv2d(5, 6, 3, padding=1, sparsity=0.6)
     dense = torch.nn.Conv2d(5, 6, 3, padding=1)
@@ -191,13 +192,13 @@ def test_kept_padded_input_is_reused_only_when_free():
     ys[0].square().sum().backward()  # the retained graph again: same gradient
     torch.testing.assert_close(m.values.grad, ref_grad(xs[0]), rtol=1e-4, atol=1e-4)
     del ys
-    key = ((5, 9, 9, 4), 1, 1)
-    pool = _conv._kept.pools[key]
+    key = (("padded", 1, 1), (5, 9, 9, 4))
+    pool = _conv._pool.pools[key]
     assert len(pool) == 2
     ptrs = {a.ctypes.data for a in pool}
     y = m(xs[0])  # both graphs gone: a pooled buffer is reused, no new one made
-    assert len(_conv._kept.pools[key]) == 2
+    assert len(_conv._pool.pools[key]) == 2
     assert y.grad_fn is not None
     with torch.no_grad():  # no weight gradient coming: nothing kept
         m(xs[1])
-    assert len(_conv._kept.pools[key]) == 2 and {a.ctypes.data for a in _conv._kept.pools[key]} == ptrs
+    assert len(_conv._pool.pools[key]) == 2 and {a.ctypes.data for a in _conv._pool.pools[key]} == ptrs

@@ -100,39 +100,45 @@ def _refs(pool: list, i: int) -> int:
 
 
 _FREE_REFS = _refs([np.zeros(1, np.float32)], 0)  # an array held by its pool list alone
-_KEPT_BYTES = 1 << 30  # pooled buffers in all, in use or free; beyond it, fresh unpooled ones
 
 
-class _KeptPadded:
-    """Zero-bordered (C, Hp, Wp, N) buffers for the padded inputs the forward keeps for the
-    backward. Each is a NumPy array whose torch view (``torch.from_numpy``) holds a reference to it
-    for as long as any tensor uses its memory (autograd's saved copy included), so an array whose
-    only reference is this pool is free and is handed out again: steady-state training reuses the
-    same memory each step. (Fresh tensors of this size come from the OS every time, and their page
-    faults cost more than the copy itself.) The borders are zeroed once; callers overwrite exactly
-    the interior, which the key identifies."""
+class _Pool:
+    """Float32 buffers for the large tensors the convolution operators return or keep, reused once
+    torch has let go of them. Each is a NumPy array whose torch view (``torch.from_numpy``) holds
+    a reference to it for as long as any tensor uses its memory (autograd's saved tensors
+    included), so an array whose only reference is this pool is free and is handed out again:
+    steady-state training reuses the same memory every step. (Fresh tensors this large come from
+    the OS each time, and their page faults cost about as much as the kernels that fill them: in
+    the example CNN's training step, a fifth of the step.) New buffers are zero-filled and 64-byte
+    aligned; the key says what their contents are to a caller (padded inputs: zero borders, since
+    the callers overwrite exactly the interior the key identifies)."""
 
-    def __init__(self):
+    MIN_BYTES = 1 << 20  # smaller tensors: torch's allocator (the heap serves them without faults)
+
+    def __init__(self, limit_bytes: int):
         self.lock = threading.Lock()
         self.pools = {}
         self.bytes = 0
+        self.limit = limit_bytes
 
-    def take(self, shape: tuple, ph: int, pw: int) -> Tensor:
-        key = (shape, ph, pw)
+    def take(self, key: tuple, shape: tuple) -> Tensor:
+        nbytes = 4 * int(np.prod(shape))
+        if nbytes < self.MIN_BYTES:
+            return torch.zeros(shape)
+        key = (key, tuple(shape))
         with self.lock:
             pool = self.pools.setdefault(key, [])
             for i in range(len(pool)):
                 if _refs(pool, i) == _FREE_REFS:
                     return torch.from_numpy(pool[i])
-            nbytes = 4 * int(np.prod(shape))
             raw = np.zeros(nbytes + 64, dtype=np.uint8)
             at = -raw.ctypes.data % 64  # 64-byte aligned, as torch's own allocations
             arr = raw[at:at + nbytes].view(np.float32).reshape(shape)
-            if self.bytes + arr.nbytes > _KEPT_BYTES:
+            if self.bytes + nbytes > self.limit:
                 self._drop_free()
-            if self.bytes + arr.nbytes <= _KEPT_BYTES:
+            if self.bytes + nbytes <= self.limit:
                 pool.append(arr)
-                self.bytes += arr.nbytes
+                self.bytes += nbytes
             return torch.from_numpy(arr)
 
     def _drop_free(self) -> None:
@@ -145,17 +151,23 @@ class _KeptPadded:
                     i += 1
 
 
-_kept = _KeptPadded()
-_KEEP_PADDED = True  # (a switch for measuring the difference)
+_pool = _Pool(1 << 30)
+_KEEP_PADDED = True  # (switches for measuring the difference)
+_POOL_OUTPUTS = True
 
 
 def _padded_chwn_kept(t: Tensor, ph: int, pw: int) -> Tensor:
-    """As ``_padded_chwn``, but a buffer of its own until the caller lets go of it (``_KeptPadded``):
+    """As ``_padded_chwn``, but a buffer of its own until the caller lets go of it (``_Pool``):
     kept by the forward for the backward's weight gradient, which then needs no second copy."""
     n, c, h, w = t.shape
-    out = _kept.take((c, h + 2 * ph, w + 2 * pw, n), ph, pw)
+    out = _pool.take(("padded", ph, pw), (c, h + 2 * ph, w + 2 * pw, n))
     out[:, ph:ph + h, pw:pw + w, :] = t.permute(1, 2, 3, 0)
     return out
+
+
+def _new_chwn(like: Tensor, shape: tuple) -> Tensor:
+    """An uninitialised float32 (C, H, W, N) result: pooled when large."""
+    return _pool.take(("out",), shape) if _POOL_OUTPUTS else like.new_empty(shape)
 
 
 def _flat(t: Tensor) -> np.ndarray:
@@ -274,7 +286,7 @@ def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor,
     p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
     keep = keep_padded and any(p.padding) and x.dtype == torch.float32
     xp = _padded_chwn_kept(x, *p.padding) if keep else _padded_chwn(x, *p.padding)
-    y = x.new_empty((out_channels, p.oh, p.ow, n))
+    y = _new_chwn(x, (out_channels, p.oh, p.ow, n))
     if n > 0:
         off, geo = p.forward_geometry(n)
         _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias), _flat(xp),
@@ -335,7 +347,7 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
         ah, aw = p.gz_origin
         gz = _zero_bordered_scratch(f"g{sh},{sw},{ah},{aw},{p.oh},{p.ow}", (out_channels, p.hz, p.wz, n), g.dtype)
         gz[:, ah:ah + (p.oh - 1) * sh + 1:sh, aw:aw + (p.ow - 1) * sw + 1:sw, :] = g
-        dx = x.new_empty((cin, h, w, n))
+        dx = _new_chwn(x, (cin, h, w, n))
         if n > 0:
             off, geo = p.input_grad_geometry(n)
             _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(gz), _flat(dx), geo)
