@@ -1,5 +1,6 @@
 """Threading: set_num_threads really changes how many threads the kernels use, results are
 bit-identical whatever the thread count, and concurrent callers from Python threads are safe."""
+import os
 import threading
 
 import numpy as np
@@ -179,3 +180,22 @@ def test_pool_without_spinning_loses_no_wake_up():
     env = dict(__import__("os").environ, SPARSEBP_SPIN_US="0")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_num_threads_from_the_environment():
+    """SPARSEBP_NUM_THREADS sets the default (also after sparsebp.torch picks its thread back end);
+    a value that is not a positive integer makes the import fail, naming the variable."""
+    import subprocess
+    import sys
+
+    code = "import sparsebp; print(sparsebp.get_num_threads())"
+    env = dict(os.environ, SPARSEBP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    env["SPARSEBP_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
+    for bad in ("0", "two", "-1"):
+        env["SPARSEBP_NUM_THREADS"] = bad
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert res.returncode != 0 and "SPARSEBP_NUM_THREADS must be a positive integer" in res.stderr

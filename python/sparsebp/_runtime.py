@@ -36,8 +36,26 @@ def _set_isa(name: str) -> None:
 
 
 def get_num_threads() -> int:
-    """Number of threads the kernels use (default: the CPUs this process may run on)."""
+    """Number of threads the kernels use (default: ``SPARSEBP_NUM_THREADS`` when set, else the CPUs
+    this process may run on)."""
     return _core.get_num_threads()
+
+
+def _threads_from_environment() -> None:
+    """Applies ``SPARSEBP_NUM_THREADS`` (a positive integer) at import; anything else is an error."""
+    raw = os.environ.get("SPARSEBP_NUM_THREADS")
+    if raw is None or raw.strip() == "":
+        return
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"the environment variable SPARSEBP_NUM_THREADS must be a positive integer; got {raw!r}")
+    _core.set_num_threads(n)
+
+
+_threads_from_environment()
 
 
 def set_num_threads(n: int) -> None:
