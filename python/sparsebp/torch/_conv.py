@@ -121,10 +121,12 @@ class _Pool:
         self.bytes = 0
         self.limit = limit_bytes
 
-    def take(self, key: tuple, shape: tuple) -> Tensor:
+    def take(self, key: tuple, shape: tuple, zeroed: bool) -> Tensor:
+        """A free buffer of ``shape`` under ``key``; ``zeroed``: the caller relies on cells it does
+        not write being zero (the pooled ones are zero-filled when made and keep that)."""
         nbytes = 4 * int(np.prod(shape))
         if nbytes < self.MIN_BYTES:
-            return torch.zeros(shape)
+            return torch.zeros(shape) if zeroed else torch.empty(shape)
         key = (key, tuple(shape))
         with self.lock:
             pool = self.pools.setdefault(key, [])
@@ -160,14 +162,14 @@ def _padded_chwn_kept(t: Tensor, ph: int, pw: int) -> Tensor:
     """As ``_padded_chwn``, but a buffer of its own until the caller lets go of it (``_Pool``):
     kept by the forward for the backward's weight gradient, which then needs no second copy."""
     n, c, h, w = t.shape
-    out = _pool.take(("padded", ph, pw), (c, h + 2 * ph, w + 2 * pw, n))
+    out = _pool.take(("padded", ph, pw), (c, h + 2 * ph, w + 2 * pw, n), zeroed=True)
     out[:, ph:ph + h, pw:pw + w, :] = t.permute(1, 2, 3, 0)
     return out
 
 
 def _new_chwn(like: Tensor, shape: tuple) -> Tensor:
     """An uninitialised float32 (C, H, W, N) result: pooled when large."""
-    return _pool.take(("out",), shape) if _POOL_OUTPUTS else like.new_empty(shape)
+    return _pool.take(("out",), shape, zeroed=False) if _POOL_OUTPUTS else like.new_empty(shape)
 
 
 def _flat(t: Tensor) -> np.ndarray:
