@@ -202,3 +202,32 @@ def test_kept_padded_input_is_reused_only_when_free(monkeypatch):
     with torch.no_grad():  # no weight gradient coming: nothing kept
         m(xs[1])
     assert len(_conv._pool.pools[key]) == 2 and {a.ctypes.data for a in _conv._pool.pools[key]} == ptrs
+
+
+@pytest.mark.parametrize("layout", ["nchw", "batch_inner", "single"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_are_not_views_so_inplace_ops_work(layout, dtype):
+    """Outputs and input gradients are tensors of their own in the input's layout (not views of an
+    internal buffer), so ReLU(inplace=True) after the layer works, as after nn.Conv2d, and the
+    gradients match dense torch's."""
+    from sparsebp.torch._conv import is_batch_inner
+
+    torch.manual_seed(7)
+    m = st.SparseConv2d(4, 6, 3, padding=1, sparsity=0.5).to(dtype)
+    dense = torch.nn.Conv2d(4, 6, 3, padding=1).to(dtype)
+    with torch.no_grad():
+        dense.weight.copy_(m.weight)
+        dense.bias.copy_(m.bias)
+    x0 = torch.randn(1 if layout == "single" else 3, 4, 5, 5, dtype=dtype)
+    x = (st.batch_inner(x0) if layout == "batch_inner" else x0.clone()).requires_grad_()
+    xd = x0.clone().requires_grad_()
+    y = torch.nn.ReLU(inplace=True)(m(x))
+    yd = torch.nn.ReLU(inplace=True)(dense(xd))
+    assert y._base is None and is_batch_inner(y) == (layout == "batch_inner")
+    (y * torch.arange(y.numel(), dtype=dtype).reshape(y.shape)).sum().backward()
+    (yd * torch.arange(yd.numel(), dtype=dtype).reshape(yd.shape)).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, yd, **tol)
+    torch.testing.assert_close(x.grad, xd.grad, **tol)
+    assert x.grad._base is None and is_batch_inner(x.grad) == (layout == "batch_inner")
+    torch.testing.assert_close(m.values.grad, dense.weight.grad[m.mask()], **tol)

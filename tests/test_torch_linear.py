@@ -218,3 +218,27 @@ def test_bad_state_dicts_are_errors_and_leave_the_layer_usable():
         assert torch.equal(m(x), y), what
     with pytest.raises(TypeError):
         m.load_state_dict({**good, "indices": good["indices"].float()})
+
+
+@pytest.mark.parametrize("layout", ["row", "batch_inner"])
+def test_linear_outputs_are_not_views_so_inplace_ops_work(layout):
+    """Outputs in both layouts are tensors of their own, so an in-place ReLU after the layer works
+    (as after nn.Linear) and the gradients match dense torch's."""
+    torch.manual_seed(8)
+    lin = st.SparseLinear(8, 6, sparsity=0.5)
+    dense = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        dense.weight.copy_(lin.weight)
+        dense.bias.copy_(lin.bias)
+    x0 = torch.randn(5, 8)
+    x = (x0.t().contiguous().t() if layout == "batch_inner" else x0.clone()).requires_grad_()
+    xd = x0.clone().requires_grad_()
+    y = torch.relu_(lin(x))
+    yd = torch.relu_(dense(xd))
+    assert y._base is None
+    w = torch.arange(30.0).reshape(5, 6)
+    (y * w).sum().backward()
+    (yd * w).sum().backward()
+    torch.testing.assert_close(y, yd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.values.grad, dense.weight.grad[lin.mask()], rtol=1e-5, atol=1e-5)

@@ -121,18 +121,18 @@ class _Pool:
         self.bytes = 0
         self.limit = limit_bytes
 
-    def take(self, key: tuple, shape: tuple, zeroed: bool) -> Tensor:
-        """A free buffer of ``shape`` under ``key``; ``zeroed``: the caller relies on cells it does
-        not write being zero (the pooled ones are zero-filled when made and keep that)."""
+    def take(self, key: tuple, shape: tuple, zeroed: bool) -> np.ndarray:
+        """A free float32 array of ``shape`` under ``key``; ``zeroed``: the caller relies on cells it
+        does not write being zero (the pooled ones are zero-filled when made and keep that)."""
         nbytes = 4 * int(np.prod(shape))
         if nbytes < self.MIN_BYTES:
-            return torch.zeros(shape) if zeroed else torch.empty(shape)
+            return np.zeros(shape, np.float32) if zeroed else np.empty(shape, np.float32)
         key = (key, tuple(shape))
         with self.lock:
             pool = self.pools.setdefault(key, [])
             for i in range(len(pool)):
                 if _refs(pool, i) == _FREE_REFS:
-                    return torch.from_numpy(pool[i])
+                    return pool[i]
             raw = np.zeros(nbytes + 64, dtype=np.uint8)
             at = -raw.ctypes.data % 64  # 64-byte aligned, as torch's own allocations
             arr = raw[at:at + nbytes].view(np.float32).reshape(shape)
@@ -141,7 +141,7 @@ class _Pool:
             if self.bytes + nbytes <= self.limit:
                 pool.append(arr)
                 self.bytes += nbytes
-            return torch.from_numpy(arr)
+            return arr
 
     def _drop_free(self) -> None:
         for pool in self.pools.values():
@@ -162,14 +162,46 @@ def _padded_chwn_kept(t: Tensor, ph: int, pw: int) -> Tensor:
     """As ``_padded_chwn``, but a buffer of its own until the caller lets go of it (``_Pool``):
     kept by the forward for the backward's weight gradient, which then needs no second copy."""
     n, c, h, w = t.shape
-    out = _pool.take(("padded", ph, pw), (c, h + 2 * ph, w + 2 * pw, n), zeroed=True)
+    out = torch.from_numpy(_pool.take(("padded", ph, pw), (c, h + 2 * ph, w + 2 * pw, n), zeroed=True))
     out[:, ph:ph + h, pw:pw + w, :] = t.permute(1, 2, 3, 0)
     return out
 
 
-def _new_chwn(like: Tensor, shape: tuple) -> Tensor:
-    """An uninitialised float32 (C, H, W, N) result: pooled when large."""
-    return _pool.take(("out",), shape, zeroed=False) if _POOL_OUTPUTS else like.new_empty(shape)
+def _batch_inner_strides(n: int, c: int, h: int, w: int) -> Tuple[int, int, int, int]:
+    return (1, h * w * n, w * n, n)
+
+
+def _new_result(x: Tensor, shape: tuple) -> Tuple[Tensor, Optional[Tensor]]:
+    """For a float32 result of logical shape (N, C, H, W) = ``shape`` in x's layout: the (C, H, W,
+    N) buffer the kernels fill, and the result tensor when it is that same memory (x batch-
+    innermost; ``_finish`` copies otherwise). The result is a tensor of its own, not a view (so
+    in-place operators such as ``ReLU(inplace=True)`` work on it); large ones come from ``_pool``."""
+    n, c, h, w = shape
+    if not (is_batch_inner(x) or n == 1):  # a scratch buffer, copied out by _finish
+        if _POOL_OUTPUTS:
+            return torch.from_numpy(_pool.take(("out",), (c, h, w, n), zeroed=False)), None
+        return torch.empty((c, h, w, n)), None
+    strides = _batch_inner_strides(n, c, h, w)
+    if _POOL_OUTPUTS and 4 * n * c * h * w >= _Pool.MIN_BYTES:
+        arr = _pool.take(("out",), (c, h, w, n), zeroed=False)
+        nchw = np.lib.stride_tricks.as_strided(arr, (n, c, h, w), tuple(4 * s for s in strides))
+        return torch.from_numpy(arr), torch.from_numpy(nchw)
+    out = torch.empty_strided((n, c, h, w), strides)
+    return out.permute(1, 2, 3, 0), out
+
+
+def _finish(buf: Tensor, out: Optional[Tensor]) -> Tensor:
+    """The result of ``_new_result``'s buffer once filled: ``out``, or an (N, C, H, W)-contiguous copy."""
+    return out if out is not None else buf.permute(3, 0, 1, 2).contiguous()
+
+
+def _in_layout_of(x: Tensor, t: Tensor) -> Tensor:
+    """A new (N, C, H, W) tensor (not a view) holding t's values in x's layout (the float64 paths)."""
+    if is_batch_inner(x) or t.shape[0] == 1:
+        out = torch.empty_strided(t.shape, _batch_inner_strides(*t.shape), dtype=t.dtype)
+        out.copy_(t)
+        return out
+    return t.contiguous() if t._base is None else t.clone(memory_format=torch.contiguous_format)
 
 
 def _flat(t: Tensor) -> np.ndarray:
@@ -253,18 +285,11 @@ def _dense_weight(values: Tensor, indptr: Tensor, indices: Tensor, cout: int, ci
     return _ops._dense_weight(values, indptr, indices, cout, cin_g * kh * kw).reshape(cout, cin_g, kh, kw)
 
 
-def _out_like(x: Tensor, chwn: Tensor) -> Tensor:
-    """A (C, H, W, N) result as an (N, C, H, W) tensor in x's layout."""
-    nchw = chwn.permute(3, 0, 1, 2)
-    return nchw if is_batch_inner(x) or x.shape[0] == 1 else nchw.contiguous()
-
-
 def _out_like_fake(x: Tensor, shape) -> Tensor:
-    """The empty tensor ``_out_like`` would return (for the operators' fake implementations)."""
-    n, c, h, w = shape
-    if is_batch_inner(x) or x.shape[0] == 1:
-        return x.new_empty((c, h, w, n)).permute(3, 0, 1, 2)
-    return x.new_empty((n, c, h, w))
+    """The empty tensor the operators return for ``shape`` (their fake implementations)."""
+    if is_batch_inner(x) or shape[0] == 1:
+        return x.new_empty_strided(tuple(shape), _batch_inner_strides(*shape))
+    return x.new_empty(tuple(shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,16 +309,16 @@ def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor,
     if x.dtype == torch.float64:
         wd = _dense_weight(values, indptr, indices, out_channels, cin // groups, kh, kw)
         y = torch.nn.functional.conv2d(x, wd, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
-        return _out_like(x, y.permute(1, 2, 3, 0).contiguous()), none
+        return _in_layout_of(x, y), none
     p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
     keep = keep_padded and any(p.padding) and x.dtype == torch.float32
     xp = _padded_chwn_kept(x, *p.padding) if keep else _padded_chwn(x, *p.padding)
-    y = _new_chwn(x, (out_channels, p.oh, p.ow, n))
+    y, result = _new_result(x, (n, out_channels, p.oh, p.ow))
     if n > 0:
         off, geo = p.forward_geometry(n)
         _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias), _flat(xp),
                              _flat(y), geo)
-    return _out_like(x, y), (xp if keep else none)
+    return _finish(y, result), (xp if keep else none)
 
 
 @conv2d_op.register_fake
@@ -319,8 +344,7 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
     if x.dtype == torch.float64:
         wd = _dense_weight(values, indptr, indices, out_channels, cin // groups, kh, kw)
         args = (tuple(stride), tuple(padding), tuple(dilation), groups)
-        gi = (_out_like(x, torch.nn.grad.conv2d_input(x.shape, wd, grad_y, *args).permute(1, 2, 3, 0).contiguous())
-              if input_grad else empty)
+        gi = _in_layout_of(x, torch.nn.grad.conv2d_input(x.shape, wd, grad_y, *args)) if input_grad else empty
         if weight_grad:
             gw = torch.nn.grad.conv2d_weight(x, wd.shape, grad_y, *args).reshape(out_channels, -1)
             gv = gw[_ops._rows_of(indptr, out_channels), indices.to(torch.int64)].contiguous()
@@ -349,11 +373,11 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
         ah, aw = p.gz_origin
         gz = _zero_bordered_scratch(f"g{sh},{sw},{ah},{aw},{p.oh},{p.ow}", (out_channels, p.hz, p.wz, n), g.dtype)
         gz[:, ah:ah + (p.oh - 1) * sh + 1:sh, aw:aw + (p.ow - 1) * sw + 1:sw, :] = g
-        dx = _new_chwn(x, (cin, h, w, n))
+        dx, result = _new_result(x, (n, cin, h, w))
         if n > 0:
             off, geo = p.input_grad_geometry(n)
             _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(gz), _flat(dx), geo)
-        gi = _out_like(x, dx)
+        gi = _finish(dx, result)
     return gi, gv, gb
 
 

@@ -96,9 +96,11 @@ def _kernel_ready(t: Tensor) -> Tensor:
 
 
 def _new_like_layout(t: Tensor, rows: int, cols: int) -> Tensor:
-    """An empty (rows, cols) tensor, batch-innermost if ``t`` is, else row-major."""
+    """An empty (rows, cols) tensor, batch-innermost if ``t`` is, else row-major. A tensor of its
+    own, not a view (the operators return these, and in-place ops on an operator's view outputs
+    are refused by autograd)."""
     if _feature_major(t):
-        return t.new_empty((cols, rows)).t()
+        return t.new_empty_strided((rows, cols), (1, rows))
     return t.new_empty((rows, cols))
 
 
