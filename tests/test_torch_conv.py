@@ -231,3 +231,41 @@ def test_outputs_are_not_views_so_inplace_ops_work(layout, dtype):
     torch.testing.assert_close(x.grad, xd.grad, **tol)
     assert x.grad._base is None and is_batch_inner(x.grad) == (layout == "batch_inner")
     torch.testing.assert_close(m.values.grad, dense.weight.grad[m.mask()], **tol)
+
+
+@pytest.mark.parametrize("need_x, need_w, need_b", [(True, False, False), (True, False, True), (False, True, False),
+                                                    (False, False, True), (True, True, False), (True, True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_any_subset_of_gradients_against_dense(need_x, need_w, need_b, dtype):
+    """Frozen weights (fine-tuning later layers only), a frozen bias, an input that needs no
+    gradient: every subset of the three gradients, against dense torch; the backward operator's
+    unused returns must be distinct tensors (aliasing returns is an error in torch.library)."""
+    torch.manual_seed(9)
+    m = st.SparseConv2d(3, 5, 3, padding=1, sparsity=0.5).to(dtype)
+    dense = torch.nn.Conv2d(3, 5, 3, padding=1).to(dtype)
+    with torch.no_grad():
+        dense.weight.copy_(m.weight)
+        dense.bias.copy_(m.bias)
+    m.values.requires_grad_(need_w)
+    m.bias.requires_grad_(need_b)
+    dense.weight.requires_grad_(need_w)
+    dense.bias.requires_grad_(need_b)
+    x = torch.randn(2, 3, 6, 6, dtype=dtype, requires_grad=need_x)
+    xd = x.detach().clone().requires_grad_(need_x)
+    m(x).square().sum().backward()
+    dense(xd).square().sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    if need_x:
+        torch.testing.assert_close(x.grad, xd.grad, **tol)
+    if need_w:
+        torch.testing.assert_close(m.values.grad, dense.weight.grad[m.mask()], **tol)
+    else:
+        assert m.values.grad is None
+    if need_b:
+        torch.testing.assert_close(m.bias.grad, dense.bias.grad, **tol)
+    else:
+        assert m.bias.grad is None
+    if need_x or need_w:  # the operator itself, for torch.library's checks
+        args = (torch.randn(2, 5, 6, 6, dtype=dtype), x.detach(), m.values.detach(), m.indptr, m.indices, 5, [3, 3],
+                [1, 1], [1, 1], [1, 1], 1, need_x, need_w, need_b)
+        torch.library.opcheck(torch.ops.sparsebp.conv2d_backward.default, args)

@@ -340,22 +340,24 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
                        bias_grad: bool, x_padded: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     n, cin, h, w = x.shape
     kh, kw = kernel_size
-    empty = values.new_empty((0,))
+    def empty():  # a new one per unused return (returns must not alias each other)
+        return values.new_empty((0,))
+
     if x.dtype == torch.float64:
         wd = _dense_weight(values, indptr, indices, out_channels, cin // groups, kh, kw)
         args = (tuple(stride), tuple(padding), tuple(dilation), groups)
-        gi = _in_layout_of(x, torch.nn.grad.conv2d_input(x.shape, wd, grad_y, *args)) if input_grad else empty
+        gi = _in_layout_of(x, torch.nn.grad.conv2d_input(x.shape, wd, grad_y, *args)) if input_grad else empty()
         if weight_grad:
             gw = torch.nn.grad.conv2d_weight(x, wd.shape, grad_y, *args).reshape(out_channels, -1)
             gv = gw[_ops._rows_of(indptr, out_channels), indices.to(torch.int64)].contiguous()
         else:
-            gv = empty
-        gb = grad_y.sum((0, 2, 3)) if bias_grad else empty
+            gv = empty()
+        gb = grad_y.sum((0, 2, 3)) if bias_grad else empty()
         return gi, gv, gb
     p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
     g = _chwn(grad_y)  # (cout, oh, ow, n)
-    gv = values.new_empty(values.shape) if weight_grad else empty
-    gb = values.new_empty((out_channels,)) if bias_grad else empty
+    gv = values.new_empty(values.shape) if weight_grad else empty()
+    gb = values.new_empty((out_channels,)) if bias_grad else empty()
     if bias_grad and not weight_grad:
         gb = g.sum((1, 2, 3))
     elif weight_grad:
@@ -367,7 +369,7 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
         else:
             gv.zero_()
             gb.zero_()
-    gi = empty
+    gi = empty()
     if input_grad:
         sh, sw = p.stride
         ah, aw = p.gz_origin
@@ -384,10 +386,9 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
 @conv2d_backward_op.register_fake
 def _(grad_y, x, values, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups, input_grad,
       weight_grad, bias_grad, x_padded=None):
-    empty = values.new_empty((0,))
-    gi = _out_like_fake(x, tuple(x.shape)) if input_grad else empty
-    gv = values.new_empty(values.shape) if weight_grad else empty
-    gb = values.new_empty((out_channels,)) if bias_grad else empty
+    gi = _out_like_fake(x, tuple(x.shape)) if input_grad else values.new_empty((0,))
+    gv = values.new_empty(values.shape) if weight_grad else values.new_empty((0,))
+    gb = values.new_empty((out_channels,)) if bias_grad else values.new_empty((0,))
     return gi, gv, gb
 
 
