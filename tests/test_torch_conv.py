@@ -61,6 +61,26 @@ def test_every_option_combination(isa, stride, padding, dilation, groups, kernel
     check(m, torch.randn(3, 4, 9, 8), f"s{stride} p{padding} d{dilation} g{groups} k{kernel}")
 
 
+@pytest.mark.parametrize("stride,padding,dilation,groups,kernel", OPTIONS[::3])
+def test_entry_blocks_every_option(isa, monkeypatch, stride, padding, dilation, groups, kernel):
+    """The kernels' channel blocks (one input channel per block here, forced small; real layers get
+    them from 128 or so channels up): rows whose blocks are empty, a bias only in block 0, every
+    option, forward and all gradients against float64, on every ISA."""
+    from sparsebp.torch import _conv
+
+    monkeypatch.setattr(_conv, "_BLOCK_BYTES", 1)
+    torch.manual_seed(hash((stride, padding, dilation, groups, kernel, "blocks")) % 2**31)
+    m = st.SparseConv2d(8, 6, kernel, stride, padding, dilation, groups, sparsity=0.7,
+                        generator=torch.Generator().manual_seed(5))
+    for x in (torch.randn(3, 8, 9, 8), st.batch_inner(torch.randn(4, 8, 7, 6))):
+        m.zero_grad()
+        check(m, x, f"blocks s{stride} p{padding} d{dilation} g{groups} k{kernel}")
+    plan = _conv._plan(m.indptr, m.indices, 6, 8, *m.kernel_size, m.stride, m.padding, m.dilation, m.groups, 7, 6)
+    blocks = plan.blocks(4, False)
+    assert blocks is not None and blocks.shape == (6, 8 // groups + 1)
+    assert (blocks[:, 0] == plan.indptr[:-1]).all() and (blocks[:, -1] == plan.indptr[1:]).all()
+
+
 @pytest.mark.parametrize("batch", [1, 2, 16, 33])
 @pytest.mark.parametrize("layout", ["nchw", "batch_inner"])
 def test_batches_and_layouts(isa, batch, layout):
@@ -269,3 +289,27 @@ def test_any_subset_of_gradients_against_dense(need_x, need_w, need_b, dtype):
         args = (torch.randn(2, 5, 6, 6, dtype=dtype), x.detach(), m.values.detach(), m.indptr, m.indices, 5, [3, 3],
                 [1, 1], [1, 1], [1, 1], 1, need_x, need_w, need_b)
         torch.library.opcheck(torch.ops.sparsebp.conv2d_backward.default, args)
+
+
+def test_gather_kernels_check_their_entry_blocks():
+    """The engine checks entry blocks before a kernel runs: shape, ends at the rows' bounds, order."""
+    import numpy as np
+
+    from sparsebp import _core
+
+    indptr = np.array([0, 2, 3], np.int64)
+    offsets = np.array([0, 1, 2], np.int64)
+    values = np.ones(3, np.float32)
+    x = np.ones(8, np.float32)
+    y = np.empty(8, np.float32)
+    geo = (4, 1, 1, 0, 0, 4, 0, 0)
+    good = np.array([[0, 1, 2], [2, 2, 3]], np.int64)
+    _core.gather_forward(indptr, offsets, values, None, None, x, y, geo, good)
+    np.testing.assert_array_equal(y[:4], 2.0)  # row 0: two entries of 1 * 1, over its two blocks
+    np.testing.assert_array_equal(y[4:], 1.0)
+    for bad, match in ((good[:1], "shape"), (np.array([[0, 1, 2], [1, 2, 3]]), "must run from indptr"),
+                       (np.array([[0, 3, 2], [2, 2, 3]]), "must not decrease"), (good[:, :1], "shape")):
+        with pytest.raises(ValueError, match=match):
+            _core.gather_forward(indptr, offsets, values, None, None, x, y, geo, bad)
+    with pytest.raises(ValueError, match="must not decrease"):
+        _core.gather_sddmm(indptr, offsets, x, x, np.empty(3, np.float32), None, geo, np.array([[0, 3, 2], [2, 2, 3]]))

@@ -170,17 +170,27 @@ PYBIND11_MODULE(_core, m) {
     *len = a.shape(0);
     return static_cast<const int64_t*>(a.data());
   };
-  auto geometry = [](const py::tuple& t) {
+  using BlockArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  // blocks: None or a (rows, nblocks + 1) int64 array (kept alive by *keep for the call).
+  auto geometry = [](const py::tuple& t, const py::object& blocks, int64_t rows, BlockArray* keep) {
     if (t.size() != 8) throw sparsebp::ValueError("geometry must have 8 entries");
-    return sparsebp::GatherGeometry{t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(),
-                                    t[3].cast<int64_t>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
-                                    t[6].cast<int64_t>(), t[7].cast<int64_t>()};
+    sparsebp::GatherGeometry g{t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(),
+                               t[3].cast<int64_t>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
+                               t[6].cast<int64_t>(), t[7].cast<int64_t>()};
+    if (!blocks.is_none()) {
+      *keep = BlockArray(blocks);
+      if (keep->ndim() != 2 || keep->shape(0) != rows || keep->shape(1) < 2)
+        throw sparsebp::ValueError(str_cat("blocks must have shape (", rows, ", nblocks + 1) with nblocks >= 1"));
+      g.blocks = keep->data();
+      g.nblocks = keep->shape(1) - 1;
+    }
+    return g;
   };
   m.def(
       "gather_forward",
       [i64_vector, geometry](const py::object& indptr, const py::object& offsets, const py::array& values,
                              const py::object& value_index, const py::object& bias, const py::array& x,
-                             const py::array& y, const py::tuple& geo) {
+                             const py::array& y, const py::tuple& geo, const py::object& blocks) {
         int64_t nip = 0, noff = 0, nv = 0, nvi = 0, nb = 0, nx = 0, ny = 0;
         const int64_t* ip = i64_vector(indptr, "indptr", &nip);
         const int64_t* off = i64_vector(offsets, "offsets", &noff);
@@ -190,17 +200,18 @@ PYBIND11_MODULE(_core, m) {
         const float* b = bias.is_none() ? nullptr : vector_of<const float>(bias.cast<py::array>(), "bias", false, &nb);
         const float* xp = vector_of<const float>(x, "x", false, &nx);
         float* yp = vector_of<float>(y, "y", true, &ny);
-        const auto g = geometry(geo);
+        BlockArray keep;
+        const auto g = geometry(geo, blocks, nip - 1, &keep);
         py::gil_scoped_release nogil;
         sparsebp::gather_forward(ip, nip - 1, off, noff, v, nv, vi, nvi, b, nb, xp, nx, yp, ny, g);
       },
       py::arg("indptr"), py::arg("offsets"), py::arg("values"), py::arg("value_index"), py::arg("bias"), py::arg("x"),
-      py::arg("y"), py::arg("geometry"));
+      py::arg("y"), py::arg("geometry"), py::arg("blocks") = py::none());
   m.def(
       "gather_sddmm",
       [i64_vector, geometry](const py::object& indptr, const py::object& offsets, const py::array& g,
                              const py::array& x, const py::array& dvalues, const py::object& dbias,
-                             const py::tuple& geo) {
+                             const py::tuple& geo, const py::object& blocks) {
         int64_t nip = 0, noff = 0, ng = 0, nx = 0, ndv = 0, ndb = 0;
         const int64_t* ip = i64_vector(indptr, "indptr", &nip);
         const int64_t* off = i64_vector(offsets, "offsets", &noff);
@@ -209,12 +220,13 @@ PYBIND11_MODULE(_core, m) {
         const float* xp = vector_of<const float>(x, "x", false, &nx);
         float* dv = vector_of<float>(dvalues, "dvalues", true, &ndv);
         float* db = dbias.is_none() ? nullptr : vector_of<float>(dbias.cast<py::array>(), "dbias", true, &ndb);
-        const auto gg = geometry(geo);
+        BlockArray keep;
+        const auto gg = geometry(geo, blocks, nip - 1, &keep);
         py::gil_scoped_release nogil;
         sparsebp::gather_sddmm(ip, nip - 1, off, noff, gp, ng, xp, nx, dv, ndv, db, ndb, gg);
       },
       py::arg("indptr"), py::arg("offsets"), py::arg("g"), py::arg("x"), py::arg("dvalues"), py::arg("dbias"),
-      py::arg("geometry"));
+      py::arg("geometry"), py::arg("blocks") = py::none());
 
   // Sparse gradients: C-contiguous 2-D float32 operands (the Python layer arranges that).
   auto rowmajor = [](const py::array& a, const char* name, bool writable) {

@@ -320,6 +320,19 @@ void check_gather(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
   SPARSEBP_CHECK_VALUE(y_span <= y_len, y_name, " has ", y_len, " elements; the geometry needs ", y_span);
 }
 
+void check_blocks(const int64_t* indptr, int64_t rows, const GatherGeometry& g) {
+  if (!g.blocks) return;
+  SPARSEBP_CHECK_VALUE(g.nblocks >= 1, "blocks needs nblocks >= 1; got ", g.nblocks);
+  const int64_t w = g.nblocks + 1;
+  for (int64_t o = 0; o < rows; ++o) {
+    const int64_t* b = g.blocks + o * w;
+    SPARSEBP_CHECK_VALUE(b[0] == indptr[o] && b[g.nblocks] == indptr[o + 1], "blocks row ", o,
+                         " must run from indptr[", o, "] = ", indptr[o], " to indptr[", o + 1, "] = ", indptr[o + 1]);
+    for (int64_t k = 0; k < g.nblocks; ++k)
+      SPARSEBP_CHECK_VALUE(b[k] <= b[k + 1], "blocks must not decrease along a row (row ", o, ")");
+  }
+}
+
 // One gather pass (checked by the caller), output rows split across threads by their nonzeros.
 void run_gather(kernels::GatherFn KernelTable::*fn, const kernels::GatherArgs& a) {
   if (a.rows == 0 || a.ncols == 0) return;
@@ -348,9 +361,10 @@ void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets,
   if (bias) SPARSEBP_CHECK_VALUE(bias_len == rows, "bias must have ", rows, " entries; got ", bias_len);
   check_no_overlap(span_of(y, y_len), "y", {{span_of(x, x_len), "x"}, {span_of(values, values_len), "values"},
                                             {span_of(bias, bias_len), "bias"}});
+  check_blocks(indptr, rows, geo);
   run_gather(&KernelTable::gather_forward, {rows, indptr, offsets, values, value_index, bias, x, y, nullptr, nullptr,
                                             nullptr, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
-                                            geo.seg_outer, geo.seg_inner, geo.ncols});
+                                            geo.seg_outer, geo.seg_inner, geo.ncols, geo.blocks, geo.nblocks});
 }
 
 void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len, const float* g,
@@ -364,9 +378,10 @@ void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
   check_no_overlap(span_of(dbias, dbias_len), "dbias", {{span_of(x, x_len), "x"}, {span_of(g, g_len), "g"}});
   std::fill(dvalues, dvalues + dvalues_len, 0.0f);
   if (dbias) std::fill(dbias, dbias + dbias_len, 0.0f);
+  check_blocks(indptr, rows, geo);
   run_gather(&KernelTable::gather_sddmm, {rows, indptr, offsets, nullptr, nullptr, nullptr, x, nullptr, g, dvalues,
                                           dbias, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
-                                          geo.seg_outer, geo.seg_inner, geo.ncols});
+                                          geo.seg_outer, geo.seg_inner, geo.ncols, geo.blocks, geo.nblocks});
 }
 
 // ---- Sparse gradients -----------------------------------------------------------------------------

@@ -48,6 +48,10 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
 // length is checked against the array sizes before a kernel runs (ValueError otherwise).
 struct GatherGeometry {
   int64_t ncols, seg_outer, seg_inner, x_outer, x_inner, y_row, y_outer, y_inner;
+  // Optional entry blocks (see GatherArgs in kernel_table.h): rows x (nblocks + 1), row o's from
+  // indptr[o] to indptr[o + 1], non-decreasing. Null: one block.
+  const int64_t* blocks = nullptr;
+  int64_t nblocks = 0;
 };
 // y[o, s, :] = bias[o] + sum_p value(p) x[offsets[p] + shift(s) + :]. value_index may be null.
 void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len,

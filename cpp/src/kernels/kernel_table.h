@@ -79,6 +79,12 @@ using SddmmFn = void (*)(const SddmmArgs&, int64_t row_begin, int64_t row_end);
 // segments and columns, in a fixed order (segments, then column tiles), into dvalues / dbias,
 // which the caller zeroes first:
 //   dvalues[p] += sum_{s, j} g[o, s, j] * x[offsets[p] + shift(s) + j];   dbias[o] += sum_{s, j} g[o, s, j]
+// Entry blocks (blocks non-null): each row's entries are split into nblocks consecutive ranges,
+// row o's block b = [blocks[o * (nblocks + 1) + b], blocks[o * (nblocks + 1) + b + 1]); the
+// kernels run every row's block 0, then every row's block 1, ... within each column tile, so the
+// part of x one block reads stays in cache across rows (convolutions with many input channels).
+// The forward accumulates y over the blocks (the bias with block 0); results equal the unblocked
+// ones up to rounding.
 // Every index is checked by ops.cpp before a kernel runs.
 struct GatherArgs {
   int64_t rows;
@@ -96,6 +102,8 @@ struct GatherArgs {
   int64_t x_outer, x_inner;
   int64_t seg_outer, seg_inner;
   int64_t ncols;
+  const int64_t* blocks;       // may be null
+  int64_t nblocks;
 };
 using GatherFn = void (*)(const GatherArgs&, int64_t row_begin, int64_t row_end);
 

@@ -24,6 +24,7 @@ layout changes; an ordinary (N, C, H, W)-contiguous input is converted on the wa
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import List, Optional, Tuple
@@ -62,6 +63,21 @@ _scratch_local = threading.local()
 # Kept per thread: every padded shape of a network (one per layer geometry, forward and backward)
 # up to this many bytes in all; the least recently used go first beyond it.
 _SCRATCH_BYTES = 512 << 20
+# Entry blocks of the gather kernels: how much input one block may read under a column tile
+# (bytes; SPARSEBP_CONV_BLOCK_KB overrides), and the widest column tile of the kernels (floats).
+def _block_bytes() -> int:
+    raw = os.environ.get("SPARSEBP_CONV_BLOCK_KB", "128")
+    try:
+        kb = int(raw)
+    except ValueError:
+        kb = 0
+    if kb < 1:
+        raise ValueError(f"the environment variable SPARSEBP_CONV_BLOCK_KB must be a positive integer; got {raw!r}")
+    return kb << 10
+
+
+_BLOCK_BYTES = _block_bytes()
+_GATHER_TILE = 128
 
 
 def _zero_bordered_scratch(tag: str, shape: tuple, dtype) -> Tensor:
@@ -253,6 +269,39 @@ class _Plan:
         self.bwd_px = ((o_t * self.hz + (kh - 1 - ki_t) * dh) * self.wz + (kw - 1 - kj_t) * dw
                        + ph * self.wz + pw)
         self.nnz = nnz
+        # Entry blocks over the channels a row reads (input channels forward and for the weight
+        # gradient; output channels for the input gradient), sized so that one block's part of the
+        # input under a column tile stays in L2 across all rows (see GatherArgs).
+        self._c_loc, self._o_loc_t = c_loc, o_t % cout_g
+        self._blocks = {}
+
+    def blocks(self, n: int, transposed: bool) -> Optional[np.ndarray]:
+        """The (rows, nblocks + 1) entry blocks for batch n, or None (one block fits)."""
+        key = (n, transposed, _BLOCK_BYTES)
+        if key not in self._blocks:
+            channels = (self.cout if transposed else self.cin) // self.groups
+            kh, kw = self.kh, self.kw
+            dh, dw = self.dilation
+            seg = min(_GATHER_TILE, (self.w if transposed else self.ow) * n if self.stride[1] == 1 or transposed else n)
+            per_channel = 4 * kh * (seg + (kw - 1) * dw * n)
+            per_block = max(1, _BLOCK_BYTES // per_channel)
+            nb = -(-channels // per_block)
+            if nb <= 1:
+                self._blocks[key] = None
+            else:
+                per_block = -(-channels // nb)  # even blocks
+                if transposed:
+                    indptr, chan = self.t_indptr, self._o_loc_t
+                else:
+                    indptr, chan = self.indptr, self._c_loc
+                rows = len(indptr) - 1
+                row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(indptr))
+                key_e = row_of * nb + chan // per_block  # non-decreasing over the entries
+                want = (np.arange(rows, dtype=np.int64)[:, None] * nb + np.arange(nb + 1)[None, :]).reshape(-1)
+                b = np.searchsorted(key_e, want, side="left").reshape(rows, nb + 1)
+                b[:, -1] = indptr[1:]
+                self._blocks[key] = np.ascontiguousarray(b, dtype=np.int64)
+        return self._blocks[key]
 
     def forward_geometry(self, n: int) -> Tuple[np.ndarray, tuple]:
         sh, sw = self.stride
@@ -317,7 +366,7 @@ def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor,
     if n > 0:
         off, geo = p.forward_geometry(n)
         _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias), _flat(xp),
-                             _flat(y), geo)
+                             _flat(y), geo, p.blocks(n, False))
     return _finish(y, result), (xp if keep else none)
 
 
@@ -365,7 +414,8 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
         xp = x_padded if x_padded is not None and x_padded.numel() else _padded_chwn(x, *p.padding)
         off, geo = p.forward_geometry(n)
         if n > 0:
-            _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xp), _flat(gv), _flat(gb) if bias_grad else None, geo)
+            _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xp), _flat(gv), _flat(gb) if bias_grad else None, geo,
+                               p.blocks(n, False))
         else:
             gv.zero_()
             gb.zero_()
@@ -378,7 +428,8 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
         dx, result = _new_result(x, (n, cin, h, w))
         if n > 0:
             off, geo = p.input_grad_geometry(n)
-            _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(gz), _flat(dx), geo)
+            _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(gz), _flat(dx), geo,
+                                 p.blocks(n, True))
         gi = _finish(dx, result)
     return gi, gv, gb
 
