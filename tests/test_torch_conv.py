@@ -313,3 +313,21 @@ def test_gather_kernels_check_their_entry_blocks():
             _core.gather_forward(indptr, offsets, values, None, None, x, y, geo, bad)
     with pytest.raises(ValueError, match="must not decrease"):
         _core.gather_sddmm(indptr, offsets, x, x, np.empty(3, np.float32), None, geo, np.array([[0, 3, 2], [2, 2, 3]]))
+
+
+def test_empty_cache_frees_only_unused_buffers(monkeypatch):
+    from sparsebp.torch import _conv
+
+    monkeypatch.setattr(_conv._Pool, "MIN_BYTES", 0)
+    st.empty_cache()
+    m = st.SparseConv2d(3, 4, 3, padding=1, sparsity=0.5)
+    x = st.batch_inner(torch.randn(2, 3, 6, 6)).requires_grad_()
+    y = m(x)  # graph alive: its kept padded input and the output are in use
+    in_use = _conv._pool.bytes
+    assert in_use > 0
+    assert st.empty_cache() >= 0 and _conv._pool.bytes == in_use  # nothing free to drop
+    y.sum().backward()
+    del y
+    freed = st.empty_cache()
+    assert freed > 0 and _conv._pool.bytes < in_use
+    torch.testing.assert_close(m(x.detach()), m(x.detach()))  # and everything still works after

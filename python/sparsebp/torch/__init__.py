@@ -28,13 +28,13 @@ if _core.openmp_available():
 
 from . import _ops as ops
 from . import _conv as conv_ops
-from ._conv import batch_inner
+from ._conv import batch_inner, empty_cache
 from .modules import BatchInner, SparseConv2d, SparseLinear, magnitude_mask, random_mask
 from .convert import LayerChange, Report, densify, from_pruned, sparsify
 from .meprop import MePropLinear
 from .io import load, save
 from .vrpge import VRPGETrainer
 
-__all__ = ["SparseLinear", "SparseConv2d", "BatchInner", "MePropLinear", "batch_inner", "conv_ops", "magnitude_mask",
-           "random_mask", "ops", "sparsify", "from_pruned", "densify", "Report", "LayerChange", "save", "load",
-           "VRPGETrainer"]
+__all__ = ["SparseLinear", "SparseConv2d", "BatchInner", "MePropLinear", "batch_inner", "empty_cache", "conv_ops",
+           "magnitude_mask", "random_mask", "ops", "sparsify", "from_pruned", "densify", "Report", "LayerChange", "save",
+           "load", "VRPGETrainer"]
