@@ -228,3 +228,21 @@ def test_selection_by_column_against_numpy():
         _core.selection_by_column(bad, g)
     with pytest.raises(ValueError, match="shape"):
         _core.selection_by_column(sel[:3], g)
+
+
+@pytest.mark.parametrize("n", [25, 30, 517])
+def test_topk_small_k_one_pass(isa, n):
+    """k up to 8 takes a one-pass path with a running threshold (larger k the sampled one): heavy
+    ties and signed zeros, continuous values, ascending and descending rows, NaN anywhere."""
+    rng = np.random.default_rng(11 + n)
+    rows = [rng.integers(-2, 3, size=n), rng.standard_normal(n), np.arange(n), -np.arange(n)[::-1],
+            np.zeros(n), np.full(n, -0.0), np.r_[np.ones(n - 3), [5, 5, 5]]]
+    g = np.array(rows, np.float32)
+    for k in (1, 3, 5, 8, 9, 16):
+        if k <= n:
+            np.testing.assert_array_equal(ops.topk(g, k), topk_ref(g, k), err_msg=f"n={n} k={k}")
+    for at in (0, 2, n - 1):
+        h = g.copy()
+        h[3, at] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            ops.topk(h, 5)

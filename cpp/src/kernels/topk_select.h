@@ -26,11 +26,64 @@ struct Cand {
 
 
 constexpr int64_t kSample = 256;
+constexpr int64_t kSmallK = 8;  // at most this many: one pass with a running threshold (measured crossover ~10-16)
+
+// Small k: one pass over the row keeping the best k seen so far in `best`, ordered by (|v|
+// descending, column ascending); a later entry enters only if strictly larger than the k-th kept
+// one (an equal one has a higher column and loses the tie), so the final set is exactly the top k
+// under the tie rule. Entries rarely beat the threshold after the first few, so the pass costs
+// about one compare per entry. NaN is flagged.
+inline void select_row_small(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* nan_flag,
+                             std::vector<Cand>& best) {
+  best.clear();
+  uint8_t has_nan = 0;
+  int64_t j = 0;
+  for (; j < n && static_cast<int64_t>(best.size()) < k; ++j) {  // fill: insertion in order
+    const float a = std::fabs(row[j]);
+    if (a != a) {
+      has_nan = 1;
+      continue;
+    }
+    int64_t q = static_cast<int64_t>(best.size());
+    best.push_back({a, static_cast<int32_t>(j)});
+    while (q > 0 && best[q - 1].v < a) {  // strictly smaller values move down; equal ones stay ahead
+      best[q] = best[q - 1];
+      --q;
+    }
+    best[q] = {a, static_cast<int32_t>(j)};
+  }
+  float t = static_cast<int64_t>(best.size()) == k ? best[k - 1].v : -1.0f;
+  for (; j < n; ++j) {
+    const float a = std::fabs(row[j]);
+    if (!(a <= t)) {  // larger than the k-th kept, or NaN
+      if (a != a) {
+        has_nan = 1;
+        continue;
+      }
+      int64_t q = k - 1;
+      while (q > 0 && best[q - 1].v < a) {
+        best[q] = best[q - 1];
+        --q;
+      }
+      best[q] = {a, static_cast<int32_t>(j)};
+      t = best[k - 1].v;
+    }
+  }
+  *nan_flag = has_nan;
+  const int64_t m = static_cast<int64_t>(best.size());  // < k only when NaN took places (then an error)
+  for (int64_t q = 0; q < m; ++q) out[q] = best[q].i;
+  for (int64_t q = m; q < k; ++q) out[q] = 0;
+  std::sort(out, out + k);
+}
 
 // filter(row, n, t, cand): appends {|row[j]|, j} for every j with !(|row[j]| < t), in order of j.
 template <class Filter>
 void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* nan_flag, std::vector<float>& sample,
                 std::vector<Cand>& cand, Filter filter) {
+  if (k <= kSmallK && k < n) {
+    select_row_small(row, n, k, out, nan_flag, cand);
+    return;
+  }
   cand.clear();
   bool filtered = false;
   if (4 * k <= n) {
