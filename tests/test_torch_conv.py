@@ -50,6 +50,16 @@ def check(m, x, what):
     return y
 
 
+def _sparse_and_dense(cin, cout, dtype=torch.float32, sparsity=0.5):
+    """A SparseConv2d (3x3, padding 1) and an nn.Conv2d holding the same (pruned) weights and bias."""
+    m = st.SparseConv2d(cin, cout, 3, padding=1, sparsity=sparsity).to(dtype)
+    dense = torch.nn.Conv2d(cin, cout, 3, padding=1).to(dtype)
+    with torch.no_grad():
+        dense.weight.copy_(m.weight)
+        dense.bias.copy_(m.bias)
+    return m, dense
+
+
 OPTIONS = list(itertools.product([1, 2], [0, 1, 2], [1, 2], [1, 2], [(3, 3), (2, 3), (1, 1)]))
 
 
@@ -191,11 +201,7 @@ def test_kept_padded_input_is_reused_only_when_free(monkeypatch):
 
     monkeypatch.setattr(_conv._Pool, "MIN_BYTES", 0)  # pool even these small tensors
     torch.manual_seed(3)
-    m = st.SparseConv2d(5, 6, 3, padding=1, sparsity=0.6)
-    dense = torch.nn.Conv2d(5, 6, 3, padding=1)
-    with torch.no_grad():
-        dense.weight.copy_(m.weight)
-        dense.bias.copy_(m.bias)
+    m, dense = _sparse_and_dense(5, 6, sparsity=0.6)
     xs = [st.batch_inner(torch.randn(4, 5, 7, 7)) for _ in range(2)]
 
     def ref_grad(x):
@@ -233,11 +239,7 @@ def test_outputs_are_not_views_so_inplace_ops_work(layout, dtype):
     from sparsebp.torch._conv import is_batch_inner
 
     torch.manual_seed(7)
-    m = st.SparseConv2d(4, 6, 3, padding=1, sparsity=0.5).to(dtype)
-    dense = torch.nn.Conv2d(4, 6, 3, padding=1).to(dtype)
-    with torch.no_grad():
-        dense.weight.copy_(m.weight)
-        dense.bias.copy_(m.bias)
+    m, dense = _sparse_and_dense(4, 6, dtype)
     x0 = torch.randn(1 if layout == "single" else 3, 4, 5, 5, dtype=dtype)
     x = (st.batch_inner(x0) if layout == "batch_inner" else x0.clone()).requires_grad_()
     xd = x0.clone().requires_grad_()
@@ -261,11 +263,7 @@ def test_any_subset_of_gradients_against_dense(need_x, need_w, need_b, dtype):
     gradient: every subset of the three gradients, against dense torch; the backward operator's
     unused returns must be distinct tensors (aliasing returns is an error in torch.library)."""
     torch.manual_seed(9)
-    m = st.SparseConv2d(3, 5, 3, padding=1, sparsity=0.5).to(dtype)
-    dense = torch.nn.Conv2d(3, 5, 3, padding=1).to(dtype)
-    with torch.no_grad():
-        dense.weight.copy_(m.weight)
-        dense.bias.copy_(m.bias)
+    m, dense = _sparse_and_dense(3, 5, dtype)
     m.values.requires_grad_(need_w)
     m.bias.requires_grad_(need_b)
     dense.weight.requires_grad_(need_w)
