@@ -7,7 +7,6 @@ Bar (issue 6): faster than torch.sparse CSR at every sparsity >= 0.9, faster tha
 """
 from __future__ import annotations
 
-import csv
 import os
 import statistics
 
@@ -88,10 +87,9 @@ def run(out_dir: str, quick: bool = False, threads=None, reps=None):
                                  gflops=flops / t["sparsebp"] / 1e9))
                 print(rows[-1], flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "cuda.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from sparsebp.bench.harness import write_csv
+
+    write_csv(os.path.join(out_dir, "cuda.csv"), rows)
     with open(os.path.join(out_dir, "cuda.md"), "w") as f:
         f.write(f"GPU: {torch.cuda.get_device_name()}\n\n| layer | batch | s | dense ms | torch.sparse ms | sparsebp ms | "
                 "speed-up vs dense | vs torch.sparse |\n|---|---|---|---|---|---|---|---|\n")

@@ -143,15 +143,10 @@ def table(results: Dict[str, List[dict]]) -> str:
 
 
 def _write_csv(path: str, results: Dict[str, List[dict]]) -> None:
-    import csv
+    from .bench.harness import write_csv
 
-    keys = ["model", "epoch", "loss", "test_acc", "forward_s", "backward_s", "update_s", "total_s"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for name, h in results.items():
-            for r in h:
-                w.writerow({"model": name, **{k: r[k] for k in keys[1:]}})
+    keys = ["epoch", "loss", "test_acc", "forward_s", "backward_s", "update_s", "total_s"]
+    write_csv(path, [{"model": name, **{k: r[k] for k in keys}} for name, h in results.items() for r in h])
 
 
 def _plot(path: str, results: Dict[str, List[dict]]) -> Optional[str]:

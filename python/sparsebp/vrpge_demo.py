@@ -16,7 +16,6 @@ run. Writes a markdown table and a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from . import nn
 from .algorithms.vrpge import VRPGE
+from .bench.harness import write_csv
 from .datasets import load_mnist
 
 SIZES = (784, 500, 500, 10)
@@ -114,10 +114,7 @@ def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128
                 step_vs_dense=t_r / t_dense)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "vrpge.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(os.path.join(out_dir, "vrpge.csv"), rows)
         with open(os.path.join(out_dir, "vrpge.md"), "w") as f:
             f.write(summary(rows, search, finetune, batch))
     print(summary(rows, search, finetune, batch))

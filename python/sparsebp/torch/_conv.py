@@ -170,8 +170,6 @@ class _Pool:
 
 
 _pool = _Pool(1 << 30)
-_KEEP_PADDED = True  # (switches for measuring the difference)
-_POOL_OUTPUTS = True
 
 
 def empty_cache() -> int:
@@ -206,21 +204,16 @@ def _batch_inner_strides(n: int, c: int, h: int, w: int) -> Tuple[int, int, int,
 
 def _new_result(x: Tensor, shape: tuple) -> Tuple[Tensor, Optional[Tensor]]:
     """For a float32 result of logical shape (N, C, H, W) = ``shape`` in x's layout: the (C, H, W,
-    N) buffer the kernels fill, and the result tensor when it is that same memory (x batch-
-    innermost; ``_finish`` copies otherwise). The result is a tensor of its own, not a view (so
-    in-place operators such as ``ReLU(inplace=True)`` work on it); large ones come from ``_pool``."""
+    N) buffer the kernels fill (from ``_pool``), and the result tensor when it is that same memory
+    (x batch-innermost; ``_finish`` copies otherwise). The result is a tensor of its own, not a
+    view, so in-place operators such as ``ReLU(inplace=True)`` work on it."""
     n, c, h, w = shape
+    arr = _pool.take(("out",), (c, h, w, n), zeroed=False)
     if not (is_batch_inner(x) or n == 1):  # a scratch buffer, copied out by _finish
-        if _POOL_OUTPUTS:
-            return torch.from_numpy(_pool.take(("out",), (c, h, w, n), zeroed=False)), None
-        return torch.empty((c, h, w, n)), None
+        return torch.from_numpy(arr), None
     strides = _batch_inner_strides(n, c, h, w)
-    if _POOL_OUTPUTS and 4 * n * c * h * w >= _Pool.MIN_BYTES:
-        arr = _pool.take(("out",), (c, h, w, n), zeroed=False)
-        nchw = np.lib.stride_tricks.as_strided(arr, (n, c, h, w), tuple(4 * s for s in strides))
-        return torch.from_numpy(arr), torch.from_numpy(nchw)
-    out = torch.empty_strided((n, c, h, w), strides)
-    return out.permute(1, 2, 3, 0), out
+    nchw = np.lib.stride_tricks.as_strided(arr, (n, c, h, w), tuple(4 * s for s in strides))
+    return torch.from_numpy(arr), torch.from_numpy(nchw)
 
 
 def _finish(buf: Tensor, out: Optional[Tensor]) -> Tensor:
@@ -517,7 +510,7 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     kh, kw = _pair(kernel_size, "kernel_size", 1)
     # Keep the forward's zero-padded input for the weight gradient when one will be needed: one
     # padded copy per step instead of two (more memory held until the backward, one input's worth).
-    keep = _KEEP_PADDED and torch.is_grad_enabled() and values.requires_grad
+    keep = torch.is_grad_enabled() and values.requires_grad
     y, _ = conv2d_op(x, values, bias, indptr, indices, out_channels, [kh, kw], list(_pair(stride, "stride", 1)),
                      list(_pair(padding, "padding", 0)), list(_pair(dilation, "dilation", 1)), groups, keep)
     return y.squeeze(0) if unbatched else y
