@@ -332,6 +332,8 @@ def test_adam_kernel_compact_gradient_every_isa(isa):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(ma, mb)
     np.testing.assert_array_equal(np.delete(a, rows, 0), np.delete(p, rows, 0))
+    m64, v64 = 0.1 * gc.astype(np.float64), 0.001 * gc.astype(np.float64) ** 2  # one step from zero moments
+    np.testing.assert_allclose(a[rows], p[rows] - 0.01 * m64 / (np.sqrt(v64 * 1000.0) + 1e-8), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="row list"):
         _core.adam_step(a, gc, ma, va, None, 0.9, 0.999, 0.01, 1.0, 1e-8, True)
     with pytest.raises(ValueError, match="one row per listed row"):

@@ -318,7 +318,7 @@ def test_empty_cache_frees_only_unused_buffers(monkeypatch):
 
     monkeypatch.setattr(_conv._Pool, "MIN_BYTES", 0)
     st.empty_cache()
-    m = st.SparseConv2d(3, 4, 3, padding=1, sparsity=0.5)
+    m, dense = _sparse_and_dense(3, 4)
     x = st.batch_inner(torch.randn(2, 3, 6, 6)).requires_grad_()
     y = m(x)  # graph alive: its kept padded input and the output are in use
     in_use = _conv._pool.bytes
@@ -328,4 +328,5 @@ def test_empty_cache_frees_only_unused_buffers(monkeypatch):
     del y
     freed = st.empty_cache()
     assert freed > 0 and _conv._pool.bytes < in_use
-    torch.testing.assert_close(m(x.detach()), m(x.detach()))  # and everything still works after
+    with torch.no_grad():  # and everything still works after
+        torch.testing.assert_close(m(x.detach()), dense(x.detach()), rtol=1e-4, atol=1e-4)
