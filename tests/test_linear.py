@@ -9,7 +9,7 @@ from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
 import sparsebp
-from sparsebp import ops
+from sparsebp import _core, ops
 
 import reference as ref
 
@@ -296,3 +296,29 @@ def test_weight_grad_skipped(isa, batch, bias_grad):
         ref.assert_close(gr.grad_bias, gb, gbs, batch, "grad_bias")
     else:
         assert gr.grad_bias is None
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 9), (9, 1), (8, 8), (7, 33), (64, 25088 // 32), (33, 70), (130, 5)])
+def test_transpose_kernel(isa, rows, cols):
+    """_core.transpose (layout changes of activations) against NumPy, with padded row strides."""
+    rng = np.random.default_rng(rows * 1000 + cols)
+    src = rng.standard_normal((rows, cols + 3)).astype(np.float32)[:, :cols]
+    out = np.full((cols, rows + 5), np.nan, np.float32)
+    before = src.copy()
+    _core.transpose(src, out[:, :rows])
+    assert np.array_equal(out[:, :rows], src.T)
+    assert np.isnan(out[:, rows:]).all()  # nothing written outside
+    assert np.array_equal(src, before)
+
+
+def test_transpose_kernel_errors():
+    a = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="out must have shape"):
+        _core.transpose(a, np.zeros((3, 4), np.float32))
+    with pytest.raises(TypeError):
+        _core.transpose(a.astype(np.float64), np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.transpose(np.zeros((8, 4), np.float32)[:, ::2], np.zeros((2, 8), np.float32))
+    buf = np.zeros(64, np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        _core.transpose(buf[:32].reshape(4, 8), buf[16:48].reshape(8, 4))

@@ -351,6 +351,19 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("out"));
   m.def(
+      "transpose",
+      [rowmajor](const py::array& src, const py::array& out) {
+        auto [sp, rows, cols, lds] = rowmajor(src, "src", false);
+        auto [op, orows, ocols, ldo] = rowmajor(out, "out", true);
+        if (orows != cols || ocols != rows)
+          throw sparsebp::ValueError(
+              str_cat("out must have shape (", cols, ", ", rows, "); got (", orows, ", ", ocols, ")"));
+        py::gil_scoped_release nogil;
+        sparsebp::transpose(sp, rows, cols, lds, op, ldo);
+      },
+      py::arg("src"), py::arg("out"),
+      "out[j, i] = src[i, j] for 2-D float32 arrays with unit column stride (out: (cols, rows)), threaded.");
+  m.def(
       "spmm_scatter",
       [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values,
                              const py::array& d, const py::array& out) {

@@ -448,6 +448,19 @@ void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, cons
   parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.spmm_rows(a, cut[i], cut[i + 1]); });
 }
 
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0 && (rows <= 1 || lds >= cols) && (cols <= 1 || ldd >= rows),
+                       "bad shape for transpose");
+  const char* s0 = reinterpret_cast<const char*>(src);
+  const char* d0 = reinterpret_cast<const char*>(dst);
+  if (rows > 0 && cols > 0) {
+    const char* s1 = reinterpret_cast<const char*>(src + (rows - 1) * lds + cols);
+    const char* d1 = reinterpret_cast<const char*>(dst + (cols - 1) * ldd + rows);
+    SPARSEBP_CHECK_VALUE(s1 <= d0 || d1 <= s0, "transpose: the source and destination overlap");
+  }
+  transpose_parallel(active_table(), src, rows, cols, lds, dst, ldd);
+}
+
 void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
                   const float* d, int64_t ldd, int64_t ncols, float* out, int64_t out_rows, int64_t ldo) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && ncols >= 0 && ldd >= ncols && ldo >= ncols && out_rows >= 0,

@@ -75,6 +75,10 @@ void abs_colsum(const float* g, int64_t rows, int64_t n, int64_t ldg, float* out
 void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
                const float* d, int64_t d_rows, int64_t ldd, int64_t ncols, float* out, int64_t ldo);
 
+// dst (cols x rows, row stride ldd) = the transpose of src (rows x cols, row stride lds), in
+// blocks, threaded. No aliasing. (Layout changes of activations: see sparsebp.torch's conv.)
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd);
+
 // out (out_rows x ncols) = sum over the CSR's rows r and entries p: values[p] * d[r, :] into row
 // indices[p] (the transposed product, d having `rows` rows). Indices checked.
 void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,

@@ -369,11 +369,47 @@ class BatchInner(nn.Module):
     element-wise ops (ReLU, residual adds) keep it, so one ``BatchInner`` in front of the first
     sparse convolution (e.g. after a dense stem) spares every later sparse layer a conversion.
     Dense ``nn.Conv2d`` layers are slower on such inputs, so place it after the last dense one.
-    The gradient flows back through it unchanged (a copy to the incoming layout)."""
+    The gradient flows back through it unchanged in value, copied to the layout of the input (so
+    that the backward of the op before it, e.g. a ReLU over an (N, C, H, W)-contiguous tensor,
+    sees its own layout: torch's element-wise backward over two layouts runs 4-5x slower)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        from ._conv import batch_inner, is_batch_inner
+        from ._conv import is_batch_inner
 
         if input.dim() != 4:
             raise ValueError(f"BatchInner expects a 4-D (N, C, H, W) input; got shape {tuple(input.shape)}")
-        return input if is_batch_inner(input) else batch_inner(input)
+        return input if is_batch_inner(input) else _ToBatchInner.apply(input)
+
+
+class _ToBatchInner(torch.autograd.Function):
+    """``batch_inner`` whose backward gives the gradient in the input's layout (its strides when it
+    is dense without overlaps, else (N, C, H, W)-contiguous)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.layout = (tuple(x.shape), x.stride()) if _dense_strides(x) else None
+        return _conv._chwn(x).permute(3, 0, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        if ctx.layout is None:
+            return _conv._nchw(grad)
+        shape, stride = ctx.layout
+        if grad.stride() == stride:
+            return grad
+        if stride == torch.empty(shape, device="meta").stride():
+            return _conv._nchw(grad)  # (N, C, H, W)-contiguous, the usual case: the fast transpose
+        out = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
+        out.copy_(grad)
+        return out
+
+
+def _dense_strides(t: Tensor) -> bool:
+    """True when t's elements fill exactly t.numel() consecutive slots (any order of dimensions)."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    return True
