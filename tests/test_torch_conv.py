@@ -64,11 +64,68 @@ OPTIONS = list(itertools.product([1, 2], [0, 1, 2], [1, 2], [1, 2], [(3, 3), (2,
 
 
 @pytest.mark.parametrize("stride,padding,dilation,groups,kernel", OPTIONS)
-def test_every_option_combination(isa, stride, padding, dilation, groups, kernel):
+@pytest.mark.parametrize("batch", [3, 8])  # 8: implicit padding where the options allow it
+def test_every_option_combination(isa, stride, padding, dilation, groups, kernel, batch):
     torch.manual_seed(hash((stride, padding, dilation, groups, kernel)) % 2**31)
     m = st.SparseConv2d(4, 6, kernel, stride, padding, dilation, groups, sparsity=0.6,
                         generator=torch.Generator().manual_seed(3))
-    check(m, torch.randn(3, 4, 9, 8), f"s{stride} p{padding} d{dilation} g{groups} k{kernel}")
+    check(m, torch.randn(batch, 4, 9, 8), f"s{stride} p{padding} d{dilation} g{groups} k{kernel}")
+
+
+IMPLICIT_OPTIONS = [((1, 1), (1, 1), (1, 1), (3, 3)), ((1, 1), (2, 1), (2, 1), (3, 3)), ((2, 1), (1, 2), (1, 1), (3, 5)),
+                    ((1, 1), (3, 3), (1, 2), (2, 3)), ((3, 1), (1, 0), (2, 1), (3, 3)), ((1, 1), (0, 0), (1, 1), (3, 3)),
+                    ((1, 1), (4, 4), (1, 1), (3, 3)), ((1, 1), (4, 4), (1, 1), (9, 8))]  # last: 72 taps, padded copies
+
+
+@pytest.mark.parametrize("stride,padding,dilation,kernel", IMPLICIT_OPTIONS)
+@pytest.mark.parametrize("batch", [1, 3, 16, 17])
+def test_implicit_padding_any_batch(isa, monkeypatch, stride, padding, dilation, kernel, batch):
+    """Implicit zero padding (windows in the gather kernels) with the batch condition lifted: image
+    borders inside vectors (odd batches: lanes assembled one by one), padding wider than the kernel's
+    reach (windows empty for some taps: rows of zeros), tall strides, 1-pixel-wide rows, channel
+    blocks; forward and every gradient against float64, both layouts, on every ISA."""
+    from sparsebp.torch import _conv
+
+    monkeypatch.setattr(_conv, "_IMPLICIT_BATCH_MULTIPLE", 1)
+    torch.manual_seed(batch)
+    m = st.SparseConv2d(6, 5, kernel, stride, padding, dilation, sparsity=0.5,
+                        generator=torch.Generator().manual_seed(batch + 1))
+    for hw in ((9, 8), (5, 1), (2, 7)):
+        out = [(hw[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in (0, 1)]
+        if min(out) < 1:
+            continue
+        plan = _conv._plan(m.indptr, m.indices, 5, 6, *m.kernel_size, m.stride, m.padding, m.dilation, 1, *hw)
+        assert plan.implicit(batch) == (any(padding) and stride[1] == 1 and kernel[0] * kernel[1] <= 64)
+        for blocks in (False, True):
+            monkeypatch.setattr(_conv, "_BLOCK_BYTES", 1 if blocks else 128 << 10)
+            for x in (torch.randn(batch, 6, *hw), st.batch_inner(torch.randn(batch, 6, *hw))):
+                m.zero_grad()
+                check(m, x, f"implicit n{batch} {hw} s{stride} p{padding} d{dilation} k{kernel} blocks {blocks}")
+
+
+def test_implicit_padding_switch_and_kept_input(monkeypatch):
+    """SPARSEBP_CONV_IMPLICIT_PADDING=0's switch gives the padded-copy path, the same values up to
+    rounding; with implicit padding the forward keeps no copy of a batch-innermost input (the
+    backward reads it), and keeps its transposed copy of an (N, C, H, W) one."""
+    from sparsebp.torch import _conv
+
+    m = st.SparseConv2d(8, 8, 3, padding=1, sparsity=0.5)
+    outs = {}
+    for implicit in (True, False):
+        monkeypatch.setattr(_conv, "_IMPLICIT", implicit)
+        x = st.batch_inner(torch.randn(16, 8, 6, 7, generator=torch.Generator().manual_seed(0))).requires_grad_()
+        m.zero_grad()
+        y, kept = torch.ops.sparsebp.conv2d(x, m.values, m.bias, m.indptr, m.indices, 8, [3, 3], [1, 1], [1, 1],
+                                            [1, 1], 1, True)
+        assert kept.shape == ((0,) if implicit else (8, 8, 9, 16))
+        xn = x.detach().contiguous()
+        _, kept_n = torch.ops.sparsebp.conv2d(xn, m.values, m.bias, m.indptr, m.indices, 8, [3, 3], [1, 1], [1, 1],
+                                              [1, 1], 1, True)
+        assert kept_n.shape == ((8, 6, 7, 16) if implicit else (8, 8, 9, 16))
+        m(x).square().sum().backward()
+        outs[implicit] = (y.detach(), x.grad, m.values.grad.clone(), m.bias.grad.clone())
+    for a, b in zip(outs[True], outs[False]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stride,padding,dilation,groups,kernel", OPTIONS[::3])
@@ -311,6 +368,60 @@ def test_gather_kernels_check_their_entry_blocks():
             _core.gather_forward(indptr, offsets, values, None, None, x, y, geo, bad)
     with pytest.raises(ValueError, match="must not decrease"):
         _core.gather_sddmm(indptr, offsets, x, x, np.empty(3, np.float32), None, geo, np.array([[0, 3, 2], [2, 2, 3]]))
+
+
+def test_gather_kernel_windows_checked_and_applied(isa):
+    """Windows at the engine level (implicit padding): an entry reads x only inside its window, so
+    offsets may point outside x where the window excludes those cells; the check uses the window;
+    malformed taps / windows are clear errors. Against a NumPy loop, on every ISA."""
+    import numpy as np
+
+    from sparsebp import _core
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(40).astype(np.float32)
+    # Two rows; segments of 5 columns, 3 segment rows 10 apart in x.
+    indptr = np.array([0, 2, 3], np.int64)
+    offsets = np.array([-2, 7, 3], np.int64)  # entry 0 starts before x: its window begins at column 2
+    taps = np.array([0, 1, 2], np.int32)
+    wins = np.array([[0, 3, 2, 5], [1, 3, 0, 4], [0, 2, 1, 3]], np.int64)
+    values = np.array([1.5, -2.0, 0.5], np.float32)
+    bias = np.array([0.25, -1.0], np.float32)
+    geo = (5, 3, 1, 10, 0, 15, 5, 0)
+    ref = np.zeros((2, 3, 5))
+    for o in range(2):
+        ref[o] += bias[o]
+        for p in range(indptr[o], indptr[o + 1]):
+            lo_s, hi_s, lo_c, hi_c = wins[taps[p]]
+            for so in range(max(lo_s, 0), min(hi_s, 3)):
+                for j in range(max(lo_c, 0), min(hi_c, 5)):
+                    ref[o, so, j] += float(values[p]) * float(x[offsets[p] + so * 10 + j])
+    y = np.full(30, np.nan, np.float32)
+    _core.gather_forward(indptr, offsets, values, None, bias, x, y, geo, None, taps, wins)
+    np.testing.assert_allclose(y.reshape(2, 3, 5), ref, rtol=1e-6, atol=1e-6)
+    g = rng.standard_normal(30).astype(np.float32)
+    dv, db = np.empty(3, np.float32), np.empty(2, np.float32)
+    _core.gather_sddmm(indptr, offsets, g, x, dv, db, geo, None, taps, wins)
+    gr = g.reshape(2, 3, 5).astype(np.float64)
+    for o in range(2):
+        assert db[o] == pytest.approx(gr[o].sum(), rel=1e-5, abs=1e-5)
+        for p in range(indptr[o], indptr[o + 1]):
+            lo_s, hi_s, lo_c, hi_c = wins[taps[p]]
+            want = sum(gr[o, so, j] * x[offsets[p] + so * 10 + j] for so in range(max(lo_s, 0), min(hi_s, 3))
+                       for j in range(max(lo_c, 0), min(hi_c, 5)))
+            assert dv[p] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    with pytest.raises(ValueError, match="outside x"):  # without its window, entry 0 reads x[-2]
+        _core.gather_forward(indptr, offsets, values, None, bias, x, y, geo, None, taps,
+                             np.array([[0, 3, 0, 5], [1, 3, 0, 4], [0, 2, 1, 3]], np.int64))
+    with pytest.raises(ValueError, match="taps and windows"):
+        _core.gather_forward(indptr, offsets, values, None, bias, x, y, geo, None, taps, None)
+    with pytest.raises(ValueError, match="outside"):
+        _core.gather_forward(indptr, offsets, values, None, bias, x, y, geo, None, np.array([0, 1, 3], np.int32),
+                             wins)
+    with pytest.raises(ValueError, match="1 to 64"):
+        _core.gather_sddmm(indptr, offsets, g, x, dv, db, geo, None, taps, np.zeros((65, 4), np.int64))
+    with pytest.raises(ValueError, match="windows must have shape"):
+        _core.gather_sddmm(indptr, offsets, g, x, dv, db, geo, None, taps, np.zeros((3, 3), np.int64))
 
 
 def test_empty_cache_frees_only_unused_buffers(monkeypatch):

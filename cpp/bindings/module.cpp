@@ -186,11 +186,29 @@ PYBIND11_MODULE(_core, m) {
     }
     return g;
   };
+  using TapArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+  // taps / windows: both None, or an (nnz,) int32 array and an (ntaps, 4) int64 array (kept alive
+  // by *keep_t / *keep_w for the call).
+  auto windows = [](sparsebp::GatherGeometry* g, const py::object& taps, const py::object& wins, int64_t nnz,
+                    TapArray* keep_t, BlockArray* keep_w) {
+    if (taps.is_none() != wins.is_none()) throw sparsebp::ValueError("taps and windows go together (both or neither)");
+    if (taps.is_none()) return;
+    *keep_t = TapArray(taps);
+    *keep_w = BlockArray(wins);
+    if (keep_t->ndim() != 1 || keep_t->shape(0) != nnz)
+      throw sparsebp::ValueError(str_cat("taps must have shape (", nnz, ",); got ndim ", keep_t->ndim()));
+    if (keep_w->ndim() != 2 || keep_w->shape(1) != 4 || keep_w->shape(0) < 1)
+      throw sparsebp::ValueError("windows must have shape (ntaps, 4) with ntaps >= 1");
+    g->taps = keep_t->data();
+    g->windows = keep_w->data();
+    g->ntaps = keep_w->shape(0);
+  };
   m.def(
       "gather_forward",
-      [i64_vector, geometry](const py::object& indptr, const py::object& offsets, const py::array& values,
-                             const py::object& value_index, const py::object& bias, const py::array& x,
-                             const py::array& y, const py::tuple& geo, const py::object& blocks) {
+      [i64_vector, geometry, windows](const py::object& indptr, const py::object& offsets, const py::array& values,
+                                      const py::object& value_index, const py::object& bias, const py::array& x,
+                                      const py::array& y, const py::tuple& geo, const py::object& blocks,
+                                      const py::object& taps, const py::object& wins) {
         int64_t nip = 0, noff = 0, nv = 0, nvi = 0, nb = 0, nx = 0, ny = 0;
         const int64_t* ip = i64_vector(indptr, "indptr", &nip);
         const int64_t* off = i64_vector(offsets, "offsets", &noff);
@@ -200,18 +218,22 @@ PYBIND11_MODULE(_core, m) {
         const float* b = bias.is_none() ? nullptr : vector_of<const float>(bias.cast<py::array>(), "bias", false, &nb);
         const float* xp = vector_of<const float>(x, "x", false, &nx);
         float* yp = vector_of<float>(y, "y", true, &ny);
-        BlockArray keep;
-        const auto g = geometry(geo, blocks, nip - 1, &keep);
+        BlockArray keep, keep_w;
+        TapArray keep_t;
+        auto g = geometry(geo, blocks, nip - 1, &keep);
+        windows(&g, taps, wins, noff, &keep_t, &keep_w);
         py::gil_scoped_release nogil;
         sparsebp::gather_forward(ip, nip - 1, off, noff, v, nv, vi, nvi, b, nb, xp, nx, yp, ny, g);
       },
       py::arg("indptr"), py::arg("offsets"), py::arg("values"), py::arg("value_index"), py::arg("bias"), py::arg("x"),
-      py::arg("y"), py::arg("geometry"), py::arg("blocks") = py::none());
+      py::arg("y"), py::arg("geometry"), py::arg("blocks") = py::none(), py::arg("taps") = py::none(),
+      py::arg("windows") = py::none());
   m.def(
       "gather_sddmm",
-      [i64_vector, geometry](const py::object& indptr, const py::object& offsets, const py::array& g,
-                             const py::array& x, const py::array& dvalues, const py::object& dbias,
-                             const py::tuple& geo, const py::object& blocks) {
+      [i64_vector, geometry, windows](const py::object& indptr, const py::object& offsets, const py::array& g,
+                                      const py::array& x, const py::array& dvalues, const py::object& dbias,
+                                      const py::tuple& geo, const py::object& blocks, const py::object& taps,
+                                      const py::object& wins) {
         int64_t nip = 0, noff = 0, ng = 0, nx = 0, ndv = 0, ndb = 0;
         const int64_t* ip = i64_vector(indptr, "indptr", &nip);
         const int64_t* off = i64_vector(offsets, "offsets", &noff);
@@ -220,13 +242,16 @@ PYBIND11_MODULE(_core, m) {
         const float* xp = vector_of<const float>(x, "x", false, &nx);
         float* dv = vector_of<float>(dvalues, "dvalues", true, &ndv);
         float* db = dbias.is_none() ? nullptr : vector_of<float>(dbias.cast<py::array>(), "dbias", true, &ndb);
-        BlockArray keep;
-        const auto gg = geometry(geo, blocks, nip - 1, &keep);
+        BlockArray keep, keep_w;
+        TapArray keep_t;
+        auto gg = geometry(geo, blocks, nip - 1, &keep);
+        windows(&gg, taps, wins, noff, &keep_t, &keep_w);
         py::gil_scoped_release nogil;
         sparsebp::gather_sddmm(ip, nip - 1, off, noff, gp, ng, xp, nx, dv, ndv, db, ndb, gg);
       },
       py::arg("indptr"), py::arg("offsets"), py::arg("g"), py::arg("x"), py::arg("dvalues"), py::arg("dbias"),
-      py::arg("geometry"), py::arg("blocks") = py::none());
+      py::arg("geometry"), py::arg("blocks") = py::none(), py::arg("taps") = py::none(),
+      py::arg("windows") = py::none());
 
   // Sparse gradients: C-contiguous 2-D float32 operands (the Python layer arranges that).
   auto rowmajor = [](const py::array& a, const char* name, bool writable) {

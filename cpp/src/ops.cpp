@@ -311,11 +311,30 @@ void check_gather(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
                        indptr[rows]);
   for (int64_t v : {g.ncols, g.seg_outer, g.seg_inner, g.x_outer, g.x_inner, g.y_row, g.y_outer, g.y_inner})
     SPARSEBP_CHECK_VALUE(v >= 0, "gather geometry must be non-negative; got ", v);
+  if (g.taps) {
+    SPARSEBP_CHECK_VALUE(g.windows && g.ntaps >= 1 && g.ntaps <= 64, "taps needs windows with 1 to 64 rows; got ",
+                         g.ntaps);
+    for (int64_t p = 0; p < nnz_len; ++p)
+      SPARSEBP_CHECK_VALUE(g.taps[p] >= 0 && g.taps[p] < g.ntaps, "taps[", p, "] = ", g.taps[p], " is outside [0, ",
+                           g.ntaps, ")");
+  }
   if (rows == 0 || g.ncols == 0 || g.seg_outer == 0 || g.seg_inner == 0) return;
   const int64_t x_span = (g.seg_outer - 1) * g.x_outer + (g.seg_inner - 1) * g.x_inner + g.ncols;
-  for (int64_t p = 0; p < nnz_len; ++p)
+  for (int64_t p = 0; p < nnz_len; ++p) {
+    if (g.taps) {  // the cells of x the window lets the entry read
+      const int64_t* w = g.windows + 4 * int64_t{g.taps[p]};
+      const int64_t s0 = std::max<int64_t>(w[0], 0), s1 = std::min(w[1], g.seg_outer);
+      const int64_t c0 = std::max<int64_t>(w[2], 0), c1 = std::min(w[3], g.ncols);
+      if (s0 >= s1 || c0 >= c1) continue;
+      const int64_t first = offsets[p] + s0 * g.x_outer + c0;
+      const int64_t last = offsets[p] + (s1 - 1) * g.x_outer + (g.seg_inner - 1) * g.x_inner + c1 - 1;
+      SPARSEBP_CHECK_VALUE(first >= 0 && last < x_len, "offsets[", p, "] = ", offsets[p], " with its window reads ",
+                           "outside x (", x_len, " elements)");
+      continue;
+    }
     SPARSEBP_CHECK_VALUE(offsets[p] >= 0 && offsets[p] <= x_len - x_span, "offsets[", p, "] = ", offsets[p],
                          " reads outside x (", x_len, " elements; segments span ", x_span, ")");
+  }
   const int64_t y_span = (rows - 1) * g.y_row + (g.seg_outer - 1) * g.y_outer + (g.seg_inner - 1) * g.y_inner + g.ncols;
   SPARSEBP_CHECK_VALUE(y_span <= y_len, y_name, " has ", y_len, " elements; the geometry needs ", y_span);
 }
@@ -362,9 +381,11 @@ void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets,
   check_no_overlap(span_of(y, y_len), "y", {{span_of(x, x_len), "x"}, {span_of(values, values_len), "values"},
                                             {span_of(bias, bias_len), "bias"}});
   check_blocks(indptr, rows, geo);
-  run_gather(&KernelTable::gather_forward, {rows, indptr, offsets, values, value_index, bias, x, y, nullptr, nullptr,
-                                            nullptr, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
-                                            geo.seg_outer, geo.seg_inner, geo.ncols, geo.blocks, geo.nblocks});
+  kernels::GatherArgs a{rows, indptr, offsets, values, value_index, bias, x, y, nullptr, nullptr,
+                        nullptr, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
+                        geo.seg_outer, geo.seg_inner, geo.ncols, geo.blocks, geo.nblocks};
+  a.taps = geo.taps, a.windows = geo.windows, a.ntaps = geo.ntaps;
+  run_gather(&KernelTable::gather_forward, a);
 }
 
 void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len, const float* g,
@@ -379,9 +400,11 @@ void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
   std::fill(dvalues, dvalues + dvalues_len, 0.0f);
   if (dbias) std::fill(dbias, dbias + dbias_len, 0.0f);
   check_blocks(indptr, rows, geo);
-  run_gather(&KernelTable::gather_sddmm, {rows, indptr, offsets, nullptr, nullptr, nullptr, x, nullptr, g, dvalues,
-                                          dbias, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
-                                          geo.seg_outer, geo.seg_inner, geo.ncols, geo.blocks, geo.nblocks});
+  kernels::GatherArgs a{rows, indptr, offsets, nullptr, nullptr, nullptr, x, nullptr, g, dvalues,
+                        dbias, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
+                        geo.seg_outer, geo.seg_inner, geo.ncols, geo.blocks, geo.nblocks};
+  a.taps = geo.taps, a.windows = geo.windows, a.ntaps = geo.ntaps;
+  run_gather(&KernelTable::gather_sddmm, a);
 }
 
 // ---- Sparse gradients -----------------------------------------------------------------------------

@@ -52,6 +52,11 @@ struct GatherGeometry {
   // indptr[o] to indptr[o + 1], non-decreasing. Null: one block.
   const int64_t* blocks = nullptr;
   int64_t nblocks = 0;
+  // Optional windows (see GatherArgs; implicit zero padding): taps has one entry per nonzero,
+  // in [0, ntaps); windows is ntaps x 4 (segment rows [lo, hi), columns [lo, hi)).
+  const int32_t* taps = nullptr;
+  const int64_t* windows = nullptr;
+  int64_t ntaps = 0;
 };
 // y[o, s, :] = bias[o] + sum_p value(p) x[offsets[p] + shift(s) + :]. value_index may be null.
 void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets, int64_t offsets_len,

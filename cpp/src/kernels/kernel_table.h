@@ -85,6 +85,10 @@ using SddmmFn = void (*)(const SddmmArgs&, int64_t row_begin, int64_t row_end);
 // part of x one block reads stays in cache across rows (convolutions with many input channels).
 // The forward accumulates y over the blocks (the bias with block 0); results equal the unblocked
 // ones up to rounding.
+// Windows (taps non-null; implicit zero padding): entry p has the window w = windows + 4 * taps[p]
+// (taps[p] < ntaps <= 64) and contributes only to the segments with w[0] <= so < w[1] and, within
+// them, to the columns w[2] <= j < w[3]; elsewhere its term is zero and x is not read there
+// (offsets[p] may then be negative or reach past x).
 // Every index is checked by ops.cpp before a kernel runs.
 struct GatherArgs {
   int64_t rows;
@@ -104,6 +108,9 @@ struct GatherArgs {
   int64_t ncols;
   const int64_t* blocks;       // may be null
   int64_t nblocks;
+  const int32_t* taps;         // may be null: no windows
+  const int64_t* windows;
+  int64_t ntaps;
 };
 using GatherFn = void (*)(const GatherArgs&, int64_t row_begin, int64_t row_end);
 

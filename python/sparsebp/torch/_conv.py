@@ -17,6 +17,12 @@ offsets (implicit GEMM), run by the same register tiles as the linear kernels.
 Width stride > 1 makes the input runs non-contiguous; then each segment is one output pixel
 (N columns) instead of one output row: correct, slower.
 
+Implicit zero padding (batch a multiple of 8; width stride 1 for the forward and weight gradient,
+stride 1 for the input gradient): the kernels then read the unpadded input (and output gradient)
+directly, each entry with a window of the output rows and columns where its tap lands inside
+the image (``taps`` / ``windows`` of the gather kernels); no padded copy is made. Other cases
+copy into a zero-bordered buffer as described above.
+
 Layouts: the output (and the input gradient) follow the input's layout. A tensor stored batch-
 innermost (``x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)``, see ``batch_inner``) is
 used as it is, and the output is stored that way too, so stacked sparse convolutions pay no
@@ -111,6 +117,13 @@ def _block_bytes() -> int:
 
 
 _BLOCK_BYTES = _block_bytes()
+# Implicit zero padding (see the module docstring); SPARSEBP_CONV_IMPLICIT_PADDING=0 turns it off
+# (always the padded copies: for comparisons).
+_IMPLICIT = os.environ.get("SPARSEBP_CONV_IMPLICIT_PADDING", "1") != "0"
+# ... for batches that are a multiple of this: then an image's borders fall on whole vectors (8 and
+# 16 lanes); other batches take the padded copies (the kernels handle them, lane by lane at the
+# borders: tests lower this to 1).
+_IMPLICIT_BATCH_MULTIPLE = 8
 _GATHER_TILE = 128
 
 
@@ -320,6 +333,12 @@ class _Plan:
         self.bwd_px = ((o_t * self.hz + (kh - 1 - ki_t) * dh) * self.wz + (kw - 1 - kj_t) * dw
                        + ph * self.wz + pw)
         self.nnz = nnz
+        # Implicit padding: the same entries over the unpadded input (and output gradient).
+        self._c, self._ki, self._kj = c, ki, kj
+        self._o_t, self._ki_t, self._kj_t = o_t, ki_t, kj_t
+        self.taps = (ki * kw + kj).astype(np.int32)
+        self.t_taps = (ki_t * kw + kj_t).astype(np.int32)
+        self._implicit = {}
         # Entry blocks over the channels a row reads (input channels forward and for the weight
         # gradient; output channels for the input gradient), sized so that one block's part of the
         # input under a column tile stays in L2 across all rows (see GatherArgs).
@@ -361,6 +380,55 @@ class _Plan:
         else:
             geo = (n, self.oh, self.ow, sh * self.wp * n, sw * n, self.oh * self.ow * n, self.ow * n, n)
         return self.fwd_px * n, geo
+
+    def implicit(self, n: int) -> bool:
+        """Whether the forward and the weight gradient read the unpadded input (windows)."""
+        return (_IMPLICIT and any(self.padding) and self.stride[1] == 1 and n % _IMPLICIT_BATCH_MULTIPLE == 0
+                and self.kh * self.kw <= 64)  # (the kernels' tap masks are 64 bits)
+
+    def implicit_input_grad(self, n: int) -> bool:
+        """Whether the input gradient reads the output gradient unpadded (windows)."""
+        return _IMPLICIT and self.stride == (1, 1) and n % _IMPLICIT_BATCH_MULTIPLE == 0 and self.kh * self.kw <= 64
+
+    def implicit_forward_geometry(self, n: int) -> Tuple[np.ndarray, tuple, np.ndarray]:
+        """Offsets, geometry and windows over the unpadded (C, H, W, N) input: the output row oh
+        reads input row oh * sh - ph + ki * dh, which exists for oh in [ceil((ph - ki dh) / sh),
+        ceil((H + ph - ki dh) / sh)); output column ow reads ow - pw + kj * dw, inside for ow in
+        [pw - kj dw, W + pw - kj dw)."""
+        key = ("fwd", n)
+        if key not in self._implicit:
+            sh = self.stride[0]
+            ph, pw = self.padding
+            dh, dw = self.dilation
+            off = ((self._c * self.h + self._ki * dh - ph) * self.w + self._kj * dw - pw) * n
+            geo = (self.ow * n, self.oh, 1, sh * self.w * n, 0, self.oh * self.ow * n, self.ow * n, 0)
+            wins = np.empty((self.kh * self.kw, 4), np.int64)
+            for i in range(self.kh):
+                for j in range(self.kw):
+                    r0 = -((i * dh - ph) // sh)  # ceil((ph - i dh) / sh)
+                    r1 = -((i * dh - ph - self.h) // sh)
+                    c0, c1 = pw - j * dw, self.w + pw - j * dw
+                    wins[i * self.kw + j] = (max(r0, 0), min(r1, self.oh), max(c0, 0) * n, min(c1, self.ow) * n)
+            self._implicit[key] = (off, geo, wins)
+        return self._implicit[key]
+
+    def implicit_input_grad_geometry(self, n: int) -> Tuple[np.ndarray, tuple, np.ndarray]:
+        """As above for the input gradient (stride 1): input row h takes output-gradient row
+        h + ph - ki dh, inside for h in [ki dh - ph, OH + ki dh - ph); columns likewise."""
+        key = ("bwd", n)
+        if key not in self._implicit:
+            ph, pw = self.padding
+            dh, dw = self.dilation
+            off = ((self._o_t * self.oh + ph - self._ki_t * dh) * self.ow + pw - self._kj_t * dw) * n
+            geo = (self.w * n, self.h, 1, self.ow * n, 0, self.h * self.w * n, self.w * n, 0)
+            wins = np.empty((self.kh * self.kw, 4), np.int64)
+            for i in range(self.kh):
+                for j in range(self.kw):
+                    r0, r1 = i * dh - ph, self.oh + i * dh - ph
+                    c0, c1 = j * dw - pw, self.ow + j * dw - pw
+                    wins[i * self.kw + j] = (max(r0, 0), min(r1, self.h), max(c0, 0) * n, min(c1, self.w) * n)
+            self._implicit[key] = (off, geo, wins)
+        return self._implicit[key]
 
     def input_grad_geometry(self, n: int) -> Tuple[np.ndarray, tuple]:
         geo = (self.w * n, self.h, 1, self.wz * n, 0, self.h * self.w * n, self.w * n, 0)
@@ -411,14 +479,23 @@ def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor,
         y = torch.nn.functional.conv2d(x, wd, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
         return _in_layout_of(x, y), none
     p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
-    keep = keep_padded and any(p.padding) and x.dtype == torch.float32
-    xp = _padded_chwn_kept(x, *p.padding) if keep else _padded_chwn(x, *p.padding)
     y, result = _new_result(x, (n, out_channels, p.oh, p.ow))
+    if p.implicit(n):
+        # The unpadded input; kept for the weight gradient only when it had to be copied.
+        xs = _chwn(x)
+        if n > 0:
+            off, geo, wins = p.implicit_forward_geometry(n)
+            _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias),
+                                 _flat(xs), _flat(y), geo, p.blocks(n, False), p.taps, wins)
+        return _finish(y, result), (xs if keep_padded and not x.permute(1, 2, 3, 0).is_contiguous() else none)
+    keep = keep_padded and any(p.padding)
+    xp = _padded_chwn_kept(x, *p.padding) if keep else _padded_chwn(x, *p.padding)
     if n > 0:
         off, geo = p.forward_geometry(n)
         _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias), _flat(xp),
                              _flat(y), geo, p.blocks(n, False))
     return _finish(y, result), (xp if keep else none)
+
 
 
 @conv2d_op.register_fake
@@ -429,7 +506,10 @@ def _(x, values, bias, indptr, indices, out_channels, kernel_size, stride, paddi
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     keep = keep_padded and x.dtype != torch.float64 and (padding[0] or padding[1])
-    xp = (x.new_empty((cin, h + 2 * padding[0], w + 2 * padding[1], n)) if keep else x.new_empty((0,)))
+    if keep and _IMPLICIT and stride[1] == 1 and n % _IMPLICIT_BATCH_MULTIPLE == 0 and kh * kw <= 64:  # _Plan.implicit
+        xp = x.new_empty((cin, h, w, n)) if not x.permute(1, 2, 3, 0).is_contiguous() else x.new_empty((0,))
+    else:
+        xp = x.new_empty((cin, h + 2 * padding[0], w + 2 * padding[1], n)) if keep else x.new_empty((0,))
     return _out_like_fake(x, (n, out_channels, oh, ow)), xp
 
 
@@ -461,23 +541,34 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
     if bias_grad and not weight_grad:
         gb = g.sum((1, 2, 3))
     elif weight_grad:
-        # The forward's padded copy when it kept one (same x: autograd saved both unchanged).
-        xp = x_padded if x_padded is not None and x_padded.numel() else _padded_chwn(x, *p.padding)
-        off, geo = p.forward_geometry(n)
-        if n > 0:
-            _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xp), _flat(gv), _flat(gb) if bias_grad else None, geo,
-                               p.blocks(n, False))
-        else:
+        # The forward's (padded, or with implicit padding unpadded) copy when it kept one (same x:
+        # autograd saved both unchanged).
+        kept = x_padded is not None and x_padded.numel() > 0
+        if n == 0:
             gv.zero_()
             gb.zero_()
+        elif p.implicit(n):
+            xs = x_padded if kept else _chwn(x)
+            off, geo, wins = p.implicit_forward_geometry(n)
+            _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xs), _flat(gv), _flat(gb) if bias_grad else None, geo,
+                               p.blocks(n, False), p.taps, wins)
+        else:
+            xp = x_padded if kept else _padded_chwn(x, *p.padding)
+            off, geo = p.forward_geometry(n)
+            _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xp), _flat(gv), _flat(gb) if bias_grad else None, geo,
+                               p.blocks(n, False))
     gi = empty()
     if input_grad:
-        sh, sw = p.stride
-        ah, aw = p.gz_origin
-        gz = _zero_bordered_scratch(f"g{sh},{sw},{ah},{aw},{p.oh},{p.ow}", (out_channels, p.hz, p.wz, n), g.dtype)
-        gz[:, ah:ah + (p.oh - 1) * sh + 1:sh, aw:aw + (p.ow - 1) * sw + 1:sw, :] = g
         dx, result = _new_result(x, (n, cin, h, w))
-        if n > 0:
+        if n > 0 and p.implicit_input_grad(n):
+            off, geo, wins = p.implicit_input_grad_geometry(n)
+            _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(g), _flat(dx), geo,
+                                 p.blocks(n, True), p.t_taps, wins)
+        elif n > 0:
+            sh, sw = p.stride
+            ah, aw = p.gz_origin
+            gz = _zero_bordered_scratch(f"g{sh},{sw},{ah},{aw},{p.oh},{p.ow}", (out_channels, p.hz, p.wz, n), g.dtype)
+            gz[:, ah:ah + (p.oh - 1) * sh + 1:sh, aw:aw + (p.ow - 1) * sw + 1:sw, :] = g
             off, geo = p.input_grad_geometry(n)
             _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(gz), _flat(dx), geo,
                                  p.blocks(n, True))

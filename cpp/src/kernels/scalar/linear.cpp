@@ -1,5 +1,7 @@
 // Scalar sparse linear kernels: the executable specification of kernel_table.h's contracts.
 // Plain loops in the natural summation order; compiled with the baseline flags only.
+#include <algorithm>
+
 #include "kernels/scalar/isa.h"
 #include "kernels/exports.h"
 
@@ -46,6 +48,19 @@ namespace sparsebp {
 namespace kernels {
 namespace SPARSEBP_ISA_NS {
 
+namespace {
+// Whether entry p contributes to segment row so, and then the columns [*j0, *j1) it adds to
+// (GatherArgs' windows; without them every segment and column).
+bool in_window(const GatherArgs& a, int64_t p, int64_t so, int64_t* j0, int64_t* j1) {
+  if (!a.taps) return true;
+  const int64_t* w = a.windows + 4 * static_cast<int64_t>(a.taps[p]);
+  if (so < w[0] || so >= w[1]) return false;
+  *j0 = std::max(*j0, w[2]);
+  *j1 = std::min(*j1, w[3]);
+  return *j0 < *j1;
+}
+}  // namespace
+
 void gather_forward(const GatherArgs& a, int64_t row_begin, int64_t row_end) {
   for (int64_t o = row_begin; o < row_end; ++o) {
     const float init = a.bias ? a.bias[o] : 0.0f;
@@ -56,8 +71,10 @@ void gather_forward(const GatherArgs& a, int64_t row_begin, int64_t row_end) {
         for (int64_t j = 0; j < a.ncols; ++j) y[j] = init;
         for (int64_t p = a.indptr[o]; p < a.indptr[o + 1]; ++p) {
           const float v = a.value_index ? a.values[a.value_index[p]] : a.values[p];
-          const float* x = a.x + a.offsets[p] + shift;
-          for (int64_t j = 0; j < a.ncols; ++j) y[j] += v * x[j];
+          int64_t j0 = 0, j1 = a.ncols;
+          if (!in_window(a, p, so, &j0, &j1)) continue;
+          const float* x = a.x + shift;
+          for (int64_t j = j0; j < j1; ++j) y[j] += v * x[a.offsets[p] + j];
         }
       }
     }
@@ -76,9 +93,11 @@ void gather_sddmm(const GatherArgs& a, int64_t row_begin, int64_t row_end) {
           a.dbias[o] += s;
         }
         for (int64_t p = a.indptr[o]; p < a.indptr[o + 1]; ++p) {
-          const float* x = a.x + a.offsets[p] + shift;
+          int64_t j0 = 0, j1 = a.ncols;
+          if (!in_window(a, p, so, &j0, &j1)) continue;
+          const float* x = a.x + shift;
           float s = 0.0f;
-          for (int64_t j = 0; j < a.ncols; ++j) s += g[j] * x[j];
+          for (int64_t j = j0; j < j1; ++j) s += g[j] * x[a.offsets[p] + j];
           a.dvalues[p] += s;
         }
       }
