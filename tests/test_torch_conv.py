@@ -4,6 +4,7 @@ import copy
 import itertools
 import pickle
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -101,6 +102,42 @@ def test_implicit_padding_any_batch(isa, monkeypatch, stride, padding, dilation,
             for x in (torch.randn(batch, 6, *hw), st.batch_inner(torch.randn(batch, 6, *hw))):
                 m.zero_grad()
                 check(m, x, f"implicit n{batch} {hw} s{stride} p{padding} d{dilation} k{kernel} blocks {blocks}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "batch_inner"])
+@pytest.mark.parametrize("stride", [(2, 2), (2, 3), (1, 2)])
+def test_strided_1x1_subsamples_and_accumulates(isa, layout, stride):
+    """Strided 1x1 convolutions run on the subsampled input; their input gradient (a pooled buffer
+    in the batch-innermost case) must come back zero off the subsampled pixels, also when autograd
+    adds a second gradient of x into it and when the buffer is reused: three steps against float64."""
+    torch.manual_seed(stride[1])
+    m = st.SparseConv2d(6, 5, 1, stride, bias=True, sparsity=0.4)
+    w64 = m.weight.detach().double()
+    for step in range(3):
+        x0 = torch.randn(16, 6, 56, 57)  # over the pool's 1 MB minimum
+        x = (st.batch_inner(x0) if layout == "batch_inner" else x0.clone()).requires_grad_()
+        other = (x * 0.5).square().sum()  # a second gradient of x, reaching it after the conv's
+        y = m(x)
+        assert st.conv_ops.is_batch_inner(y) == (layout == "batch_inner")
+        gy = torch.randn(y.shape)
+        (y * gy).sum().add(other).backward()
+        x64 = x0.double().requires_grad_()
+        y64 = F.conv2d(x64, w64, m.bias.detach().double(), stride)
+        (y64 * gy.double()).sum().add((x64 * 0.5).square().sum()).backward()
+        assert torch.allclose(y.double(), y64, atol=1e-5), step
+        assert torch.allclose(x.grad.double(), x64.grad, atol=1e-5), step
+        m.zero_grad()
+        del x, y
+        # Whatever touched the pooled buffers once they were handed out (e.g. an in-place
+        # accumulation into a gradient) must not leak into the next step.
+        from sparsebp.torch import _conv
+
+        for key, pool in _conv._pool.pools.items():
+            if key[0] != ("out",):  # (not the zero-bordered ones, whose contract differs)
+                continue
+            for i in range(len(pool)):
+                if _conv._refs(pool, i) == _conv._FREE_REFS:
+                    pool[i].fill(np.nan)
 
 
 def test_implicit_padding_switch_and_kept_input(monkeypatch):
