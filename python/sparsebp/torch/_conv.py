@@ -12,16 +12,19 @@ offsets (implicit GEMM), run by the same register tiles as the linear kernels.
 - weight and bias gradients: ``gather_sddmm`` (dot products of output-gradient runs with the same
   input runs), accumulated over all output rows in a fixed order (bit-identical for any thread count);
 - input gradient: ``gather_forward`` again, over the transposed structure (one row per input
-  channel) and the output gradient zero-padded by the kernel's reach (and, for stride > 1,
-  dilated by the stride: that costs stride_h * stride_w times the useful flops on this pass).
-Width stride > 1 makes the input runs non-contiguous; then each segment is one output pixel
-(N columns) instead of one output row: correct, slower.
+  channel) and the output gradient zero-padded by the kernel's reach (and, for stride > 1 without
+  implicit padding, dilated by the stride: stride_h * stride_w times the useful flops).
+With a width stride sw > 1, the padded input is also split by column phase ((C, Hp, sw, Wp / sw,
+N), padded column m * sw + q at [:, :, q, m]): each entry's run over an output row is contiguous
+again. A strided 1x1 convolution without padding runs on the subsampled input.
 
-Implicit zero padding (batch a multiple of 8; width stride 1 for the forward and weight gradient,
-stride 1 for the input gradient): the kernels then read the unpadded input (and output gradient)
-directly, each entry with a window of the output rows and columns where its tap lands inside
-the image (``taps`` / ``windows`` of the gather kernels); no padded copy is made. Other cases
-copy into a zero-bordered buffer as described above.
+Implicit zero padding (batch a multiple of 8, at most 64 taps; the forward and weight gradient:
+width stride 1): the kernels then read the unpadded input (and output gradient) directly, each
+entry with a window of the output rows and columns where its tap lands inside the image
+(``taps`` / ``windows`` of the gather kernels); no padded copy is made. The input gradient of a
+strided convolution then runs one stride phase of the input at a time (only the taps landing on
+that phase, over the unpadded output gradient): only the useful flops. Other cases copy into
+zero-bordered buffers as described above.
 
 Layouts: the output (and the input gradient) follow the input's layout. A tensor stored batch-
 innermost (``x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)``, see ``batch_inner``) is
@@ -106,7 +109,9 @@ _SCRATCH_BYTES = 512 << 20
 # Entry blocks of the gather kernels: how much input one block may read under a column tile
 # (bytes; SPARSEBP_CONV_BLOCK_KB overrides), and the widest column tile of the kernels (floats).
 def _block_bytes() -> int:
-    raw = os.environ.get("SPARSEBP_CONV_BLOCK_KB", "128")
+    # 512: interleaved, one core, 95% sparse 3x3 layers: 128 KB -> 512 KB took 128 channels at 7x7
+    # from 9.3 to 8.3 ms and 256 at 14x14 from 97 to 93 ms; 1 MB slowed the latter to 116 ms.
+    raw = os.environ.get("SPARSEBP_CONV_BLOCK_KB", "512")
     try:
         kb = int(raw)
     except ValueError:
@@ -243,6 +248,33 @@ def empty_cache() -> int:
     return freed
 
 
+def _source_copy(t: Tensor, p: "_Plan", kept: bool) -> Tensor:
+    """What the padded-copy path's forward and weight gradient read: t as (C, H, W, N) zero-padded
+    (a view of t without padding); with a width stride sw > 1, split by column phase as well:
+    (C, Hp, sw, wq, N) with padded column m * sw + q at [:, :, q, m], so that the columns one entry
+    reads for consecutive output pixels are adjacent. ``kept``: a buffer of its own (``_Pool``), for
+    the backward; else this thread's scratch."""
+    n, c, h, w = t.shape
+    ph, pw = p.padding
+    sw = p.stride[1]
+    if sw == 1:
+        if not (ph or pw):
+            return _chwn(t)
+        return _padded_chwn_kept(t, ph, pw) if kept else _padded_chwn(t, ph, pw)
+    shape = (c, p.hp, sw, p.wq, n)
+    if kept:
+        out = torch.from_numpy(_pool.take(("phased", ph, pw, sw, w), shape, zeroed=True))
+    else:
+        out = _zero_bordered_scratch(f"q{ph},{pw},{sw},{w}", shape, t.dtype)
+    src = _chwn_source(t)
+    for q in range(sw):
+        w0 = (q - pw) % sw  # the first column of t that lands on phase q
+        if w0 < w:
+            m0, cnt = (w0 + pw) // sw, len(range(w0, w, sw))
+            out[:, ph:ph + h, q, m0:m0 + cnt, :] = src[:, :, w0::sw, :]
+    return out
+
+
 def _padded_chwn_kept(t: Tensor, ph: int, pw: int) -> Tensor:
     """As ``_padded_chwn``, but a buffer of its own until the caller lets go of it (``_Pool``):
     kept by the forward for the backward's weight gradient, which then needs no second copy."""
@@ -293,6 +325,21 @@ def _flat(t: Tensor) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def _entry_blocks(indptr: np.ndarray, chan: np.ndarray, channels: int, nb: int) -> Optional[np.ndarray]:
+    """(rows, nb + 1) entry blocks splitting each row's entries (sorted by the channel ``chan`` they
+    read) into nb even channel ranges; None for one block."""
+    if nb <= 1:
+        return None
+    per_block = -(-channels // nb)  # even blocks
+    rows = len(indptr) - 1
+    row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(indptr))
+    key_e = row_of * nb + chan // per_block  # non-decreasing over the entries
+    want = (np.arange(rows, dtype=np.int64)[:, None] * nb + np.arange(nb + 1)[None, :]).reshape(-1)
+    b = np.searchsorted(key_e, want, side="left").reshape(rows, nb + 1)
+    b[:, -1] = indptr[1:]
+    return np.ascontiguousarray(b, dtype=np.int64)
+
+
 class _Plan:
     """Everything about one (structure, geometry, input size) that does not depend on the batch."""
 
@@ -320,6 +367,9 @@ class _Plan:
         c = (rows // cout_g) * cin_g + c_loc
         # Forward / weight gradient: pixel offset of each entry's run in the padded input.
         self.fwd_px = (c * self.hp + ki * dh) * self.wp + kj * dw
+        if sw > 1:  # the padded input split by column phase, (C, Hp, sw, wq, N): see _source_copy
+            self.wq = -(-self.wp // sw)
+            self.fwd_px = ((c * self.hp + ki * dh) * sw + (kj * dw) % sw) * self.wq + (kj * dw) // sw
         # Input gradient: rows = input channels, entries (o, ki, kj), read from the dilated and
         # zero-padded output gradient Gz of size (cout, hz, wz).
         ah, aw = (kh - 1) * dh, (kw - 1) * dw
@@ -349,36 +399,66 @@ class _Plan:
         """The (rows, nblocks + 1) entry blocks for batch n, or None (one block fits)."""
         key = (n, transposed, _BLOCK_BYTES)
         if key not in self._blocks:
-            channels = (self.cout if transposed else self.cin) // self.groups
-            kh, kw = self.kh, self.kw
-            dh, dw = self.dilation
-            seg = min(_GATHER_TILE, (self.w if transposed else self.ow) * n if self.stride[1] == 1 or transposed else n)
-            per_channel = 4 * kh * (seg + (kw - 1) * dw * n)
-            per_block = max(1, _BLOCK_BYTES // per_channel)
-            nb = -(-channels // per_block)
-            if nb <= 1:
-                self._blocks[key] = None
+            nb = self._nblocks(n, transposed)
+            if transposed:
+                indptr, chan = self.t_indptr, self._o_loc_t
             else:
-                per_block = -(-channels // nb)  # even blocks
-                if transposed:
-                    indptr, chan = self.t_indptr, self._o_loc_t
-                else:
-                    indptr, chan = self.indptr, self._c_loc
-                rows = len(indptr) - 1
-                row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(indptr))
-                key_e = row_of * nb + chan // per_block  # non-decreasing over the entries
-                want = (np.arange(rows, dtype=np.int64)[:, None] * nb + np.arange(nb + 1)[None, :]).reshape(-1)
-                b = np.searchsorted(key_e, want, side="left").reshape(rows, nb + 1)
-                b[:, -1] = indptr[1:]
-                self._blocks[key] = np.ascontiguousarray(b, dtype=np.int64)
+                indptr, chan = self.indptr, self._c_loc
+            self._blocks[key] = _entry_blocks(indptr, chan, (self.cout if transposed else self.cin) // self.groups, nb)
         return self._blocks[key]
 
+    def _nblocks(self, n: int, transposed: bool) -> int:
+        channels = (self.cout if transposed else self.cin) // self.groups
+        dw = self.dilation[1]
+        seg = min(_GATHER_TILE, (self.w if transposed else self.ow) * n)
+        per_channel = 4 * self.kh * (seg + (self.kw - 1) * dw * n)
+        per_block = max(1, _BLOCK_BYTES // per_channel)
+        return -(-channels // per_block)
+
+    def strided_input_grad_phases(self, n: int) -> list:
+        """The input gradient of a strided convolution, one stride phase (rh, rw) of the input at a
+        time: input pixel (rh + l sh, rw + m sw) takes output-gradient pixel (l + dh_e, m + dw_e)
+        from the entries whose tap lands on its phase, dh_e = (rh + ph - ki dh) / sh (exact; other
+        entries' taps fall between output pixels). Per phase: a stride-1 gather over the unpadded
+        output gradient with windows, no zero-dilated copy and only the useful flops.
+        Returns [(rh, rw, lh, lw, indptr, offsets, value_index, taps, windows, geometry, blocks)]."""
+        key = ("phases", n, _BLOCK_BYTES)
+        if key not in self._implicit:
+            sh, sw = self.stride
+            ph, pw = self.padding
+            dh, dw = self.dilation
+            rows_t = np.repeat(np.arange(self.cin, dtype=np.int64), np.diff(self.t_indptr))
+            phases = []
+            for rh in range(min(sh, self.h)):
+                for rw in range(min(sw, self.w)):
+                    lh, lw = len(range(rh, self.h, sh)), len(range(rw, self.w, sw))
+                    ah, aw = rh + ph - self._ki_t * dh, rw + pw - self._kj_t * dw
+                    sel = (ah % sh == 0) & (aw % sw == 0)
+                    dh_e, dw_e = ah[sel] // sh, aw[sel] // sw
+                    indptr = np.zeros(self.cin + 1, np.int64)
+                    np.cumsum(np.bincount(rows_t[sel], minlength=self.cin), out=indptr[1:])
+                    off = ((self._o_t[sel] * self.oh + dh_e) * self.ow + dw_e) * n
+                    tap = self._ki_t[sel] * self.kw + self._kj_t[sel]
+                    used, taps = np.unique(tap, return_inverse=True)  # compact tap ids for this phase
+                    wins = np.zeros((max(len(used), 1), 4), np.int64)
+                    for t, u in enumerate(used):
+                        i, j = divmod(int(u), self.kw)
+                        a, b = (rh + ph - i * dh) // sh, (rw + pw - j * dw) // sw
+                        wins[t] = (max(0, -a), min(lh, self.oh - a), max(0, -b) * n, min(lw, self.ow - b) * n)
+                    geo = (lw * n, lh, 1, self.ow * n, 0, lh * lw * n, lw * n, 0)
+                    blocks = _entry_blocks(indptr, self._o_loc_t[sel], self.cout // self.groups,
+                                           self._nblocks(n, True))
+                    phases.append((rh, rw, lh, lw, indptr, off, self.t_perm[sel],
+                                   taps.astype(np.int32).reshape(-1), wins, geo, blocks))
+            self._implicit[key] = phases
+        return self._implicit[key]
+
     def forward_geometry(self, n: int) -> Tuple[np.ndarray, tuple]:
+        """Offsets and geometry over _source_copy's buffer: one output row per segment (with a
+        width stride, the input split by column phase makes each entry's run contiguous again)."""
         sh, sw = self.stride
-        if sw == 1:
-            geo = (self.ow * n, self.oh, 1, sh * self.wp * n, 0, self.oh * self.ow * n, self.ow * n, 0)
-        else:
-            geo = (n, self.oh, self.ow, sh * self.wp * n, sw * n, self.oh * self.ow * n, self.ow * n, n)
+        row = self.wp if sw == 1 else sw * self.wq
+        geo = (self.ow * n, self.oh, 1, sh * row * n, 0, self.oh * self.ow * n, self.ow * n, 0)
         return self.fwd_px * n, geo
 
     def implicit(self, n: int) -> bool:
@@ -387,8 +467,9 @@ class _Plan:
                 and self.kh * self.kw <= 64)  # (the kernels' tap masks are 64 bits)
 
     def implicit_input_grad(self, n: int) -> bool:
-        """Whether the input gradient reads the output gradient unpadded (windows)."""
-        return _IMPLICIT and self.stride == (1, 1) and n % _IMPLICIT_BATCH_MULTIPLE == 0 and self.kh * self.kw <= 64
+        """Whether the input gradient reads the output gradient unpadded (windows; strided
+        convolutions: one stride phase of the input at a time, see strided_input_grad_phases)."""
+        return _IMPLICIT and n % _IMPLICIT_BATCH_MULTIPLE == 0 and self.kh * self.kw <= 64
 
     def implicit_forward_geometry(self, n: int) -> Tuple[np.ndarray, tuple, np.ndarray]:
         """Offsets, geometry and windows over the unpadded (C, H, W, N) input: the output row oh
@@ -488,8 +569,8 @@ def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor,
             _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias),
                                  _flat(xs), _flat(y), geo, p.blocks(n, False), p.taps, wins)
         return _finish(y, result), (xs if keep_padded and not x.permute(1, 2, 3, 0).is_contiguous() else none)
-    keep = keep_padded and any(p.padding)
-    xp = _padded_chwn_kept(x, *p.padding) if keep else _padded_chwn(x, *p.padding)
+    keep = keep_padded and (any(p.padding) or p.stride[1] > 1)
+    xp = _source_copy(x, p, keep)
     if n > 0:
         off, geo = p.forward_geometry(n)
         _core.gather_forward(p.indptr, off, _flat(values), None, None if bias is None else _flat(bias), _flat(xp),
@@ -505,11 +586,14 @@ def _(x, values, bias, indptr, indices, out_channels, kernel_size, stride, paddi
     kh, kw = kernel_size
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    keep = keep_padded and x.dtype != torch.float64 and (padding[0] or padding[1])
+    keep = keep_padded and x.dtype != torch.float64 and bool(padding[0] or padding[1] or stride[1] > 1)
+    hp, wp = h + 2 * padding[0], w + 2 * padding[1]
     if keep and _IMPLICIT and stride[1] == 1 and n % _IMPLICIT_BATCH_MULTIPLE == 0 and kh * kw <= 64:  # _Plan.implicit
         xp = x.new_empty((cin, h, w, n)) if not x.permute(1, 2, 3, 0).is_contiguous() else x.new_empty((0,))
+    elif keep and stride[1] > 1:  # _source_copy's phase split
+        xp = x.new_empty((cin, hp, stride[1], -(-wp // stride[1]), n))
     else:
-        xp = x.new_empty((cin, h + 2 * padding[0], w + 2 * padding[1], n)) if keep else x.new_empty((0,))
+        xp = x.new_empty((cin, hp, wp, n)) if keep else x.new_empty((0,))
     return _out_like_fake(x, (n, out_channels, oh, ow)), xp
 
 
@@ -553,17 +637,25 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
             _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xs), _flat(gv), _flat(gb) if bias_grad else None, geo,
                                p.blocks(n, False), p.taps, wins)
         else:
-            xp = x_padded if kept else _padded_chwn(x, *p.padding)
+            xp = x_padded if kept else _source_copy(x, p, False)
             off, geo = p.forward_geometry(n)
             _core.gather_sddmm(p.indptr, off, _flat(g), _flat(xp), _flat(gv), _flat(gb) if bias_grad else None, geo,
                                p.blocks(n, False))
     gi = empty()
     if input_grad:
         dx, result = _new_result(x, (n, cin, h, w))
-        if n > 0 and p.implicit_input_grad(n):
+        if n > 0 and p.implicit_input_grad(n) and p.stride == (1, 1):
             off, geo, wins = p.implicit_input_grad_geometry(n)
             _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(g), _flat(dx), geo,
                                  p.blocks(n, True), p.t_taps, wins)
+        elif n > 0 and p.implicit_input_grad(n):
+            dxv = dx.view(cin, h, w, n)
+            for rh, rw, lh, lw, indptr_q, off, vidx, taps, wins, geo, blocks in p.strided_input_grad_phases(n):
+                buf = torch.from_numpy(_pool.take(("phase",), (cin, lh, lw, n), zeroed=False))
+                _core.gather_forward(indptr_q, off, _flat(values), vidx, None, _flat(g), _flat(buf), geo, blocks,
+                                     taps, wins)
+                dxv[:, rh::p.stride[0], rw::p.stride[1], :] = buf
+                del buf  # (free for the next phase's take)
         elif n > 0:
             sh, sw = p.stride
             ah, aw = p.gz_origin
