@@ -125,9 +125,8 @@ _BLOCK_BYTES = _block_bytes()
 # Implicit zero padding (see the module docstring); SPARSEBP_CONV_IMPLICIT_PADDING=0 turns it off
 # (always the padded copies: for comparisons).
 _IMPLICIT = os.environ.get("SPARSEBP_CONV_IMPLICIT_PADDING", "1") != "0"
-# ... for batches that are a multiple of this: then an image's borders fall on whole vectors (8 and
-# 16 lanes); other batches take the padded copies (the kernels handle them, lane by lane at the
-# borders: tests lower this to 1).
+# ... for batches that are a multiple of this (where it was measured; other batches take the padded
+# copies. The kernels handle any batch: the tests lower this to 1).
 _IMPLICIT_BATCH_MULTIPLE = 8
 _GATHER_TILE = 128
 
