@@ -140,6 +140,42 @@ def test_strided_1x1_subsamples_and_accumulates(isa, layout, stride):
                     pool[i].fill(np.nan)
 
 
+@pytest.mark.parametrize("stride,padding,kernel", [(1, 1, 3), (2, 1, 3), (2, 0, 1), ((1, 2), 2, (3, 2))])
+def test_operator_path_matches_float64(isa, monkeypatch, stride, padding, kernel):
+    """The registered operators with their registered autograd (what tracing and torch.compile
+    use; eager calls run the same functions without the operator machinery): forward and every
+    gradient against float64, both layouts, padded and implicit-padding batches; gradcheck."""
+    from sparsebp.torch import _conv
+
+    monkeypatch.setattr(_conv, "_eager", lambda *tensors: False)
+    torch.manual_seed(7)
+    m = st.SparseConv2d(4, 6, kernel, stride, padding, sparsity=0.5, generator=torch.Generator().manual_seed(2))
+    for x in (torch.randn(3, 4, 9, 8), st.batch_inner(torch.randn(8, 4, 9, 8))):
+        m.zero_grad()
+        check(m, x, f"operator path s{stride} p{padding} k{kernel}")
+    m64 = st.SparseConv2d(2, 3, kernel, stride, padding, sparsity=0.5).double()
+    x64 = torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, v, b: st.conv_ops.conv2d(a, v, b, m64.indptr, m64.indices, 2, 3, kernel,
+                                                                       stride, padding),
+                                    (x64, m64.values, m64.bias))
+
+
+def test_torch_compile_traces_the_operators():
+    """torch.compile (the aot_eager backend: tracing, fake tensors, the operators' autograd) gives
+    the eager results."""
+    m = st.SparseConv2d(4, 6, 3, padding=1, sparsity=0.5, generator=torch.Generator().manual_seed(4))
+    x = st.batch_inner(torch.randn(8, 4, 9, 9)).requires_grad_()
+    y = torch.compile(m, backend="aot_eager")(x)
+    y.square().sum().backward()
+    gx, gv = x.grad.clone(), m.values.grad.clone()
+    x.grad = None
+    m.zero_grad()
+    y2 = m(x)
+    y2.square().sum().backward()
+    assert torch.allclose(y, y2, atol=1e-6)
+    assert torch.allclose(gx, x.grad, atol=1e-5) and torch.allclose(gv, m.values.grad, atol=1e-4)
+
+
 def test_implicit_padding_switch_and_kept_input(monkeypatch):
     """SPARSEBP_CONV_IMPLICIT_PADDING=0's switch gives the padded-copy path, the same values up to
     rounding; with implicit padding the forward keeps no copy of a batch-innermost input (the

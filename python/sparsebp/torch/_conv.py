@@ -33,6 +33,7 @@ layout changes; an ordinary (N, C, H, W)-contiguous input is converted on the wa
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -198,7 +199,7 @@ class _Pool:
     def take(self, key: tuple, shape: tuple, zeroed: bool) -> np.ndarray:
         """A free float32 array of ``shape`` under ``key``; ``zeroed``: the caller relies on cells it
         does not write being zero (the pooled ones are zero-filled when made and keep that)."""
-        nbytes = 4 * int(np.prod(shape))
+        nbytes = 4 * math.prod(shape)
         if nbytes < self.MIN_BYTES:
             return np.zeros(shape, np.float32) if zeroed else np.empty(shape, np.float32)
         key = (key, tuple(shape))
@@ -296,9 +297,15 @@ def _new_result(x: Tensor, shape: tuple) -> Tuple[Tensor, Optional[Tensor]]:
     arr = _pool.take(("out",), (c, h, w, n), zeroed=False)
     if not (is_batch_inner(x) or n == 1):  # a scratch buffer, copied out by _finish
         return torch.from_numpy(arr), None
-    strides = _batch_inner_strides(n, c, h, w)
-    nchw = np.lib.stride_tricks.as_strided(arr, (n, c, h, w), tuple(4 * s for s in strides))
-    return torch.from_numpy(arr), torch.from_numpy(nchw)
+    buf = torch.from_numpy(arr)
+    return buf, _strided_alias(buf, (n, c, h, w), _batch_inner_strides(n, c, h, w))
+
+
+def _strided_alias(buf: Tensor, shape: tuple, strides: tuple) -> Tensor:
+    """A tensor over buf's memory with these shape and strides that is not a view in autograd's
+    sense (so in-place operators on it are fine); it keeps buf's memory (and its pooled NumPy
+    array) alive as long as it lives."""
+    return torch.empty(0, dtype=buf.dtype).set_(buf.untyped_storage(), buf.storage_offset(), shape, strides)
 
 
 def _finish(buf: Tensor, out: Optional[Tensor]) -> Tensor:
@@ -545,8 +552,7 @@ def _out_like_fake(x: Tensor, shape) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sparsebp::conv2d", mutates_args=())
-def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor, out_channels: int,
+def _conv2d_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor, out_channels: int,
               kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
               groups: int, keep_padded: bool = False) -> Tuple[Tensor, Tensor]:
     """The convolution and, with ``keep_padded`` (float32, padding > 0), the zero-padded (C, Hp,
@@ -578,6 +584,9 @@ def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor,
 
 
 
+conv2d_op = torch.library.custom_op("sparsebp::conv2d", mutates_args=())(_conv2d_impl)
+
+
 @conv2d_op.register_fake
 def _(x, values, bias, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups,
       keep_padded=False):
@@ -596,8 +605,7 @@ def _(x, values, bias, indptr, indices, out_channels, kernel_size, stride, paddi
     return _out_like_fake(x, (n, out_channels, oh, ow)), xp
 
 
-@torch.library.custom_op("sparsebp::conv2d_backward", mutates_args=())
-def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
+def _conv2d_backward_impl(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
                        out_channels: int, kernel_size: List[int], stride: List[int], padding: List[int],
                        dilation: List[int], groups: int, input_grad: bool, weight_grad: bool,
                        bias_grad: bool, x_padded: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -667,6 +675,9 @@ def conv2d_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
     return gi, gv, gb
 
 
+conv2d_backward_op = torch.library.custom_op("sparsebp::conv2d_backward", mutates_args=())(_conv2d_backward_impl)
+
+
 @conv2d_backward_op.register_fake
 def _(grad_y, x, values, indptr, indices, out_channels, kernel_size, stride, padding, dilation, groups, input_grad,
       weight_grad, bias_grad, x_padded=None):
@@ -698,6 +709,43 @@ def _conv_backward(ctx, grad_y, _grad_padded):
 
 
 conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+class _Conv2dEager(torch.autograd.Function):
+    """The same forward and backward as the registered operators, called directly: in eager mode
+    the custom-operator machinery (dispatch, the generated autograd wrapper, filling in defaults)
+    cost ~0.5 ms per convolution forward + backward, about as much as a small layer's kernels.
+    Tracing (torch.compile, fake tensors) goes through the operators instead (see conv2d)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, indptr, indices, geom, keep):
+        y, xp = _conv2d_impl(x, values, bias, indptr, indices, *geom, keep)
+        ctx.save_for_backward(x, values, indptr, indices, xp)
+        ctx.geom = geom
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, values, indptr, indices, x_padded = ctx.saved_tensors
+        need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if not (need_x or need_v or need_b):
+            return (None,) * 7
+        gi, gv, gb = _conv2d_backward_impl(grad_y, x, values, indptr, indices, *ctx.geom, need_x, need_v, need_b,
+                                           x_padded)
+        return (gi if need_x else None, gv if need_v else None, gb if need_b else None) + (None,) * 4
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call can skip the operator machinery: plain CPU tensors (or parameters; no fake or
+    other subclass tensors), not being traced."""
+    return (not torch.compiler.is_compiling() and all(t is None or type(t) in _PLAIN for t in tensors)
+            and tensors[0].device.type == "cpu")
 
 
 def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
@@ -739,8 +787,11 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     # Keep the forward's zero-padded input for the weight gradient when one will be needed: one
     # padded copy per step instead of two (more memory held until the backward, one input's worth).
     keep = torch.is_grad_enabled() and values.requires_grad
-    y, _ = conv2d_op(x, values, bias, indptr, indices, out_channels, [kh, kw], list(stride), list(padding),
-                     list(_pair(dilation, "dilation", 1)), groups, keep)
+    geom = (out_channels, [kh, kw], list(stride), list(padding), list(_pair(dilation, "dilation", 1)), groups)
+    if _eager(x, values, bias, indptr, indices):
+        y = _Conv2dEager.apply(x, values, bias, indptr, indices, geom, keep)
+    else:
+        y, _ = conv2d_op(x, values, bias, indptr, indices, *geom, keep)
     return y.squeeze(0) if unbatched else y
 
 
@@ -768,8 +819,7 @@ class _Subsample(torch.autograd.Function):
             n, c, h, w = ctx.shape
             arr = _pool.take(("out",), (c, h, w, n), zeroed=False)
             arr.fill(0.0)
-            gx = torch.from_numpy(np.lib.stride_tricks.as_strided(
-                arr, (n, c, h, w), tuple(4 * st for st in _batch_inner_strides(n, c, h, w))))
+            gx = _strided_alias(torch.from_numpy(arr), (n, c, h, w), _batch_inner_strides(n, c, h, w))
         else:
             gx = g.new_zeros(ctx.shape)
         gx[:, :, ::sh, ::sw] = g
