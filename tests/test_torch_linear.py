@@ -91,6 +91,46 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x, m.values, m.bias))
 
 
+@pytest.mark.parametrize("layout", ["rows", "batch_inner"])
+def test_operator_path_against_float64(isa, monkeypatch, layout):
+    """The registered operators and their registered autograd (what tracing uses; eager calls run
+    the same functions without the operator machinery) against float64, and gradcheck."""
+    from sparsebp.torch import _ops
+
+    monkeypatch.setattr(_ops, "eager", lambda *tensors: False)
+    m = layer(11)
+    x0 = torch.randn(33, 37)
+    x = (x0.t().contiguous().t() if layout == "batch_inner" else x0.clone()).requires_grad_()
+    y = m(x)
+    g = torch.randn(33, 29)
+    y.backward(g)
+    w64 = m.weight.detach().double()
+    assert torch.allclose(y.double(), x0.double() @ w64.T + m.bias.detach().double(), atol=1e-5)
+    assert torch.allclose(x.grad.double(), g.double() @ w64, atol=1e-5)
+    gw = (g.double().T @ x0.double())[m.mask()]
+    assert torch.allclose(m.values.grad.double(), gw, atol=1e-4)
+    assert torch.allclose(m.bias.grad.double(), g.double().sum(0), atol=1e-5)
+    m64 = layer(5, in_f=9, out_f=7, sparsity=0.5).double()
+    x64 = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, v, b: st.ops.linear(a, v, b, m64.indptr, m64.indices, 9, 7),
+                                    (x64, m64.values, m64.bias))
+
+
+def test_torch_compile_traces_the_operators():
+    """torch.compile (aot_eager: tracing, fake tensors, the operators' autograd) gives eager's results."""
+    m = layer(12)
+    x = torch.randn(16, 37, requires_grad=True)
+    y = torch.compile(m, backend="aot_eager")(x)
+    y.square().sum().backward()
+    gx, gv = x.grad.clone(), m.values.grad.clone()
+    x.grad = None
+    m.zero_grad()
+    y2 = m(x)
+    y2.square().sum().backward()
+    assert torch.allclose(y, y2, atol=1e-6)
+    assert torch.allclose(gx, x.grad, atol=1e-5) and torch.allclose(gv, m.values.grad, atol=1e-5)
+
+
 def test_opcheck():
     m = layer(6)
     cases = [torch.randn(17, 37), torch.randn(37, 17).t(), torch.randn(1, 37)]

@@ -738,14 +738,7 @@ class _Conv2dEager(torch.autograd.Function):
         return (gi if need_x else None, gv if need_v else None, gb if need_b else None) + (None,) * 4
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _eager(*tensors) -> bool:
-    """Whether a call can skip the operator machinery: plain CPU tensors (or parameters; no fake or
-    other subclass tensors), not being traced."""
-    return (not torch.compiler.is_compiling() and all(t is None or type(t) in _PLAIN for t in tensors)
-            and tensors[0].device.type == "cpu")
+_eager = _ops.eager
 
 
 def _pair(v, name: str, minimum: int) -> Tuple[int, int]:

@@ -145,8 +145,7 @@ def _linear_backward_ref(gy, x, values, indptr, indices, out_features, gi, gv, g
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sparsebp::linear", mutates_args=())
-def linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
+def _linear_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
               out_features: int) -> Tensor:
     cols = x.shape[1]
     if x.dtype == torch.float64:
@@ -157,13 +156,15 @@ def linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor,
     return y
 
 
+linear_op = torch.library.custom_op("sparsebp::linear", mutates_args=())(_linear_impl)
+
+
 @linear_op.register_fake
 def _(x, values, bias, indptr, indices, out_features):
     return _new_like_layout(x, x.shape[0], out_features)
 
 
-@torch.library.custom_op("sparsebp::linear_backward", mutates_args=())
-def linear_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
+def _linear_backward_impl(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
                        out_features: int, input_grad: bool, weight_grad: bool,
                        bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
     batch, cols = x.shape
@@ -177,6 +178,9 @@ def linear_backward_op(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor
     _core.linear_backward(s, _np(values), _np(gy), _np(_kernel_ready(x)), _np(gi) if input_grad else None,
                           _np(gv) if weight_grad else None, _np(gb) if bias_grad else None)
     return gi, gv, gb
+
+
+linear_backward_op = torch.library.custom_op("sparsebp::linear_backward", mutates_args=())(_linear_backward_impl)
 
 
 @linear_backward_op.register_fake
@@ -205,6 +209,41 @@ def _linear_backward(ctx, grad_y):
 
 
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+class _LinearEager(torch.autograd.Function):
+    """The same forward and backward as the registered operators, called directly on CPU tensors in
+    eager mode (the operator machinery costs ~0.5 ms per layer forward + backward, more than a
+    small layer's kernels); tracing and CUDA tensors go through the operators (see linear)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, indptr, indices, out_features):
+        ctx.save_for_backward(x, values, indptr, indices)
+        ctx.out_features = out_features
+        ctx.has_bias = bias is not None
+        return _linear_impl(x, values, bias, indptr, indices, out_features)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, values, indptr, indices = ctx.saved_tensors
+        need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if not (need_x or need_v or need_b):
+            return (None,) * 6
+        gi, gv, gb = _linear_backward_impl(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v,
+                                           need_b)
+        return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager(*tensors) -> bool:
+    """Whether a call can skip the operator machinery: plain CPU tensors (or parameters; no fake or
+    other subclass tensors), not being traced."""
+    return (not torch.compiler.is_compiling() and all(t is None or type(t) in _PLAIN for t in tensors)
+            and tensors[0].device.type == "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,5 +373,8 @@ def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
         raise ValueError(f"bias must have shape ({out_features},); got {tuple(bias.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features) if x.dim() != 2 else x
-    y = linear_op(x2, values, bias, indptr, indices, out_features)
+    if eager(x2, values, bias, indptr, indices):
+        y = _LinearEager.apply(x2, values, bias, indptr, indices, out_features)
+    else:
+        y = linear_op(x2, values, bias, indptr, indices, out_features)
     return y.reshape(*lead, out_features) if x.dim() != 2 else y
