@@ -69,4 +69,3 @@ def random_csr(rng, rows: int, cols: int, density: float, empty_rows=(), dtype=n
     np.cumsum(mask.sum(axis=1), out=indptr[1:])
     values = rng.standard_normal(len(c_idx)).astype(dtype)
     return indptr, c_idx.astype(np.int32), values
-
