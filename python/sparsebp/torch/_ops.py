@@ -212,16 +212,16 @@ linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 class _LinearEager(torch.autograd.Function):
-    """The same forward and backward as the registered operators, called directly on CPU tensors in
-    eager mode (the operator machinery costs ~0.5 ms per layer forward + backward, more than a
-    small layer's kernels); tracing and CUDA tensors go through the operators (see linear)."""
+    """The same forward and backward as the registered operators (CPU or CUDA kernels), called
+    directly in eager mode (the operator machinery costs ~0.2-0.5 ms per layer forward + backward,
+    more than a small layer's kernels); tracing goes through the operators (see linear)."""
 
     @staticmethod
     def forward(ctx, x, values, bias, indptr, indices, out_features):
         ctx.save_for_backward(x, values, indptr, indices)
         ctx.out_features = out_features
         ctx.has_bias = bias is not None
-        return _linear_impl(x, values, bias, indptr, indices, out_features)
+        return (_linear_cuda if x.is_cuda else _linear_impl)(x, values, bias, indptr, indices, out_features)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -231,8 +231,8 @@ class _LinearEager(torch.autograd.Function):
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         if not (need_x or need_v or need_b):
             return (None,) * 6
-        gi, gv, gb = _linear_backward_impl(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v,
-                                           need_b)
+        impl = _linear_backward_cuda if x.is_cuda else _linear_backward_impl
+        gi, gv, gb = impl(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b)
         return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
 
 
@@ -240,10 +240,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager(*tensors) -> bool:
-    """Whether a call can skip the operator machinery: plain CPU tensors (or parameters; no fake or
-    other subclass tensors), not being traced."""
+    """Whether a call can skip the operator machinery: plain CPU or CUDA tensors (or parameters; no
+    fake or other subclass tensors), not being traced."""
     return (not torch.compiler.is_compiling() and all(t is None or type(t) in _PLAIN for t in tensors)
-            and tensors[0].device.type == "cpu")
+            and tensors[0].device.type in ("cpu", "cuda"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +267,8 @@ def _cuda_structure(indptr: Tensor, indices: Tensor, rows: int, cols: int):
     colptr[1:] = torch.cumsum(torch.bincount(ix, minlength=cols), 0)
     value = (indptr.to(torch.int64).contiguous(), indices.to(torch.int32).contiguous(), colptr,
              row_of[perm].to(torch.int32).contiguous(), perm.contiguous())
-    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key: _cuda_structs.pop(k, None)), value)
+    # (the dict bound as a default: at interpreter exit the module's globals may already be None)
+    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key, d=_cuda_structs: d.pop(k, None)), value)
     return value
 
 
@@ -292,11 +293,12 @@ def _linear_cuda(x, values, bias, indptr, indices, out_features):
     ip, ix, _, _, _ = _cuda_structure(indptr, indices, out_features, cols)
     xc, v = x.contiguous(), values.contiguous()
     b = None if bias is None else bias.contiguous()
-    tmp = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
+    y = _new_like_layout(x, x.shape[0], out_features)
+    tmp = y if y.is_contiguous() else torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
     _core.cuda_csr_rows(dev, torch.cuda.current_stream(dev).cuda_stream, x.shape[0], out_features, _p(ip), _p(ix),
                         _p(v), 0, _p(b), _p(xc), cols, _p(tmp), out_features)
-    y = _new_like_layout(x, x.shape[0], out_features)
-    y.copy_(tmp)
+    if tmp is not y:
+        y.copy_(tmp)
     return y
 
 
@@ -313,10 +315,11 @@ def _linear_backward_cuda(grad_y, x, values, indptr, indices, out_features, inpu
     ip, ix, colptr, rowidx, perm = _cuda_structure(indptr, indices, out_features, cols)
     g = grad_y.contiguous()
     if input_grad:
-        tmp = torch.empty((batch, cols), dtype=x.dtype, device=x.device)
+        tmp = gi if gi.is_contiguous() else torch.empty((batch, cols), dtype=x.dtype, device=x.device)
         _core.cuda_csr_rows(dev, st, batch, cols, _p(colptr), _p(rowidx), _p(values.contiguous()), _p(perm), 0, _p(g),
                             out_features, _p(tmp), cols)
-        gi.copy_(tmp)
+        if tmp is not gi:
+            gi.copy_(tmp)
     if weight_grad:
         g_fm, x_fm = g.t().contiguous(), x.t().contiguous()  # batch contiguous: coalesced SDDMM reads
         _core.cuda_sddmm(dev, st, batch, out_features, _p(ip), _p(ix), _p(g_fm), batch, _p(x_fm), batch, _p(gv),
