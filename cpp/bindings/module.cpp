@@ -99,7 +99,6 @@ PYBIND11_MODULE(_core, m) {
   sparsebp::init_isa_from_environment();
 
   py::class_<CsrStructure>(m, "CsrStructure")
-      .def(py::init(&make_structure), py::arg("rows"), py::arg("cols"), py::arg("indptr"), py::arg("indices"))
       .def_property_readonly("shape", [](const CsrStructure& s) { return py::make_tuple(s.rows(), s.cols()); })
       .def_property_readonly("nnz", &CsrStructure::nnz)
       .def_property_readonly("indptr",
@@ -112,17 +111,18 @@ PYBIND11_MODULE(_core, m) {
                                const auto& s = self.cast<const CsrStructure&>();
                                return readonly_view(s.indices(), s.nnz(), self);
                              })
-      .def(py::pickle(
-          [](py::object self) {
-            const auto& s = self.cast<const CsrStructure&>();
-            return py::make_tuple(s.rows(), s.cols(), readonly_view(s.indptr(), s.rows() + 1, self),
-                                  readonly_view(s.indices(), s.nnz(), self));
-          },
-          [](const py::tuple& t) {
-            if (t.size() != 4) throw sparsebp::ValueError("invalid CsrStructure pickle state");
-            return make_structure(t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<py::array>(),
-                                  t[3].cast<py::array>());
-          }));
+      // Pickled as a call of csr_structure (below): validated again when loaded. (No py::init or
+      // py::pickle: with pybind11 3.1 an exception thrown out of a constructor factory crashed the
+      // process instead of reaching Python; a plain function's errors do reach it.)
+      .def("__reduce__", [m](py::object self) {
+        const auto& s = self.cast<const CsrStructure&>();
+        return py::make_tuple(m.attr("csr_structure"),
+                              py::make_tuple(s.rows(), s.cols(), readonly_view(s.indptr(), s.rows() + 1, self),
+                                             readonly_view(s.indices(), s.nnz(), self)));
+      });
+  m.def("csr_structure", &make_structure, py::arg("rows"), py::arg("cols"), py::arg("indptr"), py::arg("indices"),
+        "A validated CSR structure (indptr monotone from 0 to nnz, indices in range and strictly increasing "
+        "within each row); ValueError / TypeError naming what is wrong.");
 
   m.def(
       "linear_forward",

@@ -72,7 +72,7 @@ class CSR:
 
     def __init__(self, indptr, indices, values, shape):
         rows, cols = _shape_of(shape)
-        structure = _core.CsrStructure(rows, cols, _index_array(indptr, "indptr"), _index_array(indices, "indices"))
+        structure = _core.csr_structure(rows, cols, _index_array(indptr, "indptr"), _index_array(indices, "indices"))
         self._structure = structure
         self._values = _values_array(values, structure.nnz)
 

@@ -1,9 +1,11 @@
 // Typed errors of the sparsebp engine. The binding maps TypeError -> Python TypeError and
 // ValueError -> Python ValueError; anything else that escapes is our bug (RuntimeError).
 #pragma once
+#include <cstdio>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace sparsebp {
 
@@ -18,19 +20,37 @@ class ValueError : public std::invalid_argument {
 };
 
 namespace detail {
-inline void append(std::ostringstream&) {}
-template <typename T, typename... Rest>
-void append(std::ostringstream& os, const T& first, const Rest&... rest) {
-  os << first;
-  append(os, rest...);
+// Numbers by std::to_string / snprintf, not by a stream: on one toolchain (GCC 13.3, pybind11 3.1,
+// Python 3.12; the GPU machine) formatting integers through std::ostringstream while an error
+// message was built crashed the process.
+inline void append_one(std::string& s, const std::string& v) { s += v; }
+inline void append_one(std::string& s, const char* v) { s += v; }
+inline void append_one(std::string& s, char v) { s += v; }
+template <size_t N>
+void append_one(std::string& s, const char (&v)[N]) {
+  s += v;
+}
+template <typename T>
+void append_one(std::string& s, const T& v) {
+  if constexpr (std::is_integral_v<T>) {
+    s += std::to_string(v);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", static_cast<double>(v));
+    s += buf;
+  } else {
+    std::ostringstream os;
+    os << v;
+    s += os.str();
+  }
 }
 }  // namespace detail
 
 template <typename... Parts>
 std::string str_cat(const Parts&... parts) {
-  std::ostringstream os;
-  detail::append(os, parts...);
-  return os.str();
+  std::string s;
+  (detail::append_one(s, parts), ...);
+  return s;
 }
 
 }  // namespace sparsebp

@@ -529,7 +529,7 @@ def _plan(indptr: Tensor, indices: Tensor, cout: int, cin: int, kh: int, kw: int
           groups: int, h: int, w: int) -> _Plan:
     def make(ip, ix):
         # Validates the structure (sorted, in range, no duplicates) once per plan.
-        _core.CsrStructure(cout, (cin // groups) * kh * kw, ip, ix)
+        _core.csr_structure(cout, (cin // groups) * kh * kw, ip, ix)
         return _Plan(ip, ix, cout, cin, kh, kw, stride, padding, dilation, groups, h, w)
 
     return _plans.get(indptr, indices, (cout, cin, kh, kw, tuple(stride), tuple(padding), tuple(dilation), groups, h, w),

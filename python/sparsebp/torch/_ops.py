@@ -74,7 +74,7 @@ _structures = IndexKeyedCache()
 
 def structure_of(indptr: Tensor, indices: Tensor, rows: int, cols: int):
     """The validated ``_core.CsrStructure`` for these index tensors (cached)."""
-    return _structures.get(indptr, indices, (rows, cols), lambda ip, ix: _core.CsrStructure(rows, cols, ip, ix))
+    return _structures.get(indptr, indices, (rows, cols), lambda ip, ix: _core.csr_structure(rows, cols, ip, ix))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -350,7 +350,7 @@ def _load_structure(mod: nn.Module, rows: int, cols: int, state_dict, prefix: st
         raise ValueError(f"{where}: checkpoint values and indices must be 1-D of equal length (nnz); "
                          f"got {tuple(v.shape)} and {tuple(ix.shape)}")
     try:
-        _core.CsrStructure(rows, cols, ip.detach().cpu().to(torch.int64).numpy(), ix.detach().cpu().to(torch.int64).numpy())
+        _core.csr_structure(rows, cols, ip.detach().cpu().to(torch.int64).numpy(), ix.detach().cpu().to(torch.int64).numpy())
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: the checkpoint's sparsity structure is invalid for a {rows}x{cols} weight: {e}") from None
     if not torch.isfinite(v).all():
