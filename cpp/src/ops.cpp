@@ -352,6 +352,19 @@ void check_blocks(const int64_t* indptr, int64_t rows, const GatherGeometry& g) 
   }
 }
 
+// The arguments both gather passes share (structure, x, geometry, blocks, windows); the caller
+// sets its own operands.
+kernels::GatherArgs gather_args(int64_t rows, const int64_t* indptr, const int64_t* offsets, const float* x,
+                                const GatherGeometry& g) {
+  kernels::GatherArgs a{};
+  a.rows = rows, a.indptr = indptr, a.offsets = offsets, a.x = x;
+  a.y_row = g.y_row, a.y_outer = g.y_outer, a.y_inner = g.y_inner, a.x_outer = g.x_outer, a.x_inner = g.x_inner;
+  a.seg_outer = g.seg_outer, a.seg_inner = g.seg_inner, a.ncols = g.ncols;
+  a.blocks = g.blocks, a.nblocks = g.nblocks;
+  a.taps = g.taps, a.windows = g.windows, a.ntaps = g.ntaps;
+  return a;
+}
+
 // One gather pass (checked by the caller), output rows split across threads by their nonzeros.
 void run_gather(kernels::GatherFn KernelTable::*fn, const kernels::GatherArgs& a) {
   if (a.rows == 0 || a.ncols == 0) return;
@@ -381,10 +394,8 @@ void gather_forward(const int64_t* indptr, int64_t rows, const int64_t* offsets,
   check_no_overlap(span_of(y, y_len), "y", {{span_of(x, x_len), "x"}, {span_of(values, values_len), "values"},
                                             {span_of(bias, bias_len), "bias"}});
   check_blocks(indptr, rows, geo);
-  kernels::GatherArgs a{rows, indptr, offsets, values, value_index, bias, x, y, nullptr, nullptr,
-                        nullptr, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
-                        geo.seg_outer, geo.seg_inner, geo.ncols, geo.blocks, geo.nblocks};
-  a.taps = geo.taps, a.windows = geo.windows, a.ntaps = geo.ntaps;
+  kernels::GatherArgs a = gather_args(rows, indptr, offsets, x, geo);
+  a.values = values, a.value_index = value_index, a.bias = bias, a.y = y;
   run_gather(&KernelTable::gather_forward, a);
 }
 
@@ -400,10 +411,8 @@ void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
   std::fill(dvalues, dvalues + dvalues_len, 0.0f);
   if (dbias) std::fill(dbias, dbias + dbias_len, 0.0f);
   check_blocks(indptr, rows, geo);
-  kernels::GatherArgs a{rows, indptr, offsets, nullptr, nullptr, nullptr, x, nullptr, g, dvalues,
-                        dbias, geo.y_row, geo.y_outer, geo.y_inner, geo.x_outer, geo.x_inner,
-                        geo.seg_outer, geo.seg_inner, geo.ncols, geo.blocks, geo.nblocks};
-  a.taps = geo.taps, a.windows = geo.windows, a.ntaps = geo.ntaps;
+  kernels::GatherArgs a = gather_args(rows, indptr, offsets, x, geo);
+  a.g = g, a.dvalues = dvalues, a.dbias = dbias;
   run_gather(&KernelTable::gather_sddmm, a);
 }
 
