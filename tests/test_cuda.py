@@ -104,7 +104,8 @@ def _torch_cuda():
 
 @gpu
 @pytest.mark.parametrize("rows,cols,density,batch", [(1, 1, 1.0, 1), (33, 17, 0.3, 7), (300, 512, 0.1, 64),
-                                                     (128, 64, 0.0, 9), (64, 700, 0.05, 257)])
+                                                     (128, 64, 0.0, 9), (64, 700, 0.05, 257), (70, 90, 0.2, 32),
+                                                     (40, 100, 0.3, 96), (17, 300, 0.1, 256), (50, 60, 0.4, 520)])
 def test_gpu_linear_against_float64(rows, cols, density, batch):
     torch = _torch_cuda()
     rng = np.random.default_rng(rows + cols)
@@ -202,3 +203,80 @@ def test_gpu_torch_modules_against_dense():
     x2 = torch.randn(9, 64, device="cuda", requires_grad=True)
     m(x2).sum().backward()
     torch.testing.assert_close(x2.grad, m.weight.detach().sum(0).expand(9, -1), rtol=1e-4, atol=1e-4)
+
+
+def _layout(t, kind):
+    """The same values as t (batch, n) in another memory layout: row-major, feature-major (the batch
+    innermost), or feature-major with a padded, misaligned leading dimension (no vector loads)."""
+    if kind == "row":
+        return t.contiguous()
+    if kind == "feature":
+        return t.t().contiguous().t()
+    base = t.new_zeros((t.shape[1], t.shape[0] + 3))
+    base[:, 1:1 + t.shape[0]] = t.t()
+    return base[:, 1:1 + t.shape[0]].t()
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 5, 31, 32, 33, 64, 96, 130, 256, 520])
+@pytest.mark.parametrize("x_layout,g_layout", [("row", "row"), ("feature", "feature"), ("row", "feature"),
+                                               ("feature", "row"), ("padded", "padded"), ("row", "expanded")])
+def test_gpu_sparse_linear_layouts_against_float64(batch, x_layout, g_layout):
+    """Every GPU kernel variant (small-batch batch-major kernels; feature-major kernels with 1-, 2-
+    and 4-wide vectors, batch-major or feature-major outputs; the vectorized SDDMM with one or more
+    batch chunks and its scalar fallback) through SparseLinear, against dense float64 on the CPU."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+
+    gen = torch.Generator().manual_seed(batch)
+    rows, cols = 70, 150
+    dense = torch.nn.Linear(cols, rows)
+    mask = torch.rand(rows, cols, generator=gen) < 0.15
+    mask[3] = False  # an empty row
+    layer = st.SparseLinear.from_dense(dense, mask=mask).cuda()
+    x0 = torch.randn(batch, cols, generator=gen)
+    g0 = torch.randn(batch, rows, generator=gen)
+    x = _layout(x0.cuda(), x_layout).requires_grad_(True)
+    y = layer(x)
+    if x_layout == "row" or batch == 1:  # the output follows the input's layout
+        assert y.is_contiguous()
+    else:
+        assert y.stride(0) == 1
+    if g_layout == "expanded":  # as .sum().backward() gives: stride 0 along the batch
+        g1 = torch.randn(1, rows, generator=gen)
+        g, g0 = g1.cuda().expand(batch, rows), g1.expand(batch, rows)
+    else:
+        g = _layout(g0.cuda(), g_layout)
+    y.backward(g)
+    w = (dense.weight.detach() * mask).double()
+    yr = x0.double() @ w.t() + dense.bias.detach().double()
+    gd = g0.double()
+    torch.testing.assert_close(y.cpu().double(), yr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.cpu().double(), gd @ w, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.values.grad.cpu().double(), (gd.t() @ x0.double())[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.bias.grad.cpu().double(), gd.sum(0), rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("batch", [4, 200])
+def test_gpu_sparse_linear_partial_gradients(batch):
+    """Only some gradients asked for (the backward skips the others), two layers deep."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+
+    torch.manual_seed(batch)
+    d1, d2 = torch.nn.Linear(40, 64), torch.nn.Linear(64, 24)
+    m1, m2 = torch.rand(64, 40) < 0.3, torch.rand(24, 64) < 0.3
+    l1 = st.SparseLinear.from_dense(d1, mask=m1).cuda()
+    l2 = st.SparseLinear.from_dense(d2, mask=m2).cuda()
+    l1.values.requires_grad_(False)  # layer 1: only the bias; layer 2: only its values
+    l2.bias.requires_grad_(False)
+    x = torch.randn(batch, 40)
+    l2(torch.relu(l1(x.cuda()))).square().sum().backward()
+    w1, w2 = (d1.weight.detach() * m1).double().requires_grad_(True), (d2.weight.detach() * m2).double()
+    b1 = d1.bias.detach().double().requires_grad_(True)
+    w2.requires_grad_(True)
+    (torch.relu(x.double() @ w1.t() + b1) @ w2.t() + d2.bias.detach().double()).square().sum().backward()
+    assert l1.values.grad is None and l2.bias.grad is None
+    torch.testing.assert_close(l1.bias.grad.cpu().double(), b1.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(l2.values.grad.cpu().double(), w2.grad[m2], rtol=1e-4, atol=1e-4)

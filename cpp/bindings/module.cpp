@@ -594,6 +594,22 @@ PYBIND11_MODULE(_core, m) {
     cu::sddmm(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
               reinterpret_cast<const int32_t*>(indices), fptr(gt), ldg, fptr(xt), ldx, fptr(dv), fptr(db));
   });
+  m.def("cuda_csr_fm", [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr,
+                              uintptr_t indices, uintptr_t values, uintptr_t vidx, uintptr_t bias, uintptr_t xt,
+                              int64_t ldx, uintptr_t y, int64_t ldy, bool y_batch_major) {
+    py::gil_scoped_release nogil;
+    cu::csr_times_feature_major(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
+                                reinterpret_cast<const int32_t*>(indices), fptr(values),
+                                reinterpret_cast<const int64_t*>(vidx), fptr(bias), fptr(xt), ldx, fptr(y), ldy,
+                                y_batch_major);
+  });
+  m.def("cuda_sddmm_bm", [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr,
+                                uintptr_t indices, uintptr_t g, int64_t ldg, uintptr_t x, int64_t ldx, uintptr_t dv,
+                                uintptr_t db) {
+    py::gil_scoped_release nogil;
+    cu::sddmm_batch_major(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
+                          reinterpret_cast<const int32_t*>(indices), fptr(g), ldg, fptr(x), ldx, fptr(dv), fptr(db));
+  });
   m.def("cuda_topk_rows", [fptr](int dev, uintptr_t stream, uintptr_t src, int64_t rows, int64_t n, int64_t lds,
                                  int64_t k, uintptr_t idx, uintptr_t nan_rows) {
     py::gil_scoped_release nogil;

@@ -24,6 +24,14 @@ void sddmm(int, uintptr_t, int64_t, int64_t, const int64_t*, const int32_t*, con
            int64_t, float*, float*) {
   missing();
 }
+void csr_times_feature_major(int, uintptr_t, int64_t, int64_t, const int64_t*, const int32_t*, const float*,
+                             const int64_t*, const float*, const float*, int64_t, float*, int64_t, bool) {
+  missing();
+}
+void sddmm_batch_major(int, uintptr_t, int64_t, int64_t, const int64_t*, const int32_t*, const float*, int64_t,
+                       const float*, int64_t, float*, float*) {
+  missing();
+}
 void topk_rows(int, uintptr_t, const float*, int64_t, int64_t, int64_t, int64_t, int32_t*, uint8_t*) { missing(); }
 void abs_colsum(int, uintptr_t, const float*, int64_t, int64_t, int64_t, float*) { missing(); }
 void meprop_example(int, uintptr_t, int64_t, int64_t, int64_t, int64_t, const int32_t*, const float*, int64_t,

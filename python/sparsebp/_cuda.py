@@ -126,7 +126,74 @@ def _ptr(t) -> int:
 
 
 def _stream(dev: int) -> int:
-    return int(_torch().cuda.current_stream(dev).cuda_stream)
+    """PyTorch's current stream on ``dev`` as a raw handle."""
+    torch = _torch()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object: ~10x cheaper
+    return int(raw(dev)) if raw is not None else int(torch.cuda.current_stream(dev).cuda_stream)
+
+
+# ---- layouts and the two sparse products, shared by sparsebp.ops and sparsebp.torch ----------------
+# Below this batch the batch-major kernels run on the operands as they are (no transposes; the
+# work is too small for the transposes to pay); from it on, the feature-major kernels (vector loads
+# along the batch, coalesced), on a transposed copy of a batch-major operand.
+SMALL_BATCH = 32
+
+
+def feature_major_ld(t) -> Optional[int]:
+    """For a (batch, n) tensor with the batch innermost (``t.t()`` has contiguous rows) and batch > 1:
+    the row stride of ``t.t()``; else None."""
+    if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1 and t.stride(1) >= t.shape[0]:
+        return t.stride(1)
+    return None
+
+
+def csr_product(dev: int, st: int, x, rows: int, indptr, indices, values, value_index=None, bias=None):
+    """``y = x S^T (+ bias)`` on the GPU for S (rows x cols) in CSR (device tensors: indptr int64,
+    indices int32, values float32, value_index int64 or None: S's entry p is
+    ``values[value_index[p]]``). ``x`` (batch, cols) float32, any strides. Returns ``(y, xt)``: ``y``
+    (batch, rows) in ``x``'s layout (feature-major in, feature-major out; else row-major), and ``xt``,
+    x's rows as feature-major (cols, batch) rows (a view of x, or the transposed copy that was made),
+    or None where the small-batch kernel ran on x as it is."""
+    torch = _torch()
+    batch, cols = x.shape
+    ldx = feature_major_ld(x)
+    if ldx is None and batch < SMALL_BATCH:
+        xc = x.contiguous()
+        y = torch.empty((batch, rows), dtype=torch.float32, device=x.device)
+        _core.cuda_csr_rows(dev, st, batch, rows, _ptr(indptr), _ptr(indices), _ptr(values), _ptr(value_index),
+                            _ptr(bias), _ptr(xc), cols, _ptr(y), rows)
+        return y, None
+    if ldx is not None:
+        xt = x.t()
+        y = torch.empty_strided((batch, rows), (1, batch), dtype=torch.float32, device=x.device)
+        ldy, batch_major = batch, False
+    else:
+        xt, ldx = x.t().contiguous(), batch
+        y = torch.empty((batch, rows), dtype=torch.float32, device=x.device)
+        ldy, batch_major = rows, True
+    _core.cuda_csr_fm(dev, st, batch, rows, _ptr(indptr), _ptr(indices), _ptr(values), _ptr(value_index), _ptr(bias),
+                      _ptr(xt), ldx, _ptr(y), ldy, batch_major)
+    return y, xt
+
+
+def sddmm(dev: int, st: int, g, x, indptr, indices, gt=None, xt=None, dvalues=None, dbias=None) -> None:
+    """``dvalues[p] = sum_b g[b, row(p)] x[b, indices[p]]`` at the stored positions of a CSR (rows x
+    cols), and ``dbias = g.sum(0)`` when given (float32 device tensors; g (batch, rows), x (batch,
+    cols)). ``gt``/``xt``: feature-major rows of g/x already at hand (from csr_product)."""
+    batch, rows = g.shape
+    if gt is None and xt is None and feature_major_ld(g) is None and batch < SMALL_BATCH:
+        gc, xc = g.contiguous(), x.contiguous()
+        _core.cuda_sddmm_bm(dev, st, batch, rows, _ptr(indptr), _ptr(indices), _ptr(gc), rows, _ptr(xc), x.shape[1],
+                            _ptr(dvalues), _ptr(dbias))
+        return
+    if gt is None:
+        gt = g.t() if feature_major_ld(g) is not None else g.t().contiguous()
+    if xt is None:
+        xt = x.t() if feature_major_ld(x) is not None else x.t().contiguous()
+    ldg = gt.stride(0) if gt.dim() == 2 and gt.shape[0] > 1 else batch
+    ldx = xt.stride(0) if xt.dim() == 2 and xt.shape[0] > 1 else batch
+    _core.cuda_sddmm(dev, st, batch, rows, _ptr(indptr), _ptr(indices), _ptr(gt), ldg, _ptr(xt), ldx, _ptr(dvalues),
+                     _ptr(dbias))
 
 
 _STRUCTS: "OrderedDict[int, tuple]" = OrderedDict()
@@ -185,9 +252,7 @@ def linear_forward(x, w, bias, values, dev: int):
     v = _f32_1d(values, dev, "values", w.nnz)
     b = None if bias is None else _f32_1d(bias, dev, "bias", rows)
     s = _structure(w, dev)
-    y = torch.empty((xt.shape[0], rows), dtype=torch.float32, device=xt.device)
-    _core.cuda_csr_rows(dev, _stream(dev), xt.shape[0], rows, _ptr(s["indptr"]), _ptr(s["indices"]), _ptr(v), 0,
-                        _ptr(b), _ptr(xt), cols, _ptr(y), rows)
+    y, _ = csr_product(dev, _stream(dev), xt, rows, s["indptr"], s["indices"], v, bias=b)
     return _back(y, x)
 
 
@@ -200,23 +265,18 @@ def linear_backward(g, x, w, values, input_grad: bool, weight_grad: bool, bias_g
     s = _structure(w, dev)
     st = _stream(dev)
     gi = gv = gb = None
+    g_fm = None
     if input_grad:
         if values is None:
             raise ValueError("with a GPU input, pass the weight's values on the same device as values=")
         v = _f32_1d(values, dev, "values", w.nnz)
-        gi = torch.empty((batch, cols), dtype=torch.float32, device=xt.device)
-        _core.cuda_csr_rows(dev, st, batch, cols, _ptr(s["colptr"]), _ptr(s["rowidx"]), _ptr(v), _ptr(s["perm"]), 0,
-                            _ptr(gt), rows, _ptr(gi), cols)
-    if weight_grad or bias_grad:
-        g_fm = gt.t().contiguous()  # feature-major: the batch contiguous, for coalesced SDDMM reads
-        x_fm = xt.t().contiguous() if weight_grad else None
-        gv = torch.empty(w.nnz, dtype=torch.float32, device=xt.device) if weight_grad else None
+        gi, g_fm = csr_product(dev, st, gt, cols, s["colptr"], s["rowidx"], v, s["perm"])
+    if weight_grad:
+        gv = torch.empty(w.nnz, dtype=torch.float32, device=xt.device)
         gb = torch.empty(rows, dtype=torch.float32, device=xt.device) if bias_grad else None
-        if weight_grad:
-            _core.cuda_sddmm(dev, st, batch, rows, _ptr(s["indptr"]), _ptr(s["indices"]), _ptr(g_fm), batch,
-                             _ptr(x_fm), batch, _ptr(gv), _ptr(gb))
-        else:
-            gb = g_fm.sum(dim=1)
+        sddmm(dev, st, gt, xt, s["indptr"], s["indices"], gt=g_fm, dvalues=gv, dbias=gb)
+    elif bias_grad:
+        gb = gt.sum(dim=0)
     return tuple(None if t is None else _back(t, x) for t in (gi, gv, gb))
 
 

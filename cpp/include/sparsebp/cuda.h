@@ -29,6 +29,18 @@ void csr_rows_times_dense(int device, uintptr_t stream, int64_t batch, int64_t r
 // (dbias may be null).
 void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
            const float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias);
+// The same product over a feature-major dense operand: y(b, r) = bias[r] + sum_{p in row r} v(p) *
+// xt[indices[p] * ldx + b], written feature-major (y[r * ldy + b]) or, with y_batch_major,
+// batch-major (y[b * ldy + r]). Vector loads where batch, ldx (and ldy) and the pointers allow.
+void csr_times_feature_major(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,
+                             const int32_t* indices, const float* values, const int64_t* value_index,
+                             const float* bias, const float* xt, int64_t ldx, float* y, int64_t ldy,
+                             bool y_batch_major);
+// SDDMM over batch-major operands g (batch x rows, ldg) and x (batch x cols, ldx), for small
+// batches (no transposes): dvalues[p] = sum_b g[b * ldg + row(p)] * x[b * ldx + indices[p]].
+void sddmm_batch_major(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,
+                       const int32_t* indices, const float* g, int64_t ldg, const float* x, int64_t ldx,
+                       float* dvalues, float* dbias);
 // Per row r < rows of src (n entries, stride lds): idx[r * k .. +k) = the k columns of largest |src|,
 // ties to the lower column, increasing order. 0 < k <= n. nan_rows[r] = 1 if the row holds NaN.
 void topk_rows(int device, uintptr_t stream, const float* src, int64_t rows, int64_t n, int64_t lds, int64_t k,

@@ -218,10 +218,14 @@ class _LinearEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, bias, indptr, indices, out_features):
-        ctx.save_for_backward(x, values, indptr, indices)
+        if x.is_cuda:
+            y, x_keep = _linear_cuda_keep(x, values, bias, indptr, indices, out_features)
+        else:
+            y, x_keep = _linear_impl(x, values, bias, indptr, indices, out_features), x
+        ctx.save_for_backward(x_keep, values, indptr, indices)
         ctx.out_features = out_features
         ctx.has_bias = bias is not None
-        return (_linear_cuda if x.is_cuda else _linear_impl)(x, values, bias, indptr, indices, out_features)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -280,53 +284,47 @@ def _cuda_dev(t: Tensor) -> int:
     return dev
 
 
-def _p(t: Optional[Tensor]) -> int:
-    return 0 if t is None or t.numel() == 0 else int(t.data_ptr())
+def _linear_cuda_keep(x, values, bias, indptr, indices, out_features):
+    """The CUDA forward: ``(y, x_keep)``, x_keep the tensor to save for the backward: x itself, or
+    its feature-major copy made for the forward (a (batch, in) view of it), so that the backward's
+    SDDMM reads it without transposing x again, and x itself need not be kept."""
+    if x.dtype == torch.float64:  # the dense reference path, on the device
+        return _linear_ref(x, values, bias, indptr, indices, out_features), x
+    dev = _cuda_dev(x)
+    ip, ix, _, _, _ = _cuda_structure(indptr, indices, out_features, x.shape[1])
+    y, xt = _cuda.csr_product(dev, _cuda._stream(dev), x, out_features, ip, ix, values.contiguous(),
+                              bias=None if bias is None else bias.contiguous())
+    return y, (x if xt is None else xt.t())
 
 
 @linear_op.register_kernel("cuda")
 def _linear_cuda(x, values, bias, indptr, indices, out_features):
-    cols = x.shape[1]
-    if x.dtype == torch.float64:  # the dense reference path, on the device
-        return _linear_ref(x, values, bias, indptr, indices, out_features)
-    dev = _cuda_dev(x)
-    ip, ix, _, _, _ = _cuda_structure(indptr, indices, out_features, cols)
-    xc, v = x.contiguous(), values.contiguous()
-    b = None if bias is None else bias.contiguous()
-    y = _new_like_layout(x, x.shape[0], out_features)
-    tmp = y if y.is_contiguous() else torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
-    _core.cuda_csr_rows(dev, torch.cuda.current_stream(dev).cuda_stream, x.shape[0], out_features, _p(ip), _p(ix),
-                        _p(v), 0, _p(b), _p(xc), cols, _p(tmp), out_features)
-    if tmp is not y:
-        y.copy_(tmp)
-    return y
+    return _linear_cuda_keep(x, values, bias, indptr, indices, out_features)[0]
 
 
 @linear_backward_op.register_kernel("cuda")
 def _linear_backward_cuda(grad_y, x, values, indptr, indices, out_features, input_grad, weight_grad, bias_grad):
     batch, cols = x.shape
-    gi = _new_like_layout(grad_y, batch, cols) if input_grad else x.new_empty((0,))
-    gv = values.new_empty(values.shape) if weight_grad else values.new_empty((0,))
-    gb = values.new_empty((out_features,)) if bias_grad else values.new_empty((0,))
+    empty = values.new_empty((0,))
     if x.dtype == torch.float64:
+        gi = _new_like_layout(grad_y, batch, cols) if input_grad else empty
+        gv = values.new_empty(values.shape) if weight_grad else empty
+        gb = values.new_empty((out_features,)) if bias_grad else empty
         return _linear_backward_ref(grad_y, x, values, indptr, indices, out_features, gi, gv, gb)
     dev = _cuda_dev(x)
-    st = torch.cuda.current_stream(dev).cuda_stream
+    st = _cuda._stream(dev)
     ip, ix, colptr, rowidx, perm = _cuda_structure(indptr, indices, out_features, cols)
-    g = grad_y.contiguous()
-    if input_grad:
-        tmp = gi if gi.is_contiguous() else torch.empty((batch, cols), dtype=x.dtype, device=x.device)
-        _core.cuda_csr_rows(dev, st, batch, cols, _p(colptr), _p(rowidx), _p(values.contiguous()), _p(perm), 0, _p(g),
-                            out_features, _p(tmp), cols)
-        if tmp is not gi:
-            gi.copy_(tmp)
+    gi = gv = gb = None
+    gt = None
+    if input_grad:  # dX = G W: the same product over W's CSC; gt: G's feature-major rows, reused below
+        gi, gt = _cuda.csr_product(dev, st, grad_y, cols, colptr, rowidx, values.contiguous(), perm)
     if weight_grad:
-        g_fm, x_fm = g.t().contiguous(), x.t().contiguous()  # batch contiguous: coalesced SDDMM reads
-        _core.cuda_sddmm(dev, st, batch, out_features, _p(ip), _p(ix), _p(g_fm), batch, _p(x_fm), batch, _p(gv),
-                         _p(gb) if bias_grad else 0)
+        gv = values.new_empty(values.shape)
+        gb = values.new_empty((out_features,)) if bias_grad else None
+        _cuda.sddmm(dev, st, grad_y, x, ip, ix, gt=gt, dvalues=gv, dbias=gb)
     elif bias_grad:
-        gb.copy_(g.sum(0))
-    return gi, gv, gb
+        gb = grad_y.sum(0)
+    return (empty if gi is None else gi, empty if gv is None else gv, empty if gb is None else gb)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,6 +79,112 @@ __global__ void csr_rows_kernel(int64_t batch, int64_t rows, const int64_t* __re
   y[b * ldy + o] = acc;
 }
 
+// ---- CSR rows times a feature-major dense matrix ----------------------------------------------------
+// One warp per sparse row r; lane l holds the V consecutive batch columns b0 + l*V .. +V of a chunk of
+// 32*V (grid.y walks the chunks). The row's (index, value) pairs are read 32 at a time, coalesced,
+// and broadcast by shuffles; each then costs one coalesced 4V-byte load per lane from xt's row.
+// Output: feature-major (yt[r * ldy + b], vector stores) or batch-major (y[b * ldy + r]): then the
+// block's kFmWarps rows go through shared memory so that each b gets one 4*kFmWarps-byte store.
+constexpr int kFmWarps = 8;
+
+template <int V>
+struct Vec;
+template <>
+struct Vec<1> {
+  using T = float;
+  __device__ static T load(const float* p) { return __ldg(p); }
+  __device__ static void fma(float* acc, float w, T x) { acc[0] = fmaf(w, x, acc[0]); }
+  __device__ static void store(float* p, const float* acc) { *p = acc[0]; }
+};
+template <>
+struct Vec<2> {
+  using T = float2;
+  __device__ static T load(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
+  __device__ static void fma(float* acc, float w, T x) {
+    acc[0] = fmaf(w, x.x, acc[0]);
+    acc[1] = fmaf(w, x.y, acc[1]);
+  }
+  __device__ static void store(float* p, const float* acc) { *reinterpret_cast<float2*>(p) = make_float2(acc[0], acc[1]); }
+};
+template <>
+struct Vec<4> {
+  using T = float4;
+  __device__ static T load(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+  __device__ static void fma(float* acc, float w, T x) {
+    acc[0] = fmaf(w, x.x, acc[0]);
+    acc[1] = fmaf(w, x.y, acc[1]);
+    acc[2] = fmaf(w, x.z, acc[2]);
+    acc[3] = fmaf(w, x.w, acc[3]);
+  }
+  __device__ static void store(float* p, const float* acc) {
+    *reinterpret_cast<float4*>(p) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
+};
+
+template <int V>
+__global__ void __launch_bounds__(kFmWarps * 32)
+    csr_fm_kernel(int64_t batch, int64_t rows, const int64_t* __restrict__ indptr, const int32_t* __restrict__ indices,
+                  const float* __restrict__ values, const int64_t* __restrict__ vidx, const float* __restrict__ bias,
+                  const float* __restrict__ xt, int64_t ldx, float* __restrict__ y, int64_t ldy, bool batch_major) {
+  __shared__ float stage[kFmWarps][32 * V + 1];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kFmWarps + warp;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * (32 * V);
+  const int64_t b = b0 + lane * V;
+  const bool active = b < batch;  // batch % V == 0: a lane's vector is all inside or all outside
+  float acc[V];
+  if (r < rows) {  // uniform per warp
+    const float b_r = bias ? bias[r] : 0.0f;
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = b_r;
+    const int64_t begin = indptr[r], end = indptr[r + 1];
+    const float* xb = xt + (active ? b : 0);
+    for (int64_t p0 = begin; p0 < end; p0 += 32) {
+      const int n = static_cast<int>(min(static_cast<int64_t>(32), end - p0));
+      int my_col = 0;
+      float my_val = 0.0f;
+      if (lane < n) {
+        my_col = indices[p0 + lane];
+        my_val = values[vidx ? vidx[p0 + lane] : p0 + lane];
+      }
+      int j = 0;
+      for (; j + 4 <= n; j += 4) {  // four loads in flight before their first use
+        int c[4];
+        float w[4];
+        typename Vec<V>::T xv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          c[u] = __shfl_sync(0xffffffffu, my_col, j + u);
+          w[u] = __shfl_sync(0xffffffffu, my_val, j + u);
+        }
+        if (active) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) xv[u] = Vec<V>::load(xb + static_cast<int64_t>(c[u]) * ldx);
+#pragma unroll
+          for (int u = 0; u < 4; ++u) Vec<V>::fma(acc, w[u], xv[u]);
+        }
+      }
+      for (; j < n; ++j) {
+        const int c = __shfl_sync(0xffffffffu, my_col, j);
+        const float w = __shfl_sync(0xffffffffu, my_val, j);
+        if (active) Vec<V>::fma(acc, w, Vec<V>::load(xb + static_cast<int64_t>(c) * ldx));
+      }
+    }
+    if (!batch_major && active) Vec<V>::store(y + r * ldy + b, acc);
+  }
+  if (!batch_major) return;  // uniform per launch
+  if (r < rows && active) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) stage[warp][lane * V + v] = acc[v];
+  }
+  __syncthreads();
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kFmWarps;
+  for (int i = threadIdx.x; i < 32 * V * kFmWarps; i += kFmWarps * 32) {
+    const int w = i % kFmWarps, bl = i / kFmWarps;
+    if (r0 + w < rows && b0 + bl < batch) y[(b0 + bl) * ldy + r0 + w] = stage[w][bl];
+  }
+}
+
 // ---- SDDMM -----------------------------------------------------------------------------------------
 constexpr int kWarpsPerBlock = 8;
 
@@ -103,6 +209,88 @@ __global__ void sddmm_kernel(int64_t batch, int64_t rows, const int64_t* __restr
     for (int64_t b = lane; b < batch; b += 32) s = fmaf(g[b], xr[b], s);
     s = warp_sum(s);
     if (lane == 0) dvalues[p] = s;
+  }
+}
+
+// Vectorized SDDMM over feature-major operands (batch % 4 == 0, 16-byte aligned rows): one warp
+// per row, four groups of 8 lanes, each group one stored entry at a time. A chunk of 32*S batch
+// columns: lane (group, sub) holds g's columns s*32 + sub*4 .. +4 (s < S) in registers, reads the
+// same columns of x's row (the group's 8 lanes read 128 contiguous bytes per step), and the
+// group's sum is 3 shuffles. Batches beyond one chunk: chunk by chunk, the partial sums added to
+// dvalues (the same lane writes an entry in every chunk, in order: deterministic).
+template <int S>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    sddmm_vec_kernel(int64_t batch, int64_t rows, const int64_t* __restrict__ indptr,
+                     const int32_t* __restrict__ indices, const float* __restrict__ gt, int64_t ldg,
+                     const float* __restrict__ xt, int64_t ldx, float* __restrict__ dvalues,
+                     float* __restrict__ dbias) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31, group = lane >> 3, sub = lane & 7;
+  if (row >= rows) return;  // uniform per warp
+  const int64_t begin = indptr[row], end = indptr[row + 1];
+  const float* g = gt + row * ldg;
+  float bsum = 0.0f;
+  for (int64_t c0 = 0; c0 < batch; c0 += 32 * S) {
+    float4 gv[S];
+    bool in[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int64_t b = c0 + s * 32 + sub * 4;
+      in[s] = b < batch;
+      gv[s] = in[s] ? __ldg(reinterpret_cast<const float4*>(g + b)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      bsum += (gv[s].x + gv[s].y) + (gv[s].z + gv[s].w);
+    }
+    for (int64_t p = begin + group; p < end; p += 4) {
+      const float* xr = xt + static_cast<int64_t>(__ldg(indices + p)) * ldx + c0 + sub * 4;
+      float4 xv[S];
+#pragma unroll
+      for (int s = 0; s < S; ++s)
+        xv[s] = in[s] ? __ldg(reinterpret_cast<const float4*>(xr + s * 32)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      float acc = 0.0f;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        acc = fmaf(gv[s].x, xv[s].x, acc);
+        acc = fmaf(gv[s].y, xv[s].y, acc);
+        acc = fmaf(gv[s].z, xv[s].z, acc);
+        acc = fmaf(gv[s].w, xv[s].w, acc);
+      }
+      // (lanes of other groups may have left this loop: only the group's own lanes take part)
+      const unsigned mask = 0xffu << (group * 8);
+      acc += __shfl_xor_sync(mask, acc, 4);
+      acc += __shfl_xor_sync(mask, acc, 2);
+      acc += __shfl_xor_sync(mask, acc, 1);
+      if (sub == 0) dvalues[p] = c0 == 0 ? acc : dvalues[p] + acc;
+    }
+  }
+  if (dbias) {  // every group holds the whole row of g: group 0's lanes sum it
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 4);
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
+    if (lane == 0) dbias[row] = bsum;
+  }
+}
+
+// SDDMM over batch-major operands (small batches, no transposes): one warp per row, lanes over the
+// row's stored entries, the batch loop inside (g[b, row] is one broadcast load per b).
+__global__ void sddmm_bm_kernel(int64_t batch, int64_t rows, const int64_t* __restrict__ indptr,
+                                const int32_t* __restrict__ indices, const float* __restrict__ g, int64_t ldg,
+                                const float* __restrict__ x, int64_t ldx, float* __restrict__ dvalues,
+                                float* __restrict__ dbias) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // uniform per warp
+  if (dbias) {
+    float s = 0.0f;
+    for (int64_t b = lane; b < batch; b += 32) s += g[b * ldg + row];
+    s = warp_sum(s);
+    if (lane == 0) dbias[row] = s;
+  }
+  const int64_t end = indptr[row + 1];
+  for (int64_t p = indptr[row] + lane; p < end; p += 32) {
+    const int64_t col = indices[p];
+    float s = 0.0f;
+    for (int64_t b = 0; b < batch; ++b) s = fmaf(__ldg(g + b * ldg + row), __ldg(x + b * ldx + col), s);
+    dvalues[p] = s;
   }
 }
 
@@ -295,6 +483,42 @@ void csr_rows_times_dense(int device, uintptr_t stream, int64_t batch, int64_t r
   check(cudaGetLastError(), "csr_rows_times_dense launch");
 }
 
+namespace {
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+}  // namespace
+
+void csr_times_feature_major(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,
+                             const int32_t* indices, const float* values, const int64_t* value_index,
+                             const float* bias, const float* xt, int64_t ldx, float* y, int64_t ldy,
+                             bool y_batch_major) {
+  SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0 && ldx >= batch && ldy >= (y_batch_major ? rows : batch),
+                       "bad shape for csr_times_feature_major");
+  if (batch == 0 || rows == 0) return;
+  DeviceGuard guard(device);
+  // the widest vector that the batch, the leading dimensions and the pointers allow
+  auto fits = [&](int v) {
+    return batch % v == 0 && ldx % v == 0 && aligned(xt, 4 * v) &&
+           (y_batch_major || (ldy % v == 0 && aligned(y, 4 * v)));
+  };
+  const int v = batch >= 128 && fits(4) ? 4 : batch >= 64 && fits(2) ? 2 : 1;
+  const int64_t gx = ceil_div(rows, kFmWarps), gy = ceil_div(batch, 32 * v);
+  check_grid(gx, "csr_times_feature_major");
+  check_grid_y(gy, "csr_times_feature_major (batch)");
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  const cudaStream_t st = as_stream(stream);
+  if (v == 4) {
+    csr_fm_kernel<4><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
+                                                     y, ldy, y_batch_major);
+  } else if (v == 2) {
+    csr_fm_kernel<2><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
+                                                     y, ldy, y_batch_major);
+  } else {
+    csr_fm_kernel<1><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
+                                                     y, ldy, y_batch_major);
+  }
+  check(cudaGetLastError(), "csr_times_feature_major launch");
+}
+
 void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
            const float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias) {
   SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0, "bad shape for sddmm");
@@ -302,9 +526,34 @@ void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int6
   DeviceGuard guard(device);
   const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
   check_grid(blocks, "sddmm");
-  sddmm_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, as_stream(stream)>>>(
-      batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+  const cudaStream_t st = as_stream(stream);
+  const bool vec = batch > 0 && batch % 4 == 0 && ldg % 4 == 0 && ldx % 4 == 0 && aligned(gt, 16) && aligned(xt, 16);
+  const unsigned nb = static_cast<unsigned>(blocks), nt = kWarpsPerBlock * 32;
+  if (!vec) {
+    sddmm_kernel<<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+  } else if (batch <= 32) {
+    sddmm_vec_kernel<1><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+  } else if (batch <= 64) {
+    sddmm_vec_kernel<2><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+  } else if (batch <= 128) {
+    sddmm_vec_kernel<4><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+  } else {
+    sddmm_vec_kernel<8><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+  }
   check(cudaGetLastError(), "sddmm launch");
+}
+
+void sddmm_batch_major(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,
+                       const int32_t* indices, const float* g, int64_t ldg, const float* x, int64_t ldx,
+                       float* dvalues, float* dbias) {
+  SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0 && ldg >= rows, "bad shape for sddmm_batch_major");
+  if (rows == 0) return;
+  DeviceGuard guard(device);
+  const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
+  check_grid(blocks, "sddmm_batch_major");
+  sddmm_bm_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, as_stream(stream)>>>(
+      batch, rows, indptr, indices, g, ldg, x, ldx, dvalues, dbias);
+  check(cudaGetLastError(), "sddmm_batch_major launch");
 }
 
 void topk_rows(int device, uintptr_t stream, const float* src, int64_t rows, int64_t n, int64_t lds, int64_t k,
