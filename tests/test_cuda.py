@@ -89,6 +89,17 @@ def test_torch_device_mismatch_is_a_clear_error():
         st.ops.linear(x, v, None, ip, ix, 5, 4)
 
 
+def test_torch_values_length_is_checked():
+    torch = pytest.importorskip("torch")
+    import sparsebp.torch as st
+
+    ip = torch.tensor([0, 1, 2, 3, 3])
+    ix = torch.tensor([0, 1, 2], dtype=torch.int32)
+    for v in (torch.zeros(2), torch.zeros(4), torch.zeros(3, 1)):
+        with pytest.raises(ValueError, match="values must have shape \\(3,\\)"):
+            st.ops.linear(torch.zeros(2, 5), v, None, ip, ix, 5, 4)
+
+
 # ---- on a GPU ----------------------------------------------------------------------------------------
 _reason = (f"no CUDA GPU here (CUDA kernels compiled in: {'yes' if COMPILED else 'no'}; GPUs seen: {GPUS}): "
            "the GPU tests have not run")
@@ -280,3 +291,21 @@ def test_gpu_sparse_linear_partial_gradients(batch):
     assert l1.values.grad is None and l2.bias.grad is None
     torch.testing.assert_close(l1.bias.grad.cpu().double(), b1.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(l2.values.grad.cpu().double(), w2.grad[m2], rtol=1e-4, atol=1e-4)
+
+
+@gpu
+def test_gpu_bad_structure_is_a_clear_error():
+    """The functional API with a bad CSR on the GPU: a ValueError before any kernel runs."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+
+    x = torch.randn(40, 5, device="cuda")
+    v = torch.ones(3, device="cuda")
+    ip = torch.tensor([0, 1, 2, 3, 3], device="cuda")
+    for ix, what in (([0, 9, 2], "outside"), ([0, 1, 2], None)):
+        t = torch.tensor(ix, dtype=torch.int32, device="cuda")
+        if what is None:
+            st.ops.linear(x, v, None, ip, t, 5, 4)  # the good one runs
+        else:
+            with pytest.raises(ValueError, match=what):
+                st.ops.linear(x, v, None, ip, t, 5, 4)

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <string>
 
 #include "sparsebp/csr.h"
@@ -568,6 +569,15 @@ PYBIND11_MODULE(_core, m) {
                               py::array_t<int32_t>(indices.size(), indices.data()));
       },
       py::arg("s"), py::arg("seed"));
+  // Whether two host buffers (raw addresses) hold the same bytes: the structure caches' check that
+  // index tensors still hold what a cached structure was built from (sparsebp/torch/_ops.py).
+  m.def("memeq", [](uintptr_t a, uintptr_t b, int64_t nbytes) {
+    if (nbytes < 0) throw sparsebp::ValueError("memeq: nbytes must be >= 0");
+    if (nbytes == 0 || a == b) return true;
+    py::gil_scoped_release nogil;
+    return std::memcmp(reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
+                       static_cast<size_t>(nbytes)) == 0;
+  });
   // CUDA: raw device pointers as Python ints (0 = null); the Python layer (sparsebp/_cuda.py)
   // checks devices, shapes and dtypes and allocates the outputs.
   namespace cu = sparsebp::cuda;
@@ -587,21 +597,36 @@ PYBIND11_MODULE(_core, m) {
                              reinterpret_cast<const int32_t*>(indices), fptr(values),
                              reinterpret_cast<const int64_t*>(vidx), fptr(bias), fptr(x), ldx, fptr(y), ldy);
   });
-  m.def("cuda_sddmm", [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr,
-                             uintptr_t indices, uintptr_t gt, int64_t ldg, uintptr_t xt, int64_t ldx, uintptr_t dv,
-                             uintptr_t db) {
+  m.def(
+      "cuda_sddmm",
+      [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr, uintptr_t indices, uintptr_t gt,
+             int64_t ldg, uintptr_t xt, int64_t ldx, uintptr_t dv, uintptr_t db, uintptr_t g, int64_t ldg_src) {
+        py::gil_scoped_release nogil;
+        cu::sddmm(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
+                  reinterpret_cast<const int32_t*>(indices), fptr(gt), ldg, fptr(xt), ldx, fptr(dv), fptr(db), fptr(g),
+                  ldg_src);
+      },
+      py::arg("dev"), py::arg("stream"), py::arg("batch"), py::arg("rows"), py::arg("indptr"), py::arg("indices"),
+      py::arg("gt"), py::arg("ldg"), py::arg("xt"), py::arg("ldx"), py::arg("dvalues"), py::arg("dbias"),
+      py::arg("g") = 0, py::arg("ldg_src") = 0);
+  m.def(
+      "cuda_csr_fm",
+      [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr, uintptr_t indices,
+             uintptr_t values, uintptr_t vidx, uintptr_t bias, uintptr_t xt, int64_t ldx, uintptr_t y, int64_t ldy,
+             bool y_batch_major, uintptr_t x, int64_t cols, int64_t ldx_src) {
+        py::gil_scoped_release nogil;
+        cu::csr_times_feature_major(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
+                                    reinterpret_cast<const int32_t*>(indices), fptr(values),
+                                    reinterpret_cast<const int64_t*>(vidx), fptr(bias), fptr(xt), ldx, fptr(y), ldy,
+                                    y_batch_major, fptr(x), cols, ldx_src);
+      },
+      py::arg("dev"), py::arg("stream"), py::arg("batch"), py::arg("rows"), py::arg("indptr"), py::arg("indices"),
+      py::arg("values"), py::arg("vidx"), py::arg("bias"), py::arg("xt"), py::arg("ldx"), py::arg("y"),
+      py::arg("ldy"), py::arg("y_batch_major"), py::arg("x") = 0, py::arg("cols") = 0, py::arg("ldx_src") = 0);
+  m.def("cuda_transpose", [fptr](int dev, uintptr_t stream, int64_t rows, int64_t cols, uintptr_t in, int64_t ldi,
+                                 uintptr_t out, int64_t ldo) {
     py::gil_scoped_release nogil;
-    cu::sddmm(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
-              reinterpret_cast<const int32_t*>(indices), fptr(gt), ldg, fptr(xt), ldx, fptr(dv), fptr(db));
-  });
-  m.def("cuda_csr_fm", [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr,
-                              uintptr_t indices, uintptr_t values, uintptr_t vidx, uintptr_t bias, uintptr_t xt,
-                              int64_t ldx, uintptr_t y, int64_t ldy, bool y_batch_major) {
-    py::gil_scoped_release nogil;
-    cu::csr_times_feature_major(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
-                                reinterpret_cast<const int32_t*>(indices), fptr(values),
-                                reinterpret_cast<const int64_t*>(vidx), fptr(bias), fptr(xt), ldx, fptr(y), ldy,
-                                y_batch_major);
+    cu::transpose(dev, stream, rows, cols, fptr(in), ldi, fptr(out), ldo);
   });
   m.def("cuda_sddmm_bm", [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr,
                                 uintptr_t indices, uintptr_t g, int64_t ldg, uintptr_t x, int64_t ldx, uintptr_t dv,

@@ -20,12 +20,14 @@ void csr_rows_times_dense(int, uintptr_t, int64_t, int64_t, const int64_t*, cons
                           const int64_t*, const float*, const float*, int64_t, float*, int64_t) {
   missing();
 }
-void sddmm(int, uintptr_t, int64_t, int64_t, const int64_t*, const int32_t*, const float*, int64_t, const float*,
-           int64_t, float*, float*) {
+void sddmm(int, uintptr_t, int64_t, int64_t, const int64_t*, const int32_t*, float*, int64_t, const float*, int64_t,
+           float*, float*, const float*, int64_t) {
   missing();
 }
+void transpose(int, uintptr_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) { missing(); }
 void csr_times_feature_major(int, uintptr_t, int64_t, int64_t, const int64_t*, const int32_t*, const float*,
-                             const int64_t*, const float*, const float*, int64_t, float*, int64_t, bool) {
+                             const int64_t*, const float*, float*, int64_t, float*, int64_t, bool, const float*,
+                             int64_t, int64_t) {
   missing();
 }
 void sddmm_batch_major(int, uintptr_t, int64_t, int64_t, const int64_t*, const int32_t*, const float*, int64_t,

@@ -139,61 +139,77 @@ def _stream(dev: int) -> int:
 SMALL_BATCH = 32
 
 
-def feature_major_ld(t) -> Optional[int]:
-    """For a (batch, n) tensor with the batch innermost (``t.t()`` has contiguous rows) and batch > 1:
-    the row stride of ``t.t()``; else None."""
-    if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1 and t.stride(1) >= t.shape[0]:
-        return t.stride(1)
-    return None
+def _row_major(t) -> bool:
+    """Rows contiguous (the batch outermost)."""
+    return t.stride(1) == 1 and t.stride(0) >= t.shape[1]
 
 
-def csr_product(dev: int, st: int, x, rows: int, indptr, indices, values, value_index=None, bias=None):
-    """``y = x S^T (+ bias)`` on the GPU for S (rows x cols) in CSR (device tensors: indptr int64,
-    indices int32, values float32, value_index int64 or None: S's entry p is
-    ``values[value_index[p]]``). ``x`` (batch, cols) float32, any strides. Returns ``(y, xt)``: ``y``
-    (batch, rows) in ``x``'s layout (feature-major in, feature-major out; else row-major), and ``xt``,
-    x's rows as feature-major (cols, batch) rows (a view of x, or the transposed copy that was made),
-    or None where the small-batch kernel ran on x as it is."""
+def _feature_major(t) -> bool:
+    """The batch innermost (``t.t()`` has contiguous rows), batch > 1."""
+    s0, s1 = t.stride()
+    return s0 == 1 and t.shape[0] > 1 and s1 >= t.shape[0]
+
+
+def csr_product(dev: int, st: int, x, rows: int, indptr: int, indices: int, values: int, value_index: int = 0,
+                bias: int = 0):
+    """``y = x S^T (+ bias)`` on the GPU for S (rows x cols) in CSR, given as device pointers (ints;
+    0 = none): indptr int64, indices int32, values float32, value_index int64 (S's entry p is
+    ``values[value_index[p]]``), bias float32. ``x`` (batch, cols): a float32 tensor, any strides.
+    Returns ``(y, xt)``: ``y`` (batch, rows) in ``x``'s layout (feature-major in, feature-major out;
+    else row-major), and ``xt``, x as feature-major (cols, batch) rows (a view of x, or the
+    transposed copy made for the product), or None where the small-batch kernel ran on x as it is."""
     torch = _torch()
     batch, cols = x.shape
-    ldx = feature_major_ld(x)
-    if ldx is None and batch < SMALL_BATCH:
-        xc = x.contiguous()
-        y = torch.empty((batch, rows), dtype=torch.float32, device=x.device)
-        _core.cuda_csr_rows(dev, st, batch, rows, _ptr(indptr), _ptr(indices), _ptr(values), _ptr(value_index),
-                            _ptr(bias), _ptr(xc), cols, _ptr(y), rows)
+    f32 = torch.float32
+    if _feature_major(x):
+        y = torch.empty_strided((batch, rows), (1, batch), dtype=f32, device=x.device)
+        _core.cuda_csr_fm(dev, st, batch, rows, indptr, indices, values, value_index, bias, x.data_ptr(),
+                          x.stride(1), y.data_ptr(), batch, False)
+        return y, x.t()
+    if not _row_major(x):
+        x = x.contiguous()
+    y = torch.empty((batch, rows), dtype=f32, device=x.device)
+    if batch < SMALL_BATCH:
+        _core.cuda_csr_rows(dev, st, batch, rows, indptr, indices, values, value_index, bias, x.data_ptr(),
+                            x.stride(0), y.data_ptr(), rows)
         return y, None
-    if ldx is not None:
-        xt = x.t()
-        y = torch.empty_strided((batch, rows), (1, batch), dtype=torch.float32, device=x.device)
-        ldy, batch_major = batch, False
-    else:
-        xt, ldx = x.t().contiguous(), batch
-        y = torch.empty((batch, rows), dtype=torch.float32, device=x.device)
-        ldy, batch_major = rows, True
-    _core.cuda_csr_fm(dev, st, batch, rows, _ptr(indptr), _ptr(indices), _ptr(values), _ptr(value_index), _ptr(bias),
-                      _ptr(xt), ldx, _ptr(y), ldy, batch_major)
+    xt = torch.empty((cols, batch), dtype=f32, device=x.device)  # filled by the call (x transposed first)
+    _core.cuda_csr_fm(dev, st, batch, rows, indptr, indices, values, value_index, bias, xt.data_ptr(), batch,
+                      y.data_ptr(), rows, True, x.data_ptr(), cols, x.stride(0))
     return y, xt
 
 
-def sddmm(dev: int, st: int, g, x, indptr, indices, gt=None, xt=None, dvalues=None, dbias=None) -> None:
+def sddmm(dev: int, st: int, g, x, indptr: int, indices: int, dvalues: int, dbias: int = 0, gt=None, xt=None) -> None:
     """``dvalues[p] = sum_b g[b, row(p)] x[b, indices[p]]`` at the stored positions of a CSR (rows x
-    cols), and ``dbias = g.sum(0)`` when given (float32 device tensors; g (batch, rows), x (batch,
-    cols)). ``gt``/``xt``: feature-major rows of g/x already at hand (from csr_product)."""
+    cols; indptr, indices, dvalues, dbias: device pointers, dbias 0 for none) and ``dbias =
+    g.sum(0)``; g (batch, rows) and x (batch, cols) float32 tensors, any strides. ``gt``/``xt``:
+    feature-major (n, batch) rows of g/x already at hand (from csr_product), or None."""
+    torch = _torch()
     batch, rows = g.shape
-    if gt is None and xt is None and feature_major_ld(g) is None and batch < SMALL_BATCH:
-        gc, xc = g.contiguous(), x.contiguous()
-        _core.cuda_sddmm_bm(dev, st, batch, rows, _ptr(indptr), _ptr(indices), _ptr(gc), rows, _ptr(xc), x.shape[1],
-                            _ptr(dvalues), _ptr(dbias))
+    cols = x.shape[1]
+    if gt is None and _feature_major(g):
+        gt = g.t()
+    if xt is None and _feature_major(x):
+        xt = x.t()
+    if batch < SMALL_BATCH and gt is None and xt is None:  # both batch-major: no transposes
+        g = g if _row_major(g) else g.contiguous()
+        x = x if _row_major(x) else x.contiguous()
+        _core.cuda_sddmm_bm(dev, st, batch, rows, indptr, indices, g.data_ptr(), g.stride(0), x.data_ptr(),
+                            x.stride(0), dvalues, dbias)
         return
-    if gt is None:
-        gt = g.t() if feature_major_ld(g) is not None else g.t().contiguous()
     if xt is None:
-        xt = x.t() if feature_major_ld(x) is not None else x.t().contiguous()
-    ldg = gt.stride(0) if gt.dim() == 2 and gt.shape[0] > 1 else batch
-    ldx = xt.stride(0) if xt.dim() == 2 and xt.shape[0] > 1 else batch
-    _core.cuda_sddmm(dev, st, batch, rows, _ptr(indptr), _ptr(indices), _ptr(gt), ldg, _ptr(xt), ldx, _ptr(dvalues),
-                     _ptr(dbias))
+        x = x if _row_major(x) else x.contiguous()
+        xt = torch.empty((cols, batch), dtype=torch.float32, device=x.device)
+        _core.cuda_transpose(dev, st, batch, cols, x.data_ptr(), x.stride(0), xt.data_ptr(), batch)
+    ldx = max(xt.stride(0), batch)
+    if gt is not None:
+        _core.cuda_sddmm(dev, st, batch, rows, indptr, indices, gt.data_ptr(), max(gt.stride(0), batch), xt.data_ptr(),
+                         ldx, dvalues, dbias)
+        return
+    g = g if _row_major(g) else g.contiguous()
+    gt = torch.empty((rows, batch), dtype=torch.float32, device=g.device)  # filled by the call (g transposed)
+    _core.cuda_sddmm(dev, st, batch, rows, indptr, indices, gt.data_ptr(), batch, xt.data_ptr(), ldx, dvalues, dbias,
+                     g.data_ptr(), g.stride(0))
 
 
 _STRUCTS: "OrderedDict[int, tuple]" = OrderedDict()
@@ -243,7 +259,6 @@ def _f32_1d(a, dev, name, n):
 
 # ---- the operations --------------------------------------------------------------------------------
 def linear_forward(x, w, bias, values, dev: int):
-    torch = _torch()
     rows, cols = w.shape
     if values is None:
         raise ValueError("with a GPU input, pass the weight's values on the same device as values= "
@@ -252,7 +267,7 @@ def linear_forward(x, w, bias, values, dev: int):
     v = _f32_1d(values, dev, "values", w.nnz)
     b = None if bias is None else _f32_1d(bias, dev, "bias", rows)
     s = _structure(w, dev)
-    y, _ = csr_product(dev, _stream(dev), xt, rows, s["indptr"], s["indices"], v, bias=b)
+    y, _ = csr_product(dev, _stream(dev), xt, rows, _ptr(s["indptr"]), _ptr(s["indices"]), _ptr(v), bias=_ptr(b))
     return _back(y, x)
 
 
@@ -270,11 +285,11 @@ def linear_backward(g, x, w, values, input_grad: bool, weight_grad: bool, bias_g
         if values is None:
             raise ValueError("with a GPU input, pass the weight's values on the same device as values=")
         v = _f32_1d(values, dev, "values", w.nnz)
-        gi, g_fm = csr_product(dev, st, gt, cols, s["colptr"], s["rowidx"], v, s["perm"])
+        gi, g_fm = csr_product(dev, st, gt, cols, _ptr(s["colptr"]), _ptr(s["rowidx"]), _ptr(v), _ptr(s["perm"]))
     if weight_grad:
         gv = torch.empty(w.nnz, dtype=torch.float32, device=xt.device)
         gb = torch.empty(rows, dtype=torch.float32, device=xt.device) if bias_grad else None
-        sddmm(dev, st, gt, xt, s["indptr"], s["indices"], gt=g_fm, dvalues=gv, dbias=gb)
+        sddmm(dev, st, gt, xt, _ptr(s["indptr"]), _ptr(s["indices"]), _ptr(gv), _ptr(gb), gt=g_fm)
     elif bias_grad:
         gb = gt.sum(dim=0)
     return tuple(None if t is None else _back(t, x) for t in (gi, gv, gb))

@@ -26,16 +26,22 @@ void csr_rows_times_dense(int device, uintptr_t stream, int64_t batch, int64_t r
                           const float* x, int64_t ldx, float* y, int64_t ldy);
 // SDDMM at the stored positions of a CSR (rows x cols), feature-major operands:
 //   dvalues[p] = sum_b gt[row(p) * ldg + b] * xt[indices[p] * ldx + b]; dbias[o] = sum_b gt[o * ldg + b]
-// (dbias may be null).
+// (dbias may be null). With g not null, gt is first filled with the transpose of g (batch x rows,
+// row stride ldg_src).
 void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
-           const float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias);
+           float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias,
+           const float* g = nullptr, int64_t ldg_src = 0);
+// out (cols x rows, row stride ldo) = the transpose of in (rows x cols, row stride ldi).
+void transpose(int device, uintptr_t stream, int64_t rows, int64_t cols, const float* in, int64_t ldi, float* out,
+               int64_t ldo);
 // The same product over a feature-major dense operand: y(b, r) = bias[r] + sum_{p in row r} v(p) *
 // xt[indices[p] * ldx + b], written feature-major (y[r * ldy + b]) or, with y_batch_major,
 // batch-major (y[b * ldy + r]). Vector loads where batch, ldx (and ldy) and the pointers allow.
+// With x not null, xt is first filled with the transpose of x (batch x cols, row stride ldx_src).
 void csr_times_feature_major(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,
                              const int32_t* indices, const float* values, const int64_t* value_index,
-                             const float* bias, const float* xt, int64_t ldx, float* y, int64_t ldy,
-                             bool y_batch_major);
+                             const float* bias, float* xt, int64_t ldx, float* y, int64_t ldy, bool y_batch_major,
+                             const float* x = nullptr, int64_t cols = 0, int64_t ldx_src = 0);
 // SDDMM over batch-major operands g (batch x rows, ldg) and x (batch x cols, ldx), for small
 // batches (no transposes): dvalues[p] = sum_b g[b * ldg + row(p)] * x[b * ldx + indices[p]].
 void sddmm_batch_major(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,

@@ -49,15 +49,14 @@ class IndexKeyedCache:
         self._entries: dict = {}
 
     def get(self, indptr: Tensor, indices: Tensor, facts: tuple, make):
-        ip, ix = indptr.detach().numpy(), indices.detach().numpy()
         key = (id(indices),) + facts
-        with self._lock:
-            hit = self._entries.get(key)
+        hit = self._entries.get(key)  # (a dict read is atomic; the lock guards the writes)
         if hit is not None:
             ref, ip0, ix0, value = hit
-            if ref() is indices and np.array_equal(ip0, ip) and np.array_equal(ix0, ix):
+            if ref() is indices and _holds(indptr, ip0) and _holds(indices, ix0):
                 return value
-        ip0, ix0 = np.ascontiguousarray(ip).copy(), np.ascontiguousarray(ix).copy()
+        ip0 = np.ascontiguousarray(indptr.detach().numpy()).copy()
+        ix0 = np.ascontiguousarray(indices.detach().numpy()).copy()
         value = make(ip0, ix0)
 
         def _drop(_, key=key, entries=self._entries, lock=self._lock):
@@ -65,8 +64,17 @@ class IndexKeyedCache:
                 entries.pop(key, None)
 
         with self._lock:
-            self._entries[key] = (weakref.ref(indices, _drop), ip0, ix0, value)
+            self._entries[key] = (weakref.ref(indices, _drop), (ip0, ip0.ctypes.data), (ix0, ix0.ctypes.data), value)
         return value
+
+
+def _holds(t: Tensor, copy) -> bool:
+    """Whether the CPU tensor t holds the same contents as (array, its address), a copy made earlier
+    (one memcmp for a contiguous tensor)."""
+    a, addr = copy
+    if t.is_contiguous() and t.numel() == a.size and t.element_size() == a.itemsize:
+        return _core.memeq(t.data_ptr(), addr, a.nbytes)
+    return t.shape == a.shape and np.array_equal(a, t.detach().numpy())
 
 
 _structures = IndexKeyedCache()
@@ -228,16 +236,25 @@ class _LinearEager(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, values, indptr, indices = ctx.saved_tensors
-        need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if not (need_x or need_v or need_b):
-            return (None,) * 6
-        impl = _linear_backward_cuda if x.is_cuda else _linear_backward_impl
-        gi, gv, gb = impl(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b)
-        return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
+        if torch.is_grad_enabled():  # create_graph=True: no second derivative (an error if one is asked for)
+            return _linear_backward_once(ctx, grad_y)
+        return _linear_backward_eager(ctx, grad_y)
+
+
+def _linear_backward_eager(ctx, grad_y):
+    x, values, indptr, indices = ctx.saved_tensors
+    need_x, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    need_b = need_b and ctx.has_bias
+    if not (need_x or need_v or need_b):
+        return (None,) * 6
+    impl = _linear_backward_cuda if x.is_cuda else _linear_backward_impl
+    gi, gv, gb = impl(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b)
+    return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
+
+
+# (once_differentiable costs ~30 us per call, so only the create_graph=True backward goes through it)
+_linear_backward_once = torch.autograd.function.once_differentiable(_linear_backward_eager)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -258,22 +275,28 @@ _cuda_structs: "dict" = {}
 
 
 def _cuda_structure(indptr: Tensor, indices: Tensor, rows: int, cols: int):
-    """(indptr, indices, colptr, rowidx, perm) on the device: W's CSR and its CSC, cached per index
-    tensors (dropped with them)."""
+    """W's CSR and its CSC on the device, as raw pointers ``(indptr, indices, colptr, rowidx, perm)``
+    (indptr, colptr, perm int64; indices, rowidx int32), cached per index tensors (dropped with them;
+    rebuilt when they change in place)."""
     key = (indices.data_ptr(), indptr.data_ptr(), indices._version, indptr._version, rows, cols)
     hit = _cuda_structs.get(key)
     if hit is not None and hit[0]() is indices:
-        return hit[1]
+        return hit[2]
+    # validated once per structure, on the host (a clear error for a bad one, never a kernel reading
+    # out of bounds): the engine's CSR checks
+    _core.csr_structure(rows, cols, indptr.detach().to("cpu", torch.int64).numpy(),
+                        indices.detach().to("cpu", torch.int32).numpy())
     row_of = _rows_of(indptr, rows)
     ix = indices.to(torch.int64)
     perm = torch.argsort(ix * max(rows, 1) + row_of, stable=True)  # by column, then row
     colptr = torch.zeros(cols + 1, dtype=torch.int64, device=indices.device)
     colptr[1:] = torch.cumsum(torch.bincount(ix, minlength=cols), 0)
-    value = (indptr.to(torch.int64).contiguous(), indices.to(torch.int32).contiguous(), colptr,
-             row_of[perm].to(torch.int32).contiguous(), perm.contiguous())
+    tensors = (indptr.to(torch.int64).contiguous(), indices.to(torch.int32).contiguous(), colptr,
+               row_of[perm].to(torch.int32).contiguous(), perm.contiguous())
+    ptrs = tuple(int(t.data_ptr()) for t in tensors)
     # (the dict bound as a default: at interpreter exit the module's globals may already be None)
-    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key, d=_cuda_structs: d.pop(k, None)), value)
-    return value
+    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key, d=_cuda_structs: d.pop(k, None)), tensors, ptrs)
+    return ptrs
 
 
 def _cuda_dev(t: Tensor) -> int:
@@ -292,8 +315,10 @@ def _linear_cuda_keep(x, values, bias, indptr, indices, out_features):
         return _linear_ref(x, values, bias, indptr, indices, out_features), x
     dev = _cuda_dev(x)
     ip, ix, _, _, _ = _cuda_structure(indptr, indices, out_features, x.shape[1])
-    y, xt = _cuda.csr_product(dev, _cuda._stream(dev), x, out_features, ip, ix, values.contiguous(),
-                              bias=None if bias is None else bias.contiguous())
+    values = values if values.is_contiguous() else values.contiguous()
+    bias = None if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+    y, xt = _cuda.csr_product(dev, _cuda._stream(dev), x, out_features, ip, ix, values.data_ptr(), 0,
+                              0 if bias is None else bias.data_ptr())
     return y, (x if xt is None else xt.t())
 
 
@@ -305,8 +330,8 @@ def _linear_cuda(x, values, bias, indptr, indices, out_features):
 @linear_backward_op.register_kernel("cuda")
 def _linear_backward_cuda(grad_y, x, values, indptr, indices, out_features, input_grad, weight_grad, bias_grad):
     batch, cols = x.shape
-    empty = values.new_empty((0,))
     if x.dtype == torch.float64:
+        empty = values.new_empty((0,))
         gi = _new_like_layout(grad_y, batch, cols) if input_grad else empty
         gv = values.new_empty(values.shape) if weight_grad else empty
         gb = values.new_empty((out_features,)) if bias_grad else empty
@@ -314,17 +339,20 @@ def _linear_backward_cuda(grad_y, x, values, indptr, indices, out_features, inpu
     dev = _cuda_dev(x)
     st = _cuda._stream(dev)
     ip, ix, colptr, rowidx, perm = _cuda_structure(indptr, indices, out_features, cols)
-    gi = gv = gb = None
-    gt = None
+    gi = gv = gb = gt = None
     if input_grad:  # dX = G W: the same product over W's CSC; gt: G's feature-major rows, reused below
-        gi, gt = _cuda.csr_product(dev, st, grad_y, cols, colptr, rowidx, values.contiguous(), perm)
+        v = values if values.is_contiguous() else values.contiguous()
+        gi, gt = _cuda.csr_product(dev, st, grad_y, cols, colptr, rowidx, v.data_ptr(), perm)
     if weight_grad:
         gv = values.new_empty(values.shape)
         gb = values.new_empty((out_features,)) if bias_grad else None
-        _cuda.sddmm(dev, st, grad_y, x, ip, ix, gt=gt, dvalues=gv, dbias=gb)
+        _cuda.sddmm(dev, st, grad_y, x, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt)
     elif bias_grad:
         gb = grad_y.sum(0)
-    return (empty if gi is None else gi, empty if gv is None else gv, empty if gb is None else gb)
+    if gi is None or gv is None or gb is None:
+        empty = values.new_empty((0,))
+        return (empty if gi is None else gi, empty if gv is None else gv, empty if gb is None else gb)
+    return gi, gv, gb
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +386,19 @@ def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     """``y = x @ W.T + bias`` with ``W`` (out_features x in_features) in CSR form (``indptr`` int64,
     ``indices`` int32, ``values`` the stored entries). ``x`` has shape ``(*, in_features)``;
     differentiable in ``x``, ``values`` and ``bias``."""
+    # The common call, everything right (a 2-D float x of the right width, plain tensors on one CPU
+    # or usable CUDA device, not being traced), goes straight to the kernels: the checks below give
+    # the errors, and the slow path, when anything is off.
+    dev = x.device if type(x) in _PLAIN else None
+    if (dev is not None and type(values) in _PLAIN and x.dim() == 2 and x.shape[1] == in_features
+            and x.dtype in _FLOATS and values.dtype == x.dtype and values.device == dev
+            and type(indices) in _PLAIN and type(indptr) in _PLAIN and indices.device == dev and indptr.device == dev
+            and values.dim() == 1 and indices.dim() == 1 and values.shape[0] == indices.shape[0]
+            and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype and bias.device == dev
+                                  and bias.dim() == 1 and bias.shape[0] == out_features))
+            and (dev.type == "cpu" or (dev.type == "cuda" and _cuda.compiled()))
+            and not torch.compiler.is_compiling()):
+        return _LinearEager.apply(x, values, bias, indptr, indices, out_features)
     _check_tensor(x, "x")
     _check_tensor(values, "values")
     if bias is not None:
@@ -372,6 +413,9 @@ def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
         raise ValueError(f"x must have shape (*, {in_features}); got {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},); got {tuple(bias.shape)}")
+    if values.dim() != 1 or (indices.dim() == 1 and values.shape[0] != indices.shape[0]):
+        raise ValueError(f"values must have shape ({indices.shape[0] if indices.dim() == 1 else 'nnz'},) (one per "
+                         f"stored entry); got {tuple(values.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features) if x.dim() != 2 else x
     if eager(x2, values, bias, indptr, indices):

@@ -224,7 +224,7 @@ class SparseLinear(_SparseWeight):
                                              device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, input: Tensor) -> Tensor:
-        policy = getattr(self, "grad_policy", None)
+        policy = self.__dict__.get("grad_policy")  # (a plain attribute: no nn.Module __getattr__ fallback)
         if policy is not None and torch.is_grad_enabled() and (input.requires_grad or self.values.requires_grad):
             from .meprop import sparse_meprop_linear
 

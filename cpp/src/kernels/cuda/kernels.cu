@@ -79,6 +79,29 @@ __global__ void csr_rows_kernel(int64_t batch, int64_t rows, const int64_t* __re
   y[b * ldy + o] = acc;
 }
 
+// ---- transpose -------------------------------------------------------------------------------------
+// out (cols x rows, ldo) = in (rows x cols, ldi)^T through 32 x 33 shared-memory tiles (coalesced
+// reads and writes, no bank conflicts); blocks of 32 x 8 threads, 4 elements per thread.
+constexpr int kTT = 32;
+
+__global__ void transpose_kernel(int64_t rows, int64_t cols, const float* __restrict__ in, int64_t ldi,
+                                 float* __restrict__ out, int64_t ldo) {
+  __shared__ float tile[kTT][kTT + 1];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTT, r0 = static_cast<int64_t>(blockIdx.y) * kTT;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+#pragma unroll
+  for (int k = 0; k < kTT; k += 8) {
+    const int64_t r = r0 + ty + k, c = c0 + tx;
+    if (r < rows && c < cols) tile[ty + k][tx] = in[r * ldi + c];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kTT; k += 8) {
+    const int64_t c = c0 + ty + k, r = r0 + tx;
+    if (c < cols && r < rows) out[c * ldo + r] = tile[tx][ty + k];
+  }
+}
+
 // ---- CSR rows times a feature-major dense matrix ----------------------------------------------------
 // One warp per sparse row r; lane l holds the V consecutive batch columns b0 + l*V .. +V of a chunk of
 // 32*V (grid.y walks the chunks). The row's (index, value) pairs are read 32 at a time, coalesced,
@@ -485,16 +508,37 @@ void csr_rows_times_dense(int device, uintptr_t stream, int64_t batch, int64_t r
 
 namespace {
 bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+void launch_transpose(cudaStream_t st, int64_t rows, int64_t cols, const float* in, int64_t ldi, float* out,
+                      int64_t ldo, const char* what) {
+  if (rows == 0 || cols == 0) return;
+  const int64_t gx = ceil_div(cols, kTT), gy = ceil_div(rows, kTT);
+  check_grid(gx, what);
+  check_grid_y(gy, what);
+  transpose_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(kTT, 8), 0, st>>>(
+      rows, cols, in, ldi, out, ldo);
+  check(cudaGetLastError(), what);
+}
 }  // namespace
+
+void transpose(int device, uintptr_t stream, int64_t rows, int64_t cols, const float* in, int64_t ldi, float* out,
+               int64_t ldo) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0 && ldi >= cols && ldo >= rows, "bad shape for transpose");
+  DeviceGuard guard(device);
+  launch_transpose(as_stream(stream), rows, cols, in, ldi, out, ldo, "transpose launch");
+}
 
 void csr_times_feature_major(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,
                              const int32_t* indices, const float* values, const int64_t* value_index,
-                             const float* bias, const float* xt, int64_t ldx, float* y, int64_t ldy,
-                             bool y_batch_major) {
-  SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0 && ldx >= batch && ldy >= (y_batch_major ? rows : batch),
+                             const float* bias, float* xt, int64_t ldx, float* y, int64_t ldy, bool y_batch_major,
+                             const float* x, int64_t cols, int64_t ldx_src) {
+  SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0 && ldx >= batch && ldy >= (y_batch_major ? rows : batch) &&
+                           (x == nullptr || (cols >= 0 && ldx_src >= cols)),
                        "bad shape for csr_times_feature_major");
-  if (batch == 0 || rows == 0) return;
+  if (batch == 0) return;
   DeviceGuard guard(device);
+  if (x) launch_transpose(as_stream(stream), batch, cols, x, ldx_src, xt, ldx, "csr_times_feature_major transpose");
+  if (rows == 0) return;
   // the widest vector that the batch, the leading dimensions and the pointers allow
   auto fits = [&](int v) {
     return batch % v == 0 && ldx % v == 0 && aligned(xt, 4 * v) &&
@@ -520,10 +564,12 @@ void csr_times_feature_major(int device, uintptr_t stream, int64_t batch, int64_
 }
 
 void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
-           const float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias) {
-  SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0, "bad shape for sddmm");
+           float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias, const float* g,
+           int64_t ldg_src) {
+  SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0 && (g == nullptr || ldg_src >= rows), "bad shape for sddmm");
   if (rows == 0) return;
   DeviceGuard guard(device);
+  if (g) launch_transpose(as_stream(stream), batch, rows, g, ldg_src, gt, ldg, "sddmm transpose");
   const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
   check_grid(blocks, "sddmm");
   const cudaStream_t st = as_stream(stream);
