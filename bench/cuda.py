@@ -3,6 +3,12 @@ the GPU, sparsebp's CUDA kernels against dense `torch.nn.Linear` and `torch.spar
 on the engine-core shapes, interleaved, CUDA-event medians. Needs a build with SPARSEBP_CUDA=ON and
 a GPU; elsewhere it says why and writes nothing.
 
+Two timings of the same step (``layer(x).sum().backward()``):
+- eager: each call launched from Python and waited for, so the host's cost of launching counts
+  (for small layers it is most of the time: nn.Linear's path is C++, sparsebp's glue is Python);
+- graph: the step captured once in a CUDA graph and replayed (``torch.cuda.CUDAGraph``), the
+  device's time alone, as a training loop captured in a graph runs it.
+
 Bar (issue 6): faster than torch.sparse CSR at every sparsity >= 0.9, faster than dense at >= 0.95.
 """
 from __future__ import annotations
@@ -48,6 +54,31 @@ def _time(fns, reps):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _capture(fn, params):
+    """fn captured in a CUDA graph (after warm-up on a side stream), or None if capture fails."""
+    import torch
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in params:
+            p.grad = None
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        return g
+    except Exception as e:  # noqa: BLE001 - a contender that cannot be captured is reported as such
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]})")
+        torch.cuda.synchronize()
+        return None
+
+
 def run(out_dir: str, quick: bool = False, threads=None, reps=None):
     why = _why_not()
     if why:
@@ -79,20 +110,36 @@ def run(out_dir: str, quick: bool = False, threads=None, reps=None):
                 def f_ours():
                     sp(x).sum().backward()
 
-                t = _time({"dense": f_dense, "torch.sparse": f_sparse_torch, "sparsebp": f_ours}, reps)
+                fns = {"dense": f_dense, "torch.sparse": f_sparse_torch, "sparsebp": f_ours}
+                t = _time(fns, reps)
+                params = {"dense": [x, dense.weight, dense.bias], "torch.sparse": [x, wcsr, dense.bias],
+                          "sparsebp": [x, sp.values, sp.bias]}
+                graphs = {k: _capture(fn, params[k]) for k, fn in fns.items()}
+                tg = _time({k: g.replay for k, g in graphs.items() if g is not None}, reps)
+                tg = {k: tg.get(k, float("nan")) for k in fns}
                 flops = 6.0 * batch * int(mask.sum())
                 rows.append(dict(layer=f"{fin}x{fout}", batch=batch, sparsity=s, dense_ms=1e3 * t["dense"],
                                  torch_sparse_ms=1e3 * t["torch.sparse"], sparsebp_ms=1e3 * t["sparsebp"],
                                  vs_dense=t["dense"] / t["sparsebp"], vs_torch_sparse=t["torch.sparse"] / t["sparsebp"],
-                                 gflops=flops / t["sparsebp"] / 1e9))
+                                 graph_dense_ms=1e3 * tg["dense"], graph_torch_sparse_ms=1e3 * tg["torch.sparse"],
+                                 graph_sparsebp_ms=1e3 * tg["sparsebp"], graph_vs_dense=tg["dense"] / tg["sparsebp"],
+                                 graph_vs_torch_sparse=tg["torch.sparse"] / tg["sparsebp"],
+                                 gflops=flops / t["sparsebp"] / 1e9, graph_gflops=flops / tg["sparsebp"] / 1e9))
                 print(rows[-1], flush=True)
+                del graphs
     os.makedirs(out_dir, exist_ok=True)
     from sparsebp.bench.harness import write_csv
 
     write_csv(os.path.join(out_dir, "cuda.csv"), rows)
     with open(os.path.join(out_dir, "cuda.md"), "w") as f:
-        f.write(f"GPU: {torch.cuda.get_device_name()}\n\n| layer | batch | s | dense ms | torch.sparse ms | sparsebp ms | "
-                "speed-up vs dense | vs torch.sparse |\n|---|---|---|---|---|---|---|---|\n")
+        f.write(f"GPU: {torch.cuda.get_device_name()}. Forward + full backward of one layer, medians (ms) and "
+                "speed-ups of sparsebp; eager: launched and waited for per call; graph: the step replayed from a "
+                "CUDA graph (device time).\n\n"
+                "| layer | batch | s | eager: dense | torch.sparse | sparsebp | vs dense | vs torch.sparse "
+                "| graph: dense | torch.sparse | sparsebp | vs dense | vs torch.sparse |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['layer']} | {r['batch']} | {r['sparsity']} | {r['dense_ms']:.3f} | {r['torch_sparse_ms']:.3f} "
-                    f"| {r['sparsebp_ms']:.3f} | {r['vs_dense']:.2f}x | {r['vs_torch_sparse']:.2f}x |\n")
+                    f"| {r['sparsebp_ms']:.3f} | {r['vs_dense']:.2f}x | {r['vs_torch_sparse']:.2f}x "
+                    f"| {r['graph_dense_ms']:.3f} | {r['graph_torch_sparse_ms']:.3f} | {r['graph_sparsebp_ms']:.3f} "
+                    f"| {r['graph_vs_dense']:.2f}x | {r['graph_vs_torch_sparse']:.2f}x |\n")

@@ -309,3 +309,45 @@ def test_gpu_bad_structure_is_a_clear_error():
         else:
             with pytest.raises(ValueError, match=what):
                 st.ops.linear(x, v, None, ip, t, 5, 4)
+
+
+@gpu
+def test_gpu_sparse_linear_in_a_cuda_graph():
+    """A training step through SparseLinear captured in a CUDA graph (the kernels run on PyTorch's
+    current stream, memory from its allocator): replays with new inputs give the float64 gradients."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(96, 80)
+    mask = torch.rand(80, 96) < 0.1
+    layer = st.SparseLinear.from_dense(dense, mask=mask).cuda()
+    static_x = torch.randn(64, 96, device="cuda")
+
+    def step():
+        layer.values.grad = None
+        layer.bias.grad = None
+        layer(static_x).square().sum().backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(static_x).square().sum().backward()
+    w = (dense.weight.detach() * mask).double().requires_grad_(True)
+    b = dense.bias.detach().double().requires_grad_(True)
+    for trial in range(3):
+        x = torch.randn(64, 96)
+        static_x.copy_(x.cuda())
+        layer.values.grad.zero_()
+        layer.bias.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        w.grad = b.grad = None
+        (x.double() @ w.t() + b).square().sum().backward()
+        torch.testing.assert_close(layer.values.grad.cpu().double(), w.grad[mask], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(layer.bias.grad.cpu().double(), b.grad, rtol=1e-4, atol=1e-3)

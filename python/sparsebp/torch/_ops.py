@@ -300,7 +300,7 @@ def _cuda_structure(indptr: Tensor, indices: Tensor, rows: int, cols: int):
 
 
 def _cuda_dev(t: Tensor) -> int:
-    dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    dev = t.get_device()  # a CUDA tensor's device index
     if not _cuda.compiled():
         raise ValueError(f"a tensor on {t.device} was passed, but this build of sparsebp has no CUDA kernels "
                          "(SPARSEBP_CUDA=OFF); reinstall with pip install . -Ccmake.define.SPARSEBP_CUDA=ON")
