@@ -9,6 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sparsebp.torch as st
+from sparsebp.bench.cuda import _capture
 
 CASES = [(768, 3072, 64, 0.95), (4096, 4096, 256, 0.95), (4096, 4096, 256, 0.9)]
 
@@ -27,17 +28,9 @@ def steps(fn, n=50):
 
 
 def graph_time(fn, params):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    for p in params:
-        p.grad = None
-    with torch.cuda.graph(g):
-        fn()
+    g = _capture(fn, params)
+    if g is None:
+        return float("nan")
     ts = []
     for _ in range(30):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,11 +59,7 @@ for fin, fout, batch, s in CASES:
     print(f"\n=== {fin}x{fout} batch {batch} sparsity {s}")
     for name, fn, params in (("dense", f_dense, [x, dense.weight, dense.bias]), ("sparsebp", f_ours, [x, sp.values, sp.bias])):
         host, wall = steps(fn)
-        try:
-            dev = graph_time(fn, params)
-        except Exception as e:  # noqa: BLE001
-            dev = float("nan")
-            print("graph capture failed:", type(e).__name__, str(e)[:200])
+        dev = graph_time(fn, params)
         print(f"{name:9s} host {host * 1e3:.3f} ms/step, wall {wall * 1e3:.3f} ms/step, device (graph) {dev * 1e3:.3f} ms")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
