@@ -183,10 +183,11 @@ def sddmm(dev: int, st: int, g, x, indptr: int, indices: int, dvalues: int, dbia
     """``dvalues[p] = sum_b g[b, row(p)] x[b, indices[p]]`` at the stored positions of a CSR (rows x
     cols; indptr, indices, dvalues, dbias: device pointers, dbias 0 for none) and ``dbias =
     g.sum(0)``; g (batch, rows) and x (batch, cols) float32 tensors, any strides. ``gt``/``xt``:
-    feature-major (n, batch) rows of g/x already at hand (from csr_product), or None."""
+    feature-major (n, batch) rows of g/x already at hand (from csr_product), or None (x may be None
+    when xt is given)."""
     torch = _torch()
     batch, rows = g.shape
-    cols = x.shape[1]
+    cols = x.shape[1] if x is not None else xt.shape[0]  # (x may be None when xt is given)
     if gt is None and _feature_major(g):
         gt = g.t()
     if xt is None and _feature_major(x):

@@ -226,13 +226,16 @@ class _LinearEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, bias, indptr, indices, out_features):
+        ctx.out_features = out_features
+        ctx.has_bias = bias is not None
+        ctx.cuda_state = None
+        if x.is_cuda and x.dtype == torch.float32:
+            return _linear_cuda_eager_forward(ctx, x, values, bias, indptr, indices, out_features)
         if x.is_cuda:
             y, x_keep = _linear_cuda_keep(x, values, bias, indptr, indices, out_features)
         else:
             y, x_keep = _linear_impl(x, values, bias, indptr, indices, out_features), x
         ctx.save_for_backward(x_keep, values, indptr, indices)
-        ctx.out_features = out_features
-        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
@@ -243,11 +246,13 @@ class _LinearEager(torch.autograd.Function):
 
 
 def _linear_backward_eager(ctx, grad_y):
-    x, values, indptr, indices = ctx.saved_tensors
     need_x, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_b = need_b and ctx.has_bias
     if not (need_x or need_v or need_b):
         return (None,) * 6
+    if ctx.cuda_state is not None:
+        return _linear_cuda_eager_backward(ctx, grad_y, need_x, need_v, need_b)
+    x, values, indptr, indices = ctx.saved_tensors
     impl = _linear_backward_cuda if x.is_cuda else _linear_backward_impl
     gi, gv, gb = impl(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b)
     return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
@@ -278,10 +283,15 @@ def _cuda_structure(indptr: Tensor, indices: Tensor, rows: int, cols: int):
     """W's CSR and its CSC on the device, as raw pointers ``(indptr, indices, colptr, rowidx, perm)``
     (indptr, colptr, perm int64; indices, rowidx int32), cached per index tensors (dropped with them;
     rebuilt when they change in place)."""
+    return _cuda_structure_entry(indptr, indices, rows, cols)[1]
+
+
+def _cuda_structure_entry(indptr: Tensor, indices: Tensor, rows: int, cols: int):
+    """``(tensors, pointers)`` of the device structure (see _cuda_structure)."""
     key = (indices.data_ptr(), indptr.data_ptr(), indices._version, indptr._version, rows, cols)
     hit = _cuda_structs.get(key)
     if hit is not None and hit[0]() is indices:
-        return hit[2]
+        return hit[1]
     # validated once per structure, on the host (a clear error for a bad one, never a kernel reading
     # out of bounds): the engine's CSR checks
     _core.csr_structure(rows, cols, indptr.detach().to("cpu", torch.int64).numpy(),
@@ -293,10 +303,10 @@ def _cuda_structure(indptr: Tensor, indices: Tensor, rows: int, cols: int):
     colptr[1:] = torch.cumsum(torch.bincount(ix, minlength=cols), 0)
     tensors = (indptr.to(torch.int64).contiguous(), indices.to(torch.int32).contiguous(), colptr,
                row_of[perm].to(torch.int32).contiguous(), perm.contiguous())
-    ptrs = tuple(int(t.data_ptr()) for t in tensors)
+    entry = (tensors, tuple(int(t.data_ptr()) for t in tensors))
     # (the dict bound as a default: at interpreter exit the module's globals may already be None)
-    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key, d=_cuda_structs: d.pop(k, None)), tensors, ptrs)
-    return ptrs
+    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key, d=_cuda_structs: d.pop(k, None)), entry)
+    return entry
 
 
 def _cuda_dev(t: Tensor) -> int:
@@ -320,6 +330,44 @@ def _linear_cuda_keep(x, values, bias, indptr, indices, out_features):
     y, xt = _cuda.csr_product(dev, _cuda._stream(dev), x, out_features, ip, ix, values.data_ptr(), 0,
                               0 if bias is None else bias.data_ptr())
     return y, (x if xt is None else xt.t())
+
+
+def _linear_cuda_eager_forward(ctx, x, values, bias, indptr, indices, out_features):
+    """The eager CUDA forward (float32), with what its backward needs kept on ctx: the device, the
+    device structure (its tensors, which keeps them alive, and their pointers) and x as the
+    backward's SDDMM reads it (the feature-major copy made here, if one was)."""
+    dev = _cuda_dev(x)
+    entry = _cuda_structure_entry(indptr, indices, out_features, x.shape[1])
+    ip, ix = entry[1][0], entry[1][1]
+    values = values if values.is_contiguous() else values.contiguous()
+    bias = None if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
+    y, xt = _cuda.csr_product(dev, _cuda._stream(dev), x, out_features, ip, ix, values.data_ptr(), 0,
+                              0 if bias is None else bias.data_ptr())
+    ctx.save_for_backward(x if xt is None else xt, values)
+    ctx.cuda_state = (dev, entry, xt is not None, x.shape[1])
+    return y
+
+
+def _linear_cuda_eager_backward(ctx, grad_y, need_x, need_v, need_b):
+    x_or_xt, values = ctx.saved_tensors
+    dev, (_, ptrs), transposed, cols = ctx.cuda_state
+    ip, ix, colptr, rowidx, perm = ptrs
+    st = _cuda._stream(dev)
+    gi = gv = gb = gt = None
+    if need_x:  # dX = G W: the same product over W's CSC; gt: G's feature-major rows, reused below
+        v = values if values.is_contiguous() else values.contiguous()
+        gi, gt = _cuda.csr_product(dev, st, grad_y, cols, colptr, rowidx, v.data_ptr(), perm)
+    if need_v:
+        gv = torch.empty_like(values)
+        gb = values.new_empty((ctx.out_features,)) if need_b else None
+        if transposed:
+            _cuda.sddmm(dev, st, grad_y, None, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt,
+                        xt=x_or_xt)
+        else:
+            _cuda.sddmm(dev, st, grad_y, x_or_xt, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt)
+    elif need_b:
+        gb = grad_y.sum(0)
+    return gi, gv, gb, None, None, None
 
 
 @linear_op.register_kernel("cuda")
