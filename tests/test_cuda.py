@@ -351,3 +351,43 @@ def test_gpu_sparse_linear_in_a_cuda_graph():
         (x.double() @ w.t() + b).square().sum().backward()
         torch.testing.assert_close(layer.values.grad.cpu().double(), w.grad[mask], rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(layer.bias.grad.cpu().double(), b.grad, rtol=1e-4, atol=1e-3)
+
+
+class _InterfaceOnly:
+    """A GPU array known to sparsebp only by ``__cuda_array_interface__`` (as Numba's or another
+    library's would be)."""
+
+    def __init__(self, a):
+        self.__cuda_array_interface__ = a.__cuda_array_interface__
+        self._keep = a
+
+
+@gpu
+@pytest.mark.parametrize("batch", [6, 96])
+def test_gpu_ops_take_cupy_and_interface_arrays(batch):
+    """sparsebp.ops on CuPy arrays (CuPy in, CuPy out) and on an object exposing only
+    __cuda_array_interface__, against float64 NumPy; a CuPy input with a CPU bias is a clear error."""
+    cupy = pytest.importorskip("cupy")
+    _torch_cuda()
+    rng = np.random.default_rng(batch)
+    rows, cols = 40, 70
+    ip, ix, vals = ref.random_csr(rng, rows, cols, 0.2)
+    w = sparsebp.CSR(ip, ix, vals, (rows, cols))
+    x = rng.standard_normal((batch, cols)).astype(np.float32)
+    b = rng.standard_normal(rows).astype(np.float32)
+    g = rng.standard_normal((batch, rows)).astype(np.float32)
+    yr, ys = ref.linear_forward(x, ip, ix, vals, (rows, cols), b)
+    y = ops.linear_forward(cupy.asarray(x), w, cupy.asarray(b), values=cupy.asarray(vals))
+    assert isinstance(y, cupy.ndarray)
+    ref.assert_close(cupy.asnumpy(y), yr, ys, cols, "cupy forward")
+    y2 = ops.linear_forward(_InterfaceOnly(cupy.asarray(x)), w, _InterfaceOnly(cupy.asarray(b)),
+                            values=_InterfaceOnly(cupy.asarray(vals)))
+    ref.assert_close(np.asarray(y2.cpu()), yr, ys, cols, "interface-only forward")
+    r = ops.linear_backward(cupy.asarray(g), cupy.asarray(x), w, values=cupy.asarray(vals))
+    (gi, gis), (gv, gvs), _ = ref.linear_backward(g, x, ip, ix, vals, (rows, cols))
+    assert isinstance(r.grad_input, cupy.ndarray)
+    ref.assert_close(cupy.asnumpy(r.grad_input), gi, gis, rows, "cupy grad_input")
+    ref.assert_close(cupy.asnumpy(r.grad_values), gv, gvs, batch, "cupy grad_values")
+    np.testing.assert_allclose(cupy.asnumpy(r.grad_bias), g.astype(np.float64).sum(0), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="different devices"):
+        ops.linear_forward(cupy.asarray(x), w, b, values=cupy.asarray(vals))
