@@ -100,6 +100,32 @@ def test_torch_values_length_is_checked():
             st.ops.linear(torch.zeros(2, 5), v, None, ip, ix, 5, 4)
 
 
+def test_device_structure_cache_survives_in_place_writes():
+    """The GPU path's structure cache (device-agnostic logic, run here on CPU tensors): reused while
+    the index tensors are untouched; kept after an in-place write of the same contents (DDP
+    broadcasts buffers into place on every forward); rebuilt from the new contents after a real
+    change; a change to an invalid structure is a clear error; the cache holds copies."""
+    torch = pytest.importorskip("torch")
+    from sparsebp.torch import _ops
+
+    ip = torch.tensor([0, 2, 3])
+    ix = torch.tensor([0, 2, 1], dtype=torch.int32)
+    e1 = _ops._cuda_structure_entry(ip, ix, 2, 3)
+    assert _ops._cuda_structure_entry(ip, ix, 2, 3) is e1
+    v = ix._version
+    ix.copy_(ix.clone())
+    assert ix._version > v and _ops._cuda_structure_entry(ip, ix, 2, 3) is e1
+    ix.copy_(torch.tensor([1, 2, 0], dtype=torch.int32))
+    e2 = _ops._cuda_structure_entry(ip, ix, 2, 3)
+    assert e2 is not e1
+    indptr2, indices2, colptr, rowidx, perm = e2[0]
+    assert indices2.tolist() == [1, 2, 0] and e1[0][1].tolist() == [0, 2, 1]  # copies, not views
+    assert colptr.tolist() == [0, 1, 2, 3] and rowidx.tolist() == [1, 0, 0] and perm.tolist() == [2, 0, 1]
+    ix[0] = 7
+    with pytest.raises(ValueError, match="outside"):
+        _ops._cuda_structure_entry(ip, ix, 2, 3)
+
+
 # ---- on a GPU ----------------------------------------------------------------------------------------
 _reason = (f"no CUDA GPU here (CUDA kernels compiled in: {'yes' if COMPILED else 'no'}; GPUs seen: {GPUS}): "
            "the GPU tests have not run")

@@ -281,17 +281,29 @@ _cuda_structs: "dict" = {}
 
 def _cuda_structure(indptr: Tensor, indices: Tensor, rows: int, cols: int):
     """W's CSR and its CSC on the device, as raw pointers ``(indptr, indices, colptr, rowidx, perm)``
-    (indptr, colptr, perm int64; indices, rowidx int32), cached per index tensors (dropped with them;
-    rebuilt when they change in place)."""
+    (indptr, colptr, perm int64; indices, rowidx int32), cached per index tensors (dropped with them).
+    The kernels read the cache's own validated copies, never the index tensors themselves."""
     return _cuda_structure_entry(indptr, indices, rows, cols)[1]
 
 
 def _cuda_structure_entry(indptr: Tensor, indices: Tensor, rows: int, cols: int):
-    """``(tensors, pointers)`` of the device structure (see _cuda_structure)."""
-    key = (indices.data_ptr(), indptr.data_ptr(), indices._version, indptr._version, rows, cols)
+    """``(tensors, pointers)`` of the device structure (see _cuda_structure). A cached entry is
+    reused while the index tensors' version counters are unchanged; when they changed (an in-place
+    write: DDP's buffer broadcast on every forward, ``load_state_dict``), their contents are compared
+    with the entry's copies on the device and the entry kept if they are equal (one small sync,
+    instead of a rebuild per step), else rebuilt."""
+    key = (indices.data_ptr(), indptr.data_ptr(), rows, cols)
+    versions = (indices._version, indptr._version)
     hit = _cuda_structs.get(key)
     if hit is not None and hit[0]() is indices:
-        return hit[1]
+        ref, entry, seen = hit
+        if seen == versions:
+            return entry
+        ip0, ix0 = entry[0][0], entry[0][1]
+        if (indptr.shape == ip0.shape and indices.shape == ix0.shape and torch.equal(indptr.to(ip0.dtype), ip0)
+                and torch.equal(indices.to(ix0.dtype), ix0)):
+            _cuda_structs[key] = (ref, entry, versions)
+            return entry
     # validated once per structure, on the host (a clear error for a bad one, never a kernel reading
     # out of bounds): the engine's CSR checks
     _core.csr_structure(rows, cols, indptr.detach().to("cpu", torch.int64).numpy(),
@@ -301,11 +313,12 @@ def _cuda_structure_entry(indptr: Tensor, indices: Tensor, rows: int, cols: int)
     perm = torch.argsort(ix * max(rows, 1) + row_of, stable=True)  # by column, then row
     colptr = torch.zeros(cols + 1, dtype=torch.int64, device=indices.device)
     colptr[1:] = torch.cumsum(torch.bincount(ix, minlength=cols), 0)
-    tensors = (indptr.to(torch.int64).contiguous(), indices.to(torch.int32).contiguous(), colptr,
+    tensors = (indptr.detach().to(torch.int64, copy=True).contiguous(),
+               indices.detach().to(torch.int32, copy=True).contiguous(), colptr,
                row_of[perm].to(torch.int32).contiguous(), perm.contiguous())
     entry = (tensors, tuple(int(t.data_ptr()) for t in tensors))
     # (the dict bound as a default: at interpreter exit the module's globals may already be None)
-    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key, d=_cuda_structs: d.pop(k, None)), entry)
+    _cuda_structs[key] = (weakref.ref(indices, lambda _, k=key, d=_cuda_structs: d.pop(k, None)), entry, versions)
     return entry
 
 
