@@ -21,28 +21,33 @@ def data(steps: int, batch: int):
     return [(torch.randn(batch, 24, generator=g), torch.randint(0, 5, (batch,), generator=g)) for _ in range(steps)]
 
 
-def train(m: nn.Module, batches, rank: int = 0, world: int = 1):
+def train(m: nn.Module, batches, rank: int = 0, world: int = 1, device: str = "cpu"):
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     for x, t in batches:
         n = x.shape[0] // world
-        xs, ts = x[rank * n:(rank + 1) * n], t[rank * n:(rank + 1) * n]
+        xs, ts = x[rank * n:(rank + 1) * n].to(device), t[rank * n:(rank + 1) * n].to(device)
         opt.zero_grad()
         nn.functional.cross_entropy(m(xs), ts).backward()
         opt.step()
     return m
 
 
-def main(rank: int, world: int, port: str, out: str) -> None:
+def main(rank: int, world: int, port: str, out: str, device: str = "cpu") -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        m = model(0)
+        m = model(0).to(device)
         ddp = nn.parallel.DistributedDataParallel(m)
-        train(ddp, data(4, 32), rank, world)
+        train(ddp, data(4, 32), rank, world, device)
         if rank == 0:
-            torch.save(m.state_dict(), out)
+            torch.save({k: v.cpu() for k, v in m.state_dict().items()}, out)
+        elif device != "cpu":  # how many device structures the GPU path holds after the run
+            from sparsebp.torch import _ops
+
+            with open(out + ".structures", "w") as f:
+                f.write(str(len(_ops._cuda_structs)))
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], *sys.argv[5:])
