@@ -1,13 +1,19 @@
 // CUDA variants of sparsebp's kernels: CUDA runtime only (no cuSPARSE / cuBLAS). Contracts in
 // include/sparsebp/cuda.h. Compiled only with SPARSEBP_CUDA=ON.
 //
-// Choices (written for correctness first; none of this has run on a GPU in this project yet, see
-// the README):
-//  - CSR times dense: one thread per output element (b, o), threads of a warp on consecutive
-//    output rows o of one example b, so the writes are coalesced and the example's input row is
-//    reused from L1 by the whole warp. The input gradient is the same kernel over W's CSC.
-//  - SDDMM: one warp per weight row, lanes over the batch of feature-major operands (coalesced),
-//    a shuffle reduction per stored entry; the bias gradient in the same pass.
+// Choices (tested and benchmarked on H100s; results and the protocol in the README):
+//  - CSR times a feature-major dense operand (batch >= 32, or an operand already feature-major):
+//    one warp per sparse row, lanes over the batch with 1-, 2- or 4-wide vector loads, the row's
+//    (index, value) pairs broadcast by shuffles; a batch-major operand is transposed first by the
+//    tiled transpose kernel (same call), a batch-major output staged through shared memory. The
+//    input gradient is the same kernel over W's CSC.
+//  - CSR times a batch-major operand (small batches): one thread per output element (b, o),
+//    threads of a warp on consecutive output rows o of one example b (coalesced writes, the
+//    example's input row reused from L1 by the whole warp).
+//  - SDDMM over feature-major operands: one warp per weight row, 8 lanes per stored entry with the
+//    gradient row in registers (vectorized; a warp-wide scalar fallback for odd batches or
+//    misaligned rows); the bias gradient in the same pass. Small batches: one warp per row, lanes
+//    over its entries, on batch-major operands.
 //  - top-k: one block per row; radix select on the bits of |g| (4 passes of 8-bit histograms in
 //    shared memory) finds the k-th largest key T and how many entries equal to T to take; an ordered
 //    block-wide compaction then writes the selected columns in increasing order, taking the ties at
