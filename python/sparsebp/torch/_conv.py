@@ -711,6 +711,17 @@ def _conv_backward(ctx, grad_y, _grad_padded):
 conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
+def _conv2d_backward_eager(ctx, grad_y):
+    x, values, indptr, indices, x_padded = ctx.saved_tensors
+    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    if not (need_x or need_v or need_b):
+        return (None,) * 7
+    gi, gv, gb = _conv2d_backward_impl(grad_y, x, values, indptr, indices, *ctx.geom, need_x, need_v, need_b,
+                                       x_padded)
+    return (gi if need_x else None, gv if need_v else None, gb if need_b else None) + (None,) * 4
+
+
 class _Conv2dEager(torch.autograd.Function):
     """The same forward and backward as the registered operators, called directly: in eager mode
     the custom-operator machinery (dispatch, the generated autograd wrapper, filling in defaults)
@@ -725,26 +736,7 @@ class _Conv2dEager(torch.autograd.Function):
         ctx.has_bias = bias is not None
         return y
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # create_graph=True: no second derivative (an error if one is asked for)
-            return _conv2d_backward_once(ctx, grad_y)
-        return _conv2d_backward_eager(ctx, grad_y)
-
-
-def _conv2d_backward_eager(ctx, grad_y):
-    x, values, indptr, indices, x_padded = ctx.saved_tensors
-    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    if not (need_x or need_v or need_b):
-        return (None,) * 7
-    gi, gv, gb = _conv2d_backward_impl(grad_y, x, values, indptr, indices, *ctx.geom, need_x, need_v, need_b,
-                                       x_padded)
-    return (gi if need_x else None, gv if need_v else None, gb if need_b else None) + (None,) * 4
-
-
-# (once_differentiable costs ~30 us per call, so only the create_graph=True backward goes through it)
-_conv2d_backward_once = torch.autograd.function.once_differentiable(_conv2d_backward_eager)
+    backward = _ops.once_differentiable_when_graphed(_conv2d_backward_eager)
 
 
 _eager = _ops.eager

@@ -219,30 +219,16 @@ def _linear_backward(ctx, grad_y):
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-class _LinearEager(torch.autograd.Function):
-    """The same forward and backward as the registered operators (CPU or CUDA kernels), called
-    directly in eager mode (the operator machinery costs ~0.2-0.5 ms per layer forward + backward,
-    more than a small layer's kernels); tracing goes through the operators (see linear)."""
+def once_differentiable_when_graphed(fn):
+    """An autograd Function's ``backward`` running ``fn``: through ``once_differentiable`` (an error
+    if a second derivative is asked for) only when the backward builds a graph (create_graph=True),
+    since it costs ~30 us per call; directly otherwise."""
+    once = torch.autograd.function.once_differentiable(fn)
 
-    @staticmethod
-    def forward(ctx, x, values, bias, indptr, indices, out_features):
-        ctx.out_features = out_features
-        ctx.has_bias = bias is not None
-        ctx.cuda_state = None
-        if x.is_cuda and x.dtype == torch.float32:
-            return _linear_cuda_eager_forward(ctx, x, values, bias, indptr, indices, out_features)
-        if x.is_cuda:
-            y, x_keep = _linear_cuda_keep(x, values, bias, indptr, indices, out_features)
-        else:
-            y, x_keep = _linear_impl(x, values, bias, indptr, indices, out_features), x
-        ctx.save_for_backward(x_keep, values, indptr, indices)
-        return y
+    def backward(ctx, *grads):
+        return once(ctx, *grads) if torch.is_grad_enabled() else fn(ctx, *grads)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # create_graph=True: no second derivative (an error if one is asked for)
-            return _linear_backward_once(ctx, grad_y)
-        return _linear_backward_eager(ctx, grad_y)
+    return staticmethod(backward)
 
 
 def _linear_backward_eager(ctx, grad_y):
@@ -258,8 +244,29 @@ def _linear_backward_eager(ctx, grad_y):
     return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
 
 
-# (once_differentiable costs ~30 us per call, so only the create_graph=True backward goes through it)
-_linear_backward_once = torch.autograd.function.once_differentiable(_linear_backward_eager)
+class _LinearEager(torch.autograd.Function):
+    """The same forward and backward as the registered operators (CPU or CUDA kernels), called
+    directly in eager mode (the operator machinery costs ~0.2-0.5 ms per layer forward + backward,
+    more than a small layer's kernels); tracing goes through the operators (see linear)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, indptr, indices, out_features):
+        ctx.out_features = out_features
+        ctx.has_bias = bias is not None
+        ctx.cuda_state = None
+        if x.is_cuda and x.dtype == torch.float32:
+            # Kept for the backward: the device structure (its tensors stay alive with it) and x as
+            # the backward's SDDMM reads it (the feature-major copy made here, if one was; then x
+            # itself need not be kept).
+            y, xt, dev, entry = _cuda_forward(x, values, bias, indptr, indices, out_features)
+            ctx.save_for_backward(x if xt is None else xt, values)
+            ctx.cuda_state = (dev, entry, xt is not None, x.shape[1])
+            return y
+        y = (_linear_cuda if x.is_cuda else _linear_impl)(x, values, bias, indptr, indices, out_features)
+        ctx.save_for_backward(x, values, indptr, indices)
+        return y
+
+    backward = once_differentiable_when_graphed(_linear_backward_eager)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -330,40 +337,21 @@ def _cuda_dev(t: Tensor) -> int:
     return dev
 
 
-def _linear_cuda_keep(x, values, bias, indptr, indices, out_features):
-    """The CUDA forward: ``(y, x_keep)``, x_keep the tensor to save for the backward: x itself, or
-    its feature-major copy made for the forward (a (batch, in) view of it), so that the backward's
-    SDDMM reads it without transposing x again, and x itself need not be kept."""
-    if x.dtype == torch.float64:  # the dense reference path, on the device
-        return _linear_ref(x, values, bias, indptr, indices, out_features), x
-    dev = _cuda_dev(x)
-    ip, ix, _, _, _ = _cuda_structure(indptr, indices, out_features, x.shape[1])
-    values = values if values.is_contiguous() else values.contiguous()
-    bias = None if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
-    y, xt = _cuda.csr_product(dev, _cuda._stream(dev), x, out_features, ip, ix, values.data_ptr(), 0,
-                              0 if bias is None else bias.data_ptr())
-    return y, (x if xt is None else xt.t())
-
-
-def _linear_cuda_eager_forward(ctx, x, values, bias, indptr, indices, out_features):
-    """The eager CUDA forward (float32), with what its backward needs kept on ctx: the device, the
-    device structure (its tensors, which keeps them alive, and their pointers) and x as the
-    backward's SDDMM reads it (the feature-major copy made here, if one was)."""
+def _cuda_forward(x, values, bias, indptr, indices, out_features):
+    """The float32 CUDA forward: ``(y, xt, dev, entry)``: xt as from ``_cuda.csr_product``, the
+    device and the device structure (``_cuda_structure_entry``)."""
     dev = _cuda_dev(x)
     entry = _cuda_structure_entry(indptr, indices, out_features, x.shape[1])
-    ip, ix = entry[1][0], entry[1][1]
     values = values if values.is_contiguous() else values.contiguous()
     bias = None if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
-    y, xt = _cuda.csr_product(dev, _cuda._stream(dev), x, out_features, ip, ix, values.data_ptr(), 0,
-                              0 if bias is None else bias.data_ptr())
-    ctx.save_for_backward(x if xt is None else xt, values)
-    ctx.cuda_state = (dev, entry, xt is not None, x.shape[1])
-    return y
+    y, xt = _cuda.csr_product(dev, _cuda._stream(dev), x, out_features, entry[1][0], entry[1][1], values.data_ptr(),
+                              0, 0 if bias is None else bias.data_ptr())
+    return y, xt, dev, entry
 
 
-def _linear_cuda_eager_backward(ctx, grad_y, need_x, need_v, need_b):
-    x_or_xt, values = ctx.saved_tensors
-    dev, (_, ptrs), transposed, cols = ctx.cuda_state
+def _cuda_backward(grad_y, x, xt, values, dev, ptrs, cols, out_features, need_x, need_v, need_b):
+    """The float32 CUDA backward: ``(gi, gv, gb)``, None where not needed. ``x`` (batch, cols) or,
+    when x is None, ``xt``: its feature-major (cols, batch) rows."""
     ip, ix, colptr, rowidx, perm = ptrs
     st = _cuda._stream(dev)
     gi = gv = gb = gt = None
@@ -372,48 +360,41 @@ def _linear_cuda_eager_backward(ctx, grad_y, need_x, need_v, need_b):
         gi, gt = _cuda.csr_product(dev, st, grad_y, cols, colptr, rowidx, v.data_ptr(), perm)
     if need_v:
         gv = torch.empty_like(values)
-        gb = values.new_empty((ctx.out_features,)) if need_b else None
-        if transposed:
-            _cuda.sddmm(dev, st, grad_y, None, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt,
-                        xt=x_or_xt)
-        else:
-            _cuda.sddmm(dev, st, grad_y, x_or_xt, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt)
+        gb = values.new_empty((out_features,)) if need_b else None
+        _cuda.sddmm(dev, st, grad_y, x, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt, xt=xt)
     elif need_b:
         gb = grad_y.sum(0)
-    return gi, gv, gb, None, None, None
+    return gi, gv, gb
+
+
+def _linear_cuda_eager_backward(ctx, grad_y, need_x, need_v, need_b):
+    x_or_xt, values = ctx.saved_tensors
+    dev, (_, ptrs), transposed, cols = ctx.cuda_state
+    x, xt = (None, x_or_xt) if transposed else (x_or_xt, None)
+    return _cuda_backward(grad_y, x, xt, values, dev, ptrs, cols, ctx.out_features, need_x, need_v, need_b) + \
+        (None, None, None)
 
 
 @linear_op.register_kernel("cuda")
 def _linear_cuda(x, values, bias, indptr, indices, out_features):
-    return _linear_cuda_keep(x, values, bias, indptr, indices, out_features)[0]
+    if x.dtype == torch.float64:  # the dense reference path, on the device
+        return _linear_ref(x, values, bias, indptr, indices, out_features)
+    return _cuda_forward(x, values, bias, indptr, indices, out_features)[0]
 
 
 @linear_backward_op.register_kernel("cuda")
 def _linear_backward_cuda(grad_y, x, values, indptr, indices, out_features, input_grad, weight_grad, bias_grad):
     batch, cols = x.shape
+    empty = values.new_empty((0,))
     if x.dtype == torch.float64:
-        empty = values.new_empty((0,))
         gi = _new_like_layout(grad_y, batch, cols) if input_grad else empty
         gv = values.new_empty(values.shape) if weight_grad else empty
         gb = values.new_empty((out_features,)) if bias_grad else empty
         return _linear_backward_ref(grad_y, x, values, indptr, indices, out_features, gi, gv, gb)
-    dev = _cuda_dev(x)
-    st = _cuda._stream(dev)
-    ip, ix, colptr, rowidx, perm = _cuda_structure(indptr, indices, out_features, cols)
-    gi = gv = gb = gt = None
-    if input_grad:  # dX = G W: the same product over W's CSC; gt: G's feature-major rows, reused below
-        v = values if values.is_contiguous() else values.contiguous()
-        gi, gt = _cuda.csr_product(dev, st, grad_y, cols, colptr, rowidx, v.data_ptr(), perm)
-    if weight_grad:
-        gv = values.new_empty(values.shape)
-        gb = values.new_empty((out_features,)) if bias_grad else None
-        _cuda.sddmm(dev, st, grad_y, x, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt)
-    elif bias_grad:
-        gb = grad_y.sum(0)
-    if gi is None or gv is None or gb is None:
-        empty = values.new_empty((0,))
-        return (empty if gi is None else gi, empty if gv is None else gv, empty if gb is None else gb)
-    return gi, gv, gb
+    ptrs = _cuda_structure(indptr, indices, out_features, cols)
+    grads = _cuda_backward(grad_y, x, None, values, _cuda_dev(x), ptrs, cols, out_features, input_grad, weight_grad,
+                           bias_grad)
+    return tuple(empty if g is None else g for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------
