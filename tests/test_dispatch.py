@@ -66,8 +66,12 @@ def test_build_info_and_cli():
     assert set(info["available_isas"]) <= set(info["compiled_isas"])
     assert "scalar" in info["available_isas"]
     assert isinstance(info["cuda"], bool)  # True only in a SPARSEBP_CUDA=ON build
-    if not info["cuda"]:
+    if info["cuda"]:
+        assert len(info["cuda_devices"]) == sparsebp._core.cuda_device_count()
+    else:  # no GPU code: no devices reported, and the CUDA entry points say why
         assert info["cuda_devices"] == []
+        with pytest.raises(ValueError, match="no CUDA kernels"):
+            sparsebp._core.cuda_synchronize(0, 0)
     r = subprocess.run([sys.executable, "-m", "sparsebp.cli", "info", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["version"] == sparsebp.__version__
