@@ -703,7 +703,8 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
   SPARSEBP_CHECK_VALUE(rows || n_rows == w_rows, "without rows, the block has all ", w_rows, " rows");
   SPARSEBP_CHECK_VALUE(cols || n_cols == w_cols, "without cols, the block has all ", w_cols, " columns");
   SPARSEBP_CHECK_VALUE(stamp == nullptr || powers != nullptr, "lazy_sgd with stamps needs the powers table");
-  SPARSEBP_CHECK_VALUE(!(stamp && row_stamps && cols), "with row stamps, blocks must span whole rows (cols = all)");
+  SPARSEBP_CHECK_VALUE(!(stamp && row_stamps && cols && !peek),
+                       "with row stamps, blocks must span whole rows (cols = all), except a peek");
   SPARSEBP_CHECK_VALUE(!peek || (out && !g), "peek needs out and no g");
   check_index_list(rows, n_rows, w_rows, "rows");
   check_index_list(cols, n_cols, w_cols, "cols");

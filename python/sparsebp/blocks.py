@@ -182,7 +182,8 @@ class LazySGD:
     ``flush()`` before reading them directly (evaluation, saving). ``flush()`` also runs every
     ``max_lag`` steps (at most that many pending steps per entry) and before a change of ``lr``.
     ``whole_rows``: parameters whose blocks always span whole rows (``cols=None``): they keep one
-    step counter per row instead of per entry (less memory traffic, vectorised catch-up).
+    step counter per row instead of per entry (less memory traffic, vectorised catch-up). A
+    ``gather`` with ``peek=True`` (which writes nothing) may still select columns.
     Arithmetic in float32, as PyTorch's step; the catch-up coefficients are computed in double.
     """
 
@@ -235,8 +236,9 @@ class LazySGD:
 
     def _run(self, p, rows, cols, g, out, peek: bool = False) -> None:
         st = self._st(p)
-        if st["rowwise"] and cols is not None and p.data.ndim == 2:
-            raise ValueError(f"{p!r} was declared whole_rows: its blocks must span all columns (cols=None)")
+        if st["rowwise"] and cols is not None and p.data.ndim == 2 and not peek:
+            raise ValueError(f"{p!r} was declared whole_rows: its blocks must span all columns (cols=None), "
+                             "except in a gather with peek=True")
         _core.lazy_sgd(p.data, st["buf"], st["stamp"], rows, cols, self._powers, self.now, g, out, self.lr,
                        self.momentum, self.weight_decay, peek)
 

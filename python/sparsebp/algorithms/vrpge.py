@@ -112,30 +112,39 @@ def plain_estimator(f1: float, f2: float, m1, m2, s, kind: str = "authors") -> n
 
 
 class MaskAdam:
-    """Adam on the mask probabilities (a list of arrays, updated in place), then the projection onto
-    the global budget: the update of s shared by the NumPy and the torch trainers."""
+    """Adam on the mask probabilities, then the projection onto the global budget: the update of s
+    shared by the NumPy and the torch trainers.
+
+    ``s``: a list of float64 arrays. They are moved into one flat array, ``self.flat``, and the
+    list's entries become views of it (so the caller's list, and any array taken from it after
+    this, sees every update); the update and the projection then run once over all layers."""
 
     def __init__(self, s: list, lr: float, budget: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.flat = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in s]) if s else np.zeros(0)
+        o = 0
+        for i, x in enumerate(s):
+            s[i] = self.flat[o:o + x.size].reshape(x.shape)
+            o += x.size
         self.s, self.lr, self.budget, self.betas, self.eps = s, lr, budget, betas, eps
-        self.m = [np.zeros_like(x) for x in s]
-        self.v = [np.zeros_like(x) for x in s]
+        self.m = np.zeros_like(self.flat)
+        self.v = np.zeros_like(self.flat)
         self.t = 0
 
-    def step(self, grads: list) -> None:
+    def step(self, grads) -> None:
+        """One step from the gradients of s: a list (one array per entry of s) or one flat array."""
+        g = grads if isinstance(grads, np.ndarray) else np.concatenate([np.ravel(x) for x in grads])
+        if g.shape != self.flat.shape:
+            raise ValueError(f"the gradient of s must have {self.flat.size} entries; got {g.size}")
         b1, b2 = self.betas
         self.t += 1
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for s, g, m, v in zip(self.s, grads, self.m, self.v):
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            s -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
-        flat = project_budget(np.concatenate([s.ravel() for s in self.s]), self.budget)
-        o = 0
-        for s in self.s:
-            s[...] = flat[o:o + s.size].reshape(s.shape)
-            o += s.size
+        m, v = self.m, self.v
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        self.flat -= (self.lr / c1) * m / (np.sqrt(v / c2) + self.eps)
+        self.flat[...] = project_budget(self.flat, self.budget)
 
 
 def _softmax_xent(z: np.ndarray, y: np.ndarray):
@@ -185,8 +194,11 @@ class VRPGE:
         self.model, self.linears = model, layers[::2]
         self.keep_ratio, self.score, self.clip, self.granularity = float(keep_ratio), _check_score(score), clip, granularity
         self.lr_s = _positive(lr_s, "lr_s")
+        # One step counter per row where a step's block always spans whole rows (the first layer,
+        # whose inputs are never masked, and the biases); one per entry where the block's columns
+        # are the union of the layer below's kept units, so only that block is touched.
         self.opt = LazySGD(model.params(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           whole_rows=model.params())
+                           whole_rows=[p for p in model.params() if p.data.ndim == 1 or p is layers[0].weight])
         hidden = self.linears[:-1]
         if granularity == "unit":
             self.s = [np.full(m.out_features, self.keep_ratio) for m in hidden]
@@ -202,8 +214,20 @@ class VRPGE:
         """One mask per hidden layer, m ~ Bern(s): bool arrays (units), or CSR structures
         ``(indptr, indices)`` (weights, built without a dense mask)."""
         if self.granularity == "unit":
-            return [self.rng.random(s.shape) < s for s in self.s]
+            return self._split(self._sample_flat())
         return [bernoulli_csr(s.astype(np.float32), int(self.rng.integers(0, 2 ** 63))) for s in self.s]
+
+    def _sample_flat(self) -> np.ndarray:
+        """Unit masks of every layer in one draw, as one flat bool array (the layers in order)."""
+        return self.rng.random(self.adam.flat.size) < self.adam.flat
+
+    def _split(self, flat: np.ndarray) -> list:
+        """A flat array cut into one view per hidden layer, shaped as s."""
+        out, o = [], 0
+        for s in self.s:
+            out.append(flat[o:o + s.size].reshape(s.shape))
+            o += s.size
+        return out
 
     def _dense(self, mask, l: int) -> np.ndarray:
         """A sampled mask of hidden layer l as a bool array of s's shape."""
@@ -228,16 +252,19 @@ class VRPGE:
         """One VR-PGE step on a minibatch; returns the two losses and the kept fractions."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.asarray(y)
-        masks = (self.sample(), self.sample())
-        if self.granularity == "unit":
+        if self.granularity == "unit":  # the estimator runs once over every layer's units
+            flat = (self._sample_flat(), self._sample_flat())
+            masks = (self._split(flat[0]), self._split(flat[1]))
             fs, gw = self._unit_grads(x, y, masks)
+            gs = estimator(fs[0], fs[1], flat[0], flat[1], self.adam.flat, self.score)
         else:
+            masks = (self.sample(), self.sample())
             fs, gw = self._weight_grads(x, y, masks)
-        gs = [estimator(fs[0], fs[1], self._dense(a, l), self._dense(b, l), s, self.score)
-              for l, (a, b, s) in enumerate(zip(masks[0], masks[1], self.s))]
+            gs = np.concatenate([estimator(fs[0], fs[1], self._dense(a, l), self._dense(b, l), s, self.score).ravel()
+                                 for l, (a, b, s) in enumerate(zip(masks[0], masks[1], self.s))])
         scale = 1.0
         if self.clip is not None:
-            norm = np.sqrt(sum(float(np.vdot(g, g)) for _, _, _, g in gw) + sum(float(np.vdot(g, g)) for g in gs))
+            norm = math.sqrt(sum(float(np.vdot(g, g)) for _, _, _, g in gw) + float(np.dot(gs, gs)))
             if norm > self.clip:
                 scale = self.clip / (norm + 1e-6)
         for p, rows, cols, g in gw:
@@ -245,8 +272,10 @@ class VRPGE:
                 g *= np.float32(scale)
             self.opt._run(p, rows, cols, g, None)
         self.opt.advance()
-        self.adam.step([g * scale for g in gs])
-        kept = [float(np.mean(m)) if self.granularity == "unit" else len(m[1]) / s.size
+        if scale != 1.0:
+            gs *= scale
+        self.adam.step(gs)
+        kept = [np.count_nonzero(m) / m.size if self.granularity == "unit" else len(m[1]) / s.size
                 for m, s in zip(masks[0], self.s)]
         return dict(loss1=fs[0], loss2=fs[1], kept=kept)
 
@@ -263,79 +292,77 @@ class VRPGE:
 
     def _unit_grads(self, x, y, masks):
         """Both sub-networks on compacted weights; returns the losses and the gradient blocks
-        (param, rows, None, g): whole rows of the union of the two masks' units (every parameter
-        keeps one step counter per row, so its lazy updates stream; the columns outside the union
-        get a zero gradient, which is what they have).
+        (param, rows, cols, g) on the union of the two masks' units: rows, the layer's union (all
+        rows for the classifier); cols, the union of the layer below (all columns for the first
+        layer, whose inputs are never masked). Every entry outside the blocks has a zero gradient
+        and is updated lazily.
 
-        The first layer's input is the same for both samples, so it runs once over the union of
-        their kept units: one forward product and one weight-gradient product on 1 - (1 - r)^2 of
-        the units instead of two on r each (and no scatter of its gradient)."""
+        The weights are gathered once, on the union U of the two masks' units. The first layer's
+        input is the same for both samples, so it runs once over U (1 - (1 - r)^2 of its units
+        instead of r twice). Above it the two samples run as one batch of 2B rows: sample j's
+        activations are its rows with the units it drops set to zero (a mask applies after the
+        activation, so that is exactly its sub-network), so each layer is one product over U for
+        both samples, the weight gradient of a layer comes out already summed over the samples,
+        and no per-sample gather or scatter is needed. Once s has polarised, U is barely larger
+        than each mask, so the products cost what the two sub-networks cost."""
         lin, H = self.linears, len(self.linears) - 1
         opt = self.opt
+        B = x.shape[0]
         # Internal calls go straight to the C++ kernels with int64 index arrays (the kernels still
         # check order and bounds); the Python-side validation cost ~1.5 ms per step.
         union = [np.flatnonzero(a | b) for a, b in zip(masks[0], masks[1])]
-        rows_of = [union[l] if l < H else None for l in range(H + 1)]
-        cols_of = [union[l - 1] if l > 0 else None for l in range(H + 1)]
-
-        def gather(src, r, c, name=None):
-            shape = (src.shape[0] if r is None else len(r), src.shape[1] if c is None else len(c))
-            out = np.empty(shape, dtype=np.float32) if name is None else self._buf(name, shape)
-            _core.gather_block(src, r, c, out)
-            return out
-
-        full = []
-        for l, m in enumerate(lin):  # caught-up rows of the union
-            shape = (m.out_features if rows_of[l] is None else len(rows_of[l]), m.in_features)
-            full.append(opt._gather(m.weight, rows_of[l], None, self._buf(f"full{l}", shape), peek=True))
-        wu = [f if cols_of[l] is None else gather(f, None, cols_of[l], f"wu{l}") for l, f in enumerate(full)]
+        rows_of = union + [None]
+        cols_of = [None] + union
+        wu = []  # the caught-up weights on the union: rows_of x cols_of (read only: a peek)
+        for l, m in enumerate(lin):
+            shape = (m.out_features if rows_of[l] is None else len(rows_of[l]),
+                     m.in_features if cols_of[l] is None else len(cols_of[l]))
+            wu.append(opt._gather(m.weight, rows_of[l], cols_of[l], self._buf(f"wu{l}", shape), peek=True))
         bu = [opt._gather(m.bias, rows_of[l], None, peek=True) if m.bias is not None else None
               for l, m in enumerate(lin)]
-        gw = [None] + [self._buf(f"gw{l}", full[l].shape, zero=True) for l in range(1, H + 1)]
-        gb = [np.zeros_like(b) if b is not None else None for b in bu]
+        # each sample's mask restricted to the union, as float32 rows (1 kept, 0 dropped)
+        keep = [[mk[l][u].astype(np.float32) for l, u in enumerate(union)] for mk in masks]
         # layer 0 over the union, once
-        z0 = x @ wu[0].T
+        z0 = self._buf("z0", (B, len(union[0])))
+        np.matmul(x, wu[0].T, out=z0)
         if bu[0] is not None:
             z0 += bu[0]
-        a0 = relu(z0, out=z0)
-        g0 = self._buf("g0", z0.shape, zero=True)
-        fs = []
-        for mask in masks:
-            # Positions of this sample's kept units inside the union (None: all of the union).
-            pos = []
-            for l in range(H):
-                k = np.flatnonzero(mask[l])
-                pos.append(None if len(k) == len(union[l]) else np.searchsorted(union[l], k))
-            r_of = pos + [None]
-            c_of = [None] + pos
-            a = a0 if pos[0] is None else gather(a0, None, pos[0])
-            acts, ws = [x, a], [None]
-            for l in range(1, H + 1):
-                r, c = r_of[l], c_of[l]
-                w = wu[l] if r is None and c is None else gather(wu[l], r, c)
-                ws.append(w)
-                z = a @ w.T
-                if bu[l] is not None:
-                    z += bu[l] if r is None else bu[l][r]
-                if l < H:
-                    a = relu(z, out=z)
-                    acts.append(a)
-            loss, g = _softmax_xent(z, y)
-            fs.append(loss)
-            for l in range(H, 0, -1):
-                r, c = r_of[l], c_of[l]
-                # columns of the full rows: the kept units of the layer below
-                cols = cols_of[l] if c is None else cols_of[l][c]
-                _core.scatter_add_block(gw[l], r, cols, g.T @ acts[l], 0.5)
-                if gb[l] is not None:
-                    _core.scatter_add_block(gb[l], r, None, g.sum(axis=0), 0.5)
-                g = g @ ws[l]
-                relu_backward(g, acts[l], out=g)
-            _core.scatter_add_block(g0, None, pos[0], g, 0.5)
+        _core.relu(z0.reshape(-1), None, z0.reshape(-1))
+        a = self._buf("a0", (2 * B, len(union[0])))
+        np.multiply(z0, keep[0][0], out=a[:B])
+        np.multiply(z0, keep[1][0], out=a[B:])
+        acts = [a]
+        for l in range(1, H + 1):
+            z = self._buf(f"z{l}", (2 * B, wu[l].shape[0]))
+            np.matmul(a, wu[l].T, out=z)
+            if bu[l] is not None:
+                z += bu[l]
+            if l < H:
+                _core.relu(z.reshape(-1), None, z.reshape(-1))
+                z[:B] *= keep[0][l]
+                z[B:] *= keep[1][l]
+                acts.append(z)
+                a = z
+        g = self._buf(f"g{H}", z.shape)
+        fs = [_core.softmax_xent(z[:B], y, g[:B]), _core.softmax_xent(z[B:], y, g[B:])]
+        gw, gb = [None] * (H + 1), [None] * (H + 1)
+        for l in range(H, 0, -1):
+            gw[l] = g.T @ acts[l - 1]
+            gw[l] *= np.float32(0.5)
+            if bu[l] is not None:
+                gb[l] = np.float32(0.5) * g.sum(axis=0)
+            gn = self._buf(f"g{l - 1}", acts[l - 1].shape)
+            np.matmul(g, wu[l], out=gn)
+            # dropped units have zero activations, so this also zeroes their gradient
+            _core.relu(gn.reshape(-1), acts[l - 1].reshape(-1), gn.reshape(-1))
+            g = gn
+        g0 = self._buf("gsum", (B, g.shape[1]))
+        np.add(g[:B], g[B:], out=g0)
+        g0 *= np.float32(0.5)
         gw[0] = g0.T @ x
-        if gb[0] is not None:
+        if bu[0] is not None:
             gb[0] = g0.sum(axis=0)
-        out = [(m.weight, rows_of[l], None, gw[l]) for l, m in enumerate(lin)]
+        out = [(m.weight, rows_of[l], cols_of[l], gw[l]) for l, m in enumerate(lin)]
         out += [(m.bias, rows_of[l], None, gb[l]) for l, m in enumerate(lin) if m.bias is not None]
         return fs, out
 
