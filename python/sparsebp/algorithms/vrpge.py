@@ -194,11 +194,10 @@ class VRPGE:
         self.model, self.linears = model, layers[::2]
         self.keep_ratio, self.score, self.clip, self.granularity = float(keep_ratio), _check_score(score), clip, granularity
         self.lr_s = _positive(lr_s, "lr_s")
-        # One step counter per row where a step's block always spans whole rows (the first layer,
-        # whose inputs are never masked, and the biases); one per entry where the block's columns
-        # are the union of the layer below's kept units, so only that block is touched.
+        # One step counter per row (not per entry): the update of whole rows streams, and measured
+        # on the MNIST MLP it costs less than a per-entry update of only the union's columns.
         self.opt = LazySGD(model.params(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           whole_rows=[p for p in model.params() if p.data.ndim == 1 or p is layers[0].weight])
+                           whole_rows=model.params())
         hidden = self.linears[:-1]
         if granularity == "unit":
             self.s = [np.full(m.out_features, self.keep_ratio) for m in hidden]
@@ -292,10 +291,10 @@ class VRPGE:
 
     def _unit_grads(self, x, y, masks):
         """Both sub-networks on compacted weights; returns the losses and the gradient blocks
-        (param, rows, cols, g) on the union of the two masks' units: rows, the layer's union (all
-        rows for the classifier); cols, the union of the layer below (all columns for the first
-        layer, whose inputs are never masked). Every entry outside the blocks has a zero gradient
-        and is updated lazily.
+        (param, rows, None, g): whole rows of the union of the two masks' units (all rows for the
+        classifier; every parameter keeps one step counter per row, so its lazy updates stream;
+        the columns outside the union get a zero gradient, which is what they have). The rows
+        outside the union are updated lazily.
 
         The weights are gathered once, on the union U of the two masks' units. The first layer's
         input is the same for both samples, so it runs once over U (1 - (1 - r)^2 of its units
@@ -347,8 +346,10 @@ class VRPGE:
         fs = [_core.softmax_xent(z[:B], y, g[:B]), _core.softmax_xent(z[B:], y, g[B:])]
         gw, gb = [None] * (H + 1), [None] * (H + 1)
         for l in range(H, 0, -1):
-            gw[l] = g.T @ acts[l - 1]
-            gw[l] *= np.float32(0.5)
+            gc = g.T @ acts[l - 1]
+            gc *= np.float32(0.5)
+            gw[l] = self._buf(f"gw{l}", (wu[l].shape[0], lin[l].in_features), zero=True)
+            _core.scatter_add_block(gw[l], None, cols_of[l], gc, 1.0)  # whole rows, zero outside the union
             if bu[l] is not None:
                 gb[l] = np.float32(0.5) * g.sum(axis=0)
             gn = self._buf(f"g{l - 1}", acts[l - 1].shape)
@@ -362,7 +363,7 @@ class VRPGE:
         gw[0] = g0.T @ x
         if bu[0] is not None:
             gb[0] = g0.sum(axis=0)
-        out = [(m.weight, rows_of[l], cols_of[l], gw[l]) for l, m in enumerate(lin)]
+        out = [(m.weight, rows_of[l], None, gw[l]) for l, m in enumerate(lin)]
         out += [(m.bias, rows_of[l], None, gb[l]) for l, m in enumerate(lin) if m.bias is not None]
         return fs, out
 
