@@ -485,6 +485,29 @@ def test_trainer_bad_arguments():
         VRPGE(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 0.5)
 
 
+def test_fit_reference_sees_the_same_batches_once_each():
+    """fit(reference=f): f runs once on every minibatch the steps see (in blocks, either order),
+    and its time per call is recorded; the training itself is unchanged by it."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((21 * 8, 12)).astype(np.float32)  # 21 batches: blocks of 8, 8 and 5
+    y = rng.integers(0, 4, len(X))
+    seen_ref, seen_step = [], []
+    vr = VRPGE(_mlp(0), 0.5, seed=1)
+    step = vr.step
+    vr.step = lambda xb, yb: (seen_step.append(xb.copy()), step(xb, yb))[1]
+    hist = vr.fit(X, y, epochs=2, batch=8, progress=False, reference=lambda xb, yb: seen_ref.append(xb.copy()))
+    assert len(seen_ref) == len(seen_step) == 42
+    key = lambda a: a.tobytes()
+    assert sorted(map(key, seen_ref)) == sorted(map(key, seen_step))
+    assert all(h["reference_step_s"] >= 0 for h in hist)
+    plain = VRPGE(_mlp(0), 0.5, seed=1)
+    hist2 = plain.fit(X, y, epochs=2, batch=8, progress=False)
+    assert "reference_step_s" not in hist2[0]
+    np.testing.assert_array_equal(plain.adam.flat, vr.adam.flat)  # same steps, same s
+    with pytest.raises(TypeError, match="reference"):
+        plain.fit(X, y, epochs=1, batch=8, progress=False, reference=3)
+
+
 def test_cli_smoke(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sparsebp.cli", "vrpge", "--limit", "1500", "--search", "1",
                         "--finetune", "1", "--seeds", "1", "--keep", "0.5", "--no-progress", "--out", str(tmp_path)],

@@ -495,31 +495,61 @@ class VRPGE:
 
     # ---- training loop ------------------------------------------------------------------------------
     def fit(self, X: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch: int = 128, seed: int = 0,
-            progress: bool = True, desc: str = "vr-pge") -> List[dict]:
+            progress: bool = True, desc: str = "vr-pge", reference=None) -> List[dict]:
         """Mask search: ``epochs`` passes of ``step`` over shuffled minibatches, with a tqdm bar.
         One record per epoch: mean losses, expected density (sum s / n), realised kept fraction of
-        the last samples, the fraction of s polarised (within 0.01 of 0 or 1), seconds per step."""
+        the last samples, the fraction of s polarised (within 0.01 of 0 or 1), seconds per step.
+
+        ``reference``: an optional callable ``f(x, y)`` (for example a dense model's training
+        step) run on the same minibatches and timed apart, in alternating blocks of 8 batches (8
+        steps, then the reference on those 8 batches; then the reference first): its seconds per
+        call go in the record as ``reference_step_s``, so that a step-time ratio is measured under
+        the same machine conditions, while each side still runs several steps in a row (as in
+        training: its working set stays in cache between its own steps)."""
         from tqdm import tqdm
 
         from ..nn import check_loop_args
 
         check_loop_args(X, y, epochs, batch)
+        if reference is not None and not callable(reference):
+            raise TypeError(f"reference must be a callable f(x, y) or None; got {type(reference).__name__}")
         rng = np.random.default_rng(seed)
         steps = len(X) // batch
+        block = 8
         history = []
         for e in range(epochs):
             order = rng.permutation(len(X))
-            losses, kept, t = [], [], 0.0
-            bar = tqdm(range(steps), desc=f"{desc} epoch {e + 1}/{epochs}", leave=False, disable=not progress)
-            for i in bar:
-                idx = order[i * batch:(i + 1) * batch]
+            losses, kept, t, t_ref = [], [], 0.0, 0.0
+            bar = tqdm(total=steps, desc=f"{desc} epoch {e + 1}/{epochs}", leave=False, disable=not progress)
+
+            def run_reference(lo, hi):
                 t0 = time.perf_counter()
-                r = self.step(X[idx], y[idx])
-                t += time.perf_counter() - t0
-                losses.append(0.5 * (r["loss1"] + r["loss2"]))
-                kept.append(r["kept"])
-            history.append(dict(epoch=e + 1, loss=float(np.mean(losses)) if losses else float("nan"),
-                                density=self.density(), kept=np.mean(kept, axis=0).tolist() if kept else [],
-                                polarised=self.polarised(), step_s=t / max(steps, 1)))
+                for i in range(lo, hi):
+                    idx = order[i * batch:(i + 1) * batch]
+                    reference(X[idx], y[idx])
+                return time.perf_counter() - t0
+
+            for b0 in range(0, steps, block):
+                b1 = min(steps, b0 + block)
+                ref_first = reference is not None and (b0 // block) % 2 == 1
+                if ref_first:
+                    t_ref += run_reference(b0, b1)
+                for i in range(b0, b1):
+                    idx = order[i * batch:(i + 1) * batch]
+                    t0 = time.perf_counter()
+                    r = self.step(X[idx], y[idx])
+                    t += time.perf_counter() - t0
+                    losses.append(0.5 * (r["loss1"] + r["loss2"]))
+                    kept.append(r["kept"])
+                    bar.update(1)
+                if reference is not None and not ref_first:
+                    t_ref += run_reference(b0, b1)
+            bar.close()
+            rec = dict(epoch=e + 1, loss=float(np.mean(losses)) if losses else float("nan"),
+                       density=self.density(), kept=np.mean(kept, axis=0).tolist() if kept else [],
+                       polarised=self.polarised(), step_s=t / max(steps, 1))
+            if reference is not None:
+                rec["reference_step_s"] = t_ref / max(steps, 1)
+            history.append(rec)
         self.opt.flush()
         return history
