@@ -109,6 +109,32 @@ def test_msbp_alpha_zero_is_unified_meprop_bit_for_bit():
         np.testing.assert_array_equal(pa.data, pb.data)
 
 
+def test_fit_epochs_in_turn_equals_fit_one_model_at_a_time():
+    """Two models trained epoch by epoch in turn (fit_epochs, as the demo times them) end with the
+    same parameters and losses as each trained alone with fit; bad arguments fail at the call."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((48, 12)).astype(np.float32)
+    y = rng.integers(0, 4, 48)
+    alone = [_mlp(None, seed=1), _mlp(alg.MeProp(k=3), seed=2)]
+    turn = [_mlp(None, seed=1), _mlp(alg.MeProp(k=3), seed=2)]
+    hist_alone = [nn.fit(m, nn.Adam(m.params(), lr=1e-2), X, y, epochs=3, batch=8, progress=False, seed=7)
+                  for m in alone]
+    its = [nn.fit_epochs(m, nn.Adam(m.params(), lr=1e-2), X, y, epochs=3, batch=8, progress=False, seed=7)
+           for m in turn]
+    hist_turn = [[], []]
+    for _ in range(3):
+        for i in (1, 0):
+            hist_turn[i].append(next(its[i]))
+    for a, b, ha, hb in zip(alone, turn, hist_alone, hist_turn):
+        for pa, pb in zip(a.params(), b.params()):
+            np.testing.assert_array_equal(pa.data, pb.data)
+        assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+    with pytest.raises(StopIteration):
+        next(its[0])
+    with pytest.raises(ValueError, match="batch"):
+        nn.fit_epochs(alone[0], nn.SGD(alone[0].params()), X, y, batch=0)
+
+
 def test_msbp_memory_is_the_dropped_part():
     pol = alg.MSBP(k=2, alpha=0.5)
     g1 = np.array([[3.0, -1.0, 0.5, 2.0], [1.0, 0.25, -4.0, 0.0]], np.float32)

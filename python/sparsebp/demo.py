@@ -1,6 +1,7 @@
 """``sparsebp demo``: the meProp paper's MLP (784-500-500-10, Adam) on the bundled MNIST digits,
 trained densely and with sparse gradients / sparse weights, with the NumPy path (no torch needed).
-Prints a table of test accuracy and time per epoch and writes a PNG of the learning curves."""
+Prints a table of test accuracy and time per epoch and writes a PNG of the learning curves. The
+models train epoch by epoch in turn, so that their times are compared under the same conditions."""
 from __future__ import annotations
 
 import os
@@ -39,7 +40,8 @@ def build(kind: str, k: int, sparsity: float, alpha: float, seed: int) -> nn.Seq
                          nn.Linear(HIDDEN, HIDDEN, grad=pol, rng=rng), nn.ReLU(), nn.Linear(HIDDEN, 10, rng=rng))
 
 
-def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer) -> List[dict]:
+def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer):
+    """The same MLP dense in PyTorch: an iterator of per-epoch records, as ``nn.fit_epochs``."""
     import torch
     from tqdm import tqdm
 
@@ -51,7 +53,6 @@ def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer) -> 
     tX, ty, tXt, tyt = map(torch.from_numpy, (X, y, Xt, yt))
     rng = np.random.default_rng(seed)
     steps = len(X) // batch
-    hist = []
     for e in range(epochs):
         order = torch.from_numpy(rng.permutation(len(X)))
         tf = tb = tu = 0.0
@@ -70,9 +71,8 @@ def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer) -> 
             losses.append(float(loss.detach()))
         with torch.no_grad():
             acc = float((model(tXt).argmax(1) == tyt).double().mean())
-        hist.append(dict(epoch=e + 1, loss=float(np.mean(losses)), forward_s=tf, backward_s=tb, update_s=tu,
-                         total_s=tf + tb + tu, test_acc=acc))
-    return hist
+        yield dict(epoch=e + 1, loss=float(np.mean(losses)), forward_s=tf, backward_s=tb, update_s=tu,
+                   total_s=tf + tb + tu, test_acc=acc)
 
 
 def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, alpha: float = 0.8,
@@ -93,15 +93,15 @@ def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, al
     runs = [("dense (NumPy)", "dense"), (f"meProp k={k}", "meprop"), (f"meProp k={k} unified", "meprop-unified"),
             (f"MSBP k={k}, alpha={alpha}", "msbp"),
             (f"sparse {sparsity:.0%} + meProp k={k}", "sparse+meprop")]
-    results: Dict[str, List[dict]] = {}
+    # Every model trains epoch by epoch in turn (the order rotating each epoch), so their times
+    # are measured under the same machine conditions: this machine's speed drifts by tens of
+    # percent over a minute, and one model's 5 epochs take several seconds.
+    epochs_of = {}
     for name, kind in runs:
         model = build(kind, k, sparsity, alpha, seed)
         opt = nn.Adam(model.params(), lr=lr) if optimizer == "adam" else nn.SGD(model.params(), lr=lr, momentum=0.9)
-        results[name] = nn.fit(model, opt, X, y, epochs=epochs, batch=batch, X_test=Xt, y_test=yt, seed=seed,
-                               desc=name, progress=progress)
-        last = results[name][-1]
-        per_epoch = np.median([h["total_s"] for h in results[name]])
-        print(f"  {name:32s} test accuracy {last['test_acc']:.4f}, {per_epoch:.2f} s/epoch")
+        epochs_of[name] = nn.fit_epochs(model, opt, X, y, epochs=epochs, batch=batch, X_test=Xt, y_test=yt,
+                                        seed=seed, desc=name, progress=progress)
     if with_torch is None:
         try:
             import torch  # noqa: F401
@@ -110,10 +110,17 @@ def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, al
         except ImportError:
             with_torch = False
     if with_torch:
-        results["dense (torch)"] = _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer)
-        last = results["dense (torch)"][-1]
-        print(f"  {'dense (torch)':32s} test accuracy {last['test_acc']:.4f}, "
-              f"{np.median([h['total_s'] for h in results['dense (torch)']]):.2f} s/epoch")
+        epochs_of["dense (torch)"] = _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer)
+    names = list(epochs_of)
+    results: Dict[str, List[dict]] = {name: [] for name in names}
+    for e in range(epochs):
+        for i in range(len(names)):
+            name = names[(i + e) % len(names)]
+            results[name].append(next(epochs_of[name]))
+    for name in names:
+        if results[name]:
+            print(f"  {name:32s} test accuracy {results[name][-1]['test_acc']:.4f}, "
+                  f"{np.median([h['total_s'] for h in results[name]]):.2f} s/epoch")
     print()
     print(table(results))
     if out:

@@ -25,7 +25,7 @@ from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
 
 __all__ = ["Param", "Linear", "SparseLinear", "ReLU", "Sequential", "softmax_cross_entropy", "Adam", "SGD", "fit",
-           "evaluate"]
+           "fit_epochs", "evaluate"]
 
 _F32 = np.float32
 
@@ -390,13 +390,26 @@ def fit(model: Sequential, optimizer, X: np.ndarray, y: np.ndarray, *, epochs: i
     """Mini-batch training with softmax cross-entropy and a tqdm progress bar. Returns one dict per
     epoch: loss, test accuracy (when test data is given) and seconds spent in forward, backward
     and update. ``on_chunk(epoch, chunk)``, if given, runs after each of ``chunks`` equal parts of
-    an epoch (meSimp's schedule)."""
+    an epoch (meSimp's schedule). ``fit_epochs`` is the same, one epoch at a time."""
+    return list(fit_epochs(model, optimizer, X, y, epochs=epochs, batch=batch, X_test=X_test, y_test=y_test,
+                           seed=seed, desc=desc, progress=progress, on_chunk=on_chunk, chunks=chunks))
+
+
+def fit_epochs(model: Sequential, optimizer, X: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch: int = 32,
+               X_test: Optional[np.ndarray] = None, y_test: Optional[np.ndarray] = None, seed: int = 0,
+               desc: str = "train", progress: bool = True, on_chunk=None, chunks: int = 8):
+    """``fit`` as an iterator: trains one epoch per ``next()`` and yields its record (so several
+    models can be trained epoch by epoch in turn, and timed under the same machine conditions).
+    The arguments are checked here, before the first epoch."""
+    check_loop_args(X, y, epochs, batch)
+    return _fit_epochs(model, optimizer, X, y, epochs, batch, X_test, y_test, seed, desc, progress, on_chunk, chunks)
+
+
+def _fit_epochs(model, optimizer, X, y, epochs, batch, X_test, y_test, seed, desc, progress, on_chunk, chunks):
     from tqdm import tqdm
 
-    check_loop_args(X, y, epochs, batch)
     rng = np.random.default_rng(seed)
     steps = len(X) // batch
-    history = []
     for e in range(epochs):
         order = rng.permutation(len(X))
         tf = tb = tu = 0.0
@@ -422,5 +435,4 @@ def fit(model: Sequential, optimizer, X: np.ndarray, y: np.ndarray, *, epochs: i
                    backward_s=tb, update_s=tu, total_s=tf + tb + tu)
         if X_test is not None:
             rec["test_acc"] = evaluate(model, X_test, y_test)
-        history.append(rec)
-    return history
+        yield rec
