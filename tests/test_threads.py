@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sparsebp
-from sparsebp import _core, ops
+from sparsebp import _core, nn, ops
 
 import reference as ref
 
@@ -62,6 +62,35 @@ def test_tiny_problems_stay_on_one_thread(threads):
     _core.max_job_threads(reset=True)
     ops.linear_forward(np.ones((2, 4), np.float32), W)
     assert _core.max_job_threads(reset=True) == 1
+
+
+@pytest.mark.parametrize("n_rows, split", [(64, False), (700, True)])
+def test_block_kernels_split_only_large_blocks_and_agree(isa, threads, n_rows, split):
+    """The memory-bound block kernels (gather, scatter-add, lazy SGD, ReLU) stay on one thread below
+    ~1 MB of traffic per thread (beside BLAS a second thread costs more than it gives) and split
+    above it, with the same bits either way."""
+    rng = np.random.default_rng(n_rows)
+    R, C = 2 * n_rows, 300
+    src = rng.standard_normal((R, C)).astype(np.float32)
+    rows = np.sort(rng.choice(R, n_rows, replace=False))
+    g = rng.standard_normal((n_rows, C)).astype(np.float32)
+    out, used = {}, {}
+    for n in (1, 2):
+        sparsebp.set_num_threads(n)
+        _core.max_job_threads(reset=True)
+        got = ops.gather_block(src, rows)
+        dst = src.copy()
+        ops.scatter_add_block(dst, g, rows, alpha=0.5)
+        p = nn.Param("w", src.copy())
+        opt = ops.LazySGD([p], lr=0.1, momentum=0.9, weight_decay=1e-3, whole_rows=[p])
+        opt.step_block(p, g, rows)
+        opt.advance()
+        r = ops.relu(src - 0.1)
+        out[n], used[n] = [got, dst, p.data.copy(), r], _core.max_job_threads(reset=True)
+    assert used[1] == 1 and used[2] == (2 if split else 1), used
+    for a, b in zip(out[1], out[2]):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    np.testing.assert_array_equal(out[1][0], src[rows])
 
 
 def test_concurrent_python_threads(threads):

@@ -131,6 +131,20 @@ int64_t threads_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), work / kMinWorkPerThread));
 }
 
+// The same for the memory-bound block and element-wise kernels (gather, scatter, the lazy SGD, the
+// ReLU; their work counted as about the bytes they move): they split only from 1 MB per thread. These
+// run between NumPy's BLAS calls in the NumPy training paths, and BLAS's threads keep spinning on
+// the other cores after each call; measured on 2 cores (the VR-PGE step at keep 0.25, interleaved
+// with dense steps, three pairs of runs): 0.46x / 0.42x of a dense step with this threshold against
+// 0.58x / 0.55x / 0.51x when they split from 64 KB, the dense steps unchanged. Alone, a second
+// thread speeds such a kernel up (a 400 KB gather: 46 -> 17 us); beside BLAS it loses more than
+// that waiting for a core.
+constexpr int64_t kMinBlockBytesPerThread = 1 << 20;
+
+int64_t block_threads_for(int64_t bytes) {
+  return std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), bytes / kMinBlockBytesPerThread));
+}
+
 // dst (cols x rows, leading dim ldd) = transpose of src (rows x cols, leading dim lds).
 void transpose_parallel(const KernelTable& t, const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
                         int64_t ldd) {
@@ -660,7 +674,7 @@ void check_index_list(const int64_t* idx, int64_t n, int64_t bound, const char* 
 
 template <typename Fn>
 void run_block_rows(int64_t n_rows, int64_t work, Fn&& fn) {
-  const int64_t nt = std::min<int64_t>(threads_for(work), std::max<int64_t>(n_rows, 1));
+  const int64_t nt = std::min<int64_t>(block_threads_for(work), std::max<int64_t>(n_rows, 1));
   parallel_for(nt, [&](int64_t i) { fn(n_rows * i / nt, n_rows * (i + 1) / nt); });
 }
 }  // namespace
@@ -676,7 +690,7 @@ void gather_block(const float* src, int64_t src_rows, int64_t src_cols, int64_t 
   if (n_rows == 0 || n_cols == 0) return;
   const KernelTable& t = active_table();
   const kernels::BlockArgs a{src, lds, dst, ldd, rows, cols, n_cols, 1.0f};
-  run_block_rows(n_rows, n_rows * n_cols * 4, [&](int64_t i0, int64_t i1) { t.gather_block(a, i0, i1); });
+  run_block_rows(n_rows, n_rows * n_cols * 8, [&](int64_t i0, int64_t i1) { t.gather_block(a, i0, i1); });
 }
 
 void scatter_add_block(float* dst, int64_t dst_rows, int64_t dst_cols, int64_t ldd, const int64_t* rows,
@@ -691,7 +705,7 @@ void scatter_add_block(float* dst, int64_t dst_rows, int64_t dst_cols, int64_t l
   if (n_rows == 0 || n_cols == 0) return;
   const KernelTable& t = active_table();
   kernels::BlockArgs a{src, lds, dst, ldd, rows, cols, n_cols, alpha};
-  run_block_rows(n_rows, n_rows * n_cols * 4, [&](int64_t i0, int64_t i1) { t.scatter_add_block(a, i0, i1); });
+  run_block_rows(n_rows, n_rows * n_cols * 12, [&](int64_t i0, int64_t i1) { t.scatter_add_block(a, i0, i1); });
 }
 
 void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_rows, int64_t w_cols,
@@ -714,7 +728,8 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
   const kernels::LazySgdArgs a{w,     buf, stamp,  row_stamps, w_cols, rows,  cols,     n_cols, powers, max_lag,
                                now,   g,   n_cols, out,        n_cols, lr,    momentum, decay,  peek,
                                bad.data()};
-  run_block_rows(n_rows, n_rows * n_cols * 8, [&](int64_t i0, int64_t i1) { t.lazy_sgd(a, i0, i1); });
+  // about 20 bytes per entry when stepping (w, momentum, gradient read; w, momentum written)
+  run_block_rows(n_rows, n_rows * n_cols * 20, [&](int64_t i0, int64_t i1) { t.lazy_sgd(a, i0, i1); });
   for (int64_t i = 0; i < n_rows; ++i)
     SPARSEBP_CHECK_VALUE(!bad[static_cast<size_t>(i)], "lazy_sgd: an entry of block row ", i,
                          " is more than max_lag = ", max_lag, " steps behind (or ahead of) now = ", now,
@@ -749,7 +764,7 @@ void relu(const float* x, const float* mask, float* y, int64_t n) {
   const kernels::EltwiseArgs a{x, mask, y};
   // Whole 64-byte lines per thread, so that no two threads write one cache line.
   const int64_t lines = (n + 15) / 16;
-  const int64_t nt = std::min(threads_for(n * 2), lines);
+  const int64_t nt = std::min(block_threads_for(n * 8), lines);  // reads 4 (or 8) bytes, writes 4
   parallel_for(nt, [&](int64_t i) {
     const int64_t b = std::min(n, lines * i / nt * 16), e = std::min(n, lines * (i + 1) / nt * 16);
     if (b < e) t.relu(a, b, e);
