@@ -13,7 +13,7 @@ import pytest
 import sparsebp
 from sparsebp import _core, nn, ops
 from sparsebp.algorithms import vrpge
-from sparsebp.algorithms.vrpge import VRPGE, estimator, plain_estimator, project_budget, score
+from sparsebp.algorithms.vrpge import VRPGE, MaskAdam, estimator, plain_estimator, project_budget, score
 
 
 # ---- estimator: exact enumeration ----------------------------------------------------------------
@@ -462,6 +462,82 @@ def test_relu_kernels(isa):
         ops.relu_backward(g, y[:, :5])
     with pytest.raises(ValueError, match="out must be"):
         ops.relu(x, out=np.empty((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_relu_mask_against_float64(isa, shared, with_bias):
+    """The masked activation of the trainer's batched samples: row i of out is
+    relu(z[i or i % rpg] + bias) * keep[i // rpg], NaN kept as relu does; in place when shapes allow."""
+    rng = np.random.default_rng(7)
+    rpg, n, groups = 9, 37, 2
+    z = rng.standard_normal((rpg if shared else groups * rpg, n)).astype(np.float32)
+    z[0, 0] = np.nan
+    keep = (rng.random((groups, n)) < 0.5).astype(np.float32)
+    keep[:, 0] = 1.0
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    out = np.empty((groups * rpg, n), np.float32)
+    z_before = z.copy()
+    _core.bias_relu_mask(z, bias, keep, out)
+    np.testing.assert_array_equal(z, z_before)  # the input is left alone
+    z64 = z.astype(np.float64) + (0.0 if bias is None else bias.astype(np.float64))
+    rows = np.arange(groups * rpg)
+    ref64 = np.maximum(z64[rows % rpg if shared else rows], 0) * keep[rows // rpg].astype(np.float64)
+    np.testing.assert_allclose(out, ref64, rtol=1e-6, atol=1e-7)  # NaN positions must match too
+    if not shared:
+        _core.bias_relu_mask(z, bias, keep, z)  # in place
+        np.testing.assert_array_equal(z, out)
+    with pytest.raises(ValueError, match="rows"):
+        _core.bias_relu_mask(z[:4], bias, keep, out)
+    with pytest.raises(ValueError, match="columns"):
+        _core.bias_relu_mask(z, bias, np.ascontiguousarray(keep[:, :5]), out)
+    with pytest.raises(ValueError, match="bias"):
+        _core.bias_relu_mask(z, np.zeros(n + 1, np.float32), keep, out)
+    big = np.zeros((groups * rpg + 1, n), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        _core.bias_relu_mask(big[1:1 + z.shape[0]], bias, keep, big[:groups * rpg])
+    with pytest.raises(TypeError, match="float32"):
+        _core.bias_relu_mask(z.astype(np.float64), bias, keep, out)
+
+
+@pytest.mark.parametrize("kind", ["authors", "textbook"])
+def test_fused_estimator_and_mask_adam_against_numpy(kind):
+    """The trainer's C++ estimator equals estimator() (float64 NumPy); MaskAdam's C++ step equals
+    Adam in float64 NumPy followed by the bisection projection."""
+    rng = np.random.default_rng(11)
+    n = 300
+    s = rng.random(n)
+    s[:5] = [0.0, 1.0, 0.5, 1e-150, 1 - 1e-16]
+    m1, m2 = rng.random(n) < s, rng.random(n) < 0.5
+    g = np.empty(n)
+    sq = _core.mask_estimator(s, m1, m2, 0.7 - 1.9, kind == "textbook", g)
+    want = estimator(0.7, 1.9, m1, m2, s, kind)
+    np.testing.assert_allclose(g, want, rtol=1e-15, atol=0)
+    assert sq == pytest.approx(float(np.dot(want, want)), rel=1e-12)
+
+    layers = [np.full(120, 0.3), np.full((9, 20), 0.3)]
+    budget = 0.25 * 300
+    adam = MaskAdam(layers, lr=0.05, budget=budget)
+    assert np.shares_memory(layers[1], adam.flat)  # the caller's list now holds views of the flat array
+    s64, m64, v64 = adam.flat.copy(), np.zeros(n), np.zeros(n)
+    for t in range(1, 6):
+        grad = rng.standard_normal(n)
+        scale = 0.5 if t % 2 else 1.0
+        adam.step([grad[:120], grad[120:].reshape(9, 20)], scale)
+        gt = scale * grad
+        m64 = 0.9 * m64 + 0.1 * gt
+        v64 = 0.999 * v64 + 0.001 * gt * gt
+        s64 = s64 - (0.05 / (1 - 0.9 ** t)) * m64 / (np.sqrt(v64 / (1 - 0.999 ** t)) + 1e-8)
+        s64 = project_budget(s64, budget, method="bisect")
+        np.testing.assert_allclose(adam.flat, s64, rtol=0, atol=1e-12)
+        assert adam.flat.sum() <= budget + 1e-9
+    np.testing.assert_array_equal(layers[1].ravel(), adam.flat[120:])
+    with pytest.raises(ValueError, match="entries"):
+        adam.step(np.zeros(n + 1))
+    with pytest.raises(ValueError, match="bool"):
+        _core.mask_estimator(s, m1.astype(np.uint8), m2, 1.0, False, g)
+    with pytest.raises(ValueError, match="float64"):
+        _core.mask_estimator(s, m1, m2, 1.0, False, g[:-1])
 
 
 def test_compact_refuses_an_empty_layer():

@@ -314,6 +314,46 @@ PYBIND11_MODULE(_core, m) {
         return out;
       },
       py::arg("s"), py::arg("budget"));
+  auto f64_vec = [](const py::array& a, const char* name, int64_t n, bool writable) {
+    if (!py::array_t<double>::check_(a) || a.ndim() != 1 || a.shape(0) != n ||
+        !(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) || (writable && !a.writeable()))
+      throw sparsebp::ValueError(
+          str_cat(name, " must be a ", writable ? "writeable " : "", "contiguous float64 array of shape (", n, ",)"));
+    return static_cast<double*>(const_cast<void*>(a.data()));
+  };
+  m.def(
+      "mask_estimator",
+      [f64_vec](const py::array& s, const py::array& m1, const py::array& m2, double df, bool textbook,
+                const py::array& g) {
+        if (s.ndim() != 1) throw sparsebp::ValueError(str_cat("s must be 1-D; got ", s.ndim(), "-D"));
+        const int64_t n = s.shape(0);
+        const double* sp = f64_vec(s, "s", n, false);
+        double* gp = f64_vec(g, "g", n, true);
+        for (const auto& [a, name] : {std::make_pair(&m1, "m1"), std::make_pair(&m2, "m2")})
+          if (!py::array_t<bool>::check_(*a) || a->ndim() != 1 || a->shape(0) != n ||
+              !(a->flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+            throw sparsebp::ValueError(str_cat(name, " must be a contiguous bool array of shape (", n, ",)"));
+        const uint8_t* p1 = static_cast<const uint8_t*>(m1.data());
+        const uint8_t* p2 = static_cast<const uint8_t*>(m2.data());
+        py::gil_scoped_release nogil;
+        return sparsebp::mask_estimator(sp, p1, p2, n, df, textbook, gp);
+      },
+      py::arg("s"), py::arg("m1"), py::arg("m2"), py::arg("df"), py::arg("textbook"), py::arg("g"));
+  m.def(
+      "mask_adam_project",
+      [f64_vec](const py::array& s, const py::array& mm, const py::array& vv, const py::array& g, double scale,
+                double b1, double b2, double step_size, double inv_c2, double eps, double budget) {
+        if (s.ndim() != 1) throw sparsebp::ValueError(str_cat("s must be 1-D; got ", s.ndim(), "-D"));
+        const int64_t n = s.shape(0);
+        double* sp = f64_vec(s, "s", n, true);
+        double* mp = f64_vec(mm, "m", n, true);
+        double* vp = f64_vec(vv, "v", n, true);
+        const double* gp = f64_vec(g, "g", n, false);
+        py::gil_scoped_release nogil;
+        sparsebp::mask_adam_project(sp, mp, vp, gp, n, scale, b1, b2, step_size, inv_c2, eps, budget);
+      },
+      py::arg("s"), py::arg("m"), py::arg("v"), py::arg("g"), py::arg("scale"), py::arg("b1"), py::arg("b2"),
+      py::arg("step_size"), py::arg("inv_c2"), py::arg("eps"), py::arg("budget"));
   m.def(
       "selection_by_column",
       [rowmajor](const py::array& sel, const py::array& g) {
@@ -681,6 +721,35 @@ PYBIND11_MODULE(_core, m) {
         sparsebp::relu(xp, mp, yp, x.size());
       },
       py::arg("x"), py::arg("mask"), py::arg("out"));
+  m.def(
+      "bias_relu_mask",
+      [rowmajor](const py::array& z, const py::object& bias, const py::array& keep, const py::array& out) {
+        auto [zp, z_rows, n, ldz] = rowmajor(z, "z", false);
+        auto [kp, groups, kn, ldk] = rowmajor(keep, "keep", false);
+        auto [op, out_rows, on, ldo] = rowmajor(out, "out", true);
+        if (ldz != n || ldk != kn || ldo != on) throw sparsebp::ValueError("z, keep and out must be C-contiguous");
+        if (kn != n || on != n)
+          throw sparsebp::ValueError(str_cat("keep and out must have z's ", n, " columns; got ", kn, " and ", on));
+        if (groups < 1 || out_rows % groups != 0)
+          throw sparsebp::ValueError(str_cat("out's ", out_rows, " rows must be a multiple of keep's ", groups));
+        const int64_t rpg = out_rows / groups;
+        if (z_rows != rpg && z_rows != out_rows)
+          throw sparsebp::ValueError(str_cat("z must have ", rpg, " or ", out_rows, " rows; got ", z_rows));
+        if (op != zp && op < zp + z_rows * n && zp < op + out_rows * n)
+          throw sparsebp::ValueError("out must be z itself or not overlap it");
+        const float* bp = nullptr;
+        py::array b;
+        if (!bias.is_none()) {
+          b = bias.cast<py::array>();
+          check_float32(b, "bias");
+          if (b.ndim() != 1 || b.shape(0) != n || (n > 1 && b.strides(0) != 4))
+            throw sparsebp::ValueError(str_cat("bias must be a contiguous float32 array of shape (", n, ",)"));
+          bp = static_cast<const float*>(b.data());
+        }
+        py::gil_scoped_release nogil;
+        sparsebp::bias_relu_mask(zp, z_rows, n, bp, kp, groups, rpg, op);
+      },
+      py::arg("z"), py::arg("bias"), py::arg("keep"), py::arg("out"));
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);

@@ -558,6 +558,33 @@ double softmax_xent(const float* z, int64_t rows, int64_t classes, int64_t ldz, 
   return rows ? loss / static_cast<double>(rows) : 0.0;
 }
 
+double mask_estimator(const double* s, const uint8_t* m1, const uint8_t* m2, int64_t n, double df, bool textbook,
+                      double* g) {
+  SPARSEBP_CHECK_VALUE(n >= 0, "bad size for mask_estimator");
+  double sumsq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double q = s[i] * (1.0 - s[i]);
+    const double den = textbook ? q : std::sqrt(std::max(q, 0.0));
+    const double diff = static_cast<double>(m1[i] != 0) - static_cast<double>(m2[i] != 0);
+    g[i] = (den > 0.0 && diff != 0.0) ? 0.5 * df * diff / den : 0.0;
+    sumsq += g[i] * g[i];
+  }
+  return sumsq;
+}
+
+void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t n, double scale, double b1,
+                       double b2, double step_size, double inv_c2, double eps, double budget) {
+  SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for mask_adam_project");
+  std::vector<double> moved(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const double gi = scale * g[i];
+    m[i] = b1 * m[i] + (1.0 - b1) * gi;
+    v[i] = b2 * v[i] + (1.0 - b2) * (gi * gi);
+    moved[i] = s[i] - step_size * m[i] / (std::sqrt(v[i] * inv_c2) + eps);
+  }
+  project_budget(moved.data(), n, budget, s);
+}
+
 void project_budget(const double* s, int64_t n, double budget, double* out) {
   SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for project_budget");
   double csum = 0.0;
@@ -755,6 +782,17 @@ void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint
   a.indptr = indptr->data();
   a.indices = indices->data();
   parallel_for(nt, [&](int64_t i) { t.bernoulli_rows(a, rows * i / nt, rows * (i + 1) / nt); });
+}
+
+void bias_relu_mask(const float* z, int64_t z_rows, int64_t n, const float* bias, const float* keep, int64_t groups,
+                    int64_t rpg, float* out) {
+  SPARSEBP_CHECK_VALUE(n >= 0 && groups >= 1 && rpg >= 0 && (z_rows == rpg || z_rows == groups * rpg),
+                       "bias_relu_mask: z must have rpg or groups * rpg rows");
+  const int64_t rows = groups * rpg;
+  if (rows == 0 || n == 0) return;
+  const KernelTable& t = active_table();
+  const kernels::BiasReluMaskArgs a{z, z_rows != rows, n, bias, keep, rpg, out};
+  run_block_rows(rows, rows * n * 12, [&](int64_t i0, int64_t i1) { t.bias_relu_mask(a, i0, i1); });
 }
 
 void relu(const float* x, const float* mask, float* y, int64_t n) {

@@ -111,6 +111,19 @@ double softmax_xent(const float* z, int64_t rows, int64_t classes, int64_t ldz, 
 // sum clip(s - v, 0, 1) = budget, found exactly between the sorted breakpoints {s_i - 1, s_i}.
 void project_budget(const double* s, int64_t n, double budget, double* out);
 
+// VR-PGE's two-sample estimator of the gradient of the mask probabilities s (n doubles), into g:
+// g_i = df / 2 * (m1_i - m2_i) / den_i with den_i = sqrt(s_i (1 - s_i)) (authors) or s_i (1 - s_i)
+// (textbook), 0 where den_i is not > 0; m1, m2: n bools (0 or 1). Returns sum g_i^2.
+double mask_estimator(const double* s, const uint8_t* m1, const uint8_t* m2, int64_t n, double df, bool textbook,
+                      double* g);
+
+// One Adam step on the mask probabilities s (n doubles, updated in place) from the gradient
+// scale * g, then s = project_budget(s, budget): m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
+// s -= step_size * m / (sqrt(v * inv_c2) + eps), with step_size = lr / (1 - b1^t) and
+// inv_c2 = 1 / (1 - b2^t) given by the caller. All in double.
+void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t n, double scale, double b1,
+                       double b2, double step_size, double inv_c2, double eps, double budget);
+
 // One fused Adam step over a parameter viewed as (rows x cols), contiguous; only the rows listed in
 // `row_list` (n_rows of them, each in [0, rows)) when it is not null, else all. In one pass:
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= step_size * m / (sqrt(v * inv_c2) + eps)
@@ -141,6 +154,12 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
 // ReLU over n contiguous floats (y may alias x): forward (mask null) y = x > 0 or NaN ? x : 0;
 // backward y = mask > 0 ? x : 0 (x the gradient, mask the forward's output).
 void relu(const float* x, const float* mask, float* y, int64_t n);
+// A hidden layer's activation under unit masks, in one pass: out (groups * rpg rows x n, contiguous)
+// row i = relu(z[zi] + bias) * keep[i / rpg], where zi = i when z has groups * rpg rows (one block
+// of rows per mask) and i % rpg when it has rpg rows (one input shared by every mask). ReLU as
+// relu() (NaN kept); bias may be null. out may be z itself when they have the same rows.
+void bias_relu_mask(const float* z, int64_t z_rows, int64_t n, const float* bias, const float* keep, int64_t groups,
+                    int64_t rpg, float* out);
 // The CSR structure (indptr: rows + 1, indices) of a Bernoulli(s) mask: kernels::BernoulliArgs.
 void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint64_t seed,
                    std::vector<int64_t>* indptr, std::vector<int32_t>* indices);

@@ -23,6 +23,7 @@ void lazy_sgd(const LazySgdArgs& a, int64_t i_begin, int64_t i_end);
 void adam(const AdamArgs& a, int64_t i_begin, int64_t i_end);
 void bernoulli_rows(const BernoulliArgs& a, int64_t row_begin, int64_t row_end);
 void relu(const EltwiseArgs& a, int64_t begin, int64_t end);
+void bias_relu_mask(const BiasReluMaskArgs& a, int64_t row_begin, int64_t row_end);
 
 }  // namespace SPARSEBP_ISA_NS
 }  // namespace kernels

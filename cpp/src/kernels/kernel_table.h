@@ -282,6 +282,20 @@ struct EltwiseArgs {
 };
 using EltwiseFn = void (*)(const EltwiseArgs&, int64_t begin, int64_t end);
 
+// A hidden layer's activation under unit masks (VR-PGE), rows [begin, end) of out (rows x n,
+// contiguous): out[i] = relu(z[zi] + bias) * keep[i / rpg], zi = i when z_shared is false, else
+// i % rpg; bias may be null; out may be z itself (z_shared false). ReLU keeps NaN.
+struct BiasReluMaskArgs {
+  const float* z;
+  bool z_shared;
+  int64_t n;
+  const float* bias;
+  const float* keep;
+  int64_t rpg;
+  float* out;
+};
+using BiasReluMaskFn = void (*)(const BiasReluMaskArgs&, int64_t row_begin, int64_t row_end);
+
 struct KernelTable {
   const char* name;
   // Batch columns one register tile of each kernel covers (ops.cpp sizes cache panels from them).
@@ -302,6 +316,7 @@ struct KernelTable {
   AdamFn adam;
   BernoulliFn bernoulli_rows;
   EltwiseFn relu;
+  BiasReluMaskFn bias_relu_mask;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.

@@ -130,21 +130,18 @@ class MaskAdam:
         self.v = np.zeros_like(self.flat)
         self.t = 0
 
-    def step(self, grads) -> None:
-        """One step from the gradients of s: a list (one array per entry of s) or one flat array."""
+    def step(self, grads, scale: float = 1.0) -> None:
+        """One step from the gradients of s (times ``scale``): a list (one array per entry of s) or
+        one flat float64 array. Adam and the projection run in one C++ pass, in double."""
         g = grads if isinstance(grads, np.ndarray) else np.concatenate([np.ravel(x) for x in grads])
+        g = np.ascontiguousarray(g, dtype=np.float64)
         if g.shape != self.flat.shape:
             raise ValueError(f"the gradient of s must have {self.flat.size} entries; got {g.size}")
         b1, b2 = self.betas
         self.t += 1
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        m, v = self.m, self.v
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * (g * g)
-        self.flat -= (self.lr / c1) * m / (np.sqrt(v / c2) + self.eps)
-        self.flat[...] = project_budget(self.flat, self.budget)
+        _core.mask_adam_project(self.flat, self.m, self.v, g, float(scale), b1, b2, self.lr / c1, 1.0 / c2,
+                                self.eps, float(self.budget))
 
 
 def _softmax_xent(z: np.ndarray, y: np.ndarray):
@@ -251,19 +248,22 @@ class VRPGE:
         """One VR-PGE step on a minibatch; returns the two losses and the kept fractions."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.asarray(y)
-        if self.granularity == "unit":  # the estimator runs once over every layer's units
+        if self.granularity == "unit":  # the estimator runs once over every layer's units, in C++
             flat = (self._sample_flat(), self._sample_flat())
             masks = (self._split(flat[0]), self._split(flat[1]))
             fs, gw = self._unit_grads(x, y, masks)
-            gs = estimator(fs[0], fs[1], flat[0], flat[1], self.adam.flat, self.score)
+            gs = self._buf_f64("gs", self.adam.flat.size)
+            gs_sq = _core.mask_estimator(self.adam.flat, flat[0], flat[1], float(fs[0]) - float(fs[1]),
+                                         self.score == "textbook", gs)
         else:
             masks = (self.sample(), self.sample())
             fs, gw = self._weight_grads(x, y, masks)
             gs = np.concatenate([estimator(fs[0], fs[1], self._dense(a, l), self._dense(b, l), s, self.score).ravel()
                                  for l, (a, b, s) in enumerate(zip(masks[0], masks[1], self.s))])
+            gs_sq = float(np.dot(gs, gs))
         scale = 1.0
         if self.clip is not None:
-            norm = math.sqrt(sum(float(np.vdot(g, g)) for _, _, _, g in gw) + float(np.dot(gs, gs)))
+            norm = math.sqrt(sum(float(np.vdot(g, g)) for _, _, _, g in gw) + gs_sq)
             if norm > self.clip:
                 scale = self.clip / (norm + 1e-6)
         for p, rows, cols, g in gw:
@@ -271,12 +271,16 @@ class VRPGE:
                 g *= np.float32(scale)
             self.opt._run(p, rows, cols, g, None)
         self.opt.advance()
-        if scale != 1.0:
-            gs *= scale
-        self.adam.step(gs)
+        self.adam.step(gs, scale)
         kept = [np.count_nonzero(m) / m.size if self.granularity == "unit" else len(m[1]) / s.size
                 for m, s in zip(masks[0], self.s)]
         return dict(loss1=fs[0], loss2=fs[1], kept=kept)
+
+    def _buf_f64(self, name: str, n: int) -> np.ndarray:
+        b = self._bufs.get(name)
+        if b is None or b.size != n:
+            b = self._bufs[name] = np.empty(n, dtype=np.float64)
+        return b
 
     def _buf(self, name: str, shape: tuple, zero: bool = False) -> np.ndarray:
         """A reused float32 work array (fresh multi-MB arrays cost page faults every step)."""
@@ -319,29 +323,24 @@ class VRPGE:
             wu.append(opt._gather(m.weight, rows_of[l], cols_of[l], self._buf(f"wu{l}", shape), peek=True))
         bu = [opt._gather(m.bias, rows_of[l], None, peek=True) if m.bias is not None else None
               for l, m in enumerate(lin)]
-        # each sample's mask restricted to the union, as float32 rows (1 kept, 0 dropped)
-        keep = [[mk[l][u].astype(np.float32) for l, u in enumerate(union)] for mk in masks]
-        # layer 0 over the union, once
+        # per layer, the two masks restricted to the union: a 2 x |U| float32 array (1 kept, 0 dropped)
+        keep = [np.stack((masks[0][l][u], masks[1][l][u])).astype(np.float32) for l, u in enumerate(union)]
+        # layer 0 over the union, once; then bias, ReLU and each sample's mask in one pass into the
+        # two samples' rows
         z0 = self._buf("z0", (B, len(union[0])))
         np.matmul(x, wu[0].T, out=z0)
-        if bu[0] is not None:
-            z0 += bu[0]
-        _core.relu(z0.reshape(-1), None, z0.reshape(-1))
         a = self._buf("a0", (2 * B, len(union[0])))
-        np.multiply(z0, keep[0][0], out=a[:B])
-        np.multiply(z0, keep[1][0], out=a[B:])
+        _core.bias_relu_mask(z0, bu[0], keep[0], a)
         acts = [a]
         for l in range(1, H + 1):
             z = self._buf(f"z{l}", (2 * B, wu[l].shape[0]))
             np.matmul(a, wu[l].T, out=z)
-            if bu[l] is not None:
-                z += bu[l]
             if l < H:
-                _core.relu(z.reshape(-1), None, z.reshape(-1))
-                z[:B] *= keep[0][l]
-                z[B:] *= keep[1][l]
+                _core.bias_relu_mask(z, bu[l], keep[l], z)  # rows 0..B-1: sample 1's mask; B..2B-1: sample 2's
                 acts.append(z)
                 a = z
+            elif bu[l] is not None:
+                z += bu[l]
         g = self._buf(f"g{H}", z.shape)
         fs = [_core.softmax_xent(z[:B], y, g[:B]), _core.softmax_xent(z[B:], y, g[B:])]
         gw, gb = [None] * (H + 1), [None] * (H + 1)
