@@ -343,14 +343,16 @@ class VRPGE:
                 z += bu[l]
         g = self._buf(f"g{H}", z.shape)
         fs = [_core.softmax_xent(z[:B], y, g[:B]), _core.softmax_xent(z[B:], y, g[B:])]
+        # g_w = (G_1 + G_2) / 2: halve the loss gradient here (exact: a power of two), and every
+        # product below comes out already halved
+        g *= np.float32(0.5)
         gw, gb = [None] * (H + 1), [None] * (H + 1)
         for l in range(H, 0, -1):
             gc = g.T @ acts[l - 1]
-            gc *= np.float32(0.5)
             gw[l] = self._buf(f"gw{l}", (wu[l].shape[0], lin[l].in_features), zero=True)
             _core.scatter_add_block(gw[l], None, cols_of[l], gc, 1.0)  # whole rows, zero outside the union
             if bu[l] is not None:
-                gb[l] = np.float32(0.5) * g.sum(axis=0)
+                gb[l] = g.sum(axis=0)
             gn = self._buf(f"g{l - 1}", acts[l - 1].shape)
             np.matmul(g, wu[l], out=gn)
             # dropped units have zero activations, so this also zeroes their gradient
@@ -358,7 +360,6 @@ class VRPGE:
             g = gn
         g0 = self._buf("gsum", (B, g.shape[1]))
         np.add(g[:B], g[B:], out=g0)
-        g0 *= np.float32(0.5)
         gw[0] = g0.T @ x
         if bu[0] is not None:
             gb[0] = g0.sum(axis=0)
