@@ -134,9 +134,9 @@ int64_t threads_for(int64_t work) {
 // The same for the memory-bound block and element-wise kernels (gather, scatter, the lazy SGD, the
 // ReLU; their work counted as about the bytes they move): they split only from 1 MB per thread. These
 // run between NumPy's BLAS calls in the NumPy training paths, and BLAS's threads keep spinning on
-// the other cores after each call; measured on 2 cores (the VR-PGE step at keep 0.25, interleaved
-// with dense steps, three pairs of runs): 0.46x / 0.42x of a dense step with this threshold against
-// 0.58x / 0.55x / 0.51x when they split from 64 KB, the dense steps unchanged. Alone, a second
+// the other cores after each call; measured on 2 cores (the polarised VR-PGE step at keep 0.25,
+// interleaved with dense steps, three pairs of runs): 0.38x-0.48x of a dense step with this
+// threshold against 0.51x-0.53x when they split from 64 KB, the dense steps unchanged. Alone, a second
 // thread speeds such a kernel up (a 400 KB gather: 46 -> 17 us); beside BLAS it loses more than
 // that waiting for a core.
 constexpr int64_t kMinBlockBytesPerThread = 1 << 20;

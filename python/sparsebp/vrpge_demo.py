@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from . import nn
-from .algorithms.vrpge import VRPGE
+from .algorithms.vrpge import VRPGE, run_interleaved
 from .bench.harness import write_csv
 from .datasets import load_mnist
 
@@ -43,37 +43,28 @@ def train_plain(model, X, y, epochs, batch, lr, seed, desc, progress, reference=
     ``VRPGE.fit`` does) the pair (median step time, median reference time)."""
     from tqdm import tqdm
 
-    opt = nn.SGD(model.params(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    one = _sgd_step(model, lr)
     rng = np.random.default_rng(seed)
     steps = len(X) // batch
-    block = 8
     times, ref_times = [], []
 
-    def run_reference(order, lo, hi):
-        for i in range(lo, hi):
-            idx = order[i * batch:(i + 1) * batch]
-            t0 = time.perf_counter()
-            reference(X[idx], y[idx])
-            ref_times.append(time.perf_counter() - t0)
+    def timed(f, idx, into):
+        t0 = time.perf_counter()
+        f(X[idx], y[idx])
+        into.append(time.perf_counter() - t0)
 
     for e in range(epochs):
         order = rng.permutation(len(X))
         bar = tqdm(total=steps, desc=f"{desc} epoch {e + 1}/{epochs}", leave=False, disable=not progress)
-        for b0 in range(0, steps, block):
-            b1 = min(steps, b0 + block)
-            ref_first = reference is not None and (b0 // block) % 2 == 1
-            if ref_first:
-                run_reference(order, b0, b1)
-            for i in range(b0, b1):
-                idx = order[i * batch:(i + 1) * batch]
-                t0 = time.perf_counter()
-                _, g = nn.softmax_cross_entropy(model.forward(X[idx]), y[idx])
-                model.backward(g)
-                opt.step()
-                times.append(time.perf_counter() - t0)
-                bar.update(1)
-            if reference is not None and not ref_first:
-                run_reference(order, b0, b1)
+
+        def step(i):
+            timed(one, order[i * batch:(i + 1) * batch], times)
+            bar.update(1)
+
+        def ref(i):
+            timed(reference, order[i * batch:(i + 1) * batch], ref_times)
+
+        run_interleaved(steps, step, ref if reference is not None else None)
         bar.close()
     med = float(np.median(times)) if times else float("nan")
     if reference is None:
@@ -81,10 +72,9 @@ def train_plain(model, X, y, epochs, batch, lr, seed, desc, progress, reference=
     return med, float(np.median(ref_times)) if ref_times else float("nan")
 
 
-def _dense_step(seed: int, lr: float):
-    """A training step of its own dense MLP (SGD as ``train_plain``): the reference a mask-search
-    step is timed against, on the same batches and interleaved with it."""
-    model = mlp(seed)
+def _sgd_step(model, lr: float):
+    """One training step of ``model`` (softmax cross-entropy; SGD, momentum 0.9, weight decay 5e-4)
+    as a callable f(x, y)."""
     opt = nn.SGD(model.params(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
     def step(x, y):
@@ -93,6 +83,12 @@ def _dense_step(seed: int, lr: float):
         opt.step()
 
     return step
+
+
+def _dense_step(seed: int, lr: float):
+    """A training step of its own dense MLP: the reference a mask-search step is timed against, on
+    the same batches and interleaved with it."""
+    return _sgd_step(mlp(seed), lr)
 
 
 def random_units(keep: float, seed: int):

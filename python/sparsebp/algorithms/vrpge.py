@@ -111,6 +111,24 @@ def plain_estimator(f1: float, f2: float, m1, m2, s, kind: str = "authors") -> n
     return 0.5 * (float(f1) * score(m1, s, kind) + float(f2) * score(m2, s, kind))
 
 
+def run_interleaved(steps: int, step, reference=None, block: int = 8) -> None:
+    """``step(i)`` for i in range(steps) and, when given, ``reference(i)`` for the same i, in
+    alternating blocks of ``block``: the steps of a block then the reference on them, the next block
+    the reference first. Each side runs several calls in a row (its working set stays in cache, as
+    in training) while both see the same machine conditions (for timing one against the other)."""
+    for lo in range(0, steps, block):
+        hi = min(steps, lo + block)
+        ref_first = reference is not None and (lo // block) % 2 == 1
+        if ref_first:
+            for i in range(lo, hi):
+                reference(i)
+        for i in range(lo, hi):
+            step(i)
+        if reference is not None and not ref_first:
+            for i in range(lo, hi):
+                reference(i)
+
+
 class MaskAdam:
     """Adam on the mask probabilities, then the projection onto the global budget: the update of s
     shared by the NumPy and the torch trainers.
@@ -252,7 +270,7 @@ class VRPGE:
             flat = (self._sample_flat(), self._sample_flat())
             masks = (self._split(flat[0]), self._split(flat[1]))
             fs, gw = self._unit_grads(x, y, masks)
-            gs = self._buf_f64("gs", self.adam.flat.size)
+            gs = self._buf("gs", (self.adam.flat.size,), dtype=np.float64)
             gs_sq = _core.mask_estimator(self.adam.flat, flat[0], flat[1], float(fs[0]) - float(fs[1]),
                                          self.score == "textbook", gs)
         else:
@@ -276,21 +294,15 @@ class VRPGE:
                 for m, s in zip(masks[0], self.s)]
         return dict(loss1=fs[0], loss2=fs[1], kept=kept)
 
-    def _buf_f64(self, name: str, n: int) -> np.ndarray:
-        b = self._bufs.get(name)
-        if b is None or b.size != n:
-            b = self._bufs[name] = np.empty(n, dtype=np.float64)
-        return b
-
-    def _buf(self, name: str, shape: tuple, zero: bool = False) -> np.ndarray:
-        """A reused float32 work array (fresh multi-MB arrays cost page faults every step)."""
+    def _buf(self, name: str, shape: tuple, zero: bool = False, dtype=np.float32) -> np.ndarray:
+        """A reused work array (fresh multi-MB arrays cost page faults every step)."""
         b = self._bufs.get(name)
         n = math.prod(shape)
-        if b is None or b.size < n:
-            b = self._bufs[name] = np.empty(max(n, 1), dtype=np.float32)
+        if b is None or b.size < n or b.dtype != dtype:
+            b = self._bufs[name] = np.empty(max(n, 1), dtype=dtype)
         out = b[:n].reshape(shape)
         if zero:
-            out.fill(0.0)
+            out.fill(0)
         return out
 
     def _unit_grads(self, x, y, masks):
@@ -501,11 +513,9 @@ class VRPGE:
         the last samples, the fraction of s polarised (within 0.01 of 0 or 1), seconds per step.
 
         ``reference``: an optional callable ``f(x, y)`` (for example a dense model's training
-        step) run on the same minibatches and timed apart, in alternating blocks of 8 batches (8
-        steps, then the reference on those 8 batches; then the reference first): its seconds per
-        call go in the record as ``reference_step_s``, so that a step-time ratio is measured under
-        the same machine conditions, while each side still runs several steps in a row (as in
-        training: its working set stays in cache between its own steps)."""
+        step) run on the same minibatches and timed apart, in alternating blocks of 8 batches
+        (``run_interleaved``): its seconds per call go in the record as ``reference_step_s``, so
+        that a step-time ratio is measured under the same machine conditions."""
         from tqdm import tqdm
 
         from ..nn import check_loop_args
@@ -515,41 +525,34 @@ class VRPGE:
             raise TypeError(f"reference must be a callable f(x, y) or None; got {type(reference).__name__}")
         rng = np.random.default_rng(seed)
         steps = len(X) // batch
-        block = 8
         history = []
         for e in range(epochs):
             order = rng.permutation(len(X))
-            losses, kept, t, t_ref = [], [], 0.0, 0.0
+            losses, kept, t = [], [], [0.0, 0.0]  # seconds in steps, in reference calls
             bar = tqdm(total=steps, desc=f"{desc} epoch {e + 1}/{epochs}", leave=False, disable=not progress)
 
-            def run_reference(lo, hi):
+            def one(i):
+                idx = order[i * batch:(i + 1) * batch]
                 t0 = time.perf_counter()
-                for i in range(lo, hi):
-                    idx = order[i * batch:(i + 1) * batch]
-                    reference(X[idx], y[idx])
-                return time.perf_counter() - t0
+                r = self.step(X[idx], y[idx])
+                t[0] += time.perf_counter() - t0
+                losses.append(0.5 * (r["loss1"] + r["loss2"]))
+                kept.append(r["kept"])
+                bar.update(1)
 
-            for b0 in range(0, steps, block):
-                b1 = min(steps, b0 + block)
-                ref_first = reference is not None and (b0 // block) % 2 == 1
-                if ref_first:
-                    t_ref += run_reference(b0, b1)
-                for i in range(b0, b1):
-                    idx = order[i * batch:(i + 1) * batch]
-                    t0 = time.perf_counter()
-                    r = self.step(X[idx], y[idx])
-                    t += time.perf_counter() - t0
-                    losses.append(0.5 * (r["loss1"] + r["loss2"]))
-                    kept.append(r["kept"])
-                    bar.update(1)
-                if reference is not None and not ref_first:
-                    t_ref += run_reference(b0, b1)
+            def ref(i):
+                idx = order[i * batch:(i + 1) * batch]
+                t0 = time.perf_counter()
+                reference(X[idx], y[idx])
+                t[1] += time.perf_counter() - t0
+
+            run_interleaved(steps, one, ref if reference is not None else None)
             bar.close()
             rec = dict(epoch=e + 1, loss=float(np.mean(losses)) if losses else float("nan"),
                        density=self.density(), kept=np.mean(kept, axis=0).tolist() if kept else [],
-                       polarised=self.polarised(), step_s=t / max(steps, 1))
+                       polarised=self.polarised(), step_s=t[0] / max(steps, 1))
             if reference is not None:
-                rec["reference_step_s"] = t_ref / max(steps, 1)
+                rec["reference_step_s"] = t[1] / max(steps, 1)
             history.append(rec)
         self.opt.flush()
         return history
