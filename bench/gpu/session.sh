@@ -14,7 +14,8 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import sparsebp, json; print(json.dumps(sparsebp.build_info()))"
 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -4
 echo "cuda tests done: $(( $(date +%s) - t0 )) s"
-[ "${PROFILE:-1}" = 1 ] && python3 bench/gpu/profile.py 2>&1 | tee "$OUT/profile.txt" | grep -E "===|ms/step|failed"
+[ "${PROFILE:-1}" = 1 ] && python3 bench/gpu/layer_profile.py 2>&1 | tee "$OUT/profile.txt" | grep -E "===|ms/step|failed"
+[ "${PROFILE:-1}" = 1 ] && python3 bench/gpu/host_cost.py >"$OUT/host_cost.txt" 2>&1
 if [ "${BENCH:-1}" = 1 ]; then
   python3 -m sparsebp bench --what cuda --out "$OUT" >"$OUT/bench.log" 2>&1
   cat "$OUT/cuda.md"

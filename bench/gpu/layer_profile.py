@@ -1,7 +1,7 @@
 """Where the time of one SparseLinear forward + backward goes on the GPU, next to nn.Linear's: the
 host (Python, launches) and the device (each kernel), from torch.profiler; plus the host-only cost
 per step (no device sync inside the loop) and the device-only cost (a CUDA graph of the step).
-Run on a GPU machine: python bench/gpu/profile.py"""
+Run on a GPU machine: python bench/gpu/layer_profile.py"""
 import statistics
 import time
 
