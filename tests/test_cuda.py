@@ -142,7 +142,9 @@ def _torch_cuda():
 @gpu
 @pytest.mark.parametrize("rows,cols,density,batch", [(1, 1, 1.0, 1), (33, 17, 0.3, 7), (300, 512, 0.1, 64),
                                                      (128, 64, 0.0, 9), (64, 700, 0.05, 257), (70, 90, 0.2, 32),
-                                                     (40, 100, 0.3, 96), (17, 300, 0.1, 256), (50, 60, 0.4, 520)])
+                                                     (40, 100, 0.3, 96), (17, 300, 0.1, 256), (50, 60, 0.4, 520),
+                                                     # long batches over few rows: the SDDMM split in parts
+                                                     (8, 40, 0.5, 5000), (64, 30, 0.3, 12288)])
 def test_gpu_linear_against_float64(rows, cols, density, batch):
     torch = _torch_cuda()
     rng = np.random.default_rng(rows + cols)
@@ -417,3 +419,134 @@ def test_gpu_ops_take_cupy_and_interface_arrays(batch):
     np.testing.assert_allclose(cupy.asnumpy(r.grad_bias), g.astype(np.float64).sum(0), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="different devices"):
         ops.linear_forward(cupy.asarray(x), w, b, values=cupy.asarray(vals))
+
+
+# ---- SparseConv2d on the GPU: im2col + the linear kernels ----------------------------------------------
+def _csr_of(w):
+    """(indptr int64, indices int32, values) of a dense (cout, ...) weight's nonzeros, row-major."""
+    import torch
+
+    flat = w.reshape(w.shape[0], -1)
+    mask = flat != 0
+    indptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(mask.sum(1), 0)
+    return indptr, mask.nonzero()[:, 1].to(torch.int32), flat[mask]
+
+
+@pytest.mark.parametrize("groups,stride,padding,dilation", [(1, (1, 1), (1, 1), (1, 1)), (2, (2, 1), (0, 2), (1, 2)),
+                                                            (4, (1, 2), (1, 0), (2, 1))])
+def test_conv_patch_formulation_against_conv2d(groups, stride, padding, dilation):
+    """The GPU convolution's formulation, checked on the CPU (no GPU needed): W with its columns
+    mapped to the patch rows of each group (``_patch_indices``), times the patches (``_patches``),
+    is F.conv2d, in float64."""
+    torch = pytest.importorskip("torch")
+    from sparsebp.torch import _conv, _ops
+
+    g = torch.Generator().manual_seed(groups)
+    cin, cout, kh, kw, n, h, w = 8, 12, 3, 2, 3, 7, 9
+    wd = torch.randn(cout, cin // groups, kh, kw, dtype=torch.float64, generator=g)
+    wd *= torch.rand(wd.shape, generator=g, dtype=torch.float64) < 0.4
+    indptr, indices, values = _csr_of(wd)
+    ix = _conv._patch_indices(indptr, indices, cout, cin, kh, kw, groups)
+    assert _conv._patch_indices(indptr, indices, cout, cin, kh, kw, groups) is ix  # cached
+    big = torch.zeros(cout, cin * kh * kw, dtype=torch.float64)
+    big[_ops._rows_of(indptr, cout), ix.to(torch.int64)] = values
+    x = torch.randn(n, cin, h, w, dtype=torch.float64, generator=g)
+    u = _conv._patches(x, kh, kw, stride, padding, dilation)
+    oh, ow = _conv._out_size(h, w, kh, kw, stride, padding, dilation)
+    assert u.shape == (cin * kh * kw, n * oh * ow) and u.is_contiguous()
+    y = (big @ u).reshape(cout, n, oh, ow).transpose(0, 1)
+    ref = torch.nn.functional.conv2d(x, wd, None, stride, padding, dilation, groups)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_patch_indices_refuse_a_bad_structure():
+    torch = pytest.importorskip("torch")
+    from sparsebp.torch import _conv
+
+    indptr = torch.tensor([0, 1, 2], dtype=torch.int64)
+    with pytest.raises(ValueError, match="outside|range"):  # column 18 of a group with 2 * 3 * 3 = 18 columns
+        _conv._patch_indices(indptr, torch.tensor([3, 18], dtype=torch.int32), 2, 4, 3, 3, 2)
+    with pytest.raises(ValueError, match="too small"):
+        _conv._out_size(2, 2, 5, 5, (1, 1), (0, 0), (1, 1))
+
+
+@gpu
+@pytest.mark.parametrize("batch,cin,cout,k,stride,padding,dilation,groups,layout", [
+    (4, 6, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, "nchw"),
+    (1, 4, 6, (3, 3), (2, 2), (1, 1), (1, 1), 1, "nchw"),
+    (5, 8, 12, (3, 2), (2, 1), (0, 2), (1, 2), 4, "nchw"),
+    (8, 6, 6, (1, 1), (2, 2), (0, 0), (1, 1), 1, "inner"),
+    (16, 16, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2, "inner"),
+    (3, 3, 5, (5, 5), (1, 1), (4, 4), (2, 2), 1, "channels_last"),
+    (33, 32, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, "nchw"),
+])
+def test_gpu_sparse_conv2d_against_float64(batch, cin, cout, k, stride, padding, dilation, groups, layout):
+    """SparseConv2d on CUDA tensors: output, input gradient, value and bias gradients against
+    F.conv2d in float64 on the CPU; the output and input gradient in the input's layout."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+    from sparsebp.torch import _conv
+
+    torch.manual_seed(batch)
+    dense = torch.nn.Conv2d(cin, cout, k, stride, padding, dilation, groups)
+    mask = torch.rand(dense.weight.shape) < 0.3
+    sp = st.SparseConv2d.from_dense(dense, mask=mask).cuda()
+    x0 = torch.randn(batch, cin, 11, 10)
+    x = x0.cuda()
+    if layout == "inner":
+        x = st.batch_inner(x)
+    elif layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = sp(x)
+    r = torch.randn(y.shape)
+    (y * r.cuda()).sum().backward()
+
+    xr = x0.double().requires_grad_(True)
+    wr = (dense.weight.detach() * mask).double().requires_grad_(True)
+    br = dense.bias.detach().double().requires_grad_(True)
+    yr = torch.nn.functional.conv2d(xr, wr, br, stride, padding, dilation, groups)
+    (yr * r.double()).sum().backward()
+    torch.testing.assert_close(y.double().cpu(), yr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sp.values.grad.double().cpu(), wr.grad.reshape(cout, -1)[mask.reshape(cout, -1)],
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sp.bias.grad.double().cpu(), br.grad, rtol=1e-4, atol=1e-4)
+    if layout == "inner":
+        assert _conv.is_batch_inner(y) and _conv.is_batch_inner(x.grad)
+
+
+@gpu
+def test_gpu_sparse_conv2d_partial_gradients_and_float64():
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+
+    torch.manual_seed(1)
+    dense = torch.nn.Conv2d(6, 10, 3, padding=1, groups=2)
+    mask = torch.rand(dense.weight.shape) < 0.4
+    x0 = torch.randn(7, 6, 9, 9)
+    yr = torch.nn.functional.conv2d(x0, dense.weight.detach() * mask, dense.bias.detach(), 1, 1, 1, 2)
+    # the input gradient alone (frozen weights and bias)
+    sp = st.SparseConv2d.from_dense(dense, mask=mask).cuda().requires_grad_(False)
+    x = x0.cuda().requires_grad_(True)
+    sp(x).sum().backward()
+    xr = x0.clone().requires_grad_(True)
+    torch.nn.functional.conv2d(xr, dense.weight.detach() * mask, None, 1, 1, 1, 2).sum().backward()
+    torch.testing.assert_close(x.grad.cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+    # the weight gradient alone (an input that needs none), and no bias
+    sp = st.SparseConv2d.from_dense(dense, mask=mask).cuda()
+    sp.bias = None
+    y = sp(x0.cuda())
+    torch.testing.assert_close(y.cpu(), yr - dense.bias.detach()[None, :, None, None], rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    wr = (dense.weight.detach() * mask).requires_grad_(True)
+    torch.nn.functional.conv2d(x0, wr, None, 1, 1, 1, 2).sum().backward()
+    torch.testing.assert_close(sp.values.grad.cpu(), wr.grad[mask], rtol=1e-4, atol=1e-4)
+    # float64 on the GPU: the dense reference path, on the device
+    sp64 = st.SparseConv2d.from_dense(dense.double(), mask=mask).cuda()
+    y64 = sp64(x0.double().cuda())
+    assert y64.is_cuda and y64.dtype == torch.float64
+    yr64 = torch.nn.functional.conv2d(x0.double(), (dense.weight.detach() * mask).double(),
+                                      dense.bias.detach().double(), 1, 1, 1, 2)
+    torch.testing.assert_close(y64.cpu(), yr64, rtol=1e-10, atol=1e-10)

@@ -640,15 +640,16 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "cuda_sddmm",
       [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr, uintptr_t indices, uintptr_t gt,
-             int64_t ldg, uintptr_t xt, int64_t ldx, uintptr_t dv, uintptr_t db, uintptr_t g, int64_t ldg_src) {
+             int64_t ldg, uintptr_t xt, int64_t ldx, uintptr_t dv, uintptr_t db, uintptr_t g, int64_t ldg_src,
+             uintptr_t partials, int64_t parts, int64_t nnz) {
         py::gil_scoped_release nogil;
         cu::sddmm(dev, stream, batch, rows, reinterpret_cast<const int64_t*>(indptr),
                   reinterpret_cast<const int32_t*>(indices), fptr(gt), ldg, fptr(xt), ldx, fptr(dv), fptr(db), fptr(g),
-                  ldg_src);
+                  ldg_src, fptr(partials), parts, nnz);
       },
       py::arg("dev"), py::arg("stream"), py::arg("batch"), py::arg("rows"), py::arg("indptr"), py::arg("indices"),
       py::arg("gt"), py::arg("ldg"), py::arg("xt"), py::arg("ldx"), py::arg("dvalues"), py::arg("dbias"),
-      py::arg("g") = 0, py::arg("ldg_src") = 0);
+      py::arg("g") = 0, py::arg("ldg_src") = 0, py::arg("partials") = 0, py::arg("parts") = 1, py::arg("nnz") = 0);
   m.def(
       "cuda_csr_fm",
       [fptr](int dev, uintptr_t stream, int64_t batch, int64_t rows, uintptr_t indptr, uintptr_t indices,

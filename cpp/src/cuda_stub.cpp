@@ -21,7 +21,7 @@ void csr_rows_times_dense(int, uintptr_t, int64_t, int64_t, const int64_t*, cons
   missing();
 }
 void sddmm(int, uintptr_t, int64_t, int64_t, const int64_t*, const int32_t*, float*, int64_t, const float*, int64_t,
-           float*, float*, const float*, int64_t) {
+           float*, float*, const float*, int64_t, float*, int64_t, int64_t) {
   missing();
 }
 void transpose(int, uintptr_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) { missing(); }

@@ -179,12 +179,28 @@ def csr_product(dev: int, st: int, x, rows: int, indptr: int, indices: int, valu
     return y, xt
 
 
-def sddmm(dev: int, st: int, g, x, indptr: int, indices: int, dvalues: int, dbias: int = 0, gt=None, xt=None) -> None:
+# Long batches over few rows (a convolution's patches) split the SDDMM's batch into parts computed
+# side by side: about this many warps in all (one per row and part), parts of >= 1024 columns.
+_SDDMM_WARPS = 4096
+
+
+def _sddmm_split(torch, batch: int, rows: int, nnz: int, device):
+    """``(partials, parts)`` for the SDDMM: a scratch buffer and the number of batch parts, or
+    ``(None, 1)`` when the rows alone give the GPU enough warps (or nnz is unknown)."""
+    parts = min(-(-_SDDMM_WARPS // max(rows, 1)), batch // 1024)
+    if nnz < 0 or parts < 2:
+        return None, 1
+    return torch.empty(parts * (nnz + rows), dtype=torch.float32, device=device), parts
+
+
+def sddmm(dev: int, st: int, g, x, indptr: int, indices: int, dvalues: int, dbias: int = 0, gt=None, xt=None,
+          nnz: int = -1) -> None:
     """``dvalues[p] = sum_b g[b, row(p)] x[b, indices[p]]`` at the stored positions of a CSR (rows x
     cols; indptr, indices, dvalues, dbias: device pointers, dbias 0 for none) and ``dbias =
     g.sum(0)``; g (batch, rows) and x (batch, cols) float32 tensors, any strides. ``gt``/``xt``:
     feature-major (n, batch) rows of g/x already at hand (from csr_product), or None (x may be None
-    when xt is given)."""
+    when xt is given). ``nnz``: the number of stored entries, where known (it lets a long batch
+    over few rows be split across the GPU, see _sddmm_split)."""
     torch = _torch()
     batch, rows = g.shape
     cols = x.shape[1] if x is not None else xt.shape[0]  # (x may be None when xt is given)
@@ -203,14 +219,16 @@ def sddmm(dev: int, st: int, g, x, indptr: int, indices: int, dvalues: int, dbia
         xt = torch.empty((cols, batch), dtype=torch.float32, device=x.device)
         _core.cuda_transpose(dev, st, batch, cols, x.data_ptr(), x.stride(0), xt.data_ptr(), batch)
     ldx = max(xt.stride(0), batch)
+    part, parts = _sddmm_split(torch, batch, rows, nnz, xt.device)
+    pp = 0 if part is None else part.data_ptr()
     if gt is not None:
         _core.cuda_sddmm(dev, st, batch, rows, indptr, indices, gt.data_ptr(), max(gt.stride(0), batch), xt.data_ptr(),
-                         ldx, dvalues, dbias)
+                         ldx, dvalues, dbias, partials=pp, parts=parts, nnz=max(nnz, 0))
         return
     g = g if _row_major(g) else g.contiguous()
     gt = torch.empty((rows, batch), dtype=torch.float32, device=g.device)  # filled by the call (g transposed)
     _core.cuda_sddmm(dev, st, batch, rows, indptr, indices, gt.data_ptr(), batch, xt.data_ptr(), ldx, dvalues, dbias,
-                     g.data_ptr(), g.stride(0))
+                     g.data_ptr(), g.stride(0), partials=pp, parts=parts, nnz=max(nnz, 0))
 
 
 _STRUCTS: "OrderedDict[int, tuple]" = OrderedDict()
@@ -290,7 +308,7 @@ def linear_backward(g, x, w, values, input_grad: bool, weight_grad: bool, bias_g
     if weight_grad:
         gv = torch.empty(w.nnz, dtype=torch.float32, device=xt.device)
         gb = torch.empty(rows, dtype=torch.float32, device=xt.device) if bias_grad else None
-        sddmm(dev, st, gt, xt, _ptr(s["indptr"]), _ptr(s["indices"]), _ptr(gv), _ptr(gb), gt=g_fm)
+        sddmm(dev, st, gt, xt, _ptr(s["indptr"]), _ptr(s["indices"]), _ptr(gv), _ptr(gb), gt=g_fm, nnz=w.nnz)
     elif bias_grad:
         gb = gt.sum(dim=0)
     return tuple(None if t is None else _back(t, x) for t in (gi, gv, gb))

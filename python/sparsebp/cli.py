@@ -49,7 +49,7 @@ def _bench(args) -> int:
                ("sparse-grad", "sparse_grad", False, "sparse_grad.csv, sparse_grad.md"),
                ("conv", "conv", True, "conv.csv, conv.md"),
                ("train", "train_step", True, "train_step.csv, train_step.md"),
-               ("cuda", "cuda", True, "cuda.csv, cuda.md")]
+               ("cuda", "cuda", True, "cuda.csv, cuda.md, cuda_conv.csv, cuda_conv.md")]
     for name, module, needs_torch, files in benches:
         if args.what not in ("all", name):
             continue

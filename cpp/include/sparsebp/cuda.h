@@ -27,10 +27,13 @@ void csr_rows_times_dense(int device, uintptr_t stream, int64_t batch, int64_t r
 // SDDMM at the stored positions of a CSR (rows x cols), feature-major operands:
 //   dvalues[p] = sum_b gt[row(p) * ldg + b] * xt[indices[p] * ldx + b]; dbias[o] = sum_b gt[o * ldg + b]
 // (dbias may be null). With g not null, gt is first filled with the transpose of g (batch x rows,
-// row stride ldg_src).
+// row stride ldg_src). parts > 1 (with partials: parts * (nnz + rows) floats of scratch, and nnz):
+// the batch is split into up to that many spans computed side by side, their partial sums added
+// in a fixed order (for long batches over few rows: the warps per row would otherwise be too few).
 void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
            float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias,
-           const float* g = nullptr, int64_t ldg_src = 0);
+           const float* g = nullptr, int64_t ldg_src = 0, float* partials = nullptr, int64_t parts = 1,
+           int64_t nnz = 0);
 // out (cols x rows, row stride ldo) = the transpose of in (rows x cols, row stride ldi).
 void transpose(int device, uintptr_t stream, int64_t rows, int64_t cols, const float* in, int64_t ldi, float* out,
                int64_t ldo);

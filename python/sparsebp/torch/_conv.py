@@ -30,6 +30,13 @@ Layouts: the output (and the input gradient) follow the input's layout. A tensor
 innermost (``x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)``, see ``batch_inner``) is
 used as it is, and the output is stored that way too, so stacked sparse convolutions pay no
 layout changes; an ordinary (N, C, H, W)-contiguous input is converted on the way in and out.
+
+On CUDA tensors (builds with SPARSEBP_CUDA=ON) the convolution is the linear layer's sparse
+product over the input's patches (im2col: ``torch.nn.functional.unfold``, one column per output
+pixel and image): forward ``Y = W U``, weight gradient at the stored entries by the SDDMM of G and
+U, input gradient ``W^T G`` folded back (``fold``). Groups are one product: row o of W reads the
+patch rows of its group. The patches take (C kh kw) / C times the input's memory while a step
+runs; the backward unfolds the input again instead of keeping them.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import math
 import os
 import sys
 import threading
+import weakref
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -316,7 +324,7 @@ def _finish(buf: Tensor, out: Optional[Tensor]) -> Tensor:
 def _in_layout_of(x: Tensor, t: Tensor) -> Tensor:
     """A new (N, C, H, W) tensor (not a view) holding t's values in x's layout (the float64 paths)."""
     if is_batch_inner(x) or t.shape[0] == 1:
-        out = torch.empty_strided(t.shape, _batch_inner_strides(*t.shape), dtype=t.dtype)
+        out = torch.empty_strided(t.shape, _batch_inner_strides(*t.shape), dtype=t.dtype, device=t.device)
         out.copy_(t)
         return out
     return t.contiguous() if t._base is None else t.clone(memory_format=torch.contiguous_format)
@@ -548,6 +556,96 @@ def _out_like_fake(x: Tensor, shape) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA: the linear layer's kernels over the input's patches (im2col)
+# ---------------------------------------------------------------------------------------------
+
+_grouped: "dict" = {}
+
+
+def _patch_indices(indptr: Tensor, indices: Tensor, cout: int, cin: int, kh: int, kw: int, groups: int) -> Tensor:
+    """W's column indices into the patch rows of all input channels (``unfold``'s rows: channel,
+    then kh, kw): row o of group g reads rows ``g * cols_g + j``. The structure is validated here
+    once (per group: sorted, in range, no duplicates; a clear error, never a kernel reading out of
+    bounds); cached per index tensors while they are unchanged."""
+    cols_g = (cin // groups) * kh * kw
+    key = (indices.data_ptr(), indptr.data_ptr(), cout, cols_g, groups)
+    versions = (indices._version, indptr._version)
+    hit = _grouped.get(key)
+    if hit is not None and hit[0]() is indices and hit[1] == versions:
+        return hit[2]
+    _core.csr_structure(cout, cols_g, indptr.detach().to("cpu", torch.int64).numpy(),
+                        indices.detach().to("cpu", torch.int32).numpy())
+    if groups == 1:
+        out = indices.detach().to(torch.int32)
+    else:
+        group = _ops._rows_of(indptr, cout) // (cout // groups)
+        out = (indices.to(torch.int64) + group * cols_g).to(torch.int32)
+    # (the dict bound as a default: at interpreter exit the module's globals may already be None)
+    _grouped[key] = (weakref.ref(indices, lambda _, k=key, d=_grouped: d.pop(k, None)), versions, out)
+    return out
+
+
+def _out_size(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> Tuple[int, int]:
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"input of size {h}x{w} is too small for kernel {kh}x{kw} with padding {tuple(padding)}, "
+                         f"dilation {tuple(dilation)}: the output would be {oh}x{ow}")
+    return oh, ow
+
+
+def _patches(x: Tensor, kh: int, kw: int, stride, padding, dilation) -> Tensor:
+    """x's patches as (C kh kw, N L) contiguous rows, L = output pixels per image: the
+    feature-major operand of the CUDA kernels (its transpose is the (N L, C kh kw) input)."""
+    u = torch.nn.functional.unfold(x, (kh, kw), dilation=tuple(dilation), padding=tuple(padding),
+                                   stride=tuple(stride))  # (N, C kh kw, L)
+    return u.transpose(0, 1).reshape(u.shape[1], u.shape[0] * u.shape[2])
+
+
+def _conv2d_cuda(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
+                 out_channels: int, kernel_size, stride, padding, dilation, groups: int) -> Tensor:
+    """The float32 convolution on the GPU; the output in x's layout (as on the CPU)."""
+    n, cin, h, w = x.shape
+    kh, kw = kernel_size
+    oh, ow = _out_size(h, w, kh, kw, stride, padding, dilation)
+    ix = _patch_indices(indptr, indices, out_channels, cin, kh, kw, groups)
+    y = _out_like_fake(x, (n, out_channels, oh, ow))
+    if n == 0:
+        return y
+    u = _patches(x, kh, kw, stride, padding, dilation)
+    yf = _ops._cuda_forward(u.t(), values, bias, indptr, ix, out_channels)[0]  # (N L, cout)
+    y.copy_(yf.t().reshape(out_channels, n, oh, ow).transpose(0, 1))
+    return y
+
+
+def _conv2d_backward_cuda(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
+                          out_channels: int, kernel_size, stride, padding, dilation, groups: int, input_grad: bool,
+                          weight_grad: bool, bias_grad: bool):
+    """``(gi, gv, gb)`` of the float32 convolution on the GPU, None where not asked for."""
+    n, cin, h, w = x.shape
+    kh, kw = kernel_size
+    oh, ow = grad_y.shape[2], grad_y.shape[3]
+    cols = cin * kh * kw
+    ix = _patch_indices(indptr, indices, out_channels, cin, kh, kw, groups)
+    if n == 0:
+        return (_out_like_fake(x, tuple(x.shape)) if input_grad else None,
+                values.new_zeros(values.shape) if weight_grad else None,
+                values.new_zeros((out_channels,)) if bias_grad else None)
+    entry = _ops._cuda_structure_entry(indptr, ix, out_channels, cols)
+    gt = grad_y.transpose(0, 1).reshape(out_channels, n * oh * ow)  # G as (cout, N L) rows
+    u = _patches(x, kh, kw, stride, padding, dilation) if weight_grad else None
+    gu, gv, gb = _ops._cuda_backward(gt.t(), None, u, values, _ops._cuda_dev(x), entry[1], cols, out_channels,
+                                     input_grad, weight_grad, bias_grad)
+    gi = None
+    if input_grad:  # the patches' gradient (N L, C kh kw), added back into the image
+        gu = gu.t().reshape(cols, n, oh * ow).transpose(0, 1)
+        gi = torch.nn.functional.fold(gu, (h, w), (kh, kw), dilation=tuple(dilation), padding=tuple(padding),
+                                      stride=tuple(stride))
+        gi = _in_layout_of(x, gi) if is_batch_inner(x) else gi
+    return gi, gv, gb
+
+
+# ---------------------------------------------------------------------------------------------
 # Operators
 # ---------------------------------------------------------------------------------------------
 
@@ -564,6 +662,9 @@ def _conv2d_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tens
         wd = _dense_weight(values, indptr, indices, out_channels, cin // groups, kh, kw)
         y = torch.nn.functional.conv2d(x, wd, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
         return _in_layout_of(x, y), none
+    if x.is_cuda:
+        return _conv2d_cuda(x, values, bias, indptr, indices, out_channels, kernel_size, stride, padding, dilation,
+                            groups), none
     p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
     y, result = _new_result(x, (n, out_channels, p.oh, p.ow))
     if p.implicit(n):
@@ -594,7 +695,8 @@ def _(x, values, bias, indptr, indices, out_channels, kernel_size, stride, paddi
     kh, kw = kernel_size
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    keep = keep_padded and x.dtype != torch.float64 and bool(padding[0] or padding[1] or stride[1] > 1)
+    keep = (keep_padded and x.dtype != torch.float64 and x.device.type != "cuda"
+            and bool(padding[0] or padding[1] or stride[1] > 1))
     hp, wp = h + 2 * padding[0], w + 2 * padding[1]
     if keep and _IMPLICIT and stride[1] == 1 and n % _IMPLICIT_BATCH_MULTIPLE == 0 and kh * kw <= 64:  # _Plan.implicit
         xp = x.new_empty((cin, h, w, n)) if not x.permute(1, 2, 3, 0).is_contiguous() else x.new_empty((0,))
@@ -625,6 +727,10 @@ def _conv2d_backward_impl(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Ten
             gv = empty()
         gb = grad_y.sum((0, 2, 3)) if bias_grad else empty()
         return gi, gv, gb
+    if x.is_cuda:
+        gi, gv, gb = _conv2d_backward_cuda(grad_y, x, values, indptr, indices, out_channels, kernel_size, stride,
+                                           padding, dilation, groups, input_grad, weight_grad, bias_grad)
+        return (empty() if gi is None else gi, empty() if gv is None else gv, empty() if gb is None else gb)
     p = _plan(indptr, indices, out_channels, cin, kh, kw, stride, padding, dilation, groups, h, w)
     g = _chwn(grad_y)  # (cout, oh, ow, n)
     gv = values.new_empty(values.shape) if weight_grad else empty()
@@ -759,9 +865,6 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     _ops._check_tensor(x, "x")
     _ops._check_tensor(values, "values")
     _ops._check_same_device(x=x, values=values, bias=bias, indptr=indptr, indices=indices)
-    if x.device.type == "cuda":
-        raise ValueError("SparseConv2d runs on the CPU only: sparsebp's CUDA kernels cover the linear layers, top-k "
-                         "and the sparse-gradient products, not convolution yet; move the conv layers with .cpu()")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (or float64, a slow reference path); got {x.dtype}")
     for t, name in ((values, "values"), (bias, "bias")):
@@ -774,7 +877,9 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
         x = x.unsqueeze(0)
     kh, kw = _pair(kernel_size, "kernel_size", 1)
     stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
-    if (kh, kw) == (1, 1) and padding == (0, 0) and stride != (1, 1) and x.dtype == torch.float32:
+    if x.is_cuda and x.dtype == torch.float32:
+        _ops._cuda_dev(x)  # (a clear error on a build without the CUDA kernels)
+    if (kh, kw) == (1, 1) and padding == (0, 0) and stride != (1, 1) and x.dtype == torch.float32 and not x.is_cuda:
         # A strided 1x1 convolution (ResNet's projection shortcuts) is a 1x1 convolution of the
         # subsampled input: no strided segments, no zero-dilated gradient (4x the flops at stride 2).
         x, stride = _Subsample.apply(x, stride), (1, 1)

@@ -361,7 +361,8 @@ def _cuda_backward(grad_y, x, xt, values, dev, ptrs, cols, out_features, need_x,
     if need_v:
         gv = torch.empty_like(values)
         gb = values.new_empty((out_features,)) if need_b else None
-        _cuda.sddmm(dev, st, grad_y, x, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt, xt=xt)
+        _cuda.sddmm(dev, st, grad_y, x, ip, ix, gv.data_ptr(), 0 if gb is None else gb.data_ptr(), gt=gt, xt=xt,
+                    nnz=gv.numel())
     elif need_b:
         gb = grad_y.sum(0)
     return gi, gv, gb

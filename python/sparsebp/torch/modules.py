@@ -269,7 +269,9 @@ class SparseConv2d(_SparseWeight):
 
     Forward, input gradient and weight gradient run sparsebp's implicit-GEMM gather kernels (see
     ``sparsebp.torch._conv``); they read activations stored batch-innermost without conversion
-    (``sparsebp.torch.batch_inner``) and return outputs in the input's layout.
+    (``sparsebp.torch.batch_inner``) and return outputs in the input's layout. On CUDA tensors
+    (builds with SPARSEBP_CUDA=ON) the CSR kernels run over the input's patches (im2col): correct
+    for every option, but slower than cuDNN (see the README).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,

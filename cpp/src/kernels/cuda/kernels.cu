@@ -247,25 +247,36 @@ __global__ void sddmm_kernel(int64_t batch, int64_t rows, const int64_t* __restr
 // same columns of x's row (the group's 8 lanes read 128 contiguous bytes per step), and the
 // group's sum is 3 shuffles. Batches beyond one chunk: chunk by chunk, the partial sums added to
 // dvalues (the same lane writes an entry in every chunk, in order: deterministic).
-template <int S>
+// Long batches with few rows (a convolution's patches: batch = images x pixels) are also split
+// across blockIdx.y: block column y covers batch columns [y * span, (y + 1) * span) and writes its
+// partial sums at dvalues + y * pstride (dbias + y * pstride), summed afterwards in a fixed order
+// by sum_partials_kernel. kSplit false: one block column (the code as without the split: its
+// extra registers slowed the unsplit kernel by up to 30% at S = 8).
+template <int S, bool kSplit>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     sddmm_vec_kernel(int64_t batch, int64_t rows, const int64_t* __restrict__ indptr,
                      const int32_t* __restrict__ indices, const float* __restrict__ gt, int64_t ldg,
                      const float* __restrict__ xt, int64_t ldx, float* __restrict__ dvalues,
-                     float* __restrict__ dbias) {
+                     float* __restrict__ dbias, int64_t span, int64_t pstride) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x & 31, group = lane >> 3, sub = lane & 7;
   if (row >= rows) return;  // uniform per warp
   const int64_t begin = indptr[row], end = indptr[row + 1];
+  const int64_t cb = kSplit ? static_cast<int64_t>(blockIdx.y) * span : 0;
+  const int64_t ce = kSplit ? min(batch, cb + span) : batch;
+  if (kSplit) {
+    dvalues += static_cast<int64_t>(blockIdx.y) * pstride;
+    if (dbias) dbias += static_cast<int64_t>(blockIdx.y) * pstride;
+  }
   const float* g = gt + row * ldg;
   float bsum = 0.0f;
-  for (int64_t c0 = 0; c0 < batch; c0 += 32 * S) {
+  for (int64_t c0 = cb; c0 < ce; c0 += 32 * S) {
     float4 gv[S];
     bool in[S];
 #pragma unroll
     for (int s = 0; s < S; ++s) {
       const int64_t b = c0 + s * 32 + sub * 4;
-      in[s] = b < batch;
+      in[s] = b < ce;
       gv[s] = in[s] ? __ldg(reinterpret_cast<const float4*>(g + b)) : make_float4(0.f, 0.f, 0.f, 0.f);
       bsum += (gv[s].x + gv[s].y) + (gv[s].z + gv[s].w);
     }
@@ -288,7 +299,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       acc += __shfl_xor_sync(mask, acc, 4);
       acc += __shfl_xor_sync(mask, acc, 2);
       acc += __shfl_xor_sync(mask, acc, 1);
-      if (sub == 0) dvalues[p] = c0 == 0 ? acc : dvalues[p] + acc;
+      if (sub == 0) dvalues[p] = c0 == cb ? acc : dvalues[p] + acc;
     }
   }
   if (dbias) {  // every group holds the whole row of g: group 0's lanes sum it
@@ -296,6 +307,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
     if (lane == 0) dbias[row] = bsum;
+  }
+}
+
+// out[i] = sum over c < parts of part[c * pstride + i], in order (deterministic), i < n; the first
+// nv go to dvalues, the rest to dbias.
+__global__ void sum_partials_kernel(const float* __restrict__ part, int64_t n, int64_t nv, int64_t parts,
+                                    int64_t pstride, float* __restrict__ dvalues, float* __restrict__ dbias) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float s = 0.0f;
+  for (int64_t c = 0; c < parts; ++c) s += part[c * pstride + i];
+  if (i < nv) {
+    dvalues[i] = s;
+  } else {
+    dbias[i - nv] = s;
   }
 }
 
@@ -571,8 +597,10 @@ void csr_times_feature_major(int device, uintptr_t stream, int64_t batch, int64_
 
 void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
            float* gt, int64_t ldg, const float* xt, int64_t ldx, float* dvalues, float* dbias, const float* g,
-           int64_t ldg_src) {
+           int64_t ldg_src, float* partials, int64_t parts, int64_t nnz) {
   SPARSEBP_CHECK_VALUE(batch >= 0 && rows >= 0 && (g == nullptr || ldg_src >= rows), "bad shape for sddmm");
+  SPARSEBP_CHECK_VALUE(parts >= 1 && (parts == 1 || (partials != nullptr && nnz >= 0)),
+                       "sddmm: a split batch needs the partial-sum buffer and nnz");
   if (rows == 0) return;
   DeviceGuard guard(device);
   if (g) launch_transpose(as_stream(stream), batch, rows, g, ldg_src, gt, ldg, "sddmm transpose");
@@ -581,18 +609,40 @@ void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int6
   const cudaStream_t st = as_stream(stream);
   const bool vec = batch > 0 && batch % 4 == 0 && ldg % 4 == 0 && ldx % 4 == 0 && aligned(gt, 16) && aligned(xt, 16);
   const unsigned nb = static_cast<unsigned>(blocks), nt = kWarpsPerBlock * 32;
+  // The split (vector kernel only): spans of whole 1024-column steps, every block column non-empty.
+  int64_t span = batch, used = 1;
+  if (vec && parts > 1 && batch > 1024) {
+    span = ceil_div(ceil_div(batch, parts), 1024) * 1024;
+    used = ceil_div(batch, span);
+  }
+  SPARSEBP_CHECK_VALUE(used <= 65535, "sddmm: too many batch parts");
+  const dim3 grid(nb, static_cast<unsigned>(used));
+  float* dv = used > 1 ? partials : dvalues;
+  float* db = used > 1 ? (dbias ? partials + nnz : nullptr) : dbias;
+  const int64_t pstride = used > 1 ? nnz + rows : 0;
   if (!vec) {
     sddmm_kernel<<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+  } else if (used > 1) {
+    sddmm_vec_kernel<8, true><<<grid, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dv, db, span,
+                                                   pstride);
   } else if (batch <= 32) {
-    sddmm_vec_kernel<1><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+    sddmm_vec_kernel<1, false><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dv, db, span, 0);
   } else if (batch <= 64) {
-    sddmm_vec_kernel<2><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+    sddmm_vec_kernel<2, false><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dv, db, span, 0);
   } else if (batch <= 128) {
-    sddmm_vec_kernel<4><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+    sddmm_vec_kernel<4, false><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dv, db, span, 0);
   } else {
-    sddmm_vec_kernel<8><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dvalues, dbias);
+    sddmm_vec_kernel<8, false><<<nb, nt, 0, st>>>(batch, rows, indptr, indices, gt, ldg, xt, ldx, dv, db, span, 0);
   }
   check(cudaGetLastError(), "sddmm launch");
+  if (used > 1) {
+    const int64_t n = nnz + (dbias ? rows : 0);
+    const int64_t rb = ceil_div(n, int64_t{256});
+    check_grid(rb, "sddmm partial sums");
+    if (n > 0)
+      sum_partials_kernel<<<static_cast<unsigned>(rb), 256, 0, st>>>(partials, n, nnz, used, pstride, dvalues, dbias);
+    check(cudaGetLastError(), "sddmm partial sums launch");
+  }
 }
 
 void sddmm_batch_major(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr,
