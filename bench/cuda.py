@@ -79,6 +79,14 @@ def _capture(fn, params):
         return None
 
 
+def _write_md(path: str, intro: str, cols, rows) -> None:
+    """A markdown table after an intro line; cols: (header, key, format) per column."""
+    with open(path, "w") as f:
+        f.write(intro + "\n\n| " + " | ".join(h for h, _, _ in cols) + " |\n|" + "---|" * len(cols) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join(fmt.format(r[k]) for _, k, fmt in cols) + " |\n")
+
+
 CONV_LAYERS = [(64, 56, 32), (256, 14, 64)]  # channels, image side, batch (the CPU conv benchmark's)
 CONV_SPARSITIES = [0.8, 0.9, 0.95, 0.98]
 
@@ -170,28 +178,24 @@ def run(out_dir: str, quick: bool = False, threads=None, reps=None):
     os.makedirs(out_dir, exist_ok=True)
     from sparsebp.bench.harness import write_csv
 
+    ms, x = "{:.3f}", "{:.2f}x"
     write_csv(os.path.join(out_dir, "cuda_conv.csv"), conv_rows)
-    with open(os.path.join(out_dir, "cuda_conv.md"), "w") as f:
-        f.write(f"GPU: {torch.cuda.get_device_name()}. SparseConv2d (im2col + sparsebp's CUDA kernels) against dense "
-                "nn.Conv2d (cuDNN), forward + full backward of one 3x3 convolution (padding 1), NCHW float32, "
-                "medians (ms); eager and CUDA-graph replay as for the linear layers.\n\n"
-                "| layer | batch | s | eager: dense | sparsebp | vs dense | graph: dense | sparsebp | vs dense |\n"
-                "|---|---|---|---|---|---|---|---|---|\n")
-        for r in conv_rows:
-            f.write(f"| {r['layer']} | {r['batch']} | {r['sparsity']} | {r['dense_ms']:.3f} | {r['sparsebp_ms']:.3f} "
-                    f"| {r['vs_dense']:.2f}x | {r['graph_dense_ms']:.3f} | {r['graph_sparsebp_ms']:.3f} "
-                    f"| {r['graph_vs_dense']:.2f}x |\n")
-
+    _write_md(os.path.join(out_dir, "cuda_conv.md"),
+              f"GPU: {torch.cuda.get_device_name()}. SparseConv2d (im2col + sparsebp's CUDA kernels) against dense "
+              "nn.Conv2d (cuDNN), forward + full backward of one 3x3 convolution (padding 1), NCHW float32, medians "
+              "(ms); eager and CUDA-graph replay as for the linear layers.",
+              [("layer", "layer", "{}"), ("batch", "batch", "{}"), ("s", "sparsity", "{}"),
+               ("eager: dense", "dense_ms", ms), ("sparsebp", "sparsebp_ms", ms), ("vs dense", "vs_dense", x),
+               ("graph: dense", "graph_dense_ms", ms), ("sparsebp", "graph_sparsebp_ms", ms),
+               ("vs dense", "graph_vs_dense", x)], conv_rows)
     write_csv(os.path.join(out_dir, "cuda.csv"), rows)
-    with open(os.path.join(out_dir, "cuda.md"), "w") as f:
-        f.write(f"GPU: {torch.cuda.get_device_name()}. Forward + full backward of one layer, medians (ms) and "
-                "speed-ups of sparsebp; eager: launched and waited for per call; graph: the step replayed from a "
-                "CUDA graph (device time).\n\n"
-                "| layer | batch | s | eager: dense | torch.sparse | sparsebp | vs dense | vs torch.sparse "
-                "| graph: dense | torch.sparse | sparsebp | vs dense | vs torch.sparse |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {r['layer']} | {r['batch']} | {r['sparsity']} | {r['dense_ms']:.3f} | {r['torch_sparse_ms']:.3f} "
-                    f"| {r['sparsebp_ms']:.3f} | {r['vs_dense']:.2f}x | {r['vs_torch_sparse']:.2f}x "
-                    f"| {r['graph_dense_ms']:.3f} | {r['graph_torch_sparse_ms']:.3f} | {r['graph_sparsebp_ms']:.3f} "
-                    f"| {r['graph_vs_dense']:.2f}x | {r['graph_vs_torch_sparse']:.2f}x |\n")
+    _write_md(os.path.join(out_dir, "cuda.md"),
+              f"GPU: {torch.cuda.get_device_name()}. Forward + full backward of one layer, medians (ms) and "
+              "speed-ups of sparsebp; eager: launched and waited for per call; graph: the step replayed from a "
+              "CUDA graph (device time).",
+              [("layer", "layer", "{}"), ("batch", "batch", "{}"), ("s", "sparsity", "{}"),
+               ("eager: dense", "dense_ms", ms), ("torch.sparse", "torch_sparse_ms", ms),
+               ("sparsebp", "sparsebp_ms", ms), ("vs dense", "vs_dense", x),
+               ("vs torch.sparse", "vs_torch_sparse", x), ("graph: dense", "graph_dense_ms", ms),
+               ("torch.sparse", "graph_torch_sparse_ms", ms), ("sparsebp", "graph_sparsebp_ms", ms),
+               ("vs dense", "graph_vs_dense", x), ("vs torch.sparse", "graph_vs_torch_sparse", x)], rows)
