@@ -211,10 +211,11 @@ def test_block_bad_input():
 
 
 @pytest.mark.parametrize("peek", [False, True])
-@pytest.mark.parametrize("rowwise", [False, True])
-def test_lazy_sgd_matches_dense_sgd(isa, rowwise, peek):
+@pytest.mark.parametrize("rowwise, sparse_g", [(False, False), (True, False), (False, True), (True, True)])
+def test_lazy_sgd_matches_dense_sgd(isa, rowwise, sparse_g, peek):
     """Random blocks each step; the untouched entries catch up later; against float64 dense SGD
-    (PyTorch's rule) where every entry steps every time (g = 0 outside the block)."""
+    (PyTorch's rule) where every entry steps every time (g = 0 outside the block). sparse_g: whole
+    rows step with the gradient given at a column subset only (``g_cols``)."""
     rng = np.random.default_rng(5)
     R, C = 23, 41
     p = nn.Param("w", rng.standard_normal((R, C)).astype(np.float32))
@@ -226,7 +227,9 @@ def test_lazy_sgd_matches_dense_sgd(isa, rowwise, peek):
     b64, bb64 = b.data.astype(np.float64), np.zeros(R)
     for t in range(40):
         rows = _sorted_subset(rng, R, int(rng.integers(1, R)))
-        cols = None if rowwise else _sorted_subset(rng, C, int(rng.integers(1, C)))
+        cols = None if rowwise or sparse_g else _sorted_subset(rng, C, int(rng.integers(1, C)))
+        # g_cols: a column subset, sometimes empty (the rows then step with g = 0 alone)
+        g_cols = _sorted_subset(rng, C, int(rng.integers(0, C))) if sparse_g else None
         before = (p.data.copy(), opt.state[id(p)]["stamp"].copy())
         # a peek (read-only) may select columns even with row stamps
         gcols = _sorted_subset(rng, C, int(rng.integers(1, C))) if peek else cols
@@ -235,12 +238,13 @@ def test_lazy_sgd_matches_dense_sgd(isa, rowwise, peek):
         if peek:  # nothing written
             np.testing.assert_array_equal(p.data, before[0])
             np.testing.assert_array_equal(opt.state[id(p)]["stamp"], before[1])
-        g = rng.standard_normal((len(rows), C if cols is None else len(cols))).astype(np.float32)
+        gc = g_cols if g_cols is not None else cols
+        g = rng.standard_normal((len(rows), C if gc is None else len(gc))).astype(np.float32)
         gb = rng.standard_normal(len(rows)).astype(np.float32)
-        opt.step_block(p, g, rows, cols)
+        opt.step_block(p, g, rows, cols, g_cols=g_cols)
         opt.step_block(b, gb, rows)
         G = np.zeros((R, C))
-        G[np.ix_(rows, np.arange(C) if cols is None else cols)] = g
+        G[np.ix_(rows, np.arange(C) if gc is None else gc)] = g
         Gb = np.zeros(R)
         Gb[rows] = gb
         for (w, buf, grad) in ((w64, bw64, G), (b64, bb64, Gb)):
@@ -265,6 +269,20 @@ def test_lazy_sgd_guards():
     opt.step_block(p, g, [0])
     with pytest.raises(ValueError, match="ahead|behind"):
         opt.step_block(p, g, [0])  # twice in one step: the bookkeeping would break
+    q = nn.Param("q", np.zeros((3, 4), np.float32))
+    opt_q = ops.LazySGD([q], lr=0.1, momentum=0.5, max_lag=4, whole_rows=[q])
+    with pytest.raises(ValueError, match="g_cols needs"):
+        opt_q.step_block(q, np.zeros((1, 1), np.float32), [0], [1], g_cols=[1])
+    with pytest.raises(ValueError, match=r"shape \(1, 2\)"):
+        opt_q.step_block(q, np.zeros((1, 4), np.float32), [0], g_cols=[0, 2])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        opt_q.step_block(q, np.zeros((1, 2), np.float32), [0], g_cols=[2, 0])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        opt_q.step_block(q, np.zeros((1, 1), np.float32), [0], g_cols=[4])
+    with pytest.raises(ValueError, match="g_cols needs g"):  # the C++ layer checks on its own too
+        _core.lazy_sgd(q.data, opt_q.state[id(q)]["buf"], None, None, None, None, 0, None, None, 0.1, 0.5, 0.0,
+                       False, np.array([0]))
+    np.testing.assert_array_equal(q.data, 0)  # nothing written by the refused calls
     with pytest.raises(ValueError, match="momentum"):
         ops.LazySGD([p], momentum=1.0)
     with pytest.raises(ValueError, match="not a parameter"):
@@ -365,9 +383,10 @@ def test_unit_gradients_against_float64_masked_network(isa):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((16, 12)).astype(np.float32)
     y = rng.integers(0, 4, 16)
-    masks = (vr.sample(), vr.sample())
-    masks[0][0][:] = True  # one sample keeps every unit of the first layer (the "all of union" path)
-    fs, blocks = vr._unit_grads(x, y, masks)
+    flat = (vr._sample_flat(), vr._sample_flat())
+    flat[0][:vr.s[0].size] = True  # one sample keeps every unit of the first layer (the "all of union" path)
+    masks = (vr._split(flat[0]), vr._split(flat[1]))
+    fs, blocks = vr._unit_grads(x, y, flat)
     lin = model.layers[::2]
     ref = [_masked_grads64(model, x, y, [m.astype(float) for m in mk]) for mk in masks]
     for j in range(2):
@@ -538,6 +557,32 @@ def test_fused_estimator_and_mask_adam_against_numpy(kind):
         _core.mask_estimator(s, m1.astype(np.uint8), m2, 1.0, False, g)
     with pytest.raises(ValueError, match="float64"):
         _core.mask_estimator(s, m1, m2, 1.0, False, g[:-1])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_union_against_numpy(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [7, 0, 130, 1, 64]
+    m1, m2 = rng.random(sum(sizes)) < 0.3, rng.random(sum(sizes)) < 0.3
+    m1[:7] = True  # a segment all kept by one mask
+    out = _core.mask_union(m1, m2, sizes)
+    assert len(out) == len(sizes)
+    off = 0
+    for (idx, keep), n in zip(out, sizes):
+        a, b = m1[off:off + n], m2[off:off + n]
+        want = np.flatnonzero(a | b)
+        assert idx.dtype == np.int64 and keep.dtype == np.float32 and keep.shape == (2, len(want))
+        np.testing.assert_array_equal(idx, want)
+        np.testing.assert_array_equal(keep, np.stack((a[want], b[want])).astype(np.float32))
+        off += n
+    with pytest.raises(ValueError, match="add up"):
+        _core.mask_union(m1, m2, [3])
+    with pytest.raises(ValueError, match="bool"):
+        _core.mask_union(m1.astype(np.uint8), m2, sizes)
+    with pytest.raises(ValueError, match="m2"):
+        _core.mask_union(m1, m2[:5], sizes)
+    with pytest.raises(ValueError, match=">= 0"):
+        _core.mask_union(m1, m2, [-1, sum(sizes) + 1])
 
 
 def test_compact_refuses_an_empty_layer():

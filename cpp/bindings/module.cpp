@@ -339,6 +339,39 @@ PYBIND11_MODULE(_core, m) {
         return sparsebp::mask_estimator(sp, p1, p2, n, df, textbook, gp);
       },
       py::arg("s"), py::arg("m1"), py::arg("m2"), py::arg("df"), py::arg("textbook"), py::arg("g"));
+  // The union of two flat bool masks, cut into consecutive segments of the given sizes (one per
+  // layer): for each segment, (positions in the segment where either mask is set: int64, the two
+  // masks there: a 2 x count float32 array of 1 / 0).
+  m.def(
+      "mask_union",
+      [](const py::array& m1, const py::array& m2, const std::vector<int64_t>& sizes) {
+        if (m1.ndim() != 1) throw sparsebp::ValueError(str_cat("m1 must be 1-D; got ", m1.ndim(), "-D"));
+        const int64_t n = m1.shape(0);
+        for (const auto& [a, name] : {std::make_pair(&m1, "m1"), std::make_pair(&m2, "m2")})
+          if (!py::array_t<bool>::check_(*a) || a->ndim() != 1 || a->shape(0) != n ||
+              !(a->flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+            throw sparsebp::ValueError(str_cat(name, " must be a contiguous bool array of shape (", n, ",)"));
+        int64_t total = 0;
+        for (int64_t sz : sizes) {
+          if (sz < 0) throw sparsebp::ValueError(str_cat("sizes must be >= 0; got ", sz));
+          total += sz;
+        }
+        if (total != n) throw sparsebp::ValueError(str_cat("sizes must add up to the masks' length ", n, "; got ", total));
+        const uint8_t* p1 = static_cast<const uint8_t*>(m1.data());
+        const uint8_t* p2 = static_cast<const uint8_t*>(m2.data());
+        py::list out;
+        int64_t off = 0;
+        for (int64_t sz : sizes) {
+          const int64_t c = sparsebp::mask_union_count(p1 + off, p2 + off, sz);
+          py::array_t<int64_t> idx(c);
+          py::array_t<float> keep({int64_t{2}, c});
+          sparsebp::mask_union(p1 + off, p2 + off, sz, c, idx.mutable_data(), keep.mutable_data());
+          out.append(py::make_tuple(idx, keep));
+          off += sz;
+        }
+        return out;
+      },
+      py::arg("m1"), py::arg("m2"), py::arg("sizes"));
   m.def(
       "mask_adam_project",
       [f64_vec](const py::array& s, const py::array& mm, const py::array& vv, const py::array& g, double scale,
@@ -546,10 +579,12 @@ PYBIND11_MODULE(_core, m) {
       "lazy_sgd",
       [index_list, matrix](const py::array& w, const py::array& buf, const py::object& stamp, const py::object& rows,
                            const py::object& cols, const py::object& powers, int64_t now, const py::object& g,
-                           const py::object& out, double lr, double momentum, double decay, bool peek) {
-        IndexArray ra, ca;
+                           const py::object& out, double lr, double momentum, double decay, bool peek,
+                           const py::object& g_cols) {
+        IndexArray ra, ca, ga;
         auto [rp, nr] = index_list(rows, "rows", &ra);
         auto [cp, nc] = index_list(cols, "cols", &ca);
+        auto [gcp, ngc] = index_list(g_cols, "g_cols", &ga);  // ngc = -1 without
         auto [wp, wr, wc, ldw] = matrix(w, "w", true);
         auto [bp, br, bc, ldb] = matrix(buf, "buf", true);
         if (ldw != wc || ldb != bc || br != wr || bc != wc)
@@ -578,23 +613,25 @@ PYBIND11_MODULE(_core, m) {
           max_lag = pa.shape(0) - 1;
         }
         if (now < 0 || now > INT32_MAX - 1) throw sparsebp::ValueError(str_cat("now must lie in [0, 2^31 - 2]; got ", now));
-        auto block = [&](const py::object& o, const char* name, bool writable) -> float* {
+        auto block = [&](const py::object& o, const char* name, bool writable, int64_t want_cols) -> float* {
           if (o.is_none()) return nullptr;
           py::array a = o.cast<py::array>();
           auto [p, r, c, ld] = matrix(a, name, writable);
-          if (r != nr || c != nc || ld != nc)
-            throw sparsebp::ValueError(str_cat(name, " must be a C-contiguous (", nr, ", ", nc, ") block"));
+          if (r != nr || c != want_cols || ld != want_cols)
+            throw sparsebp::ValueError(str_cat(name, " must be a C-contiguous (", nr, ", ", want_cols, ") block"));
           return p;
         };
-        const float* gp = block(g, "g", false);
-        float* op = block(out, "out", true);
+        if (gcp && g.is_none()) throw sparsebp::ValueError("g_cols needs g");
+        const float* gp = block(g, "g", false, gcp ? ngc : nc);
+        float* op = block(out, "out", true, nc);
         py::gil_scoped_release nogil;
         sparsebp::lazy_sgd(wp, bp, stp, row_stamps, wr, wc, rp, nr, cp, nc, pw, max_lag, static_cast<int32_t>(now), gp,
-                           op, static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(decay), peek);
+                           op, static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(decay), peek,
+                           gcp, gcp ? ngc : -1);
       },
       py::arg("w"), py::arg("buf"), py::arg("stamp"), py::arg("rows"), py::arg("cols"), py::arg("powers"),
       py::arg("now"), py::arg("g"), py::arg("out"), py::arg("lr"), py::arg("momentum"), py::arg("decay"),
-      py::arg("peek") = false);
+      py::arg("peek") = false, py::arg("g_cols") = py::none());
   m.def(
       "bernoulli_csr",
       [rowmajor](const py::array& s, uint64_t seed) {

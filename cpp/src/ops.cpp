@@ -572,6 +572,25 @@ double mask_estimator(const double* s, const uint8_t* m1, const uint8_t* m2, int
   return sumsq;
 }
 
+int64_t mask_union_count(const uint8_t* m1, const uint8_t* m2, int64_t n) {
+  SPARSEBP_CHECK_VALUE(n >= 0, "bad size for mask_union_count");
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += (m1[i] | m2[i]) != 0;
+  return c;
+}
+
+void mask_union(const uint8_t* m1, const uint8_t* m2, int64_t n, int64_t count, int64_t* idx, float* keep) {
+  SPARSEBP_CHECK_VALUE(n >= 0 && count == mask_union_count(m1, m2, n), "mask_union: count does not match the masks");
+  int64_t k = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if ((m1[i] | m2[i]) == 0) continue;
+    idx[k] = i;
+    keep[k] = m1[i] ? 1.0f : 0.0f;
+    keep[count + k] = m2[i] ? 1.0f : 0.0f;
+    ++k;
+  }
+}
+
 void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t n, double scale, double b1,
                        double b2, double step_size, double inv_c2, double eps, double budget) {
   SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for mask_adam_project");
@@ -738,7 +757,7 @@ void scatter_add_block(float* dst, int64_t dst_rows, int64_t dst_cols, int64_t l
 void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_rows, int64_t w_cols,
               const int64_t* rows, int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* powers,
               int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay,
-              bool peek) {
+              bool peek, const int64_t* g_cols, int64_t n_gcols) {
   SPARSEBP_CHECK_VALUE(w_rows >= 0 && w_cols >= 0 && n_rows >= 0 && n_cols >= 0 && max_lag >= 0,
                        "bad shape for lazy_sgd");
   SPARSEBP_CHECK_VALUE(rows || n_rows == w_rows, "without rows, the block has all ", w_rows, " rows");
@@ -747,14 +766,20 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
   SPARSEBP_CHECK_VALUE(!(stamp && row_stamps && cols && !peek),
                        "with row stamps, blocks must span whole rows (cols = all), except a peek");
   SPARSEBP_CHECK_VALUE(!peek || (out && !g), "peek needs out and no g");
+  SPARSEBP_CHECK_VALUE(n_gcols < 0 || (g && !cols && !peek && (g_cols || n_gcols == 0)),
+                       "g_cols needs g, no cols and no peek");
+  static const int64_t kNoColumns = 0;
+  if (n_gcols >= 0 && !g_cols) g_cols = &kNoColumns;  // none: the step with g = 0 alone
+  if (n_gcols < 0) g_cols = nullptr;
   check_index_list(rows, n_rows, w_rows, "rows");
   check_index_list(cols, n_cols, w_cols, "cols");
+  check_index_list(g_cols, std::max<int64_t>(n_gcols, 0), w_cols, "g_cols");
   if (n_rows == 0 || n_cols == 0) return;
   const KernelTable& t = active_table();
   std::vector<uint8_t> bad(static_cast<size_t>(n_rows), 0);
   const kernels::LazySgdArgs a{w,     buf, stamp,  row_stamps, w_cols, rows,  cols,     n_cols, powers, max_lag,
-                               now,   g,   n_cols, out,        n_cols, lr,    momentum, decay,  peek,
-                               bad.data()};
+                               now,   g,   g_cols ? n_gcols : n_cols, out, n_cols, lr, momentum, decay, peek,
+                               bad.data(), g_cols, std::max<int64_t>(n_gcols, 0)};
   // about 20 bytes per entry when stepping (w, momentum, gradient read; w, momentum written)
   run_block_rows(n_rows, n_rows * n_cols * 20, [&](int64_t i0, int64_t i1) { t.lazy_sgd(a, i0, i1); });
   for (int64_t i = 0; i < n_rows; ++i)

@@ -234,13 +234,15 @@ class LazySGD:
         self.lr = float(lr)
         self._powers = self._make_powers()
 
-    def _run(self, p, rows, cols, g, out, peek: bool = False) -> None:
+    def _run(self, p, rows, cols, g, out, peek: bool = False, g_cols=None) -> None:
+        # g_cols (int64, strictly increasing; with g and cols=None): whole rows step, g holds only the
+        # columns g_cols (zero elsewhere)
         st = self._st(p)
         if st["rowwise"] and cols is not None and p.data.ndim == 2 and not peek:
             raise ValueError(f"{p!r} was declared whole_rows: its blocks must span all columns (cols=None), "
                              "except in a gather with peek=True")
         _core.lazy_sgd(p.data, st["buf"], st["stamp"], rows, cols, self._powers, self.now, g, out, self.lr,
-                       self.momentum, self.weight_decay, peek)
+                       self.momentum, self.weight_decay, peek, g_cols)
 
     def gather(self, p, rows=None, cols=None, peek: bool = False) -> np.ndarray:
         """A compact copy of the block's values, caught up to now. The entries are caught up in
@@ -257,13 +259,24 @@ class LazySGD:
         self._run(p, rows, cols, None, out, peek)
         return out
 
-    def step_block(self, p, g: np.ndarray, rows=None, cols=None) -> None:
-        """One step on the block rows x cols of p with gradient g (its shape)."""
+    def step_block(self, p, g: np.ndarray, rows=None, cols=None, g_cols=None) -> None:
+        """One step on the block rows x cols of p with gradient g (its shape).
+
+        ``g_cols`` (a 2-D p, ``cols=None``): the block spans whole rows but the gradient is nonzero
+        only at the columns ``g_cols``; g then holds those columns only (shape ``(rows, len(g_cols))``)
+        and the other entries of the rows step with a zero gradient, as if g were scattered into a
+        zero block (without the scatter)."""
         rows, cols, shape = _block(p.data, rows, cols, "parameter")
+        if g_cols is not None:
+            if cols is not None or p.data.ndim != 2:
+                raise ValueError("g_cols needs a 2-D parameter and cols=None (the block spans whole rows)")
+            g_cols = _index(g_cols, "g_cols", p.data.shape[1])
+            shape = (shape[0], len(g_cols))
         g = _matrix(g, "g")
         if g.shape != shape:
-            raise ValueError(f"g must have the block's shape {shape}; got {g.shape}")
-        self._run(p, rows, cols, g, None)
+            raise ValueError(f"g must have {'the block' if g_cols is None else 'its g_cols'} shape {shape}; "
+                             f"got {g.shape}")
+        self._run(p, rows, cols, g, None, g_cols=g_cols)
 
     def advance(self) -> None:
         """End a training step."""

@@ -117,6 +117,13 @@ void project_budget(const double* s, int64_t n, double budget, double* out);
 double mask_estimator(const double* s, const uint8_t* m1, const uint8_t* m2, int64_t n, double df, bool textbook,
                       double* g);
 
+// The union of two masks m1, m2 (n bools) and each mask restricted to it: writes the positions
+// where m1 or m2 is set, in increasing order, to idx (count entries, count = the number of such
+// positions, which the caller has from mask_union_count), and keep (2 x count floats, row-major):
+// keep[0][k] = m1[idx[k]], keep[1][k] = m2[idx[k]] as 1.0f / 0.0f.
+int64_t mask_union_count(const uint8_t* m1, const uint8_t* m2, int64_t n);
+void mask_union(const uint8_t* m1, const uint8_t* m2, int64_t n, int64_t count, int64_t* idx, float* keep);
+
 // One Adam step on the mask probabilities s (n doubles, updated in place) from the gradient
 // scale * g, then s = project_budget(s, budget): m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
 // s -= step_size * m / (sqrt(v * inv_c2) + eps), with step_size = lr / (1 - b1^t) and
@@ -146,11 +153,13 @@ void scatter_add_block(float* dst, int64_t dst_rows, int64_t dst_cols, int64_t l
 // w_rows x w_cols, or w_rows with row_stamps, where cols must be null): the contract of
 // kernels::LazySgdArgs (peek: only `out` is written). powers: 4 * (max_lag + 1) floats. g / out may be null (leading dimension
 // = n_cols). A lag outside [0, max_lag] is a ValueError (that block row may be partly updated: the
-// caller's bookkeeping is broken).
+// caller's bookkeeping is broken). n_gcols >= 0 (with g, without cols, not peek): the block spans
+// whole rows but g is n_rows x n_gcols, the gradient at the columns g_cols (strictly increasing; 0
+// elsewhere). n_gcols = -1: g spans the block.
 void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_rows, int64_t w_cols,
               const int64_t* rows, int64_t n_rows, const int64_t* cols, int64_t n_cols, const float* powers,
               int64_t max_lag, int32_t now, const float* g, float* out, float lr, float momentum, float decay,
-              bool peek = false);
+              bool peek = false, const int64_t* g_cols = nullptr, int64_t n_gcols = -1);
 // ReLU over n contiguous floats (y may alias x): forward (mask null) y = x > 0 or NaN ? x : 0;
 // backward y = mask > 0 ? x : 0 (x the gradient, mask the forward's output).
 void relu(const float* x, const float* mask, float* y, int64_t n);

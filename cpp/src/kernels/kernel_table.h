@@ -217,6 +217,9 @@ using BlockFn = void (*)(const BlockArgs&, int64_t i_begin, int64_t i_end);
 // peek (with out, without g): only out is written; w, buf and the stamps stay as they were (a
 // later step of the same entries catches them up itself).
 // stamp null: no catch-up (a plain fused step). Float arithmetic (as PyTorch's float32 step).
+// gcols (not null; with g, without cols, not peek): the block spans whole rows but g holds only the
+// columns gcols (ngcols per row, ldg = ngcols; 0 elsewhere): the row takes the step with g = 0,
+// then at each column c = gcols[k]: b += g[k], w -= lr g[k] (the same step: it is linear in g).
 struct LazySgdArgs {
   float* w;
   float* buf;
@@ -236,6 +239,8 @@ struct LazySgdArgs {
   float lr, momentum, decay;
   bool peek;
   uint8_t* bad;         // one flag per block row i
+  const int64_t* gcols; // may be null
+  int64_t ngcols;
 };
 using LazySgdFn = void (*)(const LazySgdArgs&, int64_t i_begin, int64_t i_end);
 

@@ -269,7 +269,7 @@ class VRPGE:
         if self.granularity == "unit":  # the estimator runs once over every layer's units, in C++
             flat = (self._sample_flat(), self._sample_flat())
             masks = (self._split(flat[0]), self._split(flat[1]))
-            fs, gw = self._unit_grads(x, y, masks)
+            fs, gw = self._unit_grads(x, y, flat)
             gs = self._buf("gs", (self.adam.flat.size,), dtype=np.float64)
             gs_sq = _core.mask_estimator(self.adam.flat, flat[0], flat[1], float(fs[0]) - float(fs[1]),
                                          self.score == "textbook", gs)
@@ -284,10 +284,10 @@ class VRPGE:
             norm = math.sqrt(sum(float(np.vdot(g, g)) for _, _, _, g in gw) + gs_sq)
             if norm > self.clip:
                 scale = self.clip / (norm + 1e-6)
-        for p, rows, cols, g in gw:
+        for p, rows, g_cols, g in gw:
             if scale != 1.0:
                 g *= np.float32(scale)
-            self.opt._run(p, rows, cols, g, None)
+            self.opt._run(p, rows, None, g, None, g_cols=g_cols)
         self.opt.advance()
         self.adam.step(gs, scale)
         kept = [np.count_nonzero(m) / m.size if self.granularity == "unit" else len(m[1]) / s.size
@@ -305,12 +305,19 @@ class VRPGE:
             out.fill(0)
         return out
 
-    def _unit_grads(self, x, y, masks):
+    def _ones(self, n: int) -> np.ndarray:
+        o = self._bufs.get("ones")
+        if o is None or o.size < n:
+            o = self._bufs["ones"] = np.ones(n, dtype=np.float32)
+        return o[:n]
+
+    def _unit_grads(self, x, y, flat):
         """Both sub-networks on compacted weights; returns the losses and the gradient blocks
-        (param, rows, None, g): whole rows of the union of the two masks' units (all rows for the
-        classifier; every parameter keeps one step counter per row, so its lazy updates stream;
-        the columns outside the union get a zero gradient, which is what they have). The rows
-        outside the union are updated lazily.
+        (param, rows, g_cols, g): whole rows of the union of the two masks' units (all rows for the
+        classifier; every parameter keeps one step counter per row, so its lazy updates stream).
+        g holds the columns g_cols only (the previous layer's union; None: all columns): the
+        update steps the whole rows with a zero gradient outside them, which is what they have.
+        The rows outside the union are updated lazily.
 
         The weights are gathered once, on the union U of the two masks' units. The first layer's
         input is the same for both samples, so it runs once over U (1 - (1 - r)^2 of its units
@@ -325,7 +332,10 @@ class VRPGE:
         B = x.shape[0]
         # Internal calls go straight to the C++ kernels with int64 index arrays (the kernels still
         # check order and bounds); the Python-side validation cost ~1.5 ms per step.
-        union = [np.flatnonzero(a | b) for a, b in zip(masks[0], masks[1])]
+        # per hidden layer: the union's units, and the two masks on it as a 2 x |U| float32 array
+        # (1 kept, 0 dropped), in one pass over every layer's masks
+        union, keep = zip(*_core.mask_union(flat[0], flat[1], [s.size for s in self.s]))
+        union = list(union)
         rows_of = union + [None]
         cols_of = [None] + union
         wu = []  # the caught-up weights on the union: rows_of x cols_of (read only: a peek)
@@ -335,8 +345,6 @@ class VRPGE:
             wu.append(opt._gather(m.weight, rows_of[l], cols_of[l], self._buf(f"wu{l}", shape), peek=True))
         bu = [opt._gather(m.bias, rows_of[l], None, peek=True) if m.bias is not None else None
               for l, m in enumerate(lin)]
-        # per layer, the two masks restricted to the union: a 2 x |U| float32 array (1 kept, 0 dropped)
-        keep = [np.stack((masks[0][l][u], masks[1][l][u])).astype(np.float32) for l, u in enumerate(union)]
         # layer 0 over the union, once; then bias, ReLU and each sample's mask in one pass into the
         # two samples' rows
         z0 = self._buf("z0", (B, len(union[0])))
@@ -360,11 +368,9 @@ class VRPGE:
         g *= np.float32(0.5)
         gw, gb = [None] * (H + 1), [None] * (H + 1)
         for l in range(H, 0, -1):
-            gc = g.T @ acts[l - 1]
-            gw[l] = self._buf(f"gw{l}", (wu[l].shape[0], lin[l].in_features), zero=True)
-            _core.scatter_add_block(gw[l], None, cols_of[l], gc, 1.0)  # whole rows, zero outside the union
+            gw[l] = g.T @ acts[l - 1]  # the union's columns; zero outside (the update takes it as such)
             if bu[l] is not None:
-                gb[l] = g.sum(axis=0)
+                gb[l] = self._ones(g.shape[0]) @ g  # column sums (a GEMV: ~3x faster than g.sum(axis=0) here)
             gn = self._buf(f"g{l - 1}", acts[l - 1].shape)
             np.matmul(g, wu[l], out=gn)
             # dropped units have zero activations, so this also zeroes their gradient
@@ -374,8 +380,8 @@ class VRPGE:
         np.add(g[:B], g[B:], out=g0)
         gw[0] = g0.T @ x
         if bu[0] is not None:
-            gb[0] = g0.sum(axis=0)
-        out = [(m.weight, rows_of[l], None, gw[l]) for l, m in enumerate(lin)]
+            gb[0] = self._ones(B) @ g0
+        out = [(m.weight, rows_of[l], cols_of[l], gw[l]) for l, m in enumerate(lin)]
         out += [(m.bias, rows_of[l], None, gb[l]) for l, m in enumerate(lin) if m.bias is not None]
         return fs, out
 
