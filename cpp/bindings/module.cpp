@@ -321,20 +321,22 @@ PYBIND11_MODULE(_core, m) {
           str_cat(name, " must be a ", writable ? "writeable " : "", "contiguous float64 array of shape (", n, ",)"));
     return static_cast<double*>(const_cast<void*>(a.data()));
   };
+  auto bool_vec = [](const py::array& a, const char* name, int64_t n) {
+    if (!py::array_t<bool>::check_(a) || a.ndim() != 1 || a.shape(0) != n ||
+        !(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+      throw sparsebp::ValueError(str_cat(name, " must be a contiguous bool array of shape (", n, ",)"));
+    return static_cast<const uint8_t*>(a.data());
+  };
   m.def(
       "mask_estimator",
-      [f64_vec](const py::array& s, const py::array& m1, const py::array& m2, double df, bool textbook,
+      [f64_vec, bool_vec](const py::array& s, const py::array& m1, const py::array& m2, double df, bool textbook,
                 const py::array& g) {
         if (s.ndim() != 1) throw sparsebp::ValueError(str_cat("s must be 1-D; got ", s.ndim(), "-D"));
         const int64_t n = s.shape(0);
         const double* sp = f64_vec(s, "s", n, false);
         double* gp = f64_vec(g, "g", n, true);
-        for (const auto& [a, name] : {std::make_pair(&m1, "m1"), std::make_pair(&m2, "m2")})
-          if (!py::array_t<bool>::check_(*a) || a->ndim() != 1 || a->shape(0) != n ||
-              !(a->flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-            throw sparsebp::ValueError(str_cat(name, " must be a contiguous bool array of shape (", n, ",)"));
-        const uint8_t* p1 = static_cast<const uint8_t*>(m1.data());
-        const uint8_t* p2 = static_cast<const uint8_t*>(m2.data());
+        const uint8_t* p1 = bool_vec(m1, "m1", n);
+        const uint8_t* p2 = bool_vec(m2, "m2", n);
         py::gil_scoped_release nogil;
         return sparsebp::mask_estimator(sp, p1, p2, n, df, textbook, gp);
       },
@@ -344,21 +346,17 @@ PYBIND11_MODULE(_core, m) {
   // masks there: a 2 x count float32 array of 1 / 0).
   m.def(
       "mask_union",
-      [](const py::array& m1, const py::array& m2, const std::vector<int64_t>& sizes) {
+      [bool_vec](const py::array& m1, const py::array& m2, const std::vector<int64_t>& sizes) {
         if (m1.ndim() != 1) throw sparsebp::ValueError(str_cat("m1 must be 1-D; got ", m1.ndim(), "-D"));
         const int64_t n = m1.shape(0);
-        for (const auto& [a, name] : {std::make_pair(&m1, "m1"), std::make_pair(&m2, "m2")})
-          if (!py::array_t<bool>::check_(*a) || a->ndim() != 1 || a->shape(0) != n ||
-              !(a->flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-            throw sparsebp::ValueError(str_cat(name, " must be a contiguous bool array of shape (", n, ",)"));
+        const uint8_t* p1 = bool_vec(m1, "m1", n);
+        const uint8_t* p2 = bool_vec(m2, "m2", n);
         int64_t total = 0;
         for (int64_t sz : sizes) {
           if (sz < 0) throw sparsebp::ValueError(str_cat("sizes must be >= 0; got ", sz));
           total += sz;
         }
         if (total != n) throw sparsebp::ValueError(str_cat("sizes must add up to the masks' length ", n, "; got ", total));
-        const uint8_t* p1 = static_cast<const uint8_t*>(m1.data());
-        const uint8_t* p2 = static_cast<const uint8_t*>(m2.data());
         py::list out;
         int64_t off = 0;
         for (int64_t sz : sizes) {

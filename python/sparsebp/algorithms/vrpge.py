@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .. import _core
-from ..blocks import LazySGD, bernoulli_csr, gather_block, relu, relu_backward, scatter_add_block
+from ..blocks import LazySGD, bernoulli_csr, relu, relu_backward
 from ..csr import CSR
 
 __all__ = ["project_budget", "score", "estimator", "plain_estimator", "VRPGE", "SCORES"]
@@ -268,17 +268,18 @@ class VRPGE:
         y = np.asarray(y)
         if self.granularity == "unit":  # the estimator runs once over every layer's units, in C++
             flat = (self._sample_flat(), self._sample_flat())
-            masks = (self._split(flat[0]), self._split(flat[1]))
             fs, gw = self._unit_grads(x, y, flat)
             gs = self._buf("gs", (self.adam.flat.size,), dtype=np.float64)
             gs_sq = _core.mask_estimator(self.adam.flat, flat[0], flat[1], float(fs[0]) - float(fs[1]),
                                          self.score == "textbook", gs)
+            kept = [np.count_nonzero(m) / m.size for m in self._split(flat[0])]
         else:
             masks = (self.sample(), self.sample())
             fs, gw = self._weight_grads(x, y, masks)
             gs = np.concatenate([estimator(fs[0], fs[1], self._dense(a, l), self._dense(b, l), s, self.score).ravel()
                                  for l, (a, b, s) in enumerate(zip(masks[0], masks[1], self.s))])
             gs_sq = float(np.dot(gs, gs))
+            kept = [len(m[1]) / s.size for m, s in zip(masks[0], self.s)]
         scale = 1.0
         if self.clip is not None:
             norm = math.sqrt(sum(float(np.vdot(g, g)) for _, _, _, g in gw) + gs_sq)
@@ -290,26 +291,19 @@ class VRPGE:
             self.opt._run(p, rows, None, g, None, g_cols=g_cols)
         self.opt.advance()
         self.adam.step(gs, scale)
-        kept = [np.count_nonzero(m) / m.size if self.granularity == "unit" else len(m[1]) / s.size
-                for m, s in zip(masks[0], self.s)]
         return dict(loss1=fs[0], loss2=fs[1], kept=kept)
 
-    def _buf(self, name: str, shape: tuple, zero: bool = False, dtype=np.float32) -> np.ndarray:
-        """A reused work array (fresh multi-MB arrays cost page faults every step)."""
+    def _buf(self, name: str, shape: tuple, fill=None, dtype=np.float32) -> np.ndarray:
+        """A reused work array (fresh multi-MB arrays cost page faults every step), set to ``fill``
+        when given."""
         b = self._bufs.get(name)
         n = math.prod(shape)
         if b is None or b.size < n or b.dtype != dtype:
             b = self._bufs[name] = np.empty(max(n, 1), dtype=dtype)
         out = b[:n].reshape(shape)
-        if zero:
-            out.fill(0)
+        if fill is not None:
+            out.fill(fill)
         return out
-
-    def _ones(self, n: int) -> np.ndarray:
-        o = self._bufs.get("ones")
-        if o is None or o.size < n:
-            o = self._bufs["ones"] = np.ones(n, dtype=np.float32)
-        return o[:n]
 
     def _unit_grads(self, x, y, flat):
         """Both sub-networks on compacted weights; returns the losses and the gradient blocks
@@ -370,7 +364,8 @@ class VRPGE:
         for l in range(H, 0, -1):
             gw[l] = g.T @ acts[l - 1]  # the union's columns; zero outside (the update takes it as such)
             if bu[l] is not None:
-                gb[l] = self._ones(g.shape[0]) @ g  # column sums (a GEMV: ~3x faster than g.sum(axis=0) here)
+                # column sums as a GEMV: ~3x faster than g.sum(axis=0) on these shapes
+                gb[l] = self._buf("ones", (g.shape[0],), fill=1) @ g
             gn = self._buf(f"g{l - 1}", acts[l - 1].shape)
             np.matmul(g, wu[l], out=gn)
             # dropped units have zero activations, so this also zeroes their gradient
@@ -380,7 +375,7 @@ class VRPGE:
         np.add(g[:B], g[B:], out=g0)
         gw[0] = g0.T @ x
         if bu[0] is not None:
-            gb[0] = self._ones(B) @ g0
+            gb[0] = self._buf("ones", (B,), fill=1) @ g0
         out = [(m.weight, rows_of[l], cols_of[l], gw[l]) for l, m in enumerate(lin)]
         out += [(m.bias, rows_of[l], None, gb[l]) for l, m in enumerate(lin) if m.bias is not None]
         return fs, out
