@@ -305,7 +305,7 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
     int64_t* cursor = workspace().get<int64_t>(5, cols);
     // W's values in CSC order: one gathering copy per call (nnz floats, read once each), then the
     // kernel reads them in sequence. Measured against reading values[perm[p]] inside the kernel:
-    // 0.70x-1.0x of its time over the bench layers (the indirect reads miss the cache once the
+    // 0.68x-1.06x of its time over the bench layers (the indirect reads miss the cache once the
     // values outgrow L2, and inside the kernel they stall the FMA chains).
     float* vals = workspace().get(6, nnz);
     {
