@@ -41,6 +41,29 @@ def test_bit_identical_across_thread_counts(isa, threads, batch, order):
             assert np.array_equal(a.view(np.uint32), c.view(np.uint32)), f"{n} threads differ from 1 thread"
 
 
+def test_input_grad_values_copy_split_across_threads(isa, threads):
+    # The input gradient first copies W's values into CSC order (a reused work buffer), split across
+    # threads from 1 MB of traffic per thread (16 bytes per entry): 420k entries make ~6.7 MB, so
+    # 2-5 threads all split it. Fresh values on every call, so a part left uncopied would show.
+    rng = np.random.default_rng(11)
+    indptr, indices, _ = ref.random_csr(rng, 700, 1200, 0.5)
+    W = sparsebp.CSR(indptr, indices, np.zeros(len(indices), np.float32), (700, 1200))
+    assert W.nnz * 16 > 5 * (1 << 20)
+    g = rng.standard_normal((3, 700)).astype(np.float32)
+    x = np.zeros((3, 1200), np.float32)
+    dense = np.zeros((700, 1200))
+    rows = np.repeat(np.arange(700), np.diff(indptr))
+    for n in (2, 5, 1):
+        v = rng.standard_normal(W.nnz).astype(np.float32)
+        dense[rows, indices] = v
+        sparsebp.set_num_threads(n)
+        got = ops.linear_backward(g, x, W, values=v, weight_grad=False, bias_grad=False).grad_input
+        np.testing.assert_allclose(got, g.astype(np.float64) @ dense, rtol=1e-4, atol=1e-4)
+        sparsebp.set_num_threads(1)
+        one = ops.linear_backward(g, x, W, values=v, weight_grad=False, bias_grad=False).grad_input
+        assert np.array_equal(one.view(np.uint32), got.view(np.uint32)), f"{n} threads differ from 1 thread"
+
+
 def test_set_num_threads_changes_what_kernels_use(threads):
     rng = np.random.default_rng(0)
     W = big_case(rng, 256)
