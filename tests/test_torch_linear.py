@@ -159,6 +159,31 @@ def test_no_input_gradient_when_not_needed():
     assert torch.allclose(xr.grad.double(), torch.ones(8, 29, dtype=torch.float64) @ w, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_without_gradients_matches_dense(isa, bias):
+    # No gradient wanted (torch.no_grad(), or nothing requires grad): the kernel runs without the
+    # autograd Function; the result must be the same as with it, and as dense float64.
+    m = layer(13, bias=bias)
+    w, _, _ = dense_ref(m)
+    b = m.bias.detach().double() if bias else 0.0
+    for x in (torch.randn(19, 37), torch.randn(37, 19).t(), torch.randn(1, 37)):
+        want = x.double() @ w.T + b
+        with_grad = m(x)
+        assert with_grad.requires_grad  # (the parameters require grad: the autograd path)
+        with torch.no_grad():
+            y = m(x)
+        assert not y.requires_grad and y.grad_fn is None
+        assert torch.allclose(y.double(), want, atol=1e-5)
+        assert torch.equal(y, with_grad.detach())
+    frozen = layer(13, bias=bias).requires_grad_(False)
+    x = torch.randn(19, 37)
+    y = frozen(x)
+    assert not y.requires_grad and torch.allclose(y.double(), x.double() @ w.T + b, atol=1e-5)
+    with torch.no_grad():  # float64: the reference path
+        y64 = copy.deepcopy(m).double()(x.double())
+    assert y64.dtype == torch.float64 and torch.allclose(y64, x.double() @ w.T + b, atol=1e-10)
+
+
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_optimizer_steps_match_masked_dense_and_never_regrow(opt):
     torch.manual_seed(0)

@@ -441,6 +441,12 @@ def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
                                   and bias.dim() == 1 and bias.shape[0] == out_features))
             and (dev.type == "cpu" or (dev.type == "cuda" and _cuda.compiled()))
             and not torch.compiler.is_compiling()):
+        if dev.type == "cpu" and not (torch.is_grad_enabled() and (
+                x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))):
+            # No gradient wanted (inference, torch.no_grad()): the kernel alone, without the
+            # autograd Function around it (measured: 16x16, batch 8, the whole module call 38.7 us
+            # against 44.3 us for the Function alone).
+            return _linear_impl(x, values, bias, indptr, indices, out_features)
         return _LinearEager.apply(x, values, bias, indptr, indices, out_features)
     _check_tensor(x, "x")
     _check_tensor(values, "values")
