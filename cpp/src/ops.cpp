@@ -592,15 +592,17 @@ int64_t mask_union_count(const uint8_t* m1, const uint8_t* m2, int64_t n) {
 }
 
 void mask_union(const uint8_t* m1, const uint8_t* m2, int64_t n, int64_t count, int64_t* idx, float* keep) {
-  SPARSEBP_CHECK_VALUE(n >= 0 && count == mask_union_count(m1, m2, n), "mask_union: count does not match the masks");
+  SPARSEBP_CHECK_VALUE(n >= 0 && count >= 0, "bad size for mask_union");
   int64_t k = 0;
   for (int64_t i = 0; i < n; ++i) {
     if ((m1[i] | m2[i]) == 0) continue;
+    SPARSEBP_CHECK_VALUE(k < count, "mask_union: count does not match the masks");  // (before writing past it)
     idx[k] = i;
     keep[k] = m1[i] ? 1.0f : 0.0f;
     keep[count + k] = m2[i] ? 1.0f : 0.0f;
     ++k;
   }
+  SPARSEBP_CHECK_VALUE(k == count, "mask_union: count does not match the masks");
 }
 
 void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t n, double scale, double b1,
