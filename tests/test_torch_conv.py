@@ -232,6 +232,22 @@ def test_batches_and_layouts(isa, batch, layout):
         assert st.conv_ops.is_batch_inner(y) == (layout == "batch_inner")
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "batch_inner"])
+def test_wide_tiles_and_long_rows(isa, monkeypatch, implicit, layout):
+    """Rows of 16+ entries under the widest register tiles (AVX-512: 256 columns, AVX2: 128), where
+    the weight gradient reduces whole groups of dot products at once (a batch of 32 at width 10
+    gives a 256-column piece between the image borders)."""
+    monkeypatch.setattr(st.conv_ops, "_IMPLICIT", implicit)
+    torch.manual_seed(5)
+    m = st.SparseConv2d(16, 6, 3, padding=1, sparsity=0.5, generator=torch.Generator().manual_seed(2))
+    assert int((m.indptr[1:] - m.indptr[:-1]).min()) >= 32
+    x = torch.randn(32, 16, 5, 10)
+    if layout == "batch_inner":
+        x = st.batch_inner(x)
+    check(m, x, f"wide tiles, implicit={implicit}, {layout}")
+
+
 def test_asymmetric_options_and_unbatched(isa):
     m = st.SparseConv2d(6, 4, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1), groups=2, sparsity=0.5)
     check(m, torch.randn(3, 6, 8, 9), "asymmetric")
