@@ -12,7 +12,7 @@ offsets (implicit GEMM), run by the same register tiles as the linear kernels.
 - weight and bias gradients: ``gather_sddmm`` (dot products of output-gradient runs with the same
   input runs), accumulated over all output rows in a fixed order (bit-identical for any thread count);
 - input gradient: ``gather_forward`` again, over the transposed structure (one row per input
-  channel) and the output gradient zero-padded by the kernel's reach (and, for stride > 1 without
+  channel; the values copied into its order once per call) and the output gradient zero-padded by the kernel's reach (and, for stride > 1 without
   implicit padding, dilated by the stride: stride_h * stride_w times the useful flops).
 With a width stride sw > 1, the padded input is also split by column phase ((C, Hp, sw, Wp / sw,
 N), padded column m * sw + q at [:, :, q, m]): each entry's run over an output row is contiguous
@@ -757,15 +757,19 @@ def _conv2d_backward_impl(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Ten
     gi = empty()
     if input_grad:
         dx, result = _new_result(x, (n, cin, h, w))
+        # The input gradient's rows list the entries in transposed order: the values are copied into
+        # that order once (nnz floats) rather than read through the permutation inside the kernel
+        # (interleaved, 3x3 64 and 256 channels, s = 0.9 / 0.95: 0.94x-0.96x of the pass's time).
+        vals = _flat(values)
         if n > 0 and p.implicit_input_grad(n) and p.stride == (1, 1):
             off, geo, wins = p.implicit_input_grad_geometry(n)
-            _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(g), _flat(dx), geo,
+            _core.gather_forward(p.t_indptr, off, np.take(vals, p.t_perm), None, None, _flat(g), _flat(dx), geo,
                                  p.blocks(n, True), p.t_taps, wins)
         elif n > 0 and p.implicit_input_grad(n):
             dxv = dx.view(cin, h, w, n)
             for rh, rw, lh, lw, indptr_q, off, vidx, taps, wins, geo, blocks in p.strided_input_grad_phases(n):
                 buf = torch.from_numpy(_pool.take(("phase",), (cin, lh, lw, n), zeroed=False))
-                _core.gather_forward(indptr_q, off, _flat(values), vidx, None, _flat(g), _flat(buf), geo, blocks,
+                _core.gather_forward(indptr_q, off, np.take(vals, vidx), None, None, _flat(g), _flat(buf), geo, blocks,
                                      taps, wins)
                 dxv[:, rh::p.stride[0], rw::p.stride[1], :] = buf
                 del buf  # (free for the next phase's take)
@@ -775,7 +779,7 @@ def _conv2d_backward_impl(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Ten
             gz = _zero_bordered_scratch(f"g{sh},{sw},{ah},{aw},{p.oh},{p.ow}", (out_channels, p.hz, p.wz, n), g.dtype)
             gz[:, ah:ah + (p.oh - 1) * sh + 1:sh, aw:aw + (p.ow - 1) * sw + 1:sw, :] = g
             off, geo = p.input_grad_geometry(n)
-            _core.gather_forward(p.t_indptr, off, _flat(values), p.t_perm, None, _flat(gz), _flat(dx), geo,
+            _core.gather_forward(p.t_indptr, off, np.take(vals, p.t_perm), None, None, _flat(gz), _flat(dx), geo,
                                  p.blocks(n, True))
         gi = _finish(dx, result)
     return gi, gv, gb
