@@ -12,8 +12,9 @@ offsets (implicit GEMM), run by the same register tiles as the linear kernels.
 - weight and bias gradients: ``gather_sddmm`` (dot products of output-gradient runs with the same
   input runs), accumulated over all output rows in a fixed order (bit-identical for any thread count);
 - input gradient: ``gather_forward`` again, over the transposed structure (one row per input
-  channel; the values copied into its order once per call) and the output gradient zero-padded by the kernel's reach (and, for stride > 1 without
-  implicit padding, dilated by the stride: stride_h * stride_w times the useful flops).
+  channel; the values copied into its order once per call) and the output gradient zero-padded by
+  the kernel's reach (and, for stride > 1 without implicit padding, dilated by the stride:
+  stride_h * stride_w times the useful flops).
 With a width stride sw > 1, the padded input is also split by column phase ((C, Hp, sw, Wp / sw,
 N), padded column m * sw + q at [:, :, q, m]): each entry's run over an output row is contiguous
 again. A strided 1x1 convolution without padding runs on the subsampled input.
@@ -763,14 +764,14 @@ def _conv2d_backward_impl(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Ten
         vals = _flat(values)
         if n > 0 and p.implicit_input_grad(n) and p.stride == (1, 1):
             off, geo, wins = p.implicit_input_grad_geometry(n)
-            _core.gather_forward(p.t_indptr, off, np.take(vals, p.t_perm), None, None, _flat(g), _flat(dx), geo,
-                                 p.blocks(n, True), p.t_taps, wins)
+            _core.gather_forward(p.t_indptr, off, np.take(vals, p.t_perm), None, None, _flat(g), _flat(dx),
+                                 geo, p.blocks(n, True), p.t_taps, wins)
         elif n > 0 and p.implicit_input_grad(n):
             dxv = dx.view(cin, h, w, n)
             for rh, rw, lh, lw, indptr_q, off, vidx, taps, wins, geo, blocks in p.strided_input_grad_phases(n):
                 buf = torch.from_numpy(_pool.take(("phase",), (cin, lh, lw, n), zeroed=False))
-                _core.gather_forward(indptr_q, off, np.take(vals, vidx), None, None, _flat(g), _flat(buf), geo, blocks,
-                                     taps, wins)
+                _core.gather_forward(indptr_q, off, np.take(vals, vidx), None, None, _flat(g), _flat(buf), geo,
+                                     blocks, taps, wins)
                 dxv[:, rh::p.stride[0], rw::p.stride[1], :] = buf
                 del buf  # (free for the next phase's take)
         elif n > 0:
