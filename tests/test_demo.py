@@ -4,6 +4,7 @@ import importlib.util
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sparsebp import demo
@@ -27,9 +28,23 @@ def test_demo_with_sgd_runs(tmp_path):
     assert res["dense (NumPy)"][0]["test_acc"] > 0.5
     with pytest.raises(ValueError, match="optimizer"):
         demo.run(epochs=1, quick=True, out=None, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="dropout"):
+        demo.run(epochs=1, quick=True, out=None, dropout=1.0)
 
 
-@pytest.mark.parametrize("args", [["--epochs", "0"], ["--sparsity", "1.0"], ["--k", "-3"], ["--optimizer", "lbfgs"]])
+def test_demo_models_carry_dropout_only_when_asked():
+    for kind in ("dense", "meprop", "meprop-unified", "msbp", "sparse+meprop"):
+        with_drop = demo.build(kind, 20, 0.9, 0.8, 0, dropout=0.1)
+        without = demo.build(kind, 20, 0.9, 0.8, 0, dropout=0.0)
+        assert [type(m).__name__ for m in with_drop.layers].count("Dropout") == 2, kind
+        assert not any(type(m).__name__ == "Dropout" for m in without.layers), kind
+        # the same initial weights either way
+        for a, b in zip(with_drop.params(), without.params()):
+            np.testing.assert_array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--sparsity", "1.0"], ["--k", "-3"], ["--optimizer", "lbfgs"],
+                                  ["--dropout", "1.0"], ["--dropout", "-0.2"]])
 def test_demo_rejects_bad_arguments(args):
     proc = subprocess.run([sys.executable, "-m", "sparsebp.cli", "demo", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and "error" in proc.stderr

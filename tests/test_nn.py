@@ -378,3 +378,84 @@ def test_adam_kernel_flushes_subnormal_moments(isa):
     _core.adam_step(p, g, m, v, None, 0.9, 0.999, 0.1, 1.0, 1e-8)
     assert not m.any() and not v.any()
     np.testing.assert_array_equal(p, 1.0)
+
+
+def test_dropout_train_and_eval():
+    """Training mode: every entry is either 0 or x / (1 - p); the backward applies the same factor;
+    the drop rate matches p (binomial bounds). Evaluation mode and p = 0: the identity."""
+    p = 0.3
+    drop = nn.Dropout(p, rng=np.random.default_rng(7))
+    x = (np.random.default_rng(1).standard_normal((64, 500)) + 5.0).astype(np.float32)  # no zeros in x
+    x0 = x.copy()
+    y = drop.forward(x)
+    np.testing.assert_array_equal(x, x0)  # input left unmodified
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], x.astype(np.float64)[kept] / (1 - p), rtol=1e-6)
+    n = x.size
+    assert abs((~kept).sum() - p * n) < 5 * np.sqrt(n * p * (1 - p))
+    g = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+    gi = drop.backward(g)
+    np.testing.assert_allclose(gi, np.where(kept, g.astype(np.float64) / (1 - p), 0.0), rtol=1e-6)
+    y2 = drop.forward(x)
+    assert not np.array_equal(y2 != 0, kept)  # a fresh mask each step
+    drop.training = False
+    np.testing.assert_array_equal(drop.forward(x), x)
+    np.testing.assert_array_equal(drop.backward(g), g)
+    np.testing.assert_array_equal(nn.Dropout(0.0).forward(x), x)
+
+
+def test_dropout_in_a_model_and_evaluate_restores_mode():
+    """Sequential.train()/eval() switch the dropout layers; evaluate() runs in evaluation mode
+    (its result equals the float64 function of the weights) and restores the mode it found; the
+    gradient of a model with dropout equals finite differences of the same masked function."""
+    rng = np.random.default_rng(3)
+    lin1, lin2 = nn.Linear(6, 8, rng=rng), nn.Linear(8, 3, rng=rng)
+    drop = nn.Dropout(0.5, rng=np.random.default_rng(4))
+    model = nn.Sequential(lin1, nn.ReLU(), drop, lin2)
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+
+    def f64(mask_scale=None):
+        h = np.maximum(x.astype(np.float64) @ lin1.weight.data.T.astype(np.float64) + lin1.bias.data, 0)
+        if mask_scale is not None:
+            h = h * mask_scale
+        return h @ lin2.weight.data.T.astype(np.float64) + lin2.bias.data
+
+    assert model.training
+    acc = nn.evaluate(model, x, y)
+    assert model.training  # restored
+    assert acc == float(np.mean(f64().argmax(1) == y))
+    model.eval()
+    assert not model.training and not drop.training
+    np.testing.assert_allclose(model.forward(x), f64(), rtol=1e-5, atol=1e-5)
+    nn.evaluate(model, x, y)
+    assert not model.training
+    model.train()
+    logits = model.forward(x)
+    scale = drop._scale.astype(np.float64)
+    np.testing.assert_allclose(logits, f64(scale), rtol=1e-5, atol=1e-5)
+    _, g = nn.softmax_cross_entropy(logits, y)
+    model.backward(g)
+
+    def loss(delta, i, j):
+        old = lin1.weight.data[i, j]
+        lin1.weight.data[i, j] = old + delta
+        z = f64(scale)
+        lin1.weight.data[i, j] = old
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+
+    for (i, j) in [(0, 0), (3, 5), (7, 2)]:
+        fd = (loss(1e-3, i, j) - loss(-1e-3, i, j)) / 2e-3
+        assert abs(fd - lin1.weight.grad[i, j]) < 2e-3 * max(1, abs(fd)), (i, j, fd, lin1.weight.grad[i, j])
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, True, "0.5", None])
+def test_dropout_rejects_bad_p(p):
+    with pytest.raises(ValueError, match="p must be"):
+        nn.Dropout(p)
+
+
+def test_dropout_rejects_bad_rng():
+    with pytest.raises(TypeError, match="rng must be"):
+        nn.Dropout(0.1, rng=3)

@@ -72,7 +72,7 @@ def _demo(args) -> int:
         sparsebp.set_num_threads(args.threads)
     demo.run(epochs=args.epochs, batch=args.batch, k=args.k, sparsity=args.sparsity, alpha=args.alpha,
              out=args.out, quick=args.quick, with_torch=False if args.no_torch else None, optimizer=args.optimizer,
-             lr=args.lr)
+             lr=args.lr, dropout=args.dropout)
     return 0
 
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     pi.set_defaults(fn=_info)
     pd = sub.add_parser("demo", help="train the meProp MLP on the bundled MNIST digits: dense vs sparse gradients "
                                       "vs sparse weights (NumPy; no torch needed)")
-    pd.add_argument("--epochs", type=_positive, default=5, help="epochs per model (default 5)")
+    pd.add_argument("--epochs", type=_positive, default=10, help="epochs per model (default 10)")
     pd.add_argument("--batch", type=_positive, default=32, help="mini-batch size (default 32)")
     pd.add_argument("--k", type=_positive, default=20, help="top-k of each hidden layer's gradient (default 20)")
     pd.add_argument("--sparsity", type=_fraction, default=0.9, help="weight sparsity of the sparse model (default 0.9)")
@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     pd.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                     help="adam (the paper's, lr 1e-3) or sgd (momentum 0.9, lr 0.05)")
     pd.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's above)")
+    pd.add_argument("--dropout", type=_fraction, default=0.1,
+                    help="dropout after each hidden ReLU, every model (default 0.1, as in the meProp authors' code)")
     pd.add_argument("--threads", type=_positive, default=None, help="sparsebp kernel threads (default: all cores)")
     pd.add_argument("--quick", action="store_true", help="2,000 training digits (a smoke run)")
     pd.add_argument("--no-torch", action="store_true", help="leave out the dense torch reference run")

@@ -17,12 +17,12 @@ from .datasets import load_mnist
 HIDDEN = 500
 
 
-def build(kind: str, k: int, sparsity: float, alpha: float, seed: int) -> nn.Sequential:
+def build(kind: str, k: int, sparsity: float, alpha: float, seed: int, dropout: float = 0.0) -> nn.Sequential:
+    """The MLP 784-500-500-10 of one demo model; ``dropout`` after each hidden ReLU (0: none)."""
     rng = np.random.default_rng(seed)
     if kind == "dense":
-        return nn.Sequential(nn.Linear(784, HIDDEN, rng=rng), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN, rng=rng), nn.ReLU(),
-                             nn.Linear(HIDDEN, 10, rng=rng))
-    if kind == "meprop":
+        pol = None
+    elif kind == "meprop":
         pol = alg.MeProp(k=k, mode="example")
     elif kind == "meprop-unified":
         pol = alg.MeProp(k=k, mode="unified")
@@ -30,30 +30,34 @@ def build(kind: str, k: int, sparsity: float, alpha: float, seed: int) -> nn.Seq
         pol = alg.MSBP(k=k, alpha=alpha)
     elif kind == "sparse+meprop":
         pol = alg.MeProp(k=k, mode="example")
-        return nn.Sequential(nn.SparseLinear(784, HIDDEN, sparsity, grad=pol, rng=rng), nn.ReLU(),
-                             nn.SparseLinear(HIDDEN, HIDDEN, sparsity, grad=pol, rng=rng), nn.ReLU(),
-                             nn.Linear(HIDDEN, 10, rng=rng))
     else:
         raise ValueError(f"unknown model kind {kind!r}")
-    # Hidden layers take the policy; the output layer stays dense (as in the authors' code).
-    return nn.Sequential(nn.Linear(784, HIDDEN, grad=pol, rng=rng), nn.ReLU(),
-                         nn.Linear(HIDDEN, HIDDEN, grad=pol, rng=rng), nn.ReLU(), nn.Linear(HIDDEN, 10, rng=rng))
+
+    def hidden(n_in: int):
+        # Hidden layers take the policy; the output layer stays dense (as in the authors' code).
+        lin = (nn.SparseLinear(n_in, HIDDEN, sparsity, grad=pol, rng=rng) if kind == "sparse+meprop"
+               else nn.Linear(n_in, HIDDEN, grad=pol, rng=rng))
+        return [lin, nn.ReLU()] + ([nn.Dropout(dropout, rng=rng)] if dropout > 0 else [])
+
+    return nn.Sequential(*hidden(784), *hidden(HIDDEN), nn.Linear(HIDDEN, 10, rng=rng))
 
 
-def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer):
+def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer, dropout=0.0):
     """The same MLP dense in PyTorch: an iterator of per-epoch records, as ``nn.fit_epochs``."""
     import torch
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(784, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
-                                torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10))
+    drop = [torch.nn.Dropout(dropout)] if dropout > 0 else []
+    model = torch.nn.Sequential(torch.nn.Linear(784, HIDDEN), torch.nn.ReLU(), *drop, torch.nn.Linear(HIDDEN, HIDDEN),
+                                torch.nn.ReLU(), *drop, torch.nn.Linear(HIDDEN, 10))
     opt = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     tX, ty, tXt, tyt = map(torch.from_numpy, (X, y, Xt, yt))
     rng = np.random.default_rng(seed)
     steps = len(X) // batch
     for e in range(epochs):
+        model.train()
         order = torch.from_numpy(rng.permutation(len(X)))
         tf = tb = tu = 0.0
         losses = []
@@ -69,19 +73,24 @@ def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer):
             t3 = time.perf_counter()
             tf, tb, tu = tf + t1 - t0, tb + t2 - t1, tu + t3 - t2
             losses.append(float(loss.detach()))
+        model.eval()
         with torch.no_grad():
             acc = float((model(tXt).argmax(1) == tyt).double().mean())
         yield dict(epoch=e + 1, loss=float(np.mean(losses)), forward_s=tf, backward_s=tb, update_s=tu,
                    total_s=tf + tb + tu, test_acc=acc)
 
 
-def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, alpha: float = 0.8,
+def run(epochs: int = 10, batch: int = 32, k: int = 20, sparsity: float = 0.9, alpha: float = 0.8,
         lr: Optional[float] = None, seed: int = 0, out: Optional[str] = "demo-results", quick: bool = False,
-        progress: bool = True, with_torch: Optional[bool] = None, optimizer: str = "adam") -> Dict[str, List[dict]]:
+        progress: bool = True, with_torch: Optional[bool] = None, optimizer: str = "adam",
+        dropout: float = 0.1) -> Dict[str, List[dict]]:
     """Trains every model and prints the table. ``optimizer``: "adam" (the paper's; lr 1e-3) or
-    "sgd" (momentum 0.9; lr 0.05). Returns each model's per-epoch history."""
+    "sgd" (momentum 0.9; lr 0.05). ``dropout``: after each hidden ReLU, in every model (0.1, as in
+    the meProp authors' PyTorch code; 0 for none). Returns each model's per-epoch history."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
     lr = (1e-3 if optimizer == "adam" else 0.05) if lr is None else float(lr)
     X, y = load_mnist("train")
     Xt, yt = load_mnist("test")
@@ -89,7 +98,7 @@ def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, al
         X, y, Xt, yt = X[:2000], y[:2000], Xt[:500], yt[:500]
     print(f"MNIST (bundled with sparsebp; LeCun, Cortes and Burges): {len(X)} training, {len(Xt)} test digits. "
           f"MLP 784-{HIDDEN}-{HIDDEN}-10, {'Adam' if optimizer == 'adam' else 'SGD (momentum 0.9)'} lr {lr}, "
-          f"batch {batch}, {epochs} epoch(s).")
+          f"batch {batch}, dropout {dropout:g}, {epochs} epoch(s).")
     runs = [("dense (NumPy)", "dense"), (f"meProp k={k}", "meprop"), (f"meProp k={k} unified", "meprop-unified"),
             (f"MSBP k={k}, alpha={alpha}", "msbp"),
             (f"sparse {sparsity:.0%} + meProp k={k}", "sparse+meprop")]
@@ -98,7 +107,7 @@ def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, al
     # percent over a minute, and one model's 5 epochs take several seconds.
     epochs_of = {}
     for name, kind in runs:
-        model = build(kind, k, sparsity, alpha, seed)
+        model = build(kind, k, sparsity, alpha, seed, dropout)
         opt = nn.Adam(model.params(), lr=lr) if optimizer == "adam" else nn.SGD(model.params(), lr=lr, momentum=0.9)
         epochs_of[name] = nn.fit_epochs(model, opt, X, y, epochs=epochs, batch=batch, X_test=Xt, y_test=yt,
                                         seed=seed, desc=name, progress=progress)
@@ -110,7 +119,8 @@ def run(epochs: int = 5, batch: int = 32, k: int = 20, sparsity: float = 0.9, al
         except ImportError:
             with_torch = False
     if with_torch:
-        epochs_of["dense (torch)"] = _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer)
+        epochs_of["dense (torch)"] = _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer,
+                                                     dropout)
     names = list(epochs_of)
     results: Dict[str, List[dict]] = {name: [] for name in names}
     for e in range(epochs):

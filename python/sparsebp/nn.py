@@ -1,6 +1,7 @@
 """A small NumPy training path (no torch): dense and sparse-weight linear layers, each optionally
-with a sparse-gradient policy (``sparsebp.algorithms``), ReLU, softmax cross-entropy, Adam and SGD,
-and a training loop with a progress bar.
+with a sparse-gradient policy (``sparsebp.algorithms``), ReLU, dropout, softmax cross-entropy, Adam
+and SGD, and a training loop with a progress bar (``Sequential.train()`` / ``eval()`` switch dropout;
+``evaluate`` always runs in evaluation mode).
 
 Arrays are float32, (batch, features), C-ordered. A layer's ``forward`` keeps what its
 ``backward`` needs; ``backward(grad)`` stores parameter gradients in ``Param.grad`` and returns the
@@ -24,7 +25,7 @@ from .blocks import check_sgd_args, row_gradient
 from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
 
-__all__ = ["Param", "Linear", "SparseLinear", "ReLU", "Sequential", "softmax_cross_entropy", "Adam", "SGD", "fit",
+__all__ = ["Param", "Linear", "SparseLinear", "ReLU", "Dropout", "Sequential", "softmax_cross_entropy", "Adam", "SGD", "fit",
            "fit_epochs", "evaluate"]
 
 _F32 = np.float32
@@ -230,14 +231,62 @@ class ReLU:
         return "ReLU()"
 
 
+class Dropout:
+    """Inverted dropout: in training mode each entry is zeroed with probability ``p`` and the others
+    are scaled by ``1 / (1 - p)``; in evaluation mode (``Sequential.eval()``, and always inside
+    ``evaluate``) it is the identity. ``rng``: the generator of the masks (default: a fresh one)."""
+
+    def __init__(self, p: float = 0.5, *, rng: Optional[np.random.Generator] = None):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"p must be a number in [0, 1); got {p!r}")
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}")
+        self.p = float(p)
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.training = True
+        self._scale = None
+
+    def params(self) -> List[Param]:
+        return []
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if not self.training or self.p == 0.0:
+            self._scale = None
+            return x
+        # the kept entries' factor, 1 / (1 - p), or 0 where dropped: one array for both passes
+        keep = self.rng.random(x.shape, dtype=_F32) >= self.p
+        self._scale = np.multiply(keep, _F32(1.0 / (1.0 - self.p)), dtype=_F32)
+        return x * self._scale
+
+    def backward(self, g: np.ndarray, input_grad: bool = True) -> np.ndarray:
+        return g if self._scale is None else g * self._scale
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p})"
+
+
 class Sequential:
     """Layers applied in order; ``backward(grad)`` runs them in reverse (the first layer computes no
-    input gradient)."""
+    input gradient). ``train()`` / ``eval()`` switch the layers that behave differently in training
+    (``Dropout``); a new model is in training mode."""
 
     def __init__(self, *layers):
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         self.layers = list(layers)
+
+    @property
+    def training(self) -> bool:
+        return all(getattr(m, "training", True) for m in self.layers)
+
+    def train(self, mode: bool = True) -> "Sequential":
+        for m in self.layers:
+            if hasattr(m, "training"):
+                m.training = bool(mode)
+        return self
+
+    def eval(self) -> "Sequential":
+        return self.train(False)
 
     def params(self) -> List[Param]:
         return [p for layer in self.layers for p in layer.params()]
@@ -377,10 +426,15 @@ def check_loop_args(X, y, epochs, batch) -> None:
 
 
 def evaluate(model: Sequential, X: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
-    """Accuracy of argmax(model(X)) against y."""
-    correct = 0
-    for i in range(0, len(X), batch):
-        correct += int((model.forward(X[i:i + batch]).argmax(axis=1) == y[i:i + batch]).sum())
+    """Accuracy of argmax(model(X)) against y, in evaluation mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        for i in range(0, len(X), batch):
+            correct += int((model.forward(X[i:i + batch]).argmax(axis=1) == y[i:i + batch]).sum())
+    finally:
+        model.train(was_training)
     return correct / max(len(X), 1)
 
 
@@ -411,6 +465,7 @@ def _fit_epochs(model, optimizer, X, y, epochs, batch, X_test, y_test, seed, des
     rng = np.random.default_rng(seed)
     steps = len(X) // batch
     for e in range(epochs):
+        model.train()
         order = rng.permutation(len(X))
         tf = tb = tu = 0.0
         losses = []
