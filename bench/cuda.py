@@ -3,9 +3,12 @@ the GPU, sparsebp's CUDA kernels against dense `torch.nn.Linear` and `torch.spar
 on the engine-core shapes, interleaved, CUDA-event medians. Needs a build with SPARSEBP_CUDA=ON and
 a GPU; elsewhere it says why and writes nothing.
 
-Two timings of the same step (``layer(x).sum().backward()``):
+Three timings of the same step (``layer(x).sum().backward()``):
 - eager: each call launched from Python and waited for, so the host's cost of launching counts
   (for small layers it is most of the time: nn.Linear's path is C++, sparsebp's glue is Python);
+- pipelined: 20 calls launched back to back and waited for once, wall time per call, as a training
+  loop that does not wait on every step runs it (the host queues the next step while the device
+  runs this one: a step costs the larger of the two);
 - graph: the step captured once in a CUDA graph and replayed (``torch.cuda.CUDAGraph``), the
   device's time alone, as a training loop captured in a graph runs it.
 
@@ -51,6 +54,26 @@ def _time(fns, reps):
             torch.cuda.synchronize()
             if r >= 2:
                 times[k].append(start.elapsed_time(end) / 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _pipelined(fns, reps, n=20):
+    """Wall time per call of n calls queued back to back, one wait at the end; medians over reps,
+    the contenders alternating."""
+    import time
+
+    import torch
+
+    times = {k: [] for k in fns}
+    for r in range(reps + 2):
+        for k, fn in fns.items():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            if r >= 2:
+                times[k].append((time.perf_counter() - t) / n)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -159,6 +182,7 @@ def run(out_dir: str, quick: bool = False, threads=None, reps=None):
 
                 fns = {"dense": f_dense, "torch.sparse": f_sparse_torch, "sparsebp": f_ours}
                 t = _time(fns, reps)
+                tp = _pipelined({k: fns[k] for k in ("dense", "sparsebp")}, reps)
                 params = {"dense": [x, dense.weight, dense.bias], "torch.sparse": [x, wcsr, dense.bias],
                           "sparsebp": [x, sp.values, sp.bias]}
                 graphs = {k: _capture(fn, params[k]) for k, fn in fns.items()}
@@ -168,6 +192,8 @@ def run(out_dir: str, quick: bool = False, threads=None, reps=None):
                 rows.append(dict(layer=f"{fin}x{fout}", batch=batch, sparsity=s, dense_ms=1e3 * t["dense"],
                                  torch_sparse_ms=1e3 * t["torch.sparse"], sparsebp_ms=1e3 * t["sparsebp"],
                                  vs_dense=t["dense"] / t["sparsebp"], vs_torch_sparse=t["torch.sparse"] / t["sparsebp"],
+                                 pipe_dense_ms=1e3 * tp["dense"], pipe_sparsebp_ms=1e3 * tp["sparsebp"],
+                                 pipe_vs_dense=tp["dense"] / tp["sparsebp"],
                                  graph_dense_ms=1e3 * tg["dense"], graph_torch_sparse_ms=1e3 * tg["torch.sparse"],
                                  graph_sparsebp_ms=1e3 * tg["sparsebp"], graph_vs_dense=tg["dense"] / tg["sparsebp"],
                                  graph_vs_torch_sparse=tg["torch.sparse"] / tg["sparsebp"],
@@ -191,11 +217,13 @@ def run(out_dir: str, quick: bool = False, threads=None, reps=None):
     write_csv(os.path.join(out_dir, "cuda.csv"), rows)
     _write_md(os.path.join(out_dir, "cuda.md"),
               f"GPU: {torch.cuda.get_device_name()}. Forward + full backward of one layer, medians (ms) and "
-              "speed-ups of sparsebp; eager: launched and waited for per call; graph: the step replayed from a "
-              "CUDA graph (device time).",
+              "speed-ups of sparsebp; eager: launched and waited for per call; pipelined: 20 calls queued back "
+              "to back, one wait, wall time per call; graph: the step replayed from a CUDA graph (device time).",
               [("layer", "layer", "{}"), ("batch", "batch", "{}"), ("s", "sparsity", "{}"),
                ("eager: dense", "dense_ms", ms), ("torch.sparse", "torch_sparse_ms", ms),
                ("sparsebp", "sparsebp_ms", ms), ("vs dense", "vs_dense", x),
-               ("vs torch.sparse", "vs_torch_sparse", x), ("graph: dense", "graph_dense_ms", ms),
+               ("vs torch.sparse", "vs_torch_sparse", x), ("pipelined: dense", "pipe_dense_ms", ms),
+               ("sparsebp", "pipe_sparsebp_ms", ms), ("vs dense", "pipe_vs_dense", x),
+               ("graph: dense", "graph_dense_ms", ms),
                ("torch.sparse", "graph_torch_sparse_ms", ms), ("sparsebp", "graph_sparsebp_ms", ms),
                ("vs dense", "graph_vs_dense", x), ("vs torch.sparse", "graph_vs_torch_sparse", x)], rows)
