@@ -221,7 +221,7 @@ class VRPGE:
         self.budget = self.keep_ratio * sum(x.size for x in self.s)
         self.adam = MaskAdam(self.s, self.lr_s, self.budget)
         self.rng = np.random.default_rng(seed)
-        self._bufs = {}
+        self._bufs, self._views = {}, {}
 
     # ---- masks -------------------------------------------------------------------------------------
     def sample(self) -> list:
@@ -295,12 +295,17 @@ class VRPGE:
 
     def _buf(self, name: str, shape: tuple, fill=None, dtype=np.float32) -> np.ndarray:
         """A reused work array (fresh multi-MB arrays cost page faults every step), set to ``fill``
-        when given."""
-        b = self._bufs.get(name)
-        n = math.prod(shape)
-        if b is None or b.size < n or b.dtype != dtype:
-            b = self._bufs[name] = np.empty(max(n, 1), dtype=dtype)
-        out = b[:n].reshape(shape)
+        when given. The views are cached by (name, shape, dtype): a step asks for ~15 of them, and
+        making each anew cost ~5 us (~4% of a polarised step)."""
+        key = (name, shape, dtype)
+        out = self._views.get(key)
+        if out is None:
+            b = self._bufs.get(name)
+            n = math.prod(shape)
+            if b is None or b.size < n or b.dtype != dtype:
+                b = self._bufs[name] = np.empty(max(n, 1), dtype=dtype)
+                self._views = {k: v for k, v in self._views.items() if k[0] != name}  # views of the old one
+            out = self._views[key] = b[:n].reshape(shape)
         if fill is not None:
             out.fill(fill)
         return out
