@@ -22,14 +22,12 @@ def build(kind: str, k: int, sparsity: float, alpha: float, seed: int, dropout: 
     rng = np.random.default_rng(seed)
     if kind == "dense":
         pol = None
-    elif kind == "meprop":
+    elif kind in ("meprop", "sparse+meprop"):
         pol = alg.MeProp(k=k, mode="example")
     elif kind == "meprop-unified":
         pol = alg.MeProp(k=k, mode="unified")
     elif kind == "msbp":
         pol = alg.MSBP(k=k, alpha=alpha)
-    elif kind == "sparse+meprop":
-        pol = alg.MeProp(k=k, mode="example")
     else:
         raise ValueError(f"unknown model kind {kind!r}")
 
@@ -89,8 +87,7 @@ def run(epochs: int = 10, batch: int = 32, k: int = 20, sparsity: float = 0.9, a
     the meProp authors' PyTorch code; 0 for none). Returns each model's per-epoch history."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
+    dropout = nn._fraction(dropout, "dropout")
     lr = (1e-3 if optimizer == "adam" else 0.05) if lr is None else float(lr)
     X, y = load_mnist("train")
     Xt, yt = load_mnist("test")

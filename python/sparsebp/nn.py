@@ -64,6 +64,13 @@ def _as_input(x, features: int, name: str = "x") -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _fraction(v, name: str) -> float:
+    """v as a float in [0, 1) (a sparsity, a drop rate), or a ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1); got {v!r}")
+    return float(v)
+
+
 def _check_policy(grad) -> Optional[SparseGrad]:
     if grad is not None and not isinstance(grad, SparseGrad):
         raise TypeError(f"grad must be a sparsebp.algorithms policy (MeProp, MSBP, MeSimp) or None; "
@@ -152,8 +159,7 @@ class SparseLinear:
 
     def __init__(self, in_features: int, out_features: int, sparsity: float, bias: bool = True, *,
                  grad: Optional[SparseGrad] = None, rng: Optional[np.random.Generator] = None):
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be a number in [0, 1); got {sparsity!r}")
+        sparsity = _fraction(sparsity, "sparsity")
         dense = Linear(in_features, out_features, bias, rng=rng)
         rng = rng if rng is not None else np.random.default_rng()
         keep = max(1, int(round((1.0 - sparsity) * in_features)))
@@ -237,11 +243,10 @@ class Dropout:
     ``evaluate``) it is the identity. ``rng``: the generator of the masks (default: a fresh one)."""
 
     def __init__(self, p: float = 0.5, *, rng: Optional[np.random.Generator] = None):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-            raise ValueError(f"p must be a number in [0, 1); got {p!r}")
+        p = _fraction(p, "p")
         if rng is not None and not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}")
-        self.p = float(p)
+        self.p = p
         self.rng = rng if rng is not None else np.random.default_rng()
         self.training = True
         self._scale = None
