@@ -165,6 +165,73 @@ def test_spmm_rows_checks_indices():
         _core.spmm_rows(np.array([0, 2], np.int64), np.array([0], np.int32), np.ones(1, np.float32), d, out)
 
 
+def _spmm_rows_expect(indptr, indices, values, d):
+    expect = np.zeros((len(indptr) - 1, d.shape[1]))
+    scale = np.zeros_like(expect)
+    for r in range(len(indptr) - 1):
+        for p in range(indptr[r], indptr[r + 1]):
+            expect[r] += values[p] * d[indices[p]].astype(np.float64)
+            scale[r] += abs(values[p] * d[indices[p]].astype(np.float64))
+    return expect, scale
+
+
+@pytest.mark.parametrize("dblock", ["0", "1", "3", "8", "1000"])
+@pytest.mark.parametrize("panel", ["1", "7", "64", "4096"])
+def test_spmm_rows_blocked_against_float64(isa, monkeypatch, dblock, panel):
+    """The gathered product with d split into row blocks (forced through the kernel's tuning
+    variables): sorted rows with repeats, empty rows and rows whose entries all fall in a late
+    block, odd widths; every element written, and the same bits whatever the blocking (the same
+    sums in the same order). Unsorted rows fall back to no blocks and stay correct."""
+    rng = np.random.default_rng(31)
+    for rows, cols, d_rows in ((9, 5, 4), (30, 131, 23), (5, 300, 40)):
+        counts = rng.integers(0, 7, rows)
+        counts[0] = 0
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        indices = np.concatenate([np.sort(rng.integers(0, d_rows, c)) for c in counts]).astype(np.int32)
+        if counts[1]:
+            indices[indptr[1]:indptr[2]] = d_rows - 1  # all in the last block, repeated
+        values = rng.standard_normal(indptr[-1]).astype(np.float32)
+        d = rng.standard_normal((d_rows, cols)).astype(np.float32)
+        expect, scale = _spmm_rows_expect(indptr, indices, values, d)
+        monkeypatch.setenv("SPARSEBP_SPMM_DBLOCK", "0")
+        monkeypatch.setenv("SPARSEBP_SPMM_PANEL", "4096")
+        plain = np.empty((rows, cols), np.float32)
+        _core.spmm_rows(indptr, indices, values, d, plain)
+        monkeypatch.setenv("SPARSEBP_SPMM_DBLOCK", dblock)
+        monkeypatch.setenv("SPARSEBP_SPMM_PANEL", panel)
+        out = np.full((rows, cols), np.nan, np.float32)
+        _core.spmm_rows(indptr, indices, values, d, out)
+        ref.assert_close(out, expect, scale, d_rows, f"{rows}x{d_rows}->{cols} block {dblock} panel {panel}")
+        np.testing.assert_array_equal(out, plain)
+        shuffled = indices.copy()  # unsorted rows: no blocks, still the right sums
+        for r in range(rows):
+            rng.shuffle(shuffled[indptr[r]:indptr[r + 1]])
+        out2 = np.full((rows, cols), np.nan, np.float32)
+        _core.spmm_rows(indptr, shuffled, values, d, out2)
+        e2, s2 = _spmm_rows_expect(indptr, shuffled, values, d)
+        ref.assert_close(out2, e2, s2, d_rows, f"unsorted block {dblock} panel {panel}")
+
+
+def test_spmm_rows_blocks_a_large_operand(isa, monkeypatch):
+    """Past 2^21 floats of d the kernel blocks on its own: the same bits as the unblocked product."""
+    monkeypatch.delenv("SPARSEBP_SPMM_DBLOCK", raising=False)
+    monkeypatch.delenv("SPARSEBP_SPMM_PANEL", raising=False)
+    rng = np.random.default_rng(32)
+    d = rng.standard_normal((1100, 2000), dtype=np.float32)
+    rows, k = 6, 40
+    indices = np.sort(np.stack([rng.choice(1100, k, replace=False) for _ in range(rows)]), axis=1).astype(np.int32)
+    indptr = np.arange(0, rows * k + 1, k, dtype=np.int64)
+    values = rng.standard_normal(rows * k).astype(np.float32)
+    out = np.full((rows, 2000), np.nan, np.float32)
+    _core.spmm_rows(indptr, indices.reshape(-1), values, d, out)
+    expect, scale = _spmm_rows_expect(indptr, indices.reshape(-1), values, d)
+    ref.assert_close(out, expect, scale, k, "large d")
+    monkeypatch.setenv("SPARSEBP_SPMM_DBLOCK", "0")
+    plain = np.empty_like(out)
+    _core.spmm_rows(indptr, indices.reshape(-1), values, d, plain)
+    np.testing.assert_array_equal(out, plain)
+
+
 def test_spmm_scatter_against_float64(isa):
     """The scattered transposed product on its own: odd widths (tails), empty rows, repeated targets."""
     rng = np.random.default_rng(12)

@@ -500,8 +500,25 @@ void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, cons
   // 64-float tiles (the widest register tile), at least one tile.
   const int64_t budget = int64_t{512} << 10;
   int64_t panel = std::max<int64_t>(64, budget / (4 * std::max<int64_t>(d_rows, 1)) / 64 * 64);
+  // A d larger than a last-level cache share (8 MB; the per-example meProp input gradient, d = W)
+  // cannot be reused from cache by the rows that gather from it: blocks of 128 of its rows in
+  // panels of 1024 columns (a 512 KB tile) are. Measured on a Zen 1 core (512 KB L2, 8 MB L3) at
+  // 4096^2, batch 256, 164 entries per row: 29 ms against 67 ms unblocked; 64..256-row blocks and
+  // 256..4096-column panels were slower. Blocks need non-decreasing indices in each row.
+  int64_t dblock = 0;
+  if (d_rows * ncols > (int64_t{2} << 20)) {
+    panel = 1024;
+    dblock = 128;
+  }
   if (const char* env = std::getenv("SPARSEBP_SPMM_PANEL")) panel = std::max<int64_t>(1, std::atoll(env));
-  const kernels::SpmmRowsArgs a{indptr, indices, values, d, ldd, out, ldo, ncols, panel};
+  if (const char* env = std::getenv("SPARSEBP_SPMM_DBLOCK")) dblock = std::max<int64_t>(0, std::atoll(env));
+  for (int64_t r = 0; r < rows && dblock > 0; ++r)
+    for (int64_t p = indptr[r] + 1; p < indptr[r + 1]; ++p)
+      if (indices[p] < indices[p - 1]) {
+        dblock = 0;
+        break;
+      }
+  const kernels::SpmmRowsArgs a{indptr, indices, values, d, ldd, out, ldo, ncols, panel, d_rows, dblock};
   const std::vector<int64_t> cut = balanced_rows(indptr, rows, threads_for((nnz + rows) * ncols));
   parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.spmm_rows(a, cut[i], cut[i + 1]); });
 }

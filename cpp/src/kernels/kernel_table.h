@@ -154,7 +154,11 @@ using AbsColsumFn = void (*)(const AbsColsumArgs&, int64_t col_begin, int64_t co
 //   out[r, j] = sum_{p in [indptr[r], indptr[r+1])} values[p] * d[indices[p], j]   for j < ncols
 // entries summed in order p; overwrites rows [row_begin, row_end) of out (rows without entries: 0).
 // Columns are visited in panels of `panel` (all rows of a range per panel), so that the slice of d
-// one panel gathers from stays in cache; the panel does not change the result.
+// one panel gathers from stays in cache. With 0 < `dblock` < `d_rows` (allowed only when every
+// row's indices are non-decreasing), each panel is further split into blocks of `dblock` rows of
+// d: a row's entries in one block are summed in registers onto the partial sum stored by the block
+// before, so a (dblock x panel) tile of d is reused from cache by all rows when d is too large to
+// stay there. Neither the panel nor the block changes the result (the same sums, in order p).
 struct SpmmRowsArgs {
   const int64_t* indptr;
   const int32_t* indices;
@@ -165,6 +169,8 @@ struct SpmmRowsArgs {
   int64_t ldo;
   int64_t ncols;
   int64_t panel;
+  int64_t d_rows = 0;
+  int64_t dblock = 0;
 };
 using SpmmRowsFn = void (*)(const SpmmRowsArgs&, int64_t row_begin, int64_t row_end);
 
