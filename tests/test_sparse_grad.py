@@ -125,6 +125,34 @@ def test_meprop_backward_against_float64(isa, batch, out_f, in_f, mode):
             assert len(touched) == k, "unified mode must give exactly k nonzero rows of dW"
 
 
+@pytest.mark.parametrize("form", ["scatter", "gather"])
+def test_example_input_gradient_both_forms(isa, monkeypatch, form):
+    """Per example, dx is formed by scattering Ĝ[b, j] W[j] by unit or by gathering W's rows by
+    example (chosen by the L2 size; SPARSEBP_MEPROP_DX forces one): each against float64, and the
+    same bits as each other, including a W large enough for the gather's row blocks, duplicate
+    selections and k = 0."""
+    rng = np.random.default_rng(41)
+    for batch, out_f, in_f, k in ((7, 50, 33, 4), (33, 300, 130, 12), (9, 2200, 1000, 90), (4, 20, 9, 0)):
+        g, x, w = _problem(rng, batch, out_f, in_f)
+        sel = topk_ref(g, k).astype(np.int32)
+        if k > 1:
+            sel[0, 1] = sel[0, 0]  # a repeated selection counts twice, in either form
+        monkeypatch.setenv("SPARSEBP_MEPROP_DX", "gather" if form == "scatter" else "scatter")
+        other = ops.selected_backward(g, x, w, sel, "example", weight_grad=False).input
+        monkeypatch.setenv("SPARSEBP_MEPROP_DX", form)
+        res = ops.selected_backward(g, x, w, sel, "example", weight_grad=False)
+        gh = np.zeros((batch, out_f))
+        for b in range(batch):
+            for j in sel[b]:
+                gh[b, j] += g[b, j]
+        ref.assert_close(res.input, gh @ w.astype(np.float64), np.abs(gh) @ np.abs(w.astype(np.float64)), max(k, 1),
+                         f"{form} {batch}x{out_f}x{in_f} k={k}")
+        np.testing.assert_array_equal(res.input, other)
+    monkeypatch.setenv("SPARSEBP_MEPROP_DX", "rows")
+    with pytest.raises(ValueError, match="SPARSEBP_MEPROP_DX"):
+        ops.selected_backward(g, x, w, sel, "example")
+
+
 @pytest.mark.parametrize("mode", ["example", "unified"])
 def test_meprop_k_at_least_out_is_dense(isa, mode):
     rng = np.random.default_rng(5)

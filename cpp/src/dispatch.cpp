@@ -10,6 +10,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <cpuid.h>
+#include <unistd.h>
 #define SPARSEBP_X86 1
 #endif
 
@@ -156,6 +157,15 @@ std::vector<std::pair<std::string, bool>> cpu_features() {
   return {{"avx", f.avx},           {"avx2", f.avx2},         {"fma", f.fma},
           {"os_ymm", f.os_ymm},     {"avx512f", f.avx512f},   {"avx512vl", f.avx512vl},
           {"avx512bw", f.avx512bw}, {"avx512dq", f.avx512dq}, {"os_zmm", f.os_zmm}};
+}
+
+int64_t l2_cache_bytes() {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return v > 0 ? static_cast<int64_t>(v) : 0;
+#else
+  return 0;
+#endif
 }
 
 }  // namespace sparsebp

@@ -83,7 +83,8 @@ def thread_backend() -> str:
 
 def build_info() -> dict:
     """What this build contains and what it runs on. ``cuda``: whether the CUDA kernels are
-    compiled in (``SPARSEBP_CUDA=ON``); ``cuda_devices``: the GPUs they can run on here."""
+    compiled in (``SPARSEBP_CUDA=ON``); ``cuda_devices``: the GPUs they can run on here;
+    ``l2_cache_bytes``: the level-2 cache per core the C library reports (0: unknown)."""
     return {
         "version": __version__,
         "compiled_isas": list(_core.compiled_isas()),
@@ -96,6 +97,7 @@ def build_info() -> dict:
         "compiler": _core.compiler,
         "build_type": _core.build_type,
         "cpu_features": dict(_core.cpu_features()),
+        "l2_cache_bytes": int(_core.l2_cache_bytes()),
         "cuda": bool(_core.cuda_compiled()),
         "cuda_devices": [_core.cuda_device_name(i) for i in range(_core.cuda_device_count())],
     }

@@ -29,6 +29,8 @@ def _info(args) -> int:
         print(f"  GPUs           : {', '.join(info['cuda_devices']) or 'none seen'}")
     print(f"  cpu            : {cpu_name()}")
     print(f"  cpu features   : {feats}")
+    l2 = info["l2_cache_bytes"]
+    print(f"  L2 cache       : {f'{l2 // 1024} KB per core' if l2 else 'unknown'}")
     return 0
 
 

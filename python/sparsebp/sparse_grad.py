@@ -8,6 +8,7 @@ index; returned indices are sorted increasingly.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -88,6 +89,27 @@ def _padded_rows(rows: int, cols: int) -> np.ndarray:
     return np.empty((rows, cols + 16), dtype=np.float32)[:, :cols]
 
 
+def _example_dx_form() -> str:
+    """How the per-example input gradient dx[b] = sum_j Ĝ[b, j] W[j] is formed; both give the same
+    bits (the same sums in increasing j):
+
+    - ``"scatter"``: W streamed once, each Ĝ[b, j] W[j] added into dx's rows, which stay in L2 in
+      column panels (512 KB of them). Best with a large L2: ~20 ms at 4096^2, batch 256, k = 164 on
+      a Xeon with 1 MB of L2 per core, where a gather without blocks measured 43-118 ms.
+    - ``"gather"``: W's rows gathered by example, in (128 x 1024) tiles reused from cache
+      (``spmm_rows`` blocks a large W): 29 ms against the scatter's 59 ms on a Zen 1 core with
+      512 KB of L2, and 1.4x-2.4x faster than it at every benchmarked shape there.
+
+    Chosen by the L2 per core the C library reports (scatter from 1 MB); ``SPARSEBP_MEPROP_DX``
+    (``scatter`` | ``gather``) forces one. The gather has not been timed on a 1 MB-L2 machine."""
+    forced = os.environ.get("SPARSEBP_MEPROP_DX", "")
+    if forced:
+        if forced not in ("scatter", "gather"):
+            raise ValueError(f"SPARSEBP_MEPROP_DX must be 'scatter' or 'gather'; got {forced!r}")
+        return forced
+    return "scatter" if _core.l2_cache_bytes() >= (1 << 20) else "gather"
+
+
 def meprop_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray, k: int, mode: str = "example", *,
                     input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True,
                     compact: bool = False) -> MePropGrads:
@@ -154,16 +176,16 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
             wrows = np.arange(out_f, dtype=np.int32) if compact else None
     elif mode == "example":
         # Ĝ by output unit j (CSR of Ĝᵀ: the examples that selected j, in order; it also checks
-        # the selection): dW[j] = sum_b Ĝ[b, j] x[b], rows of x gathered. dx[b] = sum_j Ĝ[b, j] W[j]
-        # gathers W's rows by example (Ĝ's own rows: CSR with k entries each), the kernel reusing
-        # tiles of a large W from cache; same sums in the same order (increasing j) as scattering
-        # Ĝ[b, j] W[j] by unit, and 1.4x-2.4x faster than that on a Zen 1 core.
+        # the selection): dW[j] = sum_b Ĝ[b, j] x[b], rows of x gathered. dx: see _example_dx_form.
         indptr, rows_b, gvals, touched = _core.selection_by_column(sel, g)
         if input_grad:
             dx = _padded_rows(bsz, in_f)
-            kk = sel.shape[1]
-            by_row = np.arange(0, bsz * kk + 1, max(kk, 1), dtype=np.int64) if kk else np.zeros(bsz + 1, np.int64)
-            _core.spmm_rows(by_row, sel.reshape(-1), np.take_along_axis(g, sel, axis=1).reshape(-1), w, dx)
+            if _example_dx_form() == "scatter":
+                _core.spmm_scatter(indptr, rows_b, gvals, w, dx)
+            else:
+                kk = sel.shape[1]
+                by_row = (np.arange(0, bsz * kk + 1, kk, dtype=np.int64) if kk else np.zeros(bsz + 1, np.int64))
+                _core.spmm_rows(by_row, sel.reshape(-1), np.take_along_axis(g, sel, axis=1).reshape(-1), w, dx)
         if weight_grad:
             if in_f % 128 == 0 and bsz > 1:  # gathered rows of x 2^n bytes apart: copy to a padded stride
                 xp = _padded_rows(bsz, in_f)

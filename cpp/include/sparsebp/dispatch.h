@@ -1,6 +1,7 @@
 // Which kernel table runs: chosen once at import (the best one this CPU supports, or the one named
 // by the environment variable SPARSEBP_ISA), switchable by tests.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,5 +26,7 @@ void set_isa(const std::string& name);
 void init_isa_from_environment();
 // CPU features relevant to dispatch, as (name, present) pairs.
 std::vector<std::pair<std::string, bool>> cpu_features();
+// Bytes of level-2 cache per core as the C library reports it (glibc: sysconf), 0 when unknown.
+int64_t l2_cache_bytes();
 
 }  // namespace sparsebp
