@@ -8,6 +8,7 @@ index; returned indices are sorted increasingly.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -107,6 +108,12 @@ def _example_dx_form() -> str:
         if forced not in ("scatter", "gather"):
             raise ValueError(f"SPARSEBP_MEPROP_DX must be 'scatter' or 'gather'; got {forced!r}")
         return forced
+    return _dx_form_for_this_cpu()
+
+
+@functools.lru_cache(maxsize=None)
+def _dx_form_for_this_cpu() -> str:
+    """The L2-based default of _example_dx_form, asked of the C library once (not every backward)."""
     return "scatter" if _core.l2_cache_bytes() >= (1 << 20) else "gather"
 
 
@@ -183,8 +190,7 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
             if _example_dx_form() == "scatter":
                 _core.spmm_scatter(indptr, rows_b, gvals, w, dx)
             else:
-                kk = sel.shape[1]
-                by_row = (np.arange(0, bsz * kk + 1, kk, dtype=np.int64) if kk else np.zeros(bsz + 1, np.int64))
+                by_row = np.arange(bsz + 1, dtype=np.int64) * sel.shape[1]  # Ĝ's rows: k entries each
                 _core.spmm_rows(by_row, sel.reshape(-1), np.take_along_axis(g, sel, axis=1).reshape(-1), w, dx)
         if weight_grad:
             if in_f % 128 == 0 and bsz > 1:  # gathered rows of x 2^n bytes apart: copy to a padded stride
