@@ -171,6 +171,49 @@ def test_padded_leading_dimension(isa):
     check_all(W, x, g)
 
 
+@pytest.mark.parametrize("batch", [65, 300, 513])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_padded_views_over_several_batch_tiles(isa, batch, order):
+    # Batches wider than one register tile are repacked tile by tile (64 columns on AVX2 and the
+    # scalar table, 256 on AVX-512): from strided views, with a narrow last tile.
+    rng = np.random.default_rng(batch)
+    W = make(rng, 70, 90, 0.2, empty_rows=(4,))
+    if order == "F":
+        x = np.asfortranarray(rng.standard_normal((batch + 11, 90)).astype(np.float32))[3 : 3 + batch]
+        g = np.asfortranarray(rng.standard_normal((batch + 5, 70)).astype(np.float32))[:batch]
+    else:
+        x = rng.standard_normal((batch, 100)).astype(np.float32)[:, 5:95]
+        g = rng.standard_normal((batch, 77)).astype(np.float32)[:, :70]
+    check_all(W, x, g, rng.standard_normal(70).astype(np.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tile_packing_same_sums(isa, monkeypatch, threads):
+    """SPARSEBP_TILE_PACK=0 (no repacking into batch tiles) adds in the same order on the SIMD
+    tables: identical bits; the scalar table's weight gradient sums by tile when packed, so there
+    both are only checked against float64."""
+    rng = np.random.default_rng(11)
+    W = make(rng, 150, 200, 0.1, empty_rows=(0, 7))
+    b = rng.standard_normal(150).astype(np.float32)
+    before = sparsebp.get_num_threads()
+    sparsebp.set_num_threads(threads)
+    try:
+        for batch in (130, 257, 520):
+            for order in "CF":
+                x = np.asarray(rng.standard_normal((batch, 200)), np.float32, order=order)
+                g = np.asarray(rng.standard_normal((batch, 150)), np.float32, order=order)
+                monkeypatch.setenv("SPARSEBP_TILE_PACK", "1")
+                y1, r1 = check_all(W, x, g, b)
+                monkeypatch.setenv("SPARSEBP_TILE_PACK", "0")
+                y0, r0 = check_all(W, x, g, b)
+                if sparsebp.active_isa() != "scalar":
+                    np.testing.assert_array_equal(y1, y0)
+                    for a1, a0 in zip(r1, r0):
+                        np.testing.assert_array_equal(a1, a0)
+    finally:
+        sparsebp.set_num_threads(before)
+
+
 def test_inputs_left_unmodified(isa):
     rng = np.random.default_rng(9)
     W = make(rng, 21, 17, 0.3)
@@ -296,7 +339,7 @@ def test_dlmc_matrices(isa, name):
     check_dlmc(os.path.join(root, name))
 
 
-@pytest.mark.parametrize("batch", [1, 17, 64])
+@pytest.mark.parametrize("batch", [1, 17, 64, 257, 530])
 @pytest.mark.parametrize("bias_grad", [True, False])
 def test_weight_grad_skipped(isa, batch, bias_grad):
     """weight_grad=False (frozen weights): no grad_values, the other gradients unchanged."""

@@ -178,6 +178,57 @@ const float* feature_major_in(const KernelTable& t, const DenseIn& d, const Layo
   return buf;
 }
 
+// A feature-major operand cut into batch tiles of `tile` columns, tile k at data + k * stride with
+// leading dimension ld (ld = tile and stride = features * tile when packed). The kernels gather
+// whole rows of one tile at random; packed, those rows lie in one contiguous block instead of
+// being strided across the full batch. Measured on a Zen 1 core (1 thread, batch 256, AVX2 tiles
+// of 64): the forward 1.18x-1.23x and the SDDMM 1.34x-1.44x faster over 768->3072, 3072->768 and
+// 4096^2 at s = 0.8-0.95 (the strided rows of one tile span four times as many pages; the gathers
+// then miss the first-level TLB). One tile (batch <= tile) is not repacked.
+struct Tiles {
+  const float* data;
+  int64_t ld;
+  int64_t stride;
+  int64_t count;
+  int64_t tile;
+  const float* at(int64_t k) const { return data + k * stride; }
+  int64_t width(int64_t k, int64_t batch) const { return std::min(tile, batch - k * tile); }
+};
+
+Tiles tiled_in(const KernelTable& t, const DenseIn& d, const Layout& l, int slot, int64_t tile) {
+  const int64_t B = d.batch, F = d.features;
+  const char* env = std::getenv("SPARSEBP_TILE_PACK");
+  if (B <= tile || (env && std::strcmp(env, "0") == 0)) {
+    int64_t ld;
+    const float* p = feature_major_in(t, d, l, slot, &ld);
+    return {p, ld, 0, 1, std::max<int64_t>(B, 1)};
+  }
+  const int64_t n = (B + tile - 1) / tile;
+  float* buf = workspace().get(slot, n * F * tile);
+  if (l.feature_major) {
+    const int64_t nt = threads_for(B * F / 4);
+    parallel_for(nt, [&](int64_t i) {
+      for (int64_t f = F * i / nt; f < F * (i + 1) / nt; ++f)
+        for (int64_t k = 0; k < n; ++k)
+          std::memcpy(buf + k * F * tile + f * tile, d.data + f * l.ld + k * tile,
+                      static_cast<size_t>(std::min(tile, B - k * tile)) * sizeof(float));
+    });
+  } else {
+    // One parallel region: each thread transposes its batch rows (multiples of 8), tile by tile.
+    const int64_t nt = threads_for(B * F / 4);
+    parallel_for(nt, [&](int64_t i) {
+      const int64_t r0 = round_up(B * i / nt, 8), r1 = i + 1 == nt ? B : round_up(B * (i + 1) / nt, 8);
+      for (int64_t k = r0 / tile; k * tile < std::min(r1, B); ++k) {
+        const int64_t b0 = k * tile;
+        const kernels::TransposeArgs a{d.data + b0 * l.ld, l.ld, buf + k * F * tile, tile, F};
+        const int64_t lo = std::max(r0, b0) - b0, hi = std::min({r1, B, b0 + tile}) - b0;
+        if (lo < hi) t.transpose(a, lo, hi);
+      }
+    });
+  }
+  return {buf, tile, F * tile, n, tile};
+}
+
 // Column-panel width for a gather over `cols` feature rows of `tile` batch columns each: about
 // kPanelBytes of rows per panel (they stay in L2; measured best at 512 KB on a 1 MB L2), but at
 // least ~4 nonzeros per row and panel (each row pays a little per panel), and a single sweep when
@@ -214,8 +265,7 @@ void linear_forward(const CsrStructure& w, const float* values, int64_t values_l
   if (B == 0 || w.rows() == 0) return;
 
   const KernelTable& t = active_table();
-  int64_t ldx;
-  const float* xt = feature_major_in(t, x, lx, 0, &ldx);
+  const Tiles xt = tiled_in(t, x, lx, 0, t.forward_tile_cols);
   int64_t ldy = ly.ld;
   float* yt = y.data;
   if (!ly.feature_major) {
@@ -224,10 +274,18 @@ void linear_forward(const CsrStructure& w, const float* values, int64_t values_l
   }
   const int64_t tile = std::min<int64_t>(t.forward_tile_cols, round_up(B, 8));
   int64_t* cursor = workspace().get<int64_t>(4, w.rows());
-  const kernels::LinearForwardArgs args{pattern_of(w), values, nullptr, bias, xt, ldx, yt, ldy, B,
+  const kernels::LinearForwardArgs args{pattern_of(w), values, nullptr, bias, xt.data, xt.ld, yt, ldy, B,
                                         panel_width(w.cols(), tile, w.nnz(), w.rows()), cursor};
   const std::vector<int64_t> cut = balanced_rows(w.indptr(), w.rows(), threads_for((w.nnz() + w.rows()) * B));
-  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.linear_forward(args, cut[i], cut[i + 1]); });
+  parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) {
+    for (int64_t k = 0; k < xt.count; ++k) {
+      kernels::LinearForwardArgs ak = args;
+      ak.xt = xt.at(k);
+      ak.yt = yt + k * xt.tile;
+      ak.batch = xt.width(k, B);
+      t.linear_forward(ak, cut[i], cut[i + 1]);
+    }
+  });
   if (!ly.feature_major) transpose_parallel(t, yt, w.rows(), B, ldy, y.data, ly.ld);
 }
 
@@ -263,9 +321,9 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
   }
 
   const KernelTable& t = active_table();
-  int64_t ldg, ldx;
-  const float* gt = feature_major_in(t, grad_output, lg, 0, &ldg);
-  const float* xt = feature_major_in(t, x, lx, 1, &ldx);
+  // G is gathered by the input gradient and X by the SDDMM: both in the forward's batch tiles.
+  const Tiles gt = tiled_in(t, grad_output, lg, 0, t.forward_tile_cols);
+  const Tiles xt = tiled_in(t, x, lx, 1, t.forward_tile_cols);
   const int64_t fwd_tile = std::min<int64_t>(t.forward_tile_cols, round_up(B, 8));
   const int64_t sddmm_tile = std::min<int64_t>(t.sddmm_tile_cols, round_up(B, 8));
   const int64_t rows = w.rows(), cols = w.cols();
@@ -278,17 +336,29 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
     parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) {
       for (int64_t o = cut[i]; o < cut[i + 1]; ++o) {
         float s = 0.0f;
-        for (int64_t b = 0; b < B; ++b) s += gt[o * ldg + b];
+        for (int64_t k = 0; k < gt.count; ++k) {
+          const float* g = gt.at(k) + o * gt.ld;
+          for (int64_t b = 0, wk = gt.width(k, B); b < wk; ++b) s += g[b];
+        }
         grad_bias[o] = s;
       }
     });
   }
   if (grad_values) {
     int64_t* cursor = workspace().get<int64_t>(4, rows);
-    const kernels::SddmmArgs a{pattern_of(w), gt, ldg, xt, ldx, grad_values, grad_bias, B,
-                               panel_width(cols, sddmm_tile, nnz, rows), cursor};
+    const kernels::SddmmArgs a{pattern_of(w), gt.data, gt.ld, xt.data, xt.ld, grad_values, grad_bias, B,
+                               panel_width(cols, sddmm_tile, nnz, rows), cursor, false};
     const std::vector<int64_t> cut = balanced_rows(w.indptr(), rows, threads_for((nnz + rows) * B));
-    parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.sddmm(a, cut[i], cut[i + 1]); });
+    parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) {
+      for (int64_t k = 0; k < xt.count; ++k) {
+        kernels::SddmmArgs ak = a;
+        ak.gt = gt.at(k);
+        ak.xt = xt.at(k);
+        ak.batch = xt.width(k, B);
+        ak.accumulate = k > 0;
+        t.sddmm(ak, cut[i], cut[i + 1]);
+      }
+    });
   }
 
   // Input gradient dX^T = W^T G^T: the forward kernel over the transposed structure, with W's
@@ -317,10 +387,18 @@ void linear_backward(const CsrStructure& w, const float* values, int64_t values_
       });
     }
     const kernels::LinearForwardArgs a{{cols, rows, csc.colptr.data(), csc.rowidx.data()},
-                                       vals, nullptr, nullptr, gt, ldg, dxt, lddx, B,
+                                       vals, nullptr, nullptr, gt.data, gt.ld, dxt, lddx, B,
                                        panel_width(rows, fwd_tile, nnz, cols), cursor};
     const std::vector<int64_t> cut = balanced_rows(csc.colptr.data(), cols, threads_for((nnz + cols) * B));
-    parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) { t.linear_forward(a, cut[i], cut[i + 1]); });
+    parallel_for(static_cast<int64_t>(cut.size()) - 1, [&](int64_t i) {
+      for (int64_t k = 0; k < gt.count; ++k) {
+        kernels::LinearForwardArgs ak = a;
+        ak.xt = gt.at(k);
+        ak.yt = dxt + k * gt.tile;
+        ak.batch = gt.width(k, B);
+        t.linear_forward(ak, cut[i], cut[i + 1]);
+      }
+    });
     if (!ldx_l.feature_major) transpose_parallel(t, dxt, cols, B, lddx, grad_input->data, ldx_l.ld);
   }
 }

@@ -51,8 +51,9 @@ using LinearForwardFn = void (*)(const LinearForwardArgs&, int64_t row_begin, in
 //   dvalues[p] = sum_{b < batch} gt[row(p), b] * xt[indices[p], b]   for rows [row_begin, row_end)
 // and, if dbias is not null, the bias gradient in the same sweep (G^T's rows are loaded anyway):
 //   dbias[o]   = sum_{b < batch} gt[o, b]
-// Overwrites those rows' entries of dvalues (and dbias). panel / cursor as for the forward
-// (cursor: w.rows entries; disjoint row ranges may share it).
+// Overwrites those rows' entries of dvalues (and dbias), or adds to them when `accumulate` is set
+// (the caller then runs the batch in pieces). panel / cursor as for the forward (cursor: w.rows
+// entries; disjoint row ranges may share it).
 struct SddmmArgs {
   CsrPattern w;
   const float* gt;  // w.rows x batch, leading dimension ldg
@@ -64,6 +65,7 @@ struct SddmmArgs {
   int64_t batch;
   int64_t panel;
   int64_t* cursor;
+  bool accumulate;
 };
 using SddmmFn = void (*)(const SddmmArgs&, int64_t row_begin, int64_t row_end);
 

@@ -29,13 +29,13 @@ void sddmm(const SddmmArgs& a, int64_t row_begin, int64_t row_end) {
     if (a.dbias) {
       float s = 0.0f;
       for (int64_t b = 0; b < a.batch; ++b) s += g[b];
-      a.dbias[o] = s;
+      a.dbias[o] = a.accumulate ? a.dbias[o] + s : s;
     }
     for (int64_t p = a.w.indptr[o]; p < a.w.indptr[o + 1]; ++p) {
       const float* x = a.xt + static_cast<int64_t>(a.w.indices[p]) * a.ldx;
       float s = 0.0f;
       for (int64_t b = 0; b < a.batch; ++b) s += g[b] * x[b];
-      a.dvalues[p] = s;
+      a.dvalues[p] = a.accumulate ? a.dvalues[p] + s : s;
     }
   }
 }
