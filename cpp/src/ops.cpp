@@ -183,9 +183,9 @@ const float* feature_major_in(const KernelTable& t, const DenseIn& d, const Layo
 // whole rows of one tile at random; packed, those rows lie in one contiguous block instead of
 // being strided across the full batch. Measured on a Zen 1 core (1 thread, batch 256, AVX2 tiles
 // of 64): the forward 1.18x-1.23x and the SDDMM 1.34x-1.44x faster over 768->3072, 3072->768 and
-// 4096^2 at s = 0.8-0.95. (Why is not pinned down: this VM exposes no hardware counters. The
-// strided rows of a tile span four times as many pages, but 2 MB pages for the strided copy did
-// not close the gap.) One tile (batch <= tile) is not repacked.
+// 4096^2 at s = 0.8-0.95. Why is not pinned down (this VM exposes no hardware counters); the
+// strided rows of one tile span four times as many pages and cache sets. One tile (batch <= tile)
+// is not repacked.
 struct Tiles {
   const float* data;
   int64_t ld;
