@@ -8,6 +8,11 @@ from sparsebp._runtime import _set_isa
 
 ISAS = sparsebp.available_isas()
 
+# Jobs split across threads from 2^19 multiply-adds per thread by default; the tests' cases are
+# mostly smaller, so they lower it to 2^16 to keep exercising the threaded paths (test_threads.py
+# checks the default in a clean environment).
+os.environ.setdefault("SPARSEBP_MIN_WORK", str(1 << 16))
+
 # CI names the tables that must be present (so a build that silently lost one fails loudly).
 _required = [s for s in os.environ.get("SPARSEBP_REQUIRE_ISAS", "").split(",") if s]
 _missing = [s for s in _required if s not in ISAS]

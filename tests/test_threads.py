@@ -87,6 +87,35 @@ def test_tiny_problems_stay_on_one_thread(threads):
     assert _core.max_job_threads(reset=True) == 1
 
 
+def test_default_split_threshold(threads, monkeypatch):
+    """By default a job splits from 2^19 multiply-adds per thread: the demo MLP's per-example
+    meProp products (32 examples x 20 units x 500 inputs) stay on one thread, a 4x larger one splits."""
+    monkeypatch.delenv("SPARSEBP_MIN_WORK", raising=False)
+    sparsebp.set_num_threads(2)
+    rng = np.random.default_rng(3)
+    for batch, split in ((32, False), (128, True)):
+        sel = np.sort(np.argsort(rng.random((batch, 500)), axis=1)[:, :20], axis=1).astype(np.int32)
+        g = rng.standard_normal((batch, 500)).astype(np.float32)
+        vals = np.take_along_axis(g, sel, axis=1).reshape(-1)
+        W = rng.standard_normal((500, 500)).astype(np.float32)
+        out = np.empty((batch, 500), np.float32)
+        _core.max_job_threads(reset=True)
+        _core.spmm_rows(np.arange(batch + 1, dtype=np.int64) * 20, sel.reshape(-1), vals, W, out)
+        assert _core.max_job_threads(reset=True) == (2 if split else 1), batch
+        dense = np.zeros((batch, 500))
+        np.put_along_axis(dense, sel.astype(np.int64), np.take_along_axis(g, sel, axis=1).astype(np.float64), axis=1)
+        np.testing.assert_allclose(out, dense @ W.astype(np.float64), rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("SPARSEBP_MIN_WORK", "1")
+    _core.max_job_threads(reset=True)
+    W4 = sparsebp.CSR.from_dense(np.eye(4, dtype=np.float32))
+    ops.linear_forward(np.ones((64, 4), np.float32), W4)
+    assert _core.max_job_threads(reset=True) == 2
+    for bad in ("0", "-5", "lots", "12x"):
+        monkeypatch.setenv("SPARSEBP_MIN_WORK", bad)
+        with pytest.raises(ValueError, match="SPARSEBP_MIN_WORK must be a positive integer"):
+            ops.linear_forward(np.ones((64, 4), np.float32), W4)
+
+
 @pytest.mark.parametrize("n_rows, split", [(64, False), (700, True)])
 def test_block_kernels_split_only_large_blocks_and_agree(isa, threads, n_rows, split):
     """The memory-bound block kernels (gather, scatter-add, lazy SGD, ReLU) stay on one thread below
