@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sparsebp import _core, ops
+from sparsebp.sparse_grad import csr_selected_backward
 
 import reference as ref
 
@@ -341,3 +342,81 @@ def test_topk_small_k_one_pass(isa, n):
         h[3, at] = np.nan
         with pytest.raises(ValueError, match="NaN"):
             ops.topk(h, 5)
+
+
+def _csr_case(rng, rows, cols, density, empty_rows=()):
+    dense = (rng.standard_normal((rows, cols)) * (rng.random((rows, cols)) < density)).astype(np.float32)
+    dense[list(empty_rows)] = 0.0
+    import sparsebp
+
+    return sparsebp.CSR.from_dense(dense), dense
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_csr_example_backward_against_float64(isa, threads):
+    """Sparse weights with per-example sparse gradients: dx = Ĝ W and the weight gradient at the
+    stored entries (zero in rows no example selected) against float64 with an explicit Ĝ, including
+    empty rows, a repeated selection (counted twice, as in the dense per-example path) and k = 0;
+    identical bits on 1 and 2 threads."""
+    import sparsebp
+
+    before = sparsebp.get_num_threads()
+    rng = np.random.default_rng(77)
+    try:
+        for batch, rows, cols, density, k in ((5, 12, 9, 0.5, 3), (64, 400, 600, 0.2, 30), (3, 7, 4, 1.0, 0),
+                                              (33, 50, 70, 0.05, 7)):
+            W, dense = _csr_case(rng, rows, cols, density, empty_rows=(0, rows - 1))
+            g = rng.standard_normal((batch, rows)).astype(np.float32)
+            x = rng.standard_normal((batch, cols)).astype(np.float32)
+            sel = topk_ref(g, k).astype(np.int32)
+            if k > 1:
+                sel[0, 1] = sel[0, 0]
+            gh = np.zeros((batch, rows))
+            for b in range(batch):
+                for j in sel[b]:
+                    gh[b, j] += g[b, j]
+            got = {}
+            for n in (1, 2):
+                sparsebp.set_num_threads(n)
+                got[n] = csr_selected_backward(g, x, W, sel, "example")
+            dx, dv, pos = got[2]
+            ref.assert_close(dx, gh @ dense.astype(np.float64), np.abs(gh) @ np.abs(dense.astype(np.float64)),
+                             max(k, 1), f"dx {batch}x{rows}x{cols} k={k}")
+            full = gh.T @ x.astype(np.float64)
+            rr = np.repeat(np.arange(rows), np.diff(W.indptr))
+            want = full[rr, W.indices]
+            scale = (np.abs(gh).T @ np.abs(x.astype(np.float64)))[rr, W.indices]
+            ref.assert_close(dv, want, scale, batch, f"dvalues {batch}x{rows}x{cols} k={k}")
+            touched = np.unique(sel) if k else np.zeros(0, np.int64)
+            np.testing.assert_array_equal(np.sort(pos), np.flatnonzero(np.isin(rr, touched)))
+            assert np.all(dv[np.setdiff1d(np.arange(W.nnz), pos)] == 0)
+            for a1, a2 in zip(got[1][:2], got[2][:2]):
+                np.testing.assert_array_equal(a1, a2)
+            dx0, dv0, _ = csr_selected_backward(g, x, W, sel, "example", input_grad=False)
+            assert dx0 is None
+            np.testing.assert_array_equal(dv0, dv)
+    finally:
+        sparsebp.set_num_threads(before)
+
+
+def test_csr_example_backward_bad_input():
+    rng = np.random.default_rng(3)
+    W, _ = _csr_case(rng, 6, 5, 0.6)
+    g = rng.standard_normal((4, 6)).astype(np.float32)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    sel = np.array([[0, 2], [1, 5], [3, 4], [0, 1]], np.int32)
+    with pytest.raises(ValueError, match="outside"):
+        csr_selected_backward(g, x, W, np.array([[0, 6]] * 4, np.int32), "example")
+    with pytest.raises(ValueError, match="selected must have shape"):
+        csr_selected_backward(g, x, W, sel[:3], "example")
+    with pytest.raises(ValueError, match="x"):
+        csr_selected_backward(g, x[:, :4], W, sel, "example")
+    dv = np.empty(W.nnz, np.float32)
+    bad_idx = W.indices.copy()
+    bad_idx[W.indptr[1]] = 99  # an entry of row 1, which sel[1] touches
+    with pytest.raises(ValueError, match="is outside"):
+        _core.csr_example_backward(W.indptr, bad_idx, W.values, 5, sel, g, x, None, dv)
+    with pytest.raises(ValueError, match="dvalues needs x"):
+        _core.csr_example_backward(W.indptr, W.indices, W.values, 5, sel, g, None, None, dv)
+    with pytest.raises(ValueError, match="nnz"):
+        _core.csr_example_backward(W.indptr, W.indices, W.values, 5, sel, g, x, None, dv[:-1])

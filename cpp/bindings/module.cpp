@@ -433,6 +433,55 @@ PYBIND11_MODULE(_core, m) {
                            vp, nv);
   };
   m.def(
+      "csr_example_backward",
+      [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values, int64_t cols,
+                             const py::array& sel, const py::array& g, const py::object& x, const py::object& dx,
+                             const py::object& dvalues) {
+        auto [ip, ix, vp, nv] = csr_arrays(indptr, indices, values);
+        const int64_t rows = indptr.shape(0) - 1;
+        auto [gp, batch, gn, ldg] = rowmajor(g, "grad_output", false);
+        if (gn != rows) throw sparsebp::ValueError(str_cat("grad_output must have ", rows, " columns; got ", gn));
+        if (!py::array_t<int32_t>::check_(sel) || sel.ndim() != 2 || sel.shape(0) != batch ||
+            !(sel.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError(str_cat("selected must be a C-contiguous int32 array of shape (", batch, ", k)"));
+        const int64_t k = sel.shape(1);
+        const float* xp = nullptr;
+        int64_t ldx = cols;
+        if (!x.is_none()) {
+          auto [p, xr, xc, l] = rowmajor(x.cast<py::array>(), "x", false);
+          if (xr != batch || xc != cols)
+            throw sparsebp::ValueError(str_cat("x must have shape (", batch, ", ", cols, "); got (", xr, ", ", xc, ")"));
+          xp = p;
+          ldx = l;
+        }
+        float* dxp = nullptr;
+        int64_t lddx = cols;
+        if (!dx.is_none()) {
+          auto [p, r, c, l] = rowmajor(dx.cast<py::array>(), "dx", true);
+          if (r != batch || c != cols)
+            throw sparsebp::ValueError(str_cat("dx must have shape (", batch, ", ", cols, "); got (", r, ", ", c, ")"));
+          dxp = p;
+          lddx = l;
+        }
+        float* dvp = nullptr;
+        if (!dvalues.is_none()) {
+          int64_t n = 0;
+          dvp = vector_of<float>(dvalues.cast<py::array>(), "dvalues", true, &n);
+          if (n != nv) throw sparsebp::ValueError(str_cat("dvalues must have nnz = ", nv, " entries; got ", n));
+          if (!xp) throw sparsebp::ValueError("dvalues needs x");
+        }
+        py::array_t<int32_t> touched(std::max<int64_t>(std::min(rows, batch * k), 0));
+        int64_t nt = 0;
+        {
+          py::gil_scoped_release nogil;
+          sparsebp::csr_example_backward(ip, ix, vp, nv, rows, cols, static_cast<const int32_t*>(sel.data()), batch, k,
+                                         gp, ldg, xp, ldx, dxp, lddx, dvp, touched.mutable_data(), &nt);
+        }
+        return py::object(touched[py::slice(0, nt, 1)]);
+      },
+      py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("cols"), py::arg("selected"),
+      py::arg("grad_output"), py::arg("x"), py::arg("dx"), py::arg("dvalues"));
+  m.def(
       "spmm_rows",
       [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values,
                              const py::array& d, const py::array& out) {

@@ -812,6 +812,64 @@ void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const floa
   indptr[0] = 0;
 }
 
+void csr_example_backward(const int64_t* indptr, const int32_t* indices, const float* values, int64_t nnz,
+                          int64_t rows, int64_t cols, const int32_t* sel, int64_t batch, int64_t k, const float* g,
+                          int64_t ldg, const float* x, int64_t ldx, float* dx, int64_t lddx, float* dvalues,
+                          int32_t* touched, int64_t* n_touched) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0 && batch >= 0 && k >= 0 && nnz >= 0 && ldg >= rows,
+                       "bad shape for csr_example_backward");
+  SPARSEBP_CHECK_VALUE(!dx || lddx >= cols, "bad dx stride for csr_example_backward");
+  SPARSEBP_CHECK_VALUE(!dvalues || (x && ldx >= cols), "csr_example_backward: dvalues needs x");
+  SPARSEBP_CHECK_VALUE(indptr[0] == 0 && indptr[rows] == nnz, "indptr must run from 0 to nnz = ", nnz);
+  // The selection regrouped by row of W (unit): its examples in increasing order, with their g.
+  std::vector<int64_t> by_unit(static_cast<size_t>(rows + 1));
+  std::vector<int32_t> ex(static_cast<size_t>(batch * k));
+  std::vector<float> gv(static_cast<size_t>(batch * k));
+  selection_by_column(sel, batch, k, g, ldg, rows, by_unit.data(), ex.data(), gv.data(), touched, n_touched);
+  const int64_t nt_rows = *n_touched;
+  int64_t work = 0;
+  for (int64_t t = 0; t < nt_rows; ++t) {
+    const int64_t j = touched[t];
+    SPARSEBP_CHECK_VALUE(indptr[j] <= indptr[j + 1] && indptr[j + 1] <= nnz, "indptr must not decrease (row ", j, ")");
+    for (int64_t p = indptr[j]; p < indptr[j + 1]; ++p)
+      SPARSEBP_CHECK_VALUE(indices[p] >= 0 && indices[p] < cols, "indices[", p, "] = ", indices[p],
+                           " is outside [0, ", cols, ")");
+    work += (by_unit[j + 1] - by_unit[j]) * (indptr[j + 1] - indptr[j]);
+  }
+  if (dx) {
+    // Example by example: its k sparse rows of W scattered into its row of dx (in L1).
+    const int64_t nt = std::min<int64_t>(threads_for(work + batch * cols), std::max<int64_t>(batch, 1));
+    parallel_for(nt, [&](int64_t i) {
+      for (int64_t b = batch * i / nt; b < batch * (i + 1) / nt; ++b) {
+        float* d = dx + b * lddx;
+        std::fill(d, d + cols, 0.0f);
+        for (int64_t q = 0; q < k; ++q) {
+          const int32_t j = sel[b * k + q];
+          const float v = g[b * ldg + j];
+          for (int64_t p = indptr[j]; p < indptr[j + 1]; ++p) d[indices[p]] += v * values[p];
+        }
+      }
+    });
+  }
+  if (dvalues) {
+    std::fill(dvalues, dvalues + nnz, 0.0f);
+    // Unit by unit: its entries accumulate g[b, j] x[b, indices] over the examples that chose it.
+    const int64_t nt = std::min<int64_t>(threads_for(work), std::max<int64_t>(nt_rows, 1));
+    parallel_for(nt, [&](int64_t i) {
+      for (int64_t t = nt_rows * i / nt; t < nt_rows * (i + 1) / nt; ++t) {
+        const int64_t j = touched[t], p0 = indptr[j], len = indptr[j + 1] - p0;
+        float* dv = dvalues + p0;
+        const int32_t* idx = indices + p0;
+        for (int64_t e = by_unit[j]; e < by_unit[j + 1]; ++e) {
+          const float v = gv[e];
+          const float* xb = x + ex[e] * ldx;
+          for (int64_t p = 0; p < len; ++p) dv[p] += v * xb[idx[p]];
+        }
+      }
+    });
+  }
+}
+
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
                int64_t n_rows, bool g_compact, double b1, double b2, float step_size, float inv_c2, float eps) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0, "bad shape for adam_step");

@@ -237,20 +237,35 @@ def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, select
                           input_grad: bool = True):
     """Sparse weights and sparse gradients together: the backward of ``y = x @ W.T`` for a CSR
     ``weight`` with the output gradient restricted to ``selected`` (as in ``selected_backward``).
-    Runs sparsebp's CSR kernels on the rows of W the selection touched (unified: the k selected
-    rows; per example: the union of the rows any example selected, with the unselected entries of
-    G zero). Returns ``(dx or None, dvalues, positions)``: ``dvalues`` (nnz,) is zero outside the
-    touched rows, whose entries are ``positions``."""
+    Unified: sparsebp's CSR kernels on the k selected rows of W. Per example: each example's k
+    rows of W scattered into its row of dx, and each selected row's weight gradient summed over
+    the examples that chose it (cost ~ batch * k * nonzeros per row; a column repeated in one
+    example's selection counts twice, as in ``selected_backward``). Returns ``(dx or None,
+    dvalues, positions)``: ``dvalues`` (nnz,) is zero outside the touched rows, whose entries are
+    ``positions``. ``x`` is (batch, in) for both modes."""
     from . import ops
 
     g = _rows_f32(grad_output, "grad_output", cols=weight.shape[0])
+    if mode == "example":
+        # One pass over the selected rows of W per example (cost ~ batch * k * nonzeros per row):
+        # dx scattered example by example, dvalues unit by unit over the examples that chose it.
+        sel = np.ascontiguousarray(selected, dtype=np.int32)
+        if sel.ndim != 2 or sel.shape[0] != g.shape[0]:
+            raise ValueError(f"selected must have shape ({g.shape[0]}, k) in mode 'example'; got {sel.shape}")
+        out_f, in_f = weight.shape
+        xx = _rows_f32(x, "x", cols=in_f, rows=g.shape[0])
+        dx = np.empty((g.shape[0], in_f), dtype=np.float32) if input_grad else None
+        dv = np.empty(weight.nnz, dtype=np.float32)
+        rows = _core.csr_example_backward(weight.indptr, weight.indices, weight.values, in_f, sel, g, xx, dx, dv)
+        rows = rows.astype(np.int64)
+        starts, lens = weight.indptr[rows], weight.indptr[rows + 1] - weight.indptr[rows]
+        offs = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offs[1:])
+        pos = np.repeat(starts - offs[:-1], lens) + np.arange(offs[-1], dtype=np.int64)
+        return dx, dv, pos
     sel = np.asarray(selected)
     rows = np.unique(sel).astype(np.int64)
-    if mode == "example":
-        gs = np.zeros((g.shape[0], len(rows)), dtype=np.float32)
-        where = np.searchsorted(rows, sel)
-        np.put_along_axis(gs, where, np.take_along_axis(g, sel.astype(np.int64), axis=1), axis=1)
-    elif mode == "unified":
+    if mode == "unified":
         gs = np.ascontiguousarray(g[:, rows])
     else:
         raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")

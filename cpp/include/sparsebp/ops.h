@@ -98,6 +98,20 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
 void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const float* g, int64_t ldg, int64_t n,
                          int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched);
 
+// Per-example sparse-gradient backward of y = x W^T for a CSR W (rows x cols: output units x inputs),
+// the output gradient g (B x rows, row stride ldg) kept only at sel (B x k columns per example, each
+// in [0, rows); a column repeated in one example counts twice, as in the dense per-example path):
+//   dx (B x cols, row stride lddx; may be null):  dx[b] = sum_q g[b, sel[b, q]] W[sel[b, q], :]
+//   dvalues (nnz; may be null): entry p of row j:  sum over the examples b that selected j, in
+//                               increasing b, of g[b, j] x[b, indices[p]]; 0 in rows none selected.
+// x (B x cols, row stride ldx) is read only for dvalues. Cost ~ B k (nonzeros per row) for each, not
+// B x nnz. touched (room for min(rows, B k)) / *n_touched: the rows selected at least once,
+// increasing. The structure of the touched rows is checked (ValueError), the rest is not read.
+void csr_example_backward(const int64_t* indptr, const int32_t* indices, const float* values, int64_t nnz,
+                          int64_t rows, int64_t cols, const int32_t* sel, int64_t batch, int64_t k, const float* g,
+                          int64_t ldg, const float* x, int64_t ldx, float* dx, int64_t lddx, float* dvalues,
+                          int32_t* touched, int64_t* n_touched);
+
 // Mean softmax cross-entropy of the logits z (rows x classes, row stride ldz) against labels (each
 // in [0, classes), else ValueError), and its gradient into grad (rows x classes, contiguous):
 // (softmax(z) - onehot(label)) / rows. Exponentials of entries more than 80 below their row's
