@@ -444,25 +444,18 @@ PYBIND11_MODULE(_core, m) {
         if (!py::array_t<int32_t>::check_(sel) || sel.ndim() != 2 || sel.shape(0) != batch ||
             !(sel.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
           throw sparsebp::ValueError(str_cat("selected must be a C-contiguous int32 array of shape (", batch, ", k)"));
-        const int64_t k = sel.shape(1);
-        const float* xp = nullptr;
-        int64_t ldx = cols;
-        if (!x.is_none()) {
-          auto [p, xr, xc, l] = rowmajor(x.cast<py::array>(), "x", false);
-          if (xr != batch || xc != cols)
-            throw sparsebp::ValueError(str_cat("x must have shape (", batch, ", ", cols, "); got (", xr, ", ", xc, ")"));
-          xp = p;
-          ldx = l;
-        }
-        float* dxp = nullptr;
-        int64_t lddx = cols;
-        if (!dx.is_none()) {
-          auto [p, r, c, l] = rowmajor(dx.cast<py::array>(), "dx", true);
-          if (r != batch || c != cols)
-            throw sparsebp::ValueError(str_cat("dx must have shape (", batch, ", ", cols, "); got (", r, ", ", c, ")"));
-          dxp = p;
-          lddx = l;
-        }
+        const int64_t k = sel.shape(1), nb = batch;  // (a structured binding cannot be captured in C++17)
+        // An optional (batch, cols) row-major array: (data or null, row stride).
+        auto optional_rows = [&](const py::object& a, const char* name, bool writable) {
+          if (a.is_none()) return std::make_pair(static_cast<float*>(nullptr), cols);
+          auto [p, r, c, l] = rowmajor(a.cast<py::array>(), name, writable);
+          if (r != nb || c != cols)
+            throw sparsebp::ValueError(
+                str_cat(name, " must have shape (", nb, ", ", cols, "); got (", r, ", ", c, ")"));
+          return std::make_pair(p, l);
+        };
+        const auto [xp, ldx] = optional_rows(x, "x", false);
+        const auto [dxp, lddx] = optional_rows(dx, "dx", true);
         float* dvp = nullptr;
         if (!dvalues.is_none()) {
           int64_t n = 0;

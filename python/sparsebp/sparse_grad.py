@@ -224,13 +224,19 @@ def _row_subset(w, rows: np.ndarray):
     """The CSR of the given rows of w (in that order) and the positions of its entries in w."""
     from .csr import CSR
 
-    starts, ends = w.indptr[rows], w.indptr[rows + 1]
-    lens = ends - starts
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lens, out=indptr[1:])
-    pos = np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1], dtype=np.int64)
+    indptr, pos = _row_positions(w, rows)
     sub = CSR(indptr, w.indices[pos], np.ascontiguousarray(w.values[pos]), (len(rows), w.shape[1]))
     return sub, pos
+
+
+def _row_positions(w, rows: np.ndarray):
+    """For the given rows of the CSR w (in that order): the row pointers of their sub-matrix and the
+    positions of their entries in w."""
+    starts = w.indptr[rows]
+    lens = w.indptr[rows + 1] - starts
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    return indptr, np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1], dtype=np.int64)
 
 
 def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, selected: np.ndarray, mode: str, *,
@@ -257,12 +263,7 @@ def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, select
         dx = np.empty((g.shape[0], in_f), dtype=np.float32) if input_grad else None
         dv = np.empty(weight.nnz, dtype=np.float32)
         rows = _core.csr_example_backward(weight.indptr, weight.indices, weight.values, in_f, sel, g, xx, dx, dv)
-        rows = rows.astype(np.int64)
-        starts, lens = weight.indptr[rows], weight.indptr[rows + 1] - weight.indptr[rows]
-        offs = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offs[1:])
-        pos = np.repeat(starts - offs[:-1], lens) + np.arange(offs[-1], dtype=np.int64)
-        return dx, dv, pos
+        return dx, dv, _row_positions(weight, rows.astype(np.int64))[1]
     sel = np.asarray(selected)
     rows = np.unique(sel).astype(np.int64)
     if mode == "unified":
