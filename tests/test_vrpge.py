@@ -133,7 +133,7 @@ def test_projection_exact_feasible_idempotent(seed):
         s[rng.random(n) < 0.3] = rng.choice([0.0, 1.0, 1.5, 2.0, 0.0 - 0.0])
     k = float(rng.uniform(0, n))
     ref = np.array([float(x) for x in _project_exact(s, k)])
-    for method in ("sort", "bisect"):
+    for method in ("sort", "select", "bisect"):
         p = project_budget(s, k, method)
         np.testing.assert_allclose(p, ref, atol=1e-12)
         assert p.min() >= 0 and p.max() <= 1 and p.sum() <= k + 1e-9
@@ -149,7 +149,24 @@ def test_projection_exact_feasible_idempotent(seed):
                                   ([2.0, 1.0], 1.5), ([5.0], 0.25), ([], 0.0)])
 def test_projection_edge_cases_against_exact(s, k):
     ref = [float(x) for x in _project_exact(s, k)] if s else []
-    np.testing.assert_allclose(project_budget(np.array(s, dtype=np.float64), k), ref, atol=1e-12)
+    for method in ("sort", "select"):
+        np.testing.assert_allclose(project_budget(np.array(s, dtype=np.float64), k, method), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["uniform", "constant", "polarised", "ties"])
+def test_projection_select_matches_sort_at_scale(case):
+    # Training-sized vectors (the per-weight MLP has ~650k entries), against the sort-based solver
+    # (itself checked against exact rational arithmetic above): the shapes s takes in training.
+    rng = np.random.default_rng(11)
+    n = 200_000
+    s = {"uniform": lambda: rng.uniform(-0.3, 1.3, n),
+         "constant": lambda: np.full(n, 0.1) + 1e-3,  # the start, moved by one step: one breakpoint
+         "polarised": lambda: np.where(rng.random(n) < 0.1, rng.uniform(0.95, 1.02, n), rng.uniform(-0.05, 0.03, n)),
+         "ties": lambda: rng.choice([0.2, 0.7, 1.0, 1.2, 1.7], n)}[case]()
+    for k in (0.05 * n, 0.1 * n, 0.5 * n):
+        a, b = project_budget(s, k, "select"), project_budget(s, k, "sort")
+        np.testing.assert_allclose(a, b, atol=1e-12)
+        assert a.sum() <= k * (1 + 1e-10)  # sums of 200k doubles: ~1e-12 relative rounding
 
 
 def test_projection_bad_input():
@@ -644,3 +661,84 @@ def test_cli_weight_granularity_smoke(tmp_path):
                         str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "| vr-pge | 0.25 |" in (tmp_path / "vrpge.md").read_text()
+
+
+def test_summary_pairs_learned_and_random_by_seed():
+    from sparsebp.vrpge_demo import paired_differences, summary
+
+    def row(method, keep, seed, acc):
+        return dict(method=method, keep=keep, seed=seed, test_acc=acc, density=keep, polarised=float("nan"),
+                    step_ms=1.0, step_vs_dense=0.5, dense_step_ms=2.0)
+
+    rows = [row("dense", 1.0, 0, 0.9600),
+            row("vr-pge", 0.5, 0, 0.9500), row("random", 0.5, 0, 0.9550),
+            row("vr-pge", 0.1, 0, 0.9400), row("random", 0.1, 0, 0.9300),
+            row("vr-pge", 0.1, 1, 0.9200), row("random", 0.1, 1, 0.9250),
+            row("vr-pge", 0.1, 2, 0.9350), row("random", 0.1, 2, 0.9350),
+            row("vr-pge", 0.1, 3, 0.9450)]  # no random run for seed 3: not paired
+    d = paired_differences(rows)
+    assert sorted(d) == [0.1, 0.5]
+    np.testing.assert_allclose(d[0.1], [1.0, -0.5, 0.0], atol=1e-9)
+    np.testing.assert_allclose(d[0.5], [-0.5], atol=1e-9)
+    text = summary(rows, 5, 5, 128)
+    se = np.std([1.0, -0.5, 0.0], ddof=1) / np.sqrt(3)  # 0.44
+    assert f"| 0.1 | 3 | +0.17 | {se:.2f} | 1 | 1 | 1 |" in text
+    assert "| 0.5 | 1 | -0.50 | - | 0 | 0 | 1 |" in text
+    assert "Learned minus random" not in summary(rows[:1], 5, 5, 128)
+
+
+def _csr_of(mask):
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int64)
+    return indptr, np.nonzero(mask)[1].astype(np.int32)
+
+
+@pytest.mark.parametrize("kind", ["authors", "textbook"])
+def test_mask_estimator_csr_matches_the_dense_estimator(kind):
+    from sparsebp import _core
+
+    rng = np.random.default_rng(3)
+    for rows, cols in [(7, 13), (1, 1), (5, 64), (3, 0), (0, 4)]:
+        s = rng.uniform(0, 1, (rows, cols))
+        if s.size:
+            s.flat[:: 5] = 0.0  # den = 0 where s is 0 or 1: g is 0 there
+            s.flat[1:: 7] = 1.0
+        m1 = rng.random((rows, cols)) < 0.5
+        m2 = rng.random((rows, cols)) < 0.5
+        if rows > 2:
+            m1[1] = m2[1] = False  # an empty row in both
+            m2[2] = m1[2]          # the same row in both: no difference
+        for a, b in [(m1, m2), (m1, m1), (m1, ~m1)]:
+            ref = estimator(0.7, -0.2, a, b, s, kind)
+            g = np.full((rows, cols), np.nan)
+            sq = _core.mask_estimator_csr(s, *_csr_of(a), *_csr_of(b), 0.9, kind == "textbook", g)
+            np.testing.assert_allclose(g, ref, rtol=1e-14, atol=0)
+            assert sq == pytest.approx(float(np.sum(ref ** 2)), rel=1e-12)
+
+
+def test_mask_estimator_csr_rejects_bad_structures():
+    from sparsebp import _core
+
+    s = np.full((2, 4), 0.5)
+    g = np.zeros((2, 4))
+    ok = (np.array([0, 1, 2], np.int64), np.array([1, 3], np.int32))
+    _core.mask_estimator_csr(s, *ok, *ok, 1.0, False, g)
+    bad = {
+        "strictly increasing": (np.array([0, 2, 2], np.int64), np.array([3, 1], np.int32)),
+        "within": (np.array([0, 1, 2], np.int64), np.array([1, 4], np.int32)),
+        "non-decreasing": (np.array([0, 3, 2], np.int64), np.array([1, 2], np.int32)),
+        "end at nnz": (np.array([0, 1, 3], np.int64), np.array([1, 2], np.int32)),
+    }
+    for msg, (ip, ix) in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            _core.mask_estimator_csr(s, *ok, ip, ix, 1.0, False, g)
+    with pytest.raises(ValueError, match="indptr1 must be a contiguous int64 array of length 3"):
+        _core.mask_estimator_csr(s, np.array([0, 2], np.int64), ok[1], *ok, 1.0, False, g)
+    with pytest.raises(ValueError, match="indices2 must be a contiguous 1-D int32 array"):
+        _core.mask_estimator_csr(s, *ok, ok[0], ok[1].astype(np.int64), 1.0, False, g)
+    with pytest.raises(ValueError, match=r"g must be a writeable C-contiguous float64 array of shape \(2, 4\)"):
+        _core.mask_estimator_csr(s, *ok, *ok, 1.0, False, np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="s must be a C-contiguous 2-D float64 array"):
+        _core.mask_estimator_csr(s.astype(np.float32), *ok, *ok, 1.0, False, g)
+    with pytest.raises(ValueError, match="overlap"):
+        _core.mask_estimator_csr(s, *ok, *ok, 1.0, False, s)
+    np.testing.assert_array_equal(s, 0.5)  # untouched

@@ -300,7 +300,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("logits"), py::arg("labels"), py::arg("grad"));
   m.def(
       "project_budget",
-      [](const py::array& s, double budget) {
+      [](const py::array& s, double budget, bool select) {
         py::array_t<double, py::array::c_style | py::array::forcecast> sd(s);
         if (sd.ndim() != 1) throw sparsebp::ValueError(str_cat("s must be 1-D; got ", sd.ndim(), "-D"));
         py::array_t<double> out(sd.shape(0));
@@ -309,11 +309,14 @@ PYBIND11_MODULE(_core, m) {
         const int64_t n = sd.shape(0);
         {
           py::gil_scoped_release nogil;
-          sparsebp::project_budget(sp, n, budget, op);
+          if (select)
+            sparsebp::project_budget_select(sp, n, budget, op);
+          else
+            sparsebp::project_budget(sp, n, budget, op);
         }
         return out;
       },
-      py::arg("s"), py::arg("budget"));
+      py::arg("s"), py::arg("budget"), py::arg("select") = false);
   auto f64_vec = [](const py::array& a, const char* name, int64_t n, bool writable) {
     if (!py::array_t<double>::check_(a) || a.ndim() != 1 || a.shape(0) != n ||
         !(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) || (writable && !a.writeable()))
@@ -341,6 +344,38 @@ PYBIND11_MODULE(_core, m) {
         return sparsebp::mask_estimator(sp, p1, p2, n, df, textbook, gp);
       },
       py::arg("s"), py::arg("m1"), py::arg("m2"), py::arg("df"), py::arg("textbook"), py::arg("g"));
+  m.def(
+      "mask_estimator_csr",
+      [](const py::array& s, const py::array& indptr1, const py::array& indices1, const py::array& indptr2,
+         const py::array& indices2, double df, bool textbook, const py::array& g) {
+        const auto c_contig = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
+        if (!py::array_t<double>::check_(s) || s.ndim() != 2 || !(s.flags() & c_contig))
+          throw sparsebp::ValueError("s must be a C-contiguous 2-D float64 array");
+        const int64_t rows = s.shape(0), cols = s.shape(1);
+        if (!py::array_t<double>::check_(g) || g.ndim() != 2 || g.shape(0) != rows || g.shape(1) != cols ||
+            !(g.flags() & c_contig) || !g.writeable())
+          throw sparsebp::ValueError(
+              str_cat("g must be a writeable C-contiguous float64 array of shape (", rows, ", ", cols, ")"));
+        auto structure = [&](const py::array& ip, const py::array& ix, const char* which) {
+          if (!py::array_t<int64_t>::check_(ip) || ip.ndim() != 1 || ip.shape(0) != rows + 1 || !(ip.flags() & c_contig))
+            throw sparsebp::ValueError(
+                str_cat("indptr", which, " must be a contiguous int64 array of length ", rows + 1));
+          if (!py::array_t<int32_t>::check_(ix) || ix.ndim() != 1 || !(ix.flags() & c_contig))
+            throw sparsebp::ValueError(str_cat("indices", which, " must be a contiguous 1-D int32 array"));
+          return std::make_tuple(static_cast<const int64_t*>(ip.data()), static_cast<const int32_t*>(ix.data()),
+                                 static_cast<int64_t>(ix.shape(0)));
+        };
+        auto [ip1, ix1, n1] = structure(indptr1, indices1, "1");
+        auto [ip2, ix2, n2] = structure(indptr2, indices2, "2");
+        const double* sp = static_cast<const double*>(s.data());
+        double* gp = static_cast<double*>(const_cast<void*>(g.data()));
+        if (rows * cols > 0 && sp < gp + rows * cols && gp < sp + rows * cols)
+          throw sparsebp::ValueError("g must not overlap s (g is overwritten whole)");
+        py::gil_scoped_release nogil;
+        return sparsebp::mask_estimator_csr(sp, rows, cols, ip1, ix1, n1, ip2, ix2, n2, df, textbook, gp);
+      },
+      py::arg("s"), py::arg("indptr1"), py::arg("indices1"), py::arg("indptr2"), py::arg("indices2"), py::arg("df"),
+      py::arg("textbook"), py::arg("g"));
   // The union of two flat bool masks, cut into consecutive segments of the given sizes (one per
   // layer): for each segment, (positions in the segment where either mask is set: int64, the two
   // masks there: a 2 x count float32 array of 1 / 0).

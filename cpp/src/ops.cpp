@@ -695,6 +695,54 @@ double mask_estimator(const double* s, const uint8_t* m1, const uint8_t* m2, int
   return sumsq;
 }
 
+double mask_estimator_csr(const double* s, int64_t rows, int64_t cols, const int64_t* indptr1,
+                          const int32_t* indices1, int64_t nnz1, const int64_t* indptr2, const int32_t* indices2,
+                          int64_t nnz2, double df, bool textbook, double* g) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0, "bad shape for mask_estimator_csr");
+  const int64_t* ips[2] = {indptr1, indptr2};
+  const int32_t* ixs[2] = {indices1, indices2};
+  const int64_t nnzs[2] = {nnz1, nnz2};
+  for (int q = 0; q < 2; ++q) {
+    const int64_t* ip = ips[q];
+    const int32_t* ix = ixs[q];
+    SPARSEBP_CHECK_VALUE(ip[0] == 0 && ip[rows] == nnzs[q], "mask ", q + 1, ": indptr must start at 0 and end at nnz = ",
+                         nnzs[q]);
+    for (int64_t r = 0; r < rows; ++r)  // all of indptr first: then every row lies within [0, nnz)
+      SPARSEBP_CHECK_VALUE(ip[r] <= ip[r + 1], "mask ", q + 1, ": indptr must be non-decreasing (row ", r, ")");
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t p = ip[r]; p < ip[r + 1]; ++p)
+        SPARSEBP_CHECK_VALUE(ix[p] >= 0 && ix[p] < cols && (p == ip[r] || ix[p - 1] < ix[p]), "mask ", q + 1,
+                             ": the column indices of row ", r, " must be strictly increasing and within [0, ", cols,
+                             ")");
+    }
+  }
+  std::fill(g, g + rows * cols, 0.0);
+  double sumsq = 0.0;
+  auto put = [&](int64_t at, double diff) {
+    const double q = s[at] * (1.0 - s[at]);
+    const double den = textbook ? q : std::sqrt(std::max(q, 0.0));
+    if (den > 0.0) {
+      g[at] = 0.5 * df * diff / den;
+      sumsq += g[at] * g[at];
+    }
+  };
+  for (int64_t r = 0; r < rows; ++r) {  // merge the two sorted rows: the symmetric difference
+    int64_t a = indptr1[r], b = indptr2[r];
+    const int64_t a1 = indptr1[r + 1], b1 = indptr2[r + 1], base = r * cols;
+    while (a < a1 || b < b1) {
+      if (b == b1 || (a < a1 && indices1[a] < indices2[b])) {
+        put(base + indices1[a++], 1.0);
+      } else if (a == a1 || indices2[b] < indices1[a]) {
+        put(base + indices2[b++], -1.0);
+      } else {  // in both masks: m1 - m2 = 0
+        ++a;
+        ++b;
+      }
+    }
+  }
+  return sumsq;
+}
+
 int64_t mask_union_count(const uint8_t* m1, const uint8_t* m2, int64_t n) {
   SPARSEBP_CHECK_VALUE(n >= 0, "bad size for mask_union_count");
   int64_t c = 0;
@@ -719,14 +767,84 @@ void mask_union(const uint8_t* m1, const uint8_t* m2, int64_t n, int64_t count, 
 void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t n, double scale, double b1,
                        double b2, double step_size, double inv_c2, double eps, double budget) {
   SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for mask_adam_project");
-  std::vector<double> moved(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     const double gi = scale * g[i];
     m[i] = b1 * m[i] + (1.0 - b1) * gi;
     v[i] = b2 * v[i] + (1.0 - b2) * (gi * gi);
-    moved[i] = s[i] - step_size * m[i] / (std::sqrt(v[i] * inv_c2) + eps);
+    s[i] -= step_size * m[i] / (std::sqrt(v[i] * inv_c2) + eps);
   }
-  project_budget(moved.data(), n, budget, s);
+  project_budget_select(s, n, budget, s);
+}
+
+void project_budget_select(const double* s, int64_t n, double budget, double* out) {
+  SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for project_budget");
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    finite &= std::isfinite(s[i]);
+    part[i & 3] += std::min(1.0, std::max(0.0, s[i]));
+  }
+  if (!finite)
+    for (int64_t i = 0; i < n; ++i) SPARSEBP_CHECK_VALUE(std::isfinite(s[i]), "s[", i, "] = ", s[i], " is not finite");
+  const double csum = (part[0] + part[1]) + (part[2] + part[3]);
+  double root = 0.0;
+  if (csum > budget) {
+    // f(v) = sum clip(s_i - v, 0, 1) on a bracket (lo, hi) holding the root, f(lo) > budget >= f(hi).
+    // An entry's part of f is 0 on it when s_i <= lo, 1 when s_i - 1 >= hi, s_i - v when
+    // s_i - 1 <= lo and s_i >= hi: those are summed up (ones; lin_n, lin_sum) and set aside. Every
+    // entry left has a breakpoint (s_i - 1 or s_i) strictly inside the bracket, so the pivot, one
+    // such breakpoint of an entry drawn at random, narrows it; the left ones halve on average.
+    // The root is >= 0, where entries with s_i <= 0 add nothing: they are never taken.
+    thread_local std::vector<double> act;  // kept between calls: no fresh pages every step
+    act.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (s[i] > 0.0) act.push_back(s[i]);
+    double lo = 0.0, hi = std::numeric_limits<double>::infinity();
+    double ones = 0.0, lin_sum = 0.0;
+    int64_t lin_n = 0;
+    uint64_t state = 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(n);  // fixed: the result is reproducible
+    bool exact = false;
+    while (!act.empty()) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      const double e = act[static_cast<size_t>((state >> 33) % act.size())];
+      const double p = (e > lo && e < hi) ? e : e - 1.0;  // one of the two lies strictly inside
+      double part[4] = {0.0, 0.0, 0.0, 0.0};  // four partial sums: no single chain of dependent adds
+      const size_t na = act.size();
+      size_t q = 0;
+      for (; q + 4 <= na; q += 4)
+        for (int u = 0; u < 4; ++u) part[u] += std::min(1.0, std::max(0.0, act[q + u] - p));
+      for (; q < na; ++q) part[0] += std::min(1.0, std::max(0.0, act[q] - p));
+      const double f = ones + lin_sum - static_cast<double>(lin_n) * p + ((part[0] + part[1]) + (part[2] + part[3]));
+      if (f == budget) {
+        root = p;
+        exact = true;
+        break;
+      }
+      (f > budget ? lo : hi) = p;
+      // Branch-free: the entries' classes are mixed at random, and a branch per entry mispredicted
+      // often enough to make this loop ~5x slower (measured at 642k entries).
+      size_t kept = 0;
+      int64_t n_one = 0;
+      double lin_part = 0.0;
+      for (size_t q2 = 0; q2 < na; ++q2) {
+        const double x = act[q2];
+        const bool live = x > lo, one = live && x - 1.0 >= hi, lin = live && !one && x - 1.0 <= lo && x >= hi;
+        n_one += one;
+        lin_n += lin;
+        lin_part += lin ? x : 0.0;
+        act[kept] = x;
+        kept += live && !one && !lin;
+      }
+      ones += static_cast<double>(n_one);
+      lin_sum += lin_part;
+      act.resize(kept);
+    }
+    if (!exact) {  // f(v) = ones + lin_sum - lin_n v on the bracket
+      root = lin_n > 0 ? (ones + lin_sum - budget) / static_cast<double>(lin_n) : lo;
+      root = std::min(std::max(root, lo), hi);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = std::min(1.0, std::max(0.0, s[i] - root));
 }
 
 void project_budget(const double* s, int64_t n, double budget, double* out) {

@@ -179,7 +179,27 @@ def summary(rows, search, finetune, batch) -> str:
         lines.append(f"| {method} | {keep:g} | {len(rs)} | {acc:.4f} | {100 * (acc - dense['test_acc']):+.2f} | "
                      f"{np.mean([r['density'] for r in rs]):.3f} | {'-' if np.isnan(pol) else f'{pol:.3f}'} | "
                      f"{np.mean([r['step_ms'] for r in rs]):.2f} | {np.mean([r['step_vs_dense'] for r in rs]):.3f} |")
+    paired = paired_differences(rows)
+    if paired:
+        lines += ["", "Learned minus random mask, seed by seed (the same seed's weights initialisation and batches):", "",
+                  "| keep | seeds | mean (points) | standard error | learned ahead | tied | random ahead |",
+                  "|---|---|---|---|---|---|---|"]
+        for keep, d in paired.items():
+            se = f"{np.std(d, ddof=1) / np.sqrt(len(d)):.2f}" if len(d) > 1 else "-"
+            lines.append(f"| {keep:g} | {len(d)} | {np.mean(d):+.2f} | {se} | {int(np.sum(d > 0))} | "
+                         f"{int(np.sum(d == 0))} | {int(np.sum(d < 0))} |")
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(rows) -> dict:
+    """{keep: array of (learned - random) test accuracy in points, one per seed that ran both}, in
+    the order the seeds ran. A seed's learned and random runs share the initialisation seed."""
+    acc = {(r["method"], r["keep"], r["seed"]): r["test_acc"] for r in rows}
+    out = {}
+    for (method, keep, seed), a in acc.items():
+        if method == "vr-pge" and ("random", keep, seed) in acc:
+            out.setdefault(keep, []).append(100.0 * (a - acc[("random", keep, seed)]))
+    return {k: np.round(np.array(v), 10) for k, v in out.items()}
 
 
 def main(argv=None) -> int:

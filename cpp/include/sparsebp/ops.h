@@ -125,11 +125,26 @@ double softmax_xent(const float* z, int64_t rows, int64_t classes, int64_t ldz, 
 // sum clip(s - v, 0, 1) = budget, found exactly between the sorted breakpoints {s_i - 1, s_i}.
 void project_budget(const double* s, int64_t n, double budget, double* out);
 
+// The same projection with the root found by selection instead of a sort: O(n) expected (each
+// round evaluates f at a breakpoint drawn from those left in the bracket, then sets aside every
+// entry whose part of f is linear on the narrowed bracket). The training path (mask_adam_project)
+// uses it; it agrees with project_budget to rounding (a different summation order). out may be s.
+void project_budget_select(const double* s, int64_t n, double budget, double* out);
+
 // VR-PGE's two-sample estimator of the gradient of the mask probabilities s (n doubles), into g:
 // g_i = df / 2 * (m1_i - m2_i) / den_i with den_i = sqrt(s_i (1 - s_i)) (authors) or s_i (1 - s_i)
 // (textbook), 0 where den_i is not > 0; m1, m2: n bools (0 or 1). Returns sum g_i^2.
 double mask_estimator(const double* s, const uint8_t* m1, const uint8_t* m2, int64_t n, double df, bool textbook,
                       double* g);
+
+// The same estimator for per-weight masks given as two CSR structures over a rows x cols s (row
+// major): (indptr1, indices1) and (indptr2, indices2), column indices strictly increasing in each
+// row. g (rows x cols) is written whole: the entries in exactly one of the two masks get
+// df / 2 * (+-1) / den as above, every other entry 0, so no dense mask is built. Returns sum g_i^2
+// (the nonzeros in row-major order, as mask_estimator sums them).
+double mask_estimator_csr(const double* s, int64_t rows, int64_t cols, const int64_t* indptr1,
+                          const int32_t* indices1, int64_t nnz1, const int64_t* indptr2, const int32_t* indices2,
+                          int64_t nnz2, double df, bool textbook, double* g);
 
 // The union of two masks m1, m2 (n bools) and each mask restricted to it: writes the positions
 // where m1 or m2 is set, in increasing order, to idx (count entries, count = the number of such
@@ -141,7 +156,8 @@ void mask_union(const uint8_t* m1, const uint8_t* m2, int64_t n, int64_t count, 
 // One Adam step on the mask probabilities s (n doubles, updated in place) from the gradient
 // scale * g, then s = project_budget(s, budget): m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
 // s -= step_size * m / (sqrt(v * inv_c2) + eps), with step_size = lr / (1 - b1^t) and
-// inv_c2 = 1 / (1 - b2^t) given by the caller. All in double.
+// inv_c2 = 1 / (1 - b2^t) given by the caller. All in double. The projection is
+// project_budget_select's.
 void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t n, double scale, double b1,
                        double b2, double step_size, double inv_c2, double eps, double budget);
 
