@@ -742,3 +742,16 @@ def test_mask_estimator_csr_rejects_bad_structures():
     with pytest.raises(ValueError, match="overlap"):
         _core.mask_estimator_csr(s, *ok, *ok, 1.0, False, s)
     np.testing.assert_array_equal(s, 0.5)  # untouched
+
+
+def test_mask_adam_rejects_a_non_finite_gradient_and_leaves_its_state():
+    s = [np.array([0.2, 0.4, 0.9])]
+    adam = MaskAdam(s, lr=0.05, budget=1.0)
+    adam.step([np.array([1.0, -2.0, 0.5])])
+    before = (adam.flat.copy(), adam.m.copy(), adam.v.copy())
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="not finite at entry 1"):
+            adam.step([np.array([1.0, bad, 0.5])])
+        assert adam.t == 1
+        for now, then in zip((adam.flat, adam.m, adam.v), before):
+            np.testing.assert_array_equal(now, then)

@@ -767,6 +767,11 @@ void mask_union(const uint8_t* m1, const uint8_t* m2, int64_t n, int64_t count, 
 void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t n, double scale, double b1,
                        double b2, double step_size, double inv_c2, double eps, double budget) {
   SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for mask_adam_project");
+  SPARSEBP_CHECK_VALUE(std::isfinite(scale) && eps > 0, "mask_adam_project: scale must be finite and eps > 0");
+  bool finite = true;  // checked before anything is written: s, m and v stay as they were on error
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(g[i]);
+  for (int64_t i = 0; i < n && !finite; ++i)
+    SPARSEBP_CHECK_VALUE(std::isfinite(g[i]), "the gradient of s is not finite at entry ", i, ": ", g[i]);
   for (int64_t i = 0; i < n; ++i) {
     const double gi = scale * g[i];
     m[i] = b1 * m[i] + (1.0 - b1) * gi;
@@ -821,8 +826,7 @@ void project_budget_select(const double* s, int64_t n, double budget, double* ou
         break;
       }
       (f > budget ? lo : hi) = p;
-      // Branch-free: the entries' classes are mixed at random, and a branch per entry mispredicted
-      // often enough to make this loop ~5x slower (measured at 642k entries).
+      // Branch-free (the entries' classes come mixed at random): kept ones are compacted in place.
       size_t kept = 0;
       int64_t n_one = 0;
       double lin_part = 0.0;

@@ -157,10 +157,11 @@ class MaskAdam:
         if g.shape != self.flat.shape:
             raise ValueError(f"the gradient of s must have {self.flat.size} entries; got {g.size}")
         b1, b2 = self.betas
-        self.t += 1
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        t = self.t + 1
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
         _core.mask_adam_project(self.flat, self.m, self.v, g, float(scale), b1, b2, self.lr / c1, 1.0 / c2,
                                 self.eps, float(self.budget))
+        self.t = t  # only after the step took (a non-finite gradient is an error that changes nothing)
 
 
 def _softmax_xent(z: np.ndarray, y: np.ndarray):
