@@ -781,7 +781,100 @@ void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t
   project_budget_select(s, n, budget, s);
 }
 
-void project_budget_select(const double* s, int64_t n, double budget, double* out) {
+namespace {
+// The root v > 0 of f(v) = sum clip(s_i - v, 0, 1) = budget, given f(0) = csum > budget.
+//
+// By a sort: f is continuous, non-increasing and linear between consecutive breakpoints
+// {s_i - 1, s_i}; walk them in increasing order, tracking f's value and slope. The root is >= 0,
+// where an entry with s_i <= 0 adds nothing to f or its slope: only the others are sorted (once s
+// has polarised, most entries sit at or below 0).
+double budget_root_sort(const double* s, int64_t n, double budget, double csum) {
+  std::vector<double> srt;
+  srt.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    if (s[i] > 0.0) srt.push_back(s[i]);
+  std::sort(srt.begin(), srt.end());
+  const int64_t m = static_cast<int64_t>(srt.size());
+  // Events: at v = s_i - 1 entry i starts decreasing (slope -1 more); at v = s_i it reaches 0 (slope
+  // +1). Merge the two sorted lists.
+  double v = 0.0;
+  double f = csum;    // f(v)
+  int64_t slope = 0;  // f's slope just right of v: -(number of entries with s_i - 1 <= v < s_i)
+  int64_t a = 0, b = 0;  // next start event (srt[a] - 1) and end event (srt[b])
+  auto consume = [&] {
+    while (a < m && srt[a] - 1.0 <= v) --slope, ++a;
+    while (b < m && srt[b] <= v) ++slope, ++b;
+  };
+  consume();
+  for (;;) {  // invariant: f(v) > budget
+    const double next_a = a < m ? srt[a] - 1.0 : std::numeric_limits<double>::infinity();
+    const double next_b = b < m ? srt[b] : std::numeric_limits<double>::infinity();
+    const double nv = std::min(next_a, next_b);
+    const double fn = std::isfinite(nv) ? f + static_cast<double>(slope) * (nv - v) : f;
+    if (fn <= budget || !std::isfinite(nv)) {
+      double root = slope < 0 ? v + (f - budget) / static_cast<double>(-slope) : v;
+      if (std::isfinite(nv) && root > nv) root = nv;
+      return root;
+    }
+    v = nv;
+    f = fn;
+    consume();
+  }
+}
+
+// By selection, O(n) expected. f on a bracket (lo, hi) holding the root, f(lo) > budget >= f(hi):
+// an entry's part of f is 0 on it when s_i <= lo, 1 when s_i - 1 >= hi, s_i - v when
+// s_i - 1 <= lo and s_i >= hi: those are summed up (ones; lin_n, lin_sum) and set aside. Every
+// entry left has a breakpoint (s_i - 1 or s_i) strictly inside the bracket, so the pivot, one such
+// breakpoint of an entry drawn at random, narrows it; the left ones halve on average. The root is
+// >= 0, where entries with s_i <= 0 add nothing: they are never taken.
+double budget_root_select(const double* s, int64_t n, double budget) {
+  thread_local std::vector<double> act;  // kept between calls: no fresh pages every step
+  act.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (s[i] > 0.0) act.push_back(s[i]);
+  double lo = 0.0, hi = std::numeric_limits<double>::infinity();
+  double ones = 0.0, lin_sum = 0.0;
+  int64_t lin_n = 0;
+  uint64_t state = 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(n);  // fixed: the result is reproducible
+  while (!act.empty()) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    const double e = act[static_cast<size_t>((state >> 33) % act.size())];
+    const double p = (e > lo && e < hi) ? e : e - 1.0;  // one of the two lies strictly inside
+    double part[4] = {0.0, 0.0, 0.0, 0.0};  // four partial sums: no single chain of dependent adds
+    const size_t na = act.size();
+    size_t q = 0;
+    for (; q + 4 <= na; q += 4)
+      for (int u = 0; u < 4; ++u) part[u] += std::min(1.0, std::max(0.0, act[q + u] - p));
+    for (; q < na; ++q) part[0] += std::min(1.0, std::max(0.0, act[q] - p));
+    const double f = ones + lin_sum - static_cast<double>(lin_n) * p + ((part[0] + part[1]) + (part[2] + part[3]));
+    if (f == budget) return p;
+    (f > budget ? lo : hi) = p;
+    // Branch-free (the entries' classes come mixed at random): kept ones are compacted in place.
+    size_t kept = 0;
+    int64_t n_one = 0;
+    double lin_part = 0.0;
+    for (size_t q2 = 0; q2 < na; ++q2) {
+      const double x = act[q2];
+      const bool live = x > lo, one = live && x - 1.0 >= hi, lin = live && !one && x - 1.0 <= lo && x >= hi;
+      n_one += one;
+      lin_n += lin;
+      lin_part += lin ? x : 0.0;
+      act[kept] = x;
+      kept += live && !one && !lin;
+    }
+    ones += static_cast<double>(n_one);
+    lin_sum += lin_part;
+    act.resize(kept);
+  }
+  // f(v) = ones + lin_sum - lin_n v on the bracket
+  const double root = lin_n > 0 ? (ones + lin_sum - budget) / static_cast<double>(lin_n) : lo;
+  return std::min(std::max(root, lo), hi);
+}
+
+// Both projections: s checked and its clipped sum taken before anything is written (out may be s),
+// the root found when the budget binds, then out = clip(s - root, 0, 1).
+void project_onto_budget(const double* s, int64_t n, double budget, double* out, bool select) {
   SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for project_budget");
   double part[4] = {0.0, 0.0, 0.0, 0.0};
   bool finite = true;
@@ -792,112 +885,17 @@ void project_budget_select(const double* s, int64_t n, double budget, double* ou
   if (!finite)
     for (int64_t i = 0; i < n; ++i) SPARSEBP_CHECK_VALUE(std::isfinite(s[i]), "s[", i, "] = ", s[i], " is not finite");
   const double csum = (part[0] + part[1]) + (part[2] + part[3]);
-  double root = 0.0;
-  if (csum > budget) {
-    // f(v) = sum clip(s_i - v, 0, 1) on a bracket (lo, hi) holding the root, f(lo) > budget >= f(hi).
-    // An entry's part of f is 0 on it when s_i <= lo, 1 when s_i - 1 >= hi, s_i - v when
-    // s_i - 1 <= lo and s_i >= hi: those are summed up (ones; lin_n, lin_sum) and set aside. Every
-    // entry left has a breakpoint (s_i - 1 or s_i) strictly inside the bracket, so the pivot, one
-    // such breakpoint of an entry drawn at random, narrows it; the left ones halve on average.
-    // The root is >= 0, where entries with s_i <= 0 add nothing: they are never taken.
-    thread_local std::vector<double> act;  // kept between calls: no fresh pages every step
-    act.clear();
-    for (int64_t i = 0; i < n; ++i)
-      if (s[i] > 0.0) act.push_back(s[i]);
-    double lo = 0.0, hi = std::numeric_limits<double>::infinity();
-    double ones = 0.0, lin_sum = 0.0;
-    int64_t lin_n = 0;
-    uint64_t state = 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(n);  // fixed: the result is reproducible
-    bool exact = false;
-    while (!act.empty()) {
-      state = state * 6364136223846793005ull + 1442695040888963407ull;
-      const double e = act[static_cast<size_t>((state >> 33) % act.size())];
-      const double p = (e > lo && e < hi) ? e : e - 1.0;  // one of the two lies strictly inside
-      double part[4] = {0.0, 0.0, 0.0, 0.0};  // four partial sums: no single chain of dependent adds
-      const size_t na = act.size();
-      size_t q = 0;
-      for (; q + 4 <= na; q += 4)
-        for (int u = 0; u < 4; ++u) part[u] += std::min(1.0, std::max(0.0, act[q + u] - p));
-      for (; q < na; ++q) part[0] += std::min(1.0, std::max(0.0, act[q] - p));
-      const double f = ones + lin_sum - static_cast<double>(lin_n) * p + ((part[0] + part[1]) + (part[2] + part[3]));
-      if (f == budget) {
-        root = p;
-        exact = true;
-        break;
-      }
-      (f > budget ? lo : hi) = p;
-      // Branch-free (the entries' classes come mixed at random): kept ones are compacted in place.
-      size_t kept = 0;
-      int64_t n_one = 0;
-      double lin_part = 0.0;
-      for (size_t q2 = 0; q2 < na; ++q2) {
-        const double x = act[q2];
-        const bool live = x > lo, one = live && x - 1.0 >= hi, lin = live && !one && x - 1.0 <= lo && x >= hi;
-        n_one += one;
-        lin_n += lin;
-        lin_part += lin ? x : 0.0;
-        act[kept] = x;
-        kept += live && !one && !lin;
-      }
-      ones += static_cast<double>(n_one);
-      lin_sum += lin_part;
-      act.resize(kept);
-    }
-    if (!exact) {  // f(v) = ones + lin_sum - lin_n v on the bracket
-      root = lin_n > 0 ? (ones + lin_sum - budget) / static_cast<double>(lin_n) : lo;
-      root = std::min(std::max(root, lo), hi);
-    }
-  }
+  const double root = csum <= budget ? 0.0 : select ? budget_root_select(s, n, budget) : budget_root_sort(s, n, budget, csum);
   for (int64_t i = 0; i < n; ++i) out[i] = std::min(1.0, std::max(0.0, s[i] - root));
 }
+}  // namespace
 
 void project_budget(const double* s, int64_t n, double budget, double* out) {
-  SPARSEBP_CHECK_VALUE(n >= 0 && budget >= 0, "bad arguments for project_budget");
-  const int64_t n_all = n;
-  double csum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    SPARSEBP_CHECK_VALUE(std::isfinite(s[i]), "s[", i, "] = ", s[i], " is not finite");
-    out[i] = std::min(1.0, std::max(0.0, s[i]));
-    csum += out[i];
-  }
-  if (csum <= budget) return;
-  // f(v) = sum clip(s_i - v, 0, 1) is continuous, non-increasing and linear between consecutive
-  // breakpoints {s_i - 1, s_i}; walk them in increasing order, tracking f's value and slope. The
-  // root is >= 0, where an entry with s_i <= 0 adds nothing to f or its slope: only the others are
-  // sorted (once s has polarised, most entries sit at or below 0: a few hundred of 1000 here).
-  std::vector<double> srt;
-  srt.reserve(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i)
-    if (s[i] > 0.0) srt.push_back(s[i]);
-  std::sort(srt.begin(), srt.end());
-  n = static_cast<int64_t>(srt.size());
-  // Events: at v = s_i - 1 entry i starts decreasing (slope -1 more); at v = s_i it reaches 0 (slope
-  // +1). Merge the two sorted lists.
-  double v = 0.0;
-  double f = csum;    // f(v)
-  int64_t slope = 0;  // f's slope just right of v: -(number of entries with s_i - 1 <= v < s_i)
-  int64_t a = 0, b = 0;  // next start event (srt[a] - 1) and end event (srt[b])
-  auto consume = [&] {
-    while (a < n && srt[a] - 1.0 <= v) --slope, ++a;
-    while (b < n && srt[b] <= v) ++slope, ++b;
-  };
-  consume();
-  double root = v;
-  for (;;) {  // invariant: f(v) > budget
-    const double next_a = a < n ? srt[a] - 1.0 : std::numeric_limits<double>::infinity();
-    const double next_b = b < n ? srt[b] : std::numeric_limits<double>::infinity();
-    const double nv = std::min(next_a, next_b);
-    const double fn = std::isfinite(nv) ? f + static_cast<double>(slope) * (nv - v) : f;
-    if (fn <= budget || !std::isfinite(nv)) {
-      root = slope < 0 ? v + (f - budget) / static_cast<double>(-slope) : v;
-      if (std::isfinite(nv) && root > nv) root = nv;
-      break;
-    }
-    v = nv;
-    f = fn;
-    consume();
-  }
-  for (int64_t i = 0; i < n_all; ++i) out[i] = std::min(1.0, std::max(0.0, s[i] - root));
+  project_onto_budget(s, n, budget, out, false);
+}
+
+void project_budget_select(const double* s, int64_t n, double budget, double* out) {
+  project_onto_budget(s, n, budget, out, true);
 }
 
 void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const float* g, int64_t ldg, int64_t n,

@@ -123,12 +123,13 @@ double softmax_xent(const float* z, int64_t rows, int64_t classes, int64_t ldz, 
 // The Euclidean projection onto {x in [0, 1]^n : sum x <= budget} of s (n doubles) into out:
 // clip(s - v, 0, 1) with v = 0 when sum clip(s, 0, 1) <= budget, else the root v > 0 of
 // sum clip(s - v, 0, 1) = budget, found exactly between the sorted breakpoints {s_i - 1, s_i}.
+// out may be s.
 void project_budget(const double* s, int64_t n, double budget, double* out);
 
 // The same projection with the root found by selection instead of a sort: O(n) expected (each
 // round evaluates f at a breakpoint drawn from those left in the bracket, then sets aside every
 // entry whose part of f is linear on the narrowed bracket). The training path (mask_adam_project)
-// uses it; it agrees with project_budget to rounding (a different summation order). out may be s.
+// uses it; it agrees with project_budget to rounding (a different summation order).
 void project_budget_select(const double* s, int64_t n, double budget, double* out);
 
 // VR-PGE's two-sample estimator of the gradient of the mask probabilities s (n doubles), into g:
