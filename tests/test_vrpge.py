@@ -358,6 +358,23 @@ def test_bernoulli_csr(isa, threads):
         ops.bernoulli_csr(s, -1)
 
 
+def test_bernoulli_csr_large_blocks_and_strides(isa, threads):
+    # Over 2^20 entries (drawn in more than one row block, each split between threads), from a
+    # strided view (row stride > cols), and a single row wider than a block.
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0, 1, (1100, 1010)).astype(np.float32)
+    base[::7] = np.where(base[::7] < 0.5, 0.0, 1.0)  # polarised rows, as after training
+    s = base[:, :1000]
+    wide = rng.uniform(0, 1, (1, (1 << 20) + 5)).astype(np.float32)
+    for nt in (1, 2):
+        sparsebp.set_num_threads(nt)
+        for arr, seed in ((s, 99), (wide, 5)):
+            indptr, indices = ops.bernoulli_csr(arr, seed)
+            ref = _bernoulli_ref(np.ascontiguousarray(arr), seed)
+            np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(ref.sum(axis=1))]))
+            np.testing.assert_array_equal(indices, np.nonzero(ref)[1])
+
+
 # ---- the trainer ---------------------------------------------------------------------------------
 def _mlp(seed, sizes=(12, 9, 7, 4)):
     r = np.random.default_rng(seed)

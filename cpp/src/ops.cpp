@@ -1108,15 +1108,30 @@ void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint
     return;
   }
   const KernelTable& t = active_table();
+  // One pass of the generator, branch-free (it ran twice, to count and then to fill with a branch
+  // per entry: 2.2x-2.9x slower on a Zen 1 core, ~25% of a per-weight VR-PGE step). Row blocks of
+  // at most ~1M entries are drawn into a work buffer with room for all their entries, each thread's
+  // rows packed from its chunk's start, then appended in row order.
+  constexpr int64_t kBlockEntries = int64_t{1} << 20;
+  const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(rows, kBlockEntries / cols));
+  thread_local std::vector<int32_t> buf;  // kept between calls: no fresh pages every draw
   std::vector<int64_t> counts(static_cast<size_t>(rows), 0);
-  kernels::BernoulliArgs a{s, lds, cols, seed, counts.data(), nullptr, nullptr};
-  const int64_t nt = std::min<int64_t>(threads_for(rows * cols * 4), rows);
-  parallel_for(nt, [&](int64_t i) { t.bernoulli_rows(a, rows * i / nt, rows * (i + 1) / nt); });
-  for (int64_t r = 0; r < rows; ++r) (*indptr)[r + 1] = (*indptr)[r] + counts[r];
-  indices->resize(static_cast<size_t>((*indptr)[rows]));
-  a.indptr = indptr->data();
-  a.indices = indices->data();
-  parallel_for(nt, [&](int64_t i) { t.bernoulli_rows(a, rows * i / nt, rows * (i + 1) / nt); });
+  indices->clear();
+  for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
+    const int64_t nb = std::min(block_rows, rows - r0);
+    if (static_cast<int64_t>(buf.size()) < nb * cols) buf.resize(static_cast<size_t>(nb * cols));
+    const kernels::BernoulliArgs a{s + r0 * lds, lds, cols, seed, r0, counts.data() + r0, buf.data()};
+    const int64_t nt = std::min<int64_t>(threads_for(nb * cols * 4), nb);
+    parallel_for(nt, [&](int64_t i) { t.bernoulli_rows(a, nb * i / nt, nb * (i + 1) / nt); });
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t b = nb * i / nt, e = nb * (i + 1) / nt;
+      int64_t kept = 0;
+      for (int64_t r = b; r < e; ++r) kept += counts[static_cast<size_t>(r0 + r)];
+      const int32_t* from = buf.data() + b * cols;
+      indices->insert(indices->end(), from, from + kept);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) (*indptr)[r + 1] = (*indptr)[r] + counts[static_cast<size_t>(r)];
 }
 
 void bias_relu_mask(const float* z, int64_t z_rows, int64_t n, const float* bias, const float* keep, int64_t groups,

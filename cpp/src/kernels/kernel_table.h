@@ -269,19 +269,20 @@ struct AdamArgs {
 };
 using AdamFn = void (*)(const AdamArgs&, int64_t i_begin, int64_t i_end);
 
-// A Bernoulli(s) mask of a rows x cols matrix of probabilities s, as CSR, from a counter-based
-// generator: u(e) = top 24 bits of h(seed, e) / 2^24 with e = r * cols + j, h = SplitMix64's mixer
-// applied to the mixed seed plus e; m(e) = u(e) < s(e). A pure function of (seed, s): the same
-// for every thread count and ISA. Pass 1 (indices null): counts[r] = stored entries of row r.
-// Pass 2: indices[indptr[r] ..] = the columns of row r, increasing.
+// A Bernoulli(s) mask of a rows x cols matrix of probabilities s, as the columns kept in each row,
+// from a counter-based generator: u(e) = top 24 bits of h(seed, e) / 2^24 with e = (row0 + r) *
+// cols + j, h = SplitMix64's mixer applied to the mixed seed plus e; m(e) = u(e) < s(e). A pure
+// function of (seed, s): the same for every thread count and ISA. One pass: rows [begin, end) write
+// their kept columns, increasing, row after row, from out + begin * cols on (room for
+// (end - begin) * cols), and counts[r] = the kept entries of row r. The caller packs the chunks.
 struct BernoulliArgs {
-  const float* s;
+  const float* s;  // row 0 of the block
   int64_t lds;
   int64_t cols;
   uint64_t seed;
+  int64_t row0;  // the generator's row number of the block's row 0
   int64_t* counts;
-  const int64_t* indptr;
-  int32_t* indices;
+  int32_t* out;
 };
 using BernoulliFn = void (*)(const BernoulliArgs&, int64_t row_begin, int64_t row_end);
 

@@ -231,7 +231,12 @@ class VRPGE:
         ``(indptr, indices)`` (weights, built without a dense mask)."""
         if self.granularity == "unit":
             return self._split(self._sample_flat())
-        return [bernoulli_csr(s.astype(np.float32), int(self.rng.integers(0, 2 ** 63))) for s in self.s]
+        return self._sample_weights([s.astype(np.float32) for s in self.s])
+
+    def _sample_weights(self, s32: list) -> list:
+        """CSR masks from s as float32 (what the generator compares with; a step converts it once
+        for its two samples)."""
+        return [bernoulli_csr(s, int(self.rng.integers(0, 2 ** 63))) for s in s32]
 
     def _sample_flat(self) -> np.ndarray:
         """Unit masks of every layer in one draw, as one flat bool array (the layers in order)."""
@@ -276,7 +281,8 @@ class VRPGE:
                                          self.score == "textbook", gs)
             kept = [np.count_nonzero(m) / m.size for m in self._split(flat[0])]
         else:
-            masks = (self.sample(), self.sample())
+            s32 = [s.astype(np.float32) for s in self.s]
+            masks = (self._sample_weights(s32), self._sample_weights(s32))
             fs, gw = self._weight_grads(x, y, masks)
             # The estimator straight from the two CSR structures (no dense masks): g is nonzero only
             # where exactly one of the two masks keeps the weight.
