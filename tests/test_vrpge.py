@@ -124,7 +124,7 @@ def _project_exact(s, k):
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_projection_exact_feasible_idempotent(seed):
+def test_projection_exact_feasible_idempotent(seed, isa):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 40))
     s = rng.uniform(-0.5, 1.8, n)
@@ -147,14 +147,14 @@ def test_projection_exact_feasible_idempotent(seed):
 
 @pytest.mark.parametrize("s, k", [([1.0, 1.0, 0.0], 1.0), ([1.0, 2.0, 0.5], 0.0), ([0.3, 0.3, 0.3], 0.9),
                                   ([2.0, 1.0], 1.5), ([5.0], 0.25), ([], 0.0)])
-def test_projection_edge_cases_against_exact(s, k):
+def test_projection_edge_cases_against_exact(s, k, isa):
     ref = [float(x) for x in _project_exact(s, k)] if s else []
     for method in ("sort", "select"):
         np.testing.assert_allclose(project_budget(np.array(s, dtype=np.float64), k, method), ref, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["uniform", "constant", "polarised", "ties"])
-def test_projection_select_matches_sort_at_scale(case):
+def test_projection_select_matches_sort_at_scale(case, isa):
     # Training-sized vectors (the per-weight MLP has ~650k entries), against the sort-based solver
     # (itself checked against exact rational arithmetic above): the shapes s takes in training.
     rng = np.random.default_rng(11)
@@ -176,6 +176,19 @@ def test_projection_bad_input():
         project_budget([np.nan], 1)
     with pytest.raises(ValueError, match="method"):
         project_budget([0.5], 1, "x")
+
+
+def test_projection_finds_a_non_finite_entry_anywhere(isa):
+    # The C++ check (below project_budget's own) runs in the vectorised pass: every position of the
+    # unrolled body and of the tail.
+    for n in range(1, 10):
+        for pos in range(n):
+            for bad in (np.nan, np.inf, -np.inf):
+                s = np.full(n, 0.5)
+                s[pos] = bad
+                for select in (False, True):
+                    with pytest.raises(ValueError, match=rf"s\[{pos}\] = .* is not finite"):
+                        _core.project_budget(s, 1.0, select)
 
 
 # ---- block kernels, every ISA --------------------------------------------------------------------
@@ -554,7 +567,7 @@ def test_bias_relu_mask_against_float64(isa, shared, with_bias):
 
 
 @pytest.mark.parametrize("kind", ["authors", "textbook"])
-def test_fused_estimator_and_mask_adam_against_numpy(kind):
+def test_fused_estimator_and_mask_adam_against_numpy(kind, isa):
     """The trainer's C++ estimator equals estimator() (float64 NumPy); MaskAdam's C++ step equals
     Adam in float64 NumPy followed by the bisection projection."""
     rng = np.random.default_rng(11)
@@ -759,6 +772,33 @@ def test_mask_estimator_csr_rejects_bad_structures():
     with pytest.raises(ValueError, match="overlap"):
         _core.mask_estimator_csr(s, *ok, *ok, 1.0, False, s)
     np.testing.assert_array_equal(s, 0.5)  # untouched
+
+
+def test_mask_adam_at_scale_every_thread_count(isa, threads):
+    # Large enough to split between threads (and an odd length: a tail), against float64 NumPy
+    # Adam and the sort projection; the same bits for 1 and 2 threads. Moments that decay below
+    # DBL_MIN (a zero gradient) are flushed to zero.
+    rng = np.random.default_rng(5)
+    n, budget = 200_003, 0.3 * 200_003
+    start = rng.uniform(-0.2, 1.1, n)
+    grads = [rng.standard_normal(n) * (rng.random(n) < 0.9) for _ in range(3)]
+    runs = []
+    for nt in (1, 2):
+        sparsebp.set_num_threads(nt)
+        adam = MaskAdam([start.copy()], lr=0.05, budget=budget)
+        adam.m[:8] = 1e-310  # subnormal, with a zero gradient below
+        s64, m64, v64 = adam.flat.copy(), adam.m.copy(), np.zeros(n)
+        for t, grad in enumerate(grads, start=1):
+            grad[:8] = 0.0
+            adam.step([grad])
+            m64 = 0.9 * m64 + 0.1 * grad
+            v64 = 0.999 * v64 + 0.001 * grad * grad
+            s64 = s64 - (0.05 / (1 - 0.9 ** t)) * m64 / (np.sqrt(v64 / (1 - 0.999 ** t)) + 1e-8)
+            s64 = project_budget(s64, budget, method="sort")
+            np.testing.assert_allclose(adam.flat, s64, rtol=0, atol=1e-12)
+        assert np.all(adam.m[:8] == 0.0)
+        runs.append(adam.flat.copy())
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_mask_adam_rejects_a_non_finite_gradient_and_leaves_its_state():

@@ -21,6 +21,8 @@ void gather_block(const BlockArgs& a, int64_t i_begin, int64_t i_end);
 void scatter_add_block(const BlockArgs& a, int64_t i_begin, int64_t i_end);
 void lazy_sgd(const LazySgdArgs& a, int64_t i_begin, int64_t i_end);
 void adam(const AdamArgs& a, int64_t i_begin, int64_t i_end);
+void mask_adam(const MaskAdamArgs& a, int64_t begin, int64_t end);
+void budget_clip(const ClipArgs& a, int64_t begin, int64_t end);
 void bernoulli_rows(const BernoulliArgs& a, int64_t row_begin, int64_t row_end);
 void relu(const EltwiseArgs& a, int64_t begin, int64_t end);
 void bias_relu_mask(const BiasReluMaskArgs& a, int64_t row_begin, int64_t row_end);

@@ -269,6 +269,33 @@ struct AdamArgs {
 };
 using AdamFn = void (*)(const AdamArgs&, int64_t i_begin, int64_t i_end);
 
+// Adam on VR-PGE's mask probabilities (double), entries [begin, end):
+//   gi = scale g;  m = b1 m + (1 - b1) gi;  v = b2 v + (1 - b2) gi^2;  s -= step_size * m / (sqrt(v * inv_c2) + eps)
+// Moments below DBL_MIN in magnitude are flushed to zero (as AdamArgs: an entry whose gradient
+// stays zero decays m into subnormals within ~7,000 steps).
+struct MaskAdamArgs {
+  double* s;
+  double* m;
+  double* v;
+  const double* g;
+  double scale, b1, b2, step_size, inv_c2, eps;
+};
+using MaskAdamFn = void (*)(const MaskAdamArgs&, int64_t begin, int64_t end);
+
+// The budget projection's passes over s (double), entries [begin, end), clip(x) = min(1, max(0, x)):
+//   out null: part[q] = the sum of clip(s[i] - shift) over the i = begin + q (mod 4), each in
+//             increasing i (a tail of fewer than 4 adds to part[0], part[1], .. in turn), and
+//             *finite = whether every s[i] is finite;
+//   out set:  out[i] = clip(s[i] - shift) (out may be s).
+struct ClipArgs {
+  const double* s;
+  double shift;
+  double* out;
+  double* part;  // 4 entries
+  uint8_t* finite;
+};
+using ClipFn = void (*)(const ClipArgs&, int64_t begin, int64_t end);
+
 // A Bernoulli(s) mask of a rows x cols matrix of probabilities s, as the columns kept in each row,
 // from a counter-based generator: u(e) = top 24 bits of h(seed, e) / 2^24 with e = (row0 + r) *
 // cols + j, h = SplitMix64's mixer applied to the mixed seed plus e; m(e) = u(e) < s(e). A pure
@@ -328,6 +355,8 @@ struct KernelTable {
   BlockFn scatter_add_block;
   LazySgdFn lazy_sgd;
   AdamFn adam;
+  MaskAdamFn mask_adam;
+  ClipFn budget_clip;
   BernoulliFn bernoulli_rows;
   EltwiseFn relu;
   BiasReluMaskFn bias_relu_mask;
