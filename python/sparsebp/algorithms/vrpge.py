@@ -413,10 +413,13 @@ class VRPGE:
             for l in range(H):
                 w = lin[l].weight.data
                 indptr, indices = mask[l]
-                rows = np.repeat(np.arange(w.shape[0]), np.diff(indptr))
-                vals = np.ascontiguousarray(w[rows, indices])
+                # flat positions of the kept weights: 1-D take / fancy index (2-D fancy indexing
+                # cost ~4 ms of a 642,000-weight step)
+                flat = np.repeat(np.arange(w.shape[0], dtype=np.int64) * w.shape[1], np.diff(indptr))
+                flat += indices
+                vals = np.take(w.reshape(-1), flat)
                 csr = CSR(indptr, indices, vals, w.shape)
-                csrs.append((csr, rows))
+                csrs.append((csr, flat))
                 a = relu(ops.linear_forward(a, csr, None if lin[l].bias is None else lin[l].bias.data))
                 acts.append(np.ascontiguousarray(a))
             z = acts[-1] @ lin[H].weight.data.T
@@ -429,10 +432,10 @@ class VRPGE:
                 gb[H] += 0.5 * g.sum(axis=0)
             g = relu_backward(g @ lin[H].weight.data, acts[H])
             for l in range(H - 1, -1, -1):
-                csr, rows = csrs[l]
+                csr, flat = csrs[l]
                 r = ops.linear_backward(np.ascontiguousarray(g), acts[l], csr, input_grad=l > 0,
                                         bias_grad=gb[l] is not None)
-                gw[l][rows, csr.indices] += 0.5 * r.grad_values  # (row, column) pairs are unique: no np.add.at
+                gw[l].reshape(-1)[flat] += 0.5 * r.grad_values  # the positions are unique: no np.add.at
                 if gb[l] is not None:
                     gb[l] += 0.5 * r.grad_bias
                 if l > 0:
