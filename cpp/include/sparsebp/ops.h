@@ -157,8 +157,9 @@ void mask_union(const uint8_t* m1, const uint8_t* m2, int64_t n, int64_t count, 
 // One Adam step on the mask probabilities s (n doubles, updated in place) from the gradient
 // scale * g, then s = project_budget(s, budget): m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
 // s -= step_size * m / (sqrt(v * inv_c2) + eps), with step_size = lr / (1 - b1^t) and
-// inv_c2 = 1 / (1 - b2^t) given by the caller. All in double. The projection is
-// project_budget_select's.
+// inv_c2 = 1 / (1 - b2^t) given by the caller. All in double; moments below DBL_MIN in magnitude
+// are flushed to zero. The gradient is checked (finite) before anything is written. The projection
+// is project_budget_select's.
 void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t n, double scale, double b1,
                        double b2, double step_size, double inv_c2, double eps, double budget);
 
