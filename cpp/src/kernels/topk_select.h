@@ -115,7 +115,11 @@ inline void select_row_small(const float* row, int64_t n, int64_t k, int32_t* ou
   std::sort(out, out + k);
 }
 
-// filter(row, n, t, cand): appends {|row[j]|, j} for every j with !(|row[j]| < t), in order of j.
+// Room the filter may write past its last candidate (a SIMD filter stores whole vectors).
+constexpr int64_t kFilterSlack = 16;
+
+// filter(row, n, t, out) -> m: writes {|row[j]|, j} for every j with !(|row[j]| < t), in order of j,
+// to out[0, m); out has room for n + kFilterSlack entries, and anything past out[m - 1] is scratch.
 template <class Filter>
 void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* nan_flag, std::vector<float>& sample,
                 std::vector<Cand>& cand, Filter filter) {
@@ -123,7 +127,10 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
     select_row_small(row, n, k, out, nan_flag, cand);
     return;
   }
-  cand.clear();
+  // Grows only, so the entries are not re-initialised row after row.
+  if (static_cast<int64_t>(cand.size()) < n + kFilterSlack) cand.resize(static_cast<size_t>(n + kFilterSlack));
+  Cand* const cd = cand.data();
+  int64_t m = 0;
   bool filtered = false;
   if (4 * k <= n) {
     // Sample size: enough that ~6 samples lie above the k-th largest (3n/k, at least 64, at most
@@ -143,40 +150,37 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
     const int64_t r = s_len == n ? k : std::min<int64_t>(s_len, (2 * k * s_len + n - 1) / n + 2);
     const float t = r <= kInsertRank ? kth_largest_by_insertion(sample.data(), s_len, r)
                                      : kth_largest_by_select(sample, r);
-    filter(row, n, t, cand);
-    filtered = static_cast<int64_t>(cand.size()) >= k;
+    m = filter(row, n, t, cd);
+    filtered = m >= k;
   }
-  if (!filtered) {
-    cand.clear();
-    filter(row, n, 0.0f, cand);  // |v| < 0 never holds: every entry
-  }
+  if (!filtered) m = filter(row, n, 0.0f, cd);  // |v| < 0 never holds: every entry
   uint8_t has_nan = 0;
-  for (Cand& c : cand) {
-    if (std::isnan(c.v)) {
+  for (int64_t q = 0; q < m; ++q) {
+    if (std::isnan(cd[q].v)) {
       has_nan = 1;
-      c.v = std::numeric_limits<float>::infinity();  // keep the ordering strict-weak; result unspecified
+      cd[q].v = std::numeric_limits<float>::infinity();  // keep the ordering strict-weak; result unspecified
     }
   }
   *nan_flag = has_nan;
   // The candidates are in increasing column order. Find the k-th largest value T among them (on the
   // values alone), then take, in that order, every candidate above T and the first (lowest-column)
   // ones equal to T until k are taken: the tie rule, with the output already sorted.
-  const int64_t m = static_cast<int64_t>(cand.size());
   if (m == k) {
-    for (int64_t q = 0; q < k; ++q) out[q] = cand[q].i;
+    for (int64_t q = 0; q < k; ++q) out[q] = cd[q].i;
     return;
   }
   std::vector<float>& vals = sample;  // free again: reused as scratch
   vals.resize(static_cast<size_t>(m));
-  for (int64_t q = 0; q < m; ++q) vals[q] = cand[q].v;
+  for (int64_t q = 0; q < m; ++q) vals[q] = cd[q].v;
   const float t = kth_largest_by_select(vals, k);
   int64_t above = 0;
-  for (const Cand& c : cand) above += c.v > t;
-  int64_t ties = k - above, q = 0;
-  for (const Cand& c : cand) {
+  for (int64_t q = 0; q < m; ++q) above += cd[q].v > t;
+  int64_t ties = k - above, o = 0;
+  for (int64_t q = 0; q < m; ++q) {
+    const Cand c = cd[q];
     if (c.v > t || (c.v == t && ties > 0)) {
       ties -= c.v == t;
-      out[q++] = c.i;
+      out[o++] = c.i;
     }
   }
 }
