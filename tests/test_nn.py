@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+import sparsebp
+
 from sparsebp import algorithms as alg
 from sparsebp import nn
 
@@ -402,6 +404,69 @@ def test_dropout_train_and_eval():
     np.testing.assert_array_equal(drop.forward(x), x)
     np.testing.assert_array_equal(drop.backward(g), g)
     np.testing.assert_array_equal(nn.Dropout(0.0).forward(x), x)
+
+
+def _mix64(z):
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _dropout_ref(x, seed, p, scale):
+    """The documented mask generator (kernel_table.h, DropoutArgs) in NumPy uint64 arithmetic."""
+    i = np.arange(x.size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = _mix64(_mix64(np.uint64(seed)) + (i >> np.uint64(1)))
+    bits = np.where(i % np.uint64(2) == 0, h >> np.uint64(40), (h >> np.uint64(8)) & np.uint64(0xFFFFFF))
+    u = bits.astype(np.float32) * np.float32(2.0 ** -24)
+    factor = np.where(u < np.float32(p), np.float32(0), np.float32(scale)).astype(np.float32)
+    return (x.ravel() * factor).reshape(x.shape), factor.reshape(x.shape)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1001, 300_001])
+def test_dropout_kernel_matches_its_generator(isa, threads, n):
+    """The C++ pass against the NumPy re-implementation of its generator, bit for bit, on every
+    ISA; 300,001 entries split between two threads (whole cache lines, an odd tail) give the same
+    bits as one; y may alias x."""
+    from sparsebp import _core
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[::5] = -x[::5]
+    p, scale, seed = 0.3, float(np.float32(1 / 0.7)), 2 ** 63 + 12345
+    y_ref, f_ref = _dropout_ref(x, seed, p, scale)
+    for nt in (1, 2):
+        sparsebp.set_num_threads(nt)
+        y, f = np.empty_like(x), np.empty_like(x)
+        _core.dropout(x, y, f, seed, p, scale)
+        np.testing.assert_array_equal(f, f_ref)
+        np.testing.assert_array_equal(y, y_ref)
+    xa = x.copy()
+    _core.dropout(xa, xa, f, seed, p, scale)  # in place
+    np.testing.assert_array_equal(xa, y_ref)
+    if n == 300_001:
+        dropped = (f == 0).mean()
+        assert abs(dropped - p) < 5 * np.sqrt(p * (1 - p) / n)
+
+
+def test_dropout_kernel_rejects_bad_arguments():
+    from sparsebp import _core
+    x = np.ones(64, np.float32)
+    y, f = np.empty_like(x), np.empty_like(x)
+    with pytest.raises(ValueError, match="factor must not share memory"):
+        _core.dropout(x, y, x, 1, 0.5, 2.0)
+    with pytest.raises(ValueError, match="factor must not share memory"):
+        _core.dropout(x, y, y, 1, 0.5, 2.0)
+    for p in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="p must be in"):
+            _core.dropout(x, y, f, 1, p, 2.0)
+    with pytest.raises(ValueError, match="out must have x's size"):
+        _core.dropout(x, y[:10], f, 1, 0.5, 2.0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.dropout(np.ones((8, 16), np.float32)[:, ::2].copy().T, y[:64], f[:64], 1, 0.5, 2.0)
+    with pytest.raises(TypeError, match="float32"):
+        _core.dropout(x.astype(np.float64), y, f, 1, 0.5, 2.0)
+    np.testing.assert_array_equal(x, 1.0)  # inputs untouched by the refused calls
 
 
 def test_dropout_in_a_model_and_evaluate_restores_mode():

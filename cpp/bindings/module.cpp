@@ -835,6 +835,28 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("x"), py::arg("mask"), py::arg("out"));
   m.def(
+      "dropout",
+      [](const py::array& x, const py::array& y, const py::array& factor, uint64_t seed, float p, float scale) {
+        auto flat = [&x](const py::array& a, const char* name, bool writable) {
+          check_float32(a, name);
+          if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+            throw sparsebp::ValueError(str_cat(name, " must be C-contiguous"));
+          if (writable && !a.writeable()) throw sparsebp::ValueError(str_cat(name, " must be writeable"));
+          if (a.size() != x.size()) throw sparsebp::ValueError(str_cat(name, " must have x's size ", x.size()));
+          return static_cast<float*>(const_cast<void*>(a.data()));
+        };
+        const float* xp = flat(x, "x", false);
+        float* yp = flat(y, "out", true);
+        float* fp = flat(factor, "factor", true);
+        const int64_t n = x.size();
+        auto overlap = [n](const float* a, const float* b) { return a < b + n && b < a + n; };
+        if (n > 0 && (overlap(fp, xp) || overlap(fp, yp)))
+          throw sparsebp::ValueError("factor must not share memory with x or out");
+        py::gil_scoped_release nogil;
+        sparsebp::dropout(xp, yp, fp, n, seed, p, scale);
+      },
+      py::arg("x"), py::arg("out"), py::arg("factor"), py::arg("seed"), py::arg("p"), py::arg("scale"));
+  m.def(
       "bias_relu_mask",
       [rowmajor](const py::array& z, const py::object& bias, const py::array& keep, const py::array& out) {
         auto [zp, z_rows, n, ldz] = rowmajor(z, "z", false);

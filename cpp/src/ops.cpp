@@ -1180,4 +1180,19 @@ void relu(const float* x, const float* mask, float* y, int64_t n) {
   });
 }
 
+void dropout(const float* x, float* y, float* factor, int64_t n, uint64_t seed, float p, float scale) {
+  SPARSEBP_CHECK_VALUE(n >= 0, "bad size for dropout");
+  SPARSEBP_CHECK_VALUE(p >= 0.0f && p < 1.0f, "dropout: p must be in [0, 1); got ", p);
+  if (n == 0) return;
+  const KernelTable& t = active_table();
+  const kernels::DropoutArgs a{x, y, factor, seed, p, scale};
+  // Whole 64-byte lines per thread (so every chunk starts at an even entry, as the kernel needs).
+  const int64_t lines = (n + 15) / 16;
+  const int64_t nt = std::min(block_threads_for(n * 12), lines);  // reads 4 bytes, writes 8
+  parallel_for(nt, [&](int64_t i) {
+    const int64_t b = std::min(n, lines * i / nt * 16), e = std::min(n, lines * (i + 1) / nt * 16);
+    if (b < e) t.dropout(a, b, e);
+  });
+}
+
 }  // namespace sparsebp

@@ -195,6 +195,10 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
 // ReLU over n contiguous floats (y may alias x): forward (mask null) y = x > 0 or NaN ? x : 0;
 // backward y = mask > 0 ? x : 0 (x the gradient, mask the forward's output).
 void relu(const float* x, const float* mask, float* y, int64_t n);
+// Inverted dropout over n contiguous floats (y may alias x): factor[i] = 0 with probability p (a
+// counter-based draw from seed and i, the same for every thread count and ISA), else scale;
+// y[i] = x[i] * factor[i]. p in [0, 1).
+void dropout(const float* x, float* y, float* factor, int64_t n, uint64_t seed, float p, float scale);
 // A hidden layer's activation under unit masks, in one pass: out (groups * rpg rows x n, contiguous)
 // row i = relu(z[zi] + bias) * keep[i / rpg], where zi = i when z has groups * rpg rows (one block
 // of rows per mask) and i % rpg when it has rpg rows (one input shared by every mask). ReLU as

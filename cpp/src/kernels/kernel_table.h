@@ -337,6 +337,21 @@ struct BiasReluMaskArgs {
 };
 using BiasReluMaskFn = void (*)(const BiasReluMaskArgs&, int64_t row_begin, int64_t row_end);
 
+// Inverted dropout over [begin, end) of contiguous arrays (begin even): factor[i] = 0 where
+// u(i) < p, else scale; y[i] = x[i] * factor[i] (y may alias x). u from the counter-based
+// generator of bernoulli_rows, two draws per hash: h = SplitMix64's mixer applied to the mixed seed
+// plus i / 2; u(i) = (top 24 bits of h for even i, bits 8..31 for odd i) / 2^24. A pure function
+// of (seed, i): the same for every thread count and ISA.
+struct DropoutArgs {
+  const float* x;
+  float* y;
+  float* factor;
+  uint64_t seed;
+  float p;
+  float scale;
+};
+using DropoutFn = void (*)(const DropoutArgs&, int64_t begin, int64_t end);
+
 struct KernelTable {
   const char* name;
   // Batch columns one register tile of each kernel covers (ops.cpp sizes cache panels from them).
@@ -360,6 +375,7 @@ struct KernelTable {
   BernoulliFn bernoulli_rows;
   EltwiseFn relu;
   BiasReluMaskFn bias_relu_mask;
+  DropoutFn dropout;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.
