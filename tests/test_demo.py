@@ -23,6 +23,15 @@ def test_demo_quick_run(tmp_path):
     assert "| dense (NumPy) |" in table and "speed-up" in table
 
 
+def test_demo_seed_changes_the_run_and_repeats_it():
+    """--seed reaches the models: another seed gives other weights; the same seed the same run."""
+    kw = dict(epochs=1, batch=64, out=None, quick=True, progress=False, with_torch=False)
+    a, b, c = (demo.run(seed=s, **kw) for s in (0, 1, 0))
+    acc = lambda r: [h[0]["test_acc"] for h in r.values()]  # noqa: E731
+    assert acc(a) == acc(c)
+    assert acc(a) != acc(b)
+
+
 def test_demo_with_sgd_runs(tmp_path):
     res = demo.run(epochs=1, batch=64, out=None, quick=True, progress=False, with_torch=False, optimizer="sgd")
     assert res["dense (NumPy)"][0]["test_acc"] > 0.5
@@ -44,7 +53,7 @@ def test_demo_models_carry_dropout_only_when_asked():
 
 
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--sparsity", "1.0"], ["--k", "-3"], ["--optimizer", "lbfgs"],
-                                  ["--dropout", "1.0"], ["--dropout", "-0.2"]])
+                                  ["--dropout", "1.0"], ["--dropout", "-0.2"], ["--seed", "-1"], ["--seed", "x"]])
 def test_demo_rejects_bad_arguments(args):
     proc = subprocess.run([sys.executable, "-m", "sparsebp.cli", "demo", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and "error" in proc.stderr

@@ -74,7 +74,7 @@ def _demo(args) -> int:
         sparsebp.set_num_threads(args.threads)
     demo.run(epochs=args.epochs, batch=args.batch, k=args.k, sparsity=args.sparsity, alpha=args.alpha,
              out=args.out, quick=args.quick, with_torch=False if args.no_torch else None, optimizer=args.optimizer,
-             lr=args.lr, dropout=args.dropout)
+             lr=args.lr, dropout=args.dropout, seed=args.seed)
     return 0
 
 
@@ -82,6 +82,13 @@ def _positive(v: str) -> int:
     n = int(v)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int; got {v}")
+    return n
+
+
+def _nonnegative(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0; got {v}")
     return n
 
 
@@ -111,6 +118,8 @@ def main(argv=None) -> int:
     pd.add_argument("--dropout", type=_fraction, default=0.1,
                     help="dropout after each hidden ReLU, every model (default 0.1, as in the meProp authors' code)")
     pd.add_argument("--threads", type=_positive, default=None, help="sparsebp kernel threads (default: all cores)")
+    pd.add_argument("--seed", type=_nonnegative, default=0,
+                    help="seed of the weights, batch order and dropout masks, the same for every model (default 0)")
     pd.add_argument("--quick", action="store_true", help="2,000 training digits (a smoke run)")
     pd.add_argument("--no-torch", action="store_true", help="leave out the dense torch reference run")
     pd.add_argument("--out", default="demo-results", help="folder for demo.csv and demo.png (default demo-results)")

@@ -95,7 +95,7 @@ def run(epochs: int = 10, batch: int = 32, k: int = 20, sparsity: float = 0.9, a
         X, y, Xt, yt = X[:2000], y[:2000], Xt[:500], yt[:500]
     print(f"MNIST (bundled with sparsebp; LeCun, Cortes and Burges): {len(X)} training, {len(Xt)} test digits. "
           f"MLP 784-{HIDDEN}-{HIDDEN}-10, {'Adam' if optimizer == 'adam' else 'SGD (momentum 0.9)'} lr {lr}, "
-          f"batch {batch}, dropout {dropout:g}, {epochs} epoch(s).")
+          f"batch {batch}, dropout {dropout:g}, {epochs} epoch(s), seed {seed}.")
     runs = [("dense (NumPy)", "dense"), (f"meProp k={k}", "meprop"), (f"meProp k={k} unified", "meprop-unified"),
             (f"MSBP k={k}, alpha={alpha}", "msbp"),
             (f"sparse {sparsity:.0%} + meProp k={k}", "sparse+meprop")]
