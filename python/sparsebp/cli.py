@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     pi.set_defaults(fn=_info)
     pd = sub.add_parser("demo", help="train the meProp MLP on the bundled MNIST digits: dense vs sparse gradients "
                                       "vs sparse weights (NumPy; no torch needed)")
-    pd.add_argument("--epochs", type=_positive, default=10, help="epochs per model (default 10)")
+    pd.add_argument("--epochs", type=_positive, default=20, help="epochs per model (default 20, as in the meProp paper)")
     pd.add_argument("--batch", type=_positive, default=32, help="mini-batch size (default 32)")
     pd.add_argument("--k", type=_positive, default=20, help="top-k of each hidden layer's gradient (default 20)")
     pd.add_argument("--sparsity", type=_fraction, default=0.9, help="weight sparsity of the sparse model (default 0.9)")

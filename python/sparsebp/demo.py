@@ -78,7 +78,7 @@ def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer, dro
                    total_s=tf + tb + tu, test_acc=acc)
 
 
-def run(epochs: int = 10, batch: int = 32, k: int = 20, sparsity: float = 0.9, alpha: float = 0.8,
+def run(epochs: int = 20, batch: int = 32, k: int = 20, sparsity: float = 0.9, alpha: float = 0.8,
         lr: Optional[float] = None, seed: int = 0, out: Optional[str] = "demo-results", quick: bool = False,
         progress: bool = True, with_torch: Optional[bool] = None, optimizer: str = "adam",
         dropout: float = 0.1) -> Dict[str, List[dict]]:
