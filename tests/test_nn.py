@@ -515,7 +515,7 @@ def test_dropout_in_a_model_and_evaluate_restores_mode():
         assert abs(fd - lin1.weight.grad[i, j]) < 2e-3 * max(1, abs(fd)), (i, j, fd, lin1.weight.grad[i, j])
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, True, "0.5", None])
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1 - 1e-9, 1.5, True, "0.5", None])
 def test_dropout_rejects_bad_p(p):
     with pytest.raises(ValueError, match="p must be"):
         nn.Dropout(p)

@@ -247,6 +247,8 @@ class Dropout:
 
     def __init__(self, p: float = 0.5, *, rng: Optional[np.random.Generator] = None):
         p = _fraction(p, "p")
+        if _F32(p) >= 1.0:  # the kernel compares in float32
+            raise ValueError(f"p must be below 1 in float32 (the mask's precision); got {p!r}")
         if rng is not None and not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}")
         self.p = p
