@@ -69,3 +69,12 @@ def random_csr(rng, rows: int, cols: int, density: float, empty_rows=(), dtype=n
     np.cumsum(mask.sum(axis=1), out=indptr[1:])
     values = rng.standard_normal(len(c_idx)).astype(dtype)
     return indptr, c_idx.astype(np.int32), values
+
+
+def mix64(z):
+    """SplitMix64's output mixer on uint64 NumPy values (callers silence overflow warnings): the
+    counter-based generator of the Bernoulli-mask and dropout kernels, re-implemented here."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))

@@ -406,18 +406,11 @@ def test_dropout_train_and_eval():
     np.testing.assert_array_equal(nn.Dropout(0.0).forward(x), x)
 
 
-def _mix64(z):
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def _dropout_ref(x, seed, p, scale):
     """The documented mask generator (kernel_table.h, DropoutArgs) in NumPy uint64 arithmetic."""
     i = np.arange(x.size, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        h = _mix64(_mix64(np.uint64(seed)) + (i >> np.uint64(1)))
+        h = ref.mix64(ref.mix64(np.uint64(seed)) + (i >> np.uint64(1)))
     bits = np.where(i % np.uint64(2) == 0, h >> np.uint64(40), (h >> np.uint64(8)) & np.uint64(0xFFFFFF))
     u = bits.astype(np.float32) * np.float32(2.0 ** -24)
     factor = np.where(u < np.float32(p), np.float32(0), np.float32(scale)).astype(np.float32)

@@ -10,6 +10,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import reference
+
 import sparsebp
 from sparsebp import _core, nn, ops
 from sparsebp.algorithms import vrpge
@@ -334,19 +336,12 @@ def test_sgd_weight_decay_matches_reference():
 
 
 # ---- Bernoulli mask -> CSR -----------------------------------------------------------------------
-def _mix64(z):
-    z = (z + np.uint64(0x9E3779B97F4A7C15))
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def _bernoulli_ref(s, seed):
     """The documented generator, re-implemented in NumPy uint64 arithmetic."""
     with np.errstate(over="ignore"):
-        key = _mix64(np.uint64(seed))
+        key = reference.mix64(np.uint64(seed))
         e = np.arange(s.size, dtype=np.uint64)
-        u = (_mix64(key + e) >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+        u = (reference.mix64(key + e) >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
     return (u < s.ravel()).reshape(s.shape)
 
 
