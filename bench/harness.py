@@ -119,11 +119,13 @@ def bench_main(prog: str, worker: Callable[[int, bool, int], None], run: Callabl
     """The command line of a benchmark module: `--worker` (what run_workers starts) or a whole run."""
     import argparse
 
+    from sparsebp._argtypes import positive_int
+
     ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, nargs="+", default=None)
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=None)
+    ap.add_argument("--reps", type=positive_int, default=None)
     ap.add_argument("--out", default="bench-results")
     a = ap.parse_args(argv)
     if a.worker:

@@ -397,12 +397,14 @@ def plot(rows: List[dict], path: str) -> None:
 
 
 def main(argv=None) -> None:
+    from sparsebp._argtypes import positive_int
+
     p = argparse.ArgumentParser(prog="python -m sparsebp.bench.linear")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scaling-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, nargs="*", default=None)
+    p.add_argument("--threads", type=positive_int, nargs="*", default=None)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--reps", type=positive_int, default=None)
     p.add_argument("--out", default="bench-results")
     a = p.parse_args(argv)
     if a.scaling_worker:

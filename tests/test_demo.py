@@ -53,7 +53,35 @@ def test_demo_models_carry_dropout_only_when_asked():
 
 
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--sparsity", "1.0"], ["--k", "-3"], ["--optimizer", "lbfgs"],
-                                  ["--dropout", "1.0"], ["--dropout", "-0.2"], ["--seed", "-1"], ["--seed", "x"]])
+                                  ["--dropout", "1.0"], ["--dropout", "-0.2"], ["--seed", "-1"], ["--seed", "x"],
+                                  ["--alpha", "1.5"], ["--alpha", "nan"], ["--lr", "0"], ["--lr", "-1e-3"],
+                                  ["--lr", "inf"]])
 def test_demo_rejects_bad_arguments(args):
     proc = subprocess.run([sys.executable, "-m", "sparsebp.cli", "demo", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and "error" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["vrpge", "--lr", "-1"], ["vrpge", "--lr-s", "nan"], ["vrpge", "--limit", "-5"], ["vrpge", "--lr", "0"],
+    ["bench", "--reps", "0"], ["bench", "--threads", "0"], ["bench", "--threads", "1", "-2"],
+    ["demo", "--alpha", "-0.1"], ["demo", "--lr", "nan"],
+])
+def test_command_lines_reject_bad_values_as_usage_errors(argv, capsys):
+    """A bad number is argparse's usage error (exit 2, the option named), before any work starts."""
+    from sparsebp import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert f"argument {argv[1]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("sparsebp.bench.sparse_grad", ["--reps", "0"]), ("sparsebp.bench.linear", ["--threads", "0"]),
+])
+def test_benchmark_command_lines_reject_bad_values(module, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    assert e.value.code == 2 and "argument" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import importlib
 import json
 import sys
 
+from ._argtypes import fraction, nonnegative_int, positive_float, positive_int, unit
+
 
 def _info(args) -> int:
     import sparsebp
@@ -78,27 +80,6 @@ def _demo(args) -> int:
     return 0
 
 
-def _positive(v: str) -> int:
-    n = int(v)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int; got {v}")
-    return n
-
-
-def _nonnegative(v: str) -> int:
-    n = int(v)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0; got {v}")
-    return n
-
-
-def _fraction(v: str) -> float:
-    f = float(v)
-    if not 0.0 <= f < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1); got {v}")
-    return f
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sparsebp", description="sparsebp: sparse training on CPUs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -107,18 +88,19 @@ def main(argv=None) -> int:
     pi.set_defaults(fn=_info)
     pd = sub.add_parser("demo", help="train the meProp MLP on the bundled MNIST digits: dense vs sparse gradients "
                                       "vs sparse weights (NumPy; no torch needed)")
-    pd.add_argument("--epochs", type=_positive, default=20, help="epochs per model (default 20, as in the meProp paper)")
-    pd.add_argument("--batch", type=_positive, default=32, help="mini-batch size (default 32)")
-    pd.add_argument("--k", type=_positive, default=20, help="top-k of each hidden layer's gradient (default 20)")
-    pd.add_argument("--sparsity", type=_fraction, default=0.9, help="weight sparsity of the sparse model (default 0.9)")
-    pd.add_argument("--alpha", type=float, default=0.8, help="MSBP memory ratio (default 0.8)")
+    pd.add_argument("--epochs", type=positive_int, default=20,
+                    help="epochs per model (default 20, as in the meProp paper)")
+    pd.add_argument("--batch", type=positive_int, default=32, help="mini-batch size (default 32)")
+    pd.add_argument("--k", type=positive_int, default=20, help="top-k of each hidden layer's gradient (default 20)")
+    pd.add_argument("--sparsity", type=fraction, default=0.9, help="weight sparsity of the sparse model (default 0.9)")
+    pd.add_argument("--alpha", type=unit, default=0.8, help="MSBP memory ratio (default 0.8)")
     pd.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                     help="adam (the paper's, lr 1e-3) or sgd (momentum 0.9, lr 0.05)")
-    pd.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's above)")
-    pd.add_argument("--dropout", type=_fraction, default=0.1,
+    pd.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimizer's above)")
+    pd.add_argument("--dropout", type=fraction, default=0.1,
                     help="dropout after each hidden ReLU, every model (default 0.1, as in the meProp authors' code)")
-    pd.add_argument("--threads", type=_positive, default=None, help="sparsebp kernel threads (default: all cores)")
-    pd.add_argument("--seed", type=_nonnegative, default=0,
+    pd.add_argument("--threads", type=positive_int, default=None, help="sparsebp kernel threads (default: all cores)")
+    pd.add_argument("--seed", type=nonnegative_int, default=0,
                     help="seed of the weights, batch order and dropout masks, the same for every model (default 0)")
     pd.add_argument("--quick", action="store_true", help="2,000 training digits (a smoke run)")
     pd.add_argument("--no-torch", action="store_true", help="leave out the dense torch reference run")
@@ -131,8 +113,8 @@ def main(argv=None) -> int:
     pv.set_defaults(fn=lambda a: __import__("sparsebp.vrpge_demo", fromlist=["main"]).main(a.rest))
     pb = sub.add_parser("bench", help="benchmark the kernels against dense torch, torch.sparse and SparseProp")
     pb.add_argument("--quick", action="store_true", help="a few cases, 1 thread (about a minute)")
-    pb.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 2)")
-    pb.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 7; quick: 3)")
+    pb.add_argument("--threads", type=positive_int, nargs="+", default=None, help="thread counts (default: 1 2)")
+    pb.add_argument("--reps", type=positive_int, default=None, help="timed rounds per case (default 7; quick: 3)")
     pb.add_argument("--out", default="bench-results", help="folder for CSV, markdown and PNG (default bench-results)")
     pb.add_argument("--what", choices=["all", "linear", "sparse-grad", "conv", "train", "cuda"], default="all",
                     help="which benchmark (default all; conv and train, the example CNN's training step, need torch)")

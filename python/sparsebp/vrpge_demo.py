@@ -203,6 +203,8 @@ def paired_differences(rows) -> dict:
 
 
 def main(argv=None) -> int:
+    from ._argtypes import positive_float, positive_int
+
     p = argparse.ArgumentParser(prog="sparsebp vrpge",
                                 description="VR-PGE mask learning on the bundled MNIST digits (no torch needed): "
                                             "dense vs learned unit masks vs random masks of the same size.")
@@ -212,9 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--search", type=int, default=5, help="mask-search epochs (default 5)")
     p.add_argument("--finetune", type=int, default=5, help="fine-tuning epochs (default 5)")
     p.add_argument("--batch", type=int, default=128, help="mini-batch size (default 128)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
-    p.add_argument("--lr-s", type=float, default=0.05, help="Adam learning rate of s (default 0.05)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training digits")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
+    p.add_argument("--lr-s", type=positive_float, default=0.05, help="Adam learning rate of s (default 0.05)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N training digits")
     p.add_argument("--out", default=None, help="folder for vrpge.md and vrpge.csv")
     p.add_argument("--granularity", choices=["unit", "weight"], default="unit",
                    help="unit masks (default; compacted dense products) or one s per weight (CSR kernels)")
