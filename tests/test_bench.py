@@ -90,3 +90,41 @@ def test_train_step_bench_case_and_report_smoke(threads):
         train_step.BATCH = old
     assert {r["contender"] for r in rows} == {"dense", "sparsebp"}
     assert "0.95" in train_step.report(rows)
+
+
+def test_msbp_alpha_report_means_against_numpy():
+    """The validation study's table: each cell is the mean over seeds of a measure of the per-epoch
+    curve (last epoch, mean of the last three, best, epoch 10), computed here independently."""
+    from sparsebp.bench import msbp_alpha
+
+    rng = np.random.default_rng(3)
+    curves = {(m, s): rng.uniform(0.9, 1.0, 12) for m in ("alpha=0", "alpha=0.5") for s in (0, 1, 2)}
+    rows = [dict(model=m, seed=s, epoch=e + 1, val_acc=float(c[e])) for (m, s), c in curves.items()
+            for e in range(12)]
+    rng.shuffle(rows)  # the report must not rely on row order
+    md = msbp_alpha.report(rows, 12)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| MSBP alpha = 0.5 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+    for cell, fn in zip(cells, (lambda c: c[-1], lambda c: c[-3:].mean(), np.max, lambda c: c[9])):
+        v = np.mean([fn(curves[("alpha=0.5", s)]) for s in range(3)]) * 100
+        d = v - np.mean([fn(curves[("alpha=0", s)]) for s in range(3)]) * 100
+        assert cell == f"{v:.2f} ({d:+.2f})"
+    assert "| alpha = 0 (unified meProp) |" in md and "mean over epochs 10-12" in md
+
+
+def test_msbp_alpha_runs_on_training_digits_only(tmp_path, monkeypatch):
+    """One epoch end to end; the study must never read the test split."""
+    from sparsebp import datasets
+    from sparsebp.bench import msbp_alpha
+
+    real = datasets.load_mnist
+
+    def train_only(split="train", **kw):
+        assert split == "train", "the alpha study read the test split"
+        return real(split, **kw)
+
+    monkeypatch.setattr(datasets, "load_mnist", train_only)
+    rows = msbp_alpha._train(("msbp", 0.5, 0, 1))
+    assert [r["epoch"] for r in rows] == [1] and 0.5 < rows[0]["val_acc"] <= 1.0
+    with pytest.raises(SystemExit):
+        msbp_alpha.main(["--out", str(tmp_path), "--alphas", "1.5"])

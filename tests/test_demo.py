@@ -78,6 +78,9 @@ def test_command_lines_reject_bad_values_as_usage_errors(argv, capsys):
 
 @pytest.mark.parametrize("module, argv", [
     ("sparsebp.bench.sparse_grad", ["--reps", "0"]), ("sparsebp.bench.linear", ["--threads", "0"]),
+    ("sparsebp.bench.msbp_alpha", ["--out", "x", "--epochs", "0"]),
+    ("sparsebp.bench.msbp_alpha", ["--out", "x", "--alphas", "1"]),
+    ("sparsebp.bench.msbp_alpha", ["--out", "x", "--seeds", "-1"]),
 ])
 def test_benchmark_command_lines_reject_bad_values(module, argv, capsys):
     import importlib

@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     pd.add_argument("--batch", type=positive_int, default=32, help="mini-batch size (default 32)")
     pd.add_argument("--k", type=positive_int, default=20, help="top-k of each hidden layer's gradient (default 20)")
     pd.add_argument("--sparsity", type=fraction, default=0.9, help="weight sparsity of the sparse model (default 0.9)")
-    pd.add_argument("--alpha", type=unit, default=0.8, help="MSBP memory ratio (default 0.8)")
+    pd.add_argument("--alpha", type=unit, default=0.5,
+                    help="MSBP memory ratio (default 0.5, chosen on a validation split: bench/results/msbp_alpha)")
     pd.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                     help="adam (the paper's, lr 1e-3) or sgd (momentum 0.9, lr 0.05)")
     pd.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimizer's above)")
