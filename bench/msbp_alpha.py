@@ -82,9 +82,10 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=positive_int, default=2, help="processes side by side (default 2)")
     p.add_argument("--no-dense", action="store_true", help="leave out the dense reference")
     a = p.parse_args(argv)
-    jobs = [("msbp" if x > 0 else "meprop-unified", x, s, a.epochs) for x in a.alphas for s in a.seeds]
+    seeds, alphas = list(dict.fromkeys(a.seeds)), list(dict.fromkeys(a.alphas))  # a repeat would mix curves
+    jobs = [("msbp" if x > 0 else "meprop-unified", x, s, a.epochs) for x in alphas for s in seeds]
     if not a.no_dense:
-        jobs += [("dense", 0.0, s, a.epochs) for s in a.seeds]
+        jobs += [("dense", 0.0, s, a.epochs) for s in seeds]
     # One thread per run; the spawned workers read these when they import NumPy and sparsebp.
     os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     os.environ["SPARSEBP_NUM_THREADS"] = "1"

@@ -128,3 +128,16 @@ def test_msbp_alpha_runs_on_training_digits_only(tmp_path, monkeypatch):
     assert [r["epoch"] for r in rows] == [1] and 0.5 < rows[0]["val_acc"] <= 1.0
     with pytest.raises(SystemExit):
         msbp_alpha.main(["--out", str(tmp_path), "--alphas", "1.5"])
+
+
+def test_msbp_alpha_main_runs_each_model_and_seed_once(tmp_path):
+    """End to end through the spawned workers; a repeated seed or alpha is run once, not mixed in."""
+    import csv
+
+    from sparsebp.bench import msbp_alpha
+
+    msbp_alpha.main(["--out", str(tmp_path), "--seeds", "0", "0", "--alphas", "0", "0.0", "--epochs", "1",
+                     "--jobs", "1", "--no-dense"])
+    rows = list(csv.DictReader(open(tmp_path / "msbp_alpha.csv")))
+    assert [(r["model"], r["seed"], r["epoch"]) for r in rows] == [("alpha=0", "0", "1")]
+    assert "| alpha = 0 (unified meProp) |" in (tmp_path / "msbp_alpha.md").read_text()
