@@ -21,8 +21,6 @@ N_FIT = 11000  # training digits used for fitting; the rest of the training spli
 
 def _train(job) -> List[dict]:
     kind, alpha, seed, epochs = job
-    import numpy as np
-
     from sparsebp import demo, nn
     from sparsebp.datasets import load_mnist
 
@@ -33,7 +31,7 @@ def _train(job) -> List[dict]:
                          y_test=y[N_FIT:], seed=seed, progress=False)
     name = "dense" if kind == "dense" else f"alpha={alpha:g}"
     return [dict(model=name, alpha=alpha if kind != "dense" else float("nan"), seed=seed, epoch=r["epoch"],
-                 val_acc=float(np.float64(r["test_acc"]))) for r in recs]
+                 val_acc=float(r["test_acc"])) for r in recs]
 
 
 def report(rows: List[dict], epochs: int) -> str:

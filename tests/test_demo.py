@@ -63,6 +63,7 @@ def test_demo_rejects_bad_arguments(args):
 
 @pytest.mark.parametrize("argv", [
     ["vrpge", "--lr", "-1"], ["vrpge", "--lr-s", "nan"], ["vrpge", "--limit", "-5"], ["vrpge", "--lr", "0"],
+    ["vrpge", "--seeds", "0"], ["vrpge", "--search", "-1"], ["vrpge", "--finetune", "-1"], ["vrpge", "--batch", "0"],
     ["bench", "--reps", "0"], ["bench", "--threads", "0"], ["bench", "--threads", "1", "-2"],
     ["demo", "--alpha", "-0.1"], ["demo", "--lr", "nan"],
 ])

@@ -203,17 +203,17 @@ def paired_differences(rows) -> dict:
 
 
 def main(argv=None) -> int:
-    from ._argtypes import positive_float, positive_int
+    from ._argtypes import nonnegative_int, positive_float, positive_int
 
     p = argparse.ArgumentParser(prog="sparsebp vrpge",
                                 description="VR-PGE mask learning on the bundled MNIST digits (no torch needed): "
                                             "dense vs learned unit masks vs random masks of the same size.")
     p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1],
                    help="keep ratios (default 0.5 0.25 0.1)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds at the smallest keep ratio (default 3)")
-    p.add_argument("--search", type=int, default=5, help="mask-search epochs (default 5)")
-    p.add_argument("--finetune", type=int, default=5, help="fine-tuning epochs (default 5)")
-    p.add_argument("--batch", type=int, default=128, help="mini-batch size (default 128)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds at the smallest keep ratio (default 3)")
+    p.add_argument("--search", type=nonnegative_int, default=5, help="mask-search epochs (default 5)")
+    p.add_argument("--finetune", type=nonnegative_int, default=5, help="fine-tuning epochs (default 5)")
+    p.add_argument("--batch", type=positive_int, default=128, help="mini-batch size (default 128)")
     p.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
     p.add_argument("--lr-s", type=positive_float, default=0.05, help="Adam learning rate of s (default 0.05)")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N training digits")
@@ -225,8 +225,6 @@ def main(argv=None) -> int:
     for k in a.keep:
         if not 0 < k <= 1:
             p.error(f"--keep values must lie in (0, 1]; got {k}")
-    if a.seeds < 1 or a.search < 0 or a.finetune < 0 or a.batch < 1:
-        p.error("--seeds and --batch must be >= 1, --search and --finetune >= 0")
     run(tuple(a.keep), tuple(range(a.seeds)), a.search, a.finetune, a.batch, a.lr, a.lr_s, a.out,
         not a.no_progress, a.limit, a.granularity)
     return 0
