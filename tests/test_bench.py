@@ -141,3 +141,50 @@ def test_msbp_alpha_main_runs_each_model_and_seed_once(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "msbp_alpha.csv")))
     assert [(r["model"], r["seed"], r["epoch"]) for r in rows] == [("alpha=0", "0", "1")]
     assert "| alpha = 0 (unified meProp) |" in (tmp_path / "msbp_alpha.md").read_text()
+
+
+def test_vrpge_lr_report_against_numpy():
+    """The lr-of-s study's table: mean validation accuracy per (keep, lr) and learned minus random
+    seed by seed (mean, standard error, seeds ahead), computed here independently."""
+    from sparsebp.bench import vrpge_lr
+
+    rng = np.random.default_rng(5)
+    rows = [dict(method="random", keep=0.1, lr_s=float("nan"), seed=s, val_acc=float(rng.uniform(0.9, 0.96)),
+                 polarised=float("nan"), step_ms=1.0) for s in range(4)]
+    rows += [dict(method="vr-pge", keep=0.1, lr_s=lr, seed=s, val_acc=float(rng.uniform(0.9, 0.96)),
+                  polarised=float(rng.uniform(0.9, 1.0)), step_ms=float(rng.uniform(1, 2)))
+             for lr in (0.05, 0.2) for s in range(4)]
+    rng.shuffle(rows)  # the report must not rely on row order
+    md = vrpge_lr.report(rows)
+    rnd = {r["seed"]: r["val_acc"] for r in rows if r["method"] == "random"}
+    for lr in (0.05, 0.2):
+        rs = [r for r in rows if r["method"] == "vr-pge" and r["lr_s"] == lr]
+        d = np.array([100 * (r["val_acc"] - rnd[r["seed"]]) for r in rs])
+        want = (f"| 0.1 | {lr:g} | 4 | {100 * np.mean([r['val_acc'] for r in rs]):.2f} | {d.mean():+.2f} | "
+                f"{d.std(ddof=1) / 2:.2f} | {int((d > 0).sum())} / 4 | {np.mean([r['polarised'] for r in rs]):.3f} | "
+                f"{np.median([r['step_ms'] for r in rs]):.2f} |")
+        assert want in md.splitlines()
+    assert f"| 0.1 | random mask | 4 | {100 * np.mean(list(rnd.values())):.2f} |" in md
+
+
+def test_vrpge_lr_runs_on_training_digits_only(tmp_path, monkeypatch):
+    """One short run of each kind end to end; the study must never read the test split."""
+    from sparsebp import datasets
+    from sparsebp.bench import vrpge_lr
+
+    real = datasets.load_mnist
+
+    def train_only(split="train", **kw):
+        assert split == "train", "the lr study read the test split"
+        return real(split, **kw)
+
+    monkeypatch.setattr(datasets, "load_mnist", train_only)
+    learned = vrpge_lr._run(("vr-pge", 0.25, 0.2, 0, 1, 0, "unit"))
+    random = vrpge_lr._run(("random", 0.25, float("nan"), 0, 1, 0, "unit"))
+    for r in (learned, random):
+        assert 0.5 < r["val_acc"] <= 1.0 and r["step_ms"] > 0
+    assert 0.0 <= learned["polarised"] <= 1.0
+    for bad in (["--keeps", "0"], ["--keeps", "1.5"], ["--lrs", "0"], ["--seeds", "-1"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit):
+            vrpge_lr.main(["--out", str(tmp_path), *bad])
+    assert not (tmp_path / "vrpge_lr.csv").exists()
