@@ -109,7 +109,7 @@ def _mask_density(vr, mask) -> float:
     return sum(len(m[1]) for m in mask) / sum(s.size for s in vr.s)
 
 
-def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128, lr=0.05, lr_s=0.05,
+def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128, lr=0.05, lr_s=0.2,
         out_dir=None, progress=True, limit=None, granularity="unit"):
     X, y = load_mnist("train", limit=limit)
     Xt, yt = load_mnist("test")
@@ -215,7 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--finetune", type=nonnegative_int, default=5, help="fine-tuning epochs (default 5)")
     p.add_argument("--batch", type=positive_int, default=128, help="mini-batch size (default 128)")
     p.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate of the weights (default 0.05)")
-    p.add_argument("--lr-s", type=positive_float, default=0.05, help="Adam learning rate of s (default 0.05)")
+    p.add_argument("--lr-s", type=positive_float, default=0.2,
+                   help="Adam learning rate of s (default 0.2, chosen on held-out training digits: "
+                        "python -m sparsebp.bench.vrpge_lr)")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N training digits")
     p.add_argument("--out", default=None, help="folder for vrpge.md and vrpge.csv")
     p.add_argument("--granularity", choices=["unit", "weight"], default="unit",
