@@ -112,18 +112,25 @@ def test_msbp_alpha_report_means_against_numpy():
     assert "| alpha = 0 (unified meProp) |" in md and "mean over epochs 10-12" in md
 
 
-def test_msbp_alpha_runs_on_training_digits_only(tmp_path, monkeypatch):
-    """One epoch end to end; the study must never read the test split."""
+@pytest.fixture
+def train_split_only(monkeypatch):
+    """``load_mnist`` fails on any split but "train": the validation studies must never read the
+    test split."""
     from sparsebp import datasets
-    from sparsebp.bench import msbp_alpha
 
     real = datasets.load_mnist
 
     def train_only(split="train", **kw):
-        assert split == "train", "the alpha study read the test split"
+        assert split == "train", "a validation study read the test split"
         return real(split, **kw)
 
     monkeypatch.setattr(datasets, "load_mnist", train_only)
+
+
+def test_msbp_alpha_runs_on_training_digits_only(tmp_path, train_split_only):
+    """One epoch end to end; the study must never read the test split."""
+    from sparsebp.bench import msbp_alpha
+
     rows = msbp_alpha._train(("msbp", 0.5, 0, 1))
     assert [r["epoch"] for r in rows] == [1] and 0.5 < rows[0]["val_acc"] <= 1.0
     with pytest.raises(SystemExit):
@@ -167,18 +174,10 @@ def test_vrpge_lr_report_against_numpy():
     assert f"| 0.1 | random mask | 4 | {100 * np.mean(list(rnd.values())):.2f} |" in md
 
 
-def test_vrpge_lr_runs_on_training_digits_only(tmp_path, monkeypatch):
+def test_vrpge_lr_runs_on_training_digits_only(tmp_path, train_split_only):
     """One short run of each kind end to end; the study must never read the test split."""
-    from sparsebp import datasets
     from sparsebp.bench import vrpge_lr
 
-    real = datasets.load_mnist
-
-    def train_only(split="train", **kw):
-        assert split == "train", "the lr study read the test split"
-        return real(split, **kw)
-
-    monkeypatch.setattr(datasets, "load_mnist", train_only)
     learned = vrpge_lr._run(("vr-pge", 0.25, 0.2, 0, 1, 0, "unit"))
     random = vrpge_lr._run(("random", 0.25, float("nan"), 0, 1, 0, "unit"))
     for r in (learned, random):
