@@ -89,3 +89,15 @@ def test_benchmark_command_lines_reject_bad_values(module, argv, capsys):
     with pytest.raises(SystemExit) as e:
         importlib.import_module(module).main(argv)
     assert e.value.code == 2 and "argument" in capsys.readouterr().err
+
+
+def test_version_flag_prints_the_installed_distribution_version(capsys):
+    """``sparsebp --version`` says the version the installed package's metadata carries."""
+    from importlib.metadata import version
+
+    from sparsebp import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sparsebp {version('sparsebp')}"

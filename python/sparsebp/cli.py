@@ -1,4 +1,4 @@
-"""The `sparsebp` command: `sparsebp info`, `sparsebp bench`."""
+"""The `sparsebp` command: `sparsebp info|demo|vrpge|bench`, `sparsebp --version`."""
 from __future__ import annotations
 
 import argparse
@@ -81,7 +81,10 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="sparsebp", description="sparsebp: sparse training on CPUs")
+    p.add_argument("--version", action="version", version=f"sparsebp {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("info", help="version, ISA chosen and available, threads, build flags")
     pi.add_argument("--json", action="store_true", help="print build_info() as JSON")
