@@ -2,6 +2,8 @@
 independent references (numpy sorting with the tie rule spelled out; float64 products)."""
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sparsebp import _core, ops
 from sparsebp.sparse_grad import csr_selected_backward
@@ -82,6 +84,34 @@ def test_topk_columns(isa, n):
     scores = np.abs(g.astype(np.float64)).sum(axis=0, keepdims=True)
     for k in sorted({0, 1, 3, n // 3, n - 1, n, n + 1}):
         np.testing.assert_array_equal(ops.topk_columns(g, k), topk_ref(scores, k)[0], err_msg=f"k={k}")
+
+
+@st.composite
+def _selection_case(draw):
+    """A gradient of any small shape, its values from a few levels (ties, +-0) or continuous, any
+    k from 0 to past the width; the array may be a strided view."""
+    rows, n = draw(st.integers(1, 40)), draw(st.integers(1, 700))
+    seed, k = draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, n + 2))
+    rng = np.random.default_rng(seed)
+    if draw(st.booleans()):
+        g = rng.integers(-draw(st.integers(0, 4)), 5, size=(rows, n + 2)).astype(np.float32)
+    else:
+        g = rng.standard_normal((rows, n + 2)).astype(np.float32)
+    return (g[:, 1:1 + n] if draw(st.booleans()) else np.ascontiguousarray(g[:, :n])), k
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_selection_case())
+def test_hypothesis_topk_and_topk_columns(isa, case):
+    """Per-row top-k and unified column selection on random shapes, values and k, against numpy
+    sorting with the tie rule; the input is left as it was."""
+    g, k = case
+    before = g.copy()
+    np.testing.assert_array_equal(ops.topk(g, k), topk_ref(g, k))
+    gi = np.round(g)  # integer sums are exact in float32, so the scores' order is not a rounding matter
+    scores = np.abs(gi.astype(np.float64)).sum(axis=0, keepdims=True)
+    np.testing.assert_array_equal(ops.topk_columns(gi, k), topk_ref(scores, k)[0])
+    np.testing.assert_array_equal(g, before)
 
 
 def _problem(rng, batch, out_f, in_f):
