@@ -156,6 +156,40 @@ def test_meprop_backward_against_float64(isa, batch, out_f, in_f, mode):
             assert len(touched) == k, "unified mode must give exactly k nonzero rows of dW"
 
 
+@st.composite
+def _backward_case(draw):
+    batch, out_f, in_f = draw(st.integers(1, 40)), draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    return batch, out_f, in_f, draw(st.integers(0, out_f + 1)), draw(st.sampled_from(["example", "unified"])), \
+        draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_backward_case())
+def test_hypothesis_meprop_backward(isa, case):
+    """Both modes on random shapes and k, full and compact weight gradients, against float64 NumPy
+    on the mask the reference selection gives. G is integer-valued so that the selection (and the
+    unified scores) are exact and the reference can pick the same entries."""
+    batch, out_f, in_f, k, mode, seed = case
+    rng = np.random.default_rng(seed)
+    g = rng.integers(-6, 7, size=(batch, out_f)).astype(np.float32)
+    x = rng.standard_normal((batch, in_f)).astype(np.float32)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    mask = np.zeros(g.shape, bool)
+    if mode == "example":
+        np.put_along_axis(mask, topk_ref(g, k), True, axis=1)
+    else:
+        mask[:, topk_ref(np.abs(g.astype(np.float64)).sum(0, keepdims=True), k)[0]] = True
+    dx, dw, sdx, sdw = _masked_ref(g, x, w, mask)
+    full = ops.meprop_backward(g, x, w, k, mode)
+    ref.assert_close(full.input, dx, sdx, out_f, f"{mode} k={k} dx")
+    ref.assert_close(full.weight, dw, sdw, batch, f"{mode} k={k} dW")
+    ref.assert_close(full.bias, g.astype(np.float64).sum(0), np.abs(g.astype(np.float64)).sum(0), batch, "db")
+    compact = ops.meprop_backward(g, x, w, k, mode, input_grad=False, bias_grad=False, compact=True)
+    rows = np.asarray(compact.weight_rows)
+    assert np.all(np.diff(rows) > 0) and set(np.flatnonzero(mask.any(0))) <= set(rows)
+    ref.assert_close(compact.weight, dw[rows], sdw[rows], batch, f"{mode} k={k} compact dW")
+
+
 @pytest.mark.parametrize("form", ["scatter", "gather"])
 def test_example_input_gradient_both_forms(isa, monkeypatch, form):
     """Per example, dx is formed by scattering Ĝ[b, j] W[j] by unit or by gathering W's rows by
