@@ -187,3 +187,24 @@ def test_vrpge_lr_runs_on_training_digits_only(tmp_path, train_split_only):
         with pytest.raises(SystemExit):
             vrpge_lr.main(["--out", str(tmp_path), *bad])
     assert not (tmp_path / "vrpge_lr.csv").exists()
+
+
+def test_torch_meprop_step_runs_and_reports():
+    """The PyTorch meProp step benchmark on one short round: every contender timed, the report's
+    ratios are the rows' times over dense's."""
+    pytest.importorskip("torch")
+    from sparsebp.bench import torch_meprop
+
+    old = torch_meprop.STEPS
+    torch_meprop.STEPS = 2
+    try:
+        rows = torch_meprop.run_case(reps=1)
+    finally:
+        torch_meprop.STEPS = old
+    by = {r["contender"]: r for r in rows}
+    assert {"dense", "unified", "per example"} <= set(by)
+    for r in rows:
+        assert r["step_ms"] > 0
+        assert r["speedup"] == pytest.approx(by["dense"]["step_ms"] / r["step_ms"])
+    md = torch_meprop.report(rows)
+    assert "| unified |" in md and "| per example |" in md
