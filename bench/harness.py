@@ -161,3 +161,18 @@ def emit(rows: List[dict]) -> None:
     """A worker's result rows, one `RESULT {json}` line each (what run_workers collects)."""
     for row in rows:
         print("RESULT " + json.dumps(row), flush=True)
+
+
+def map_single_threaded(fn: Callable, jobs: list, processes: int, desc: str = "runs") -> list:
+    """``fn`` over ``jobs`` in ``processes`` spawned workers (a tqdm bar over the jobs), each with
+    one thread for sparsebp and NumPy's BLAS: for studies whose runs share the machine side by
+    side. Results in the jobs' order."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    # The spawned workers read these when they import NumPy and sparsebp.
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    os.environ["SPARSEBP_NUM_THREADS"] = "1"
+    with mp.get_context("spawn").Pool(processes) as pool:
+        return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))

@@ -84,17 +84,9 @@ def main(argv=None) -> None:
     jobs = [("msbp" if x > 0 else "meprop-unified", x, s, a.epochs) for x in alphas for s in seeds]
     if not a.no_dense:
         jobs += [("dense", 0.0, s, a.epochs) for s in seeds]
-    # One thread per run; the spawned workers read these when they import NumPy and sparsebp.
-    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
-    os.environ["SPARSEBP_NUM_THREADS"] = "1"
-    import multiprocessing as mp
+    from sparsebp.bench.harness import map_single_threaded, write_csv
 
-    from tqdm import tqdm
-
-    with mp.get_context("spawn").Pool(a.jobs) as pool:
-        rows = [r for out in tqdm(pool.imap(_train, jobs), total=len(jobs), desc="runs") for r in out]
-    from sparsebp.bench.harness import write_csv
-
+    rows = [r for out in map_single_threaded(_train, jobs, a.jobs) for r in out]
     os.makedirs(a.out, exist_ok=True)
     write_csv(os.path.join(a.out, "msbp_alpha.csv"), rows)
     text = report(rows, a.epochs)

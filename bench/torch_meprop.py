@@ -14,6 +14,7 @@ Contenders
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import List
 
@@ -109,7 +110,7 @@ def report(rows: List[dict]) -> str:
     for r in sorted(rows, key=lambda r: r["threads"]):
         vf = r["speedup_vs_fused"]
         lines.append(f"| {r['threads']} | {r['contender']} | {r['step_ms']:.2f} | {r['speedup']:.2f}x | "
-                     f"{'-' if vf != vf else f'{vf:.2f}x'} |")
+                     f"{'-' if math.isnan(vf) else f'{vf:.2f}x'} |")
     return "\n".join(lines) + "\n"
 
 

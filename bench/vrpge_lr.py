@@ -29,28 +29,20 @@ def _run(job) -> dict:
     import numpy as np
 
     from sparsebp import nn
-    from sparsebp.algorithms.vrpge import VRPGE
     from sparsebp.datasets import load_mnist
-    from sparsebp.vrpge_demo import mlp, random_units, train_plain
+    from sparsebp.vrpge_demo import learn_mask, random_baseline, train_plain
 
     X, y = load_mnist("train")
     Xv, yv = X[N_FIT:], y[N_FIT:]
     X, y = X[:N_FIT], y[:N_FIT]
     row = dict(method=method, granularity=granularity, keep=keep, lr_s=lr_s, seed=seed)
-    if method == "random":  # the same construction as sparsebp vrpge's random baseline
-        if granularity == "unit":
-            base, mask = VRPGE(mlp(seed), 0.5), random_units(keep, seed + 100)
-        else:
-            base = VRPGE(mlp(seed), keep, granularity="weight", seed=seed + 100)
-            mask = base.sample()
+    if method == "random":  # sparsebp vrpge's random baseline
+        base, mask = random_baseline(keep, seed, granularity)
         model = base.compact(mask)
         t = train_plain(model, X, y, search + finetune, 128, 0.05, seed, "random", False)
         return dict(row, val_acc=float(nn.evaluate(model, Xv, yv)), polarised=float("nan"), step_ms=1e3 * t)
-    vr = VRPGE(mlp(seed), keep, lr=0.05, lr_s=lr_s, seed=seed, granularity=granularity)
-    hist = vr.fit(X, y, epochs=search, batch=128, seed=seed, progress=False)
-    mask, _ = vr.best_mask(X[:3000], y[:3000], samples=10)
-    model = vr.compact(mask)
-    train_plain(model, X, y, finetune, 128, 0.05, seed, "fine-tune", False)
+    vr, _, model, hist = learn_mask(X, y, keep, seed, search=search, finetune=finetune, batch=128, lr=0.05,
+                                    lr_s=lr_s, granularity=granularity)
     step = float(np.median([h["step_s"] for h in hist])) if hist else float("nan")
     return dict(row, val_acc=float(nn.evaluate(model, Xv, yv)), polarised=float(vr.polarised()), step_ms=1e3 * step)
 
@@ -85,11 +77,11 @@ def report(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    from sparsebp._argtypes import nonnegative_int, positive_float, positive_int, unit
+    from sparsebp._argtypes import keep_ratio, nonnegative_int, positive_float, positive_int
 
     p = argparse.ArgumentParser(prog="python -m sparsebp.bench.vrpge_lr", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for vrpge_lr.csv and vrpge_lr.md")
-    p.add_argument("--keeps", type=unit, nargs="+", default=[0.5, 0.25, 0.1])
+    p.add_argument("--keeps", type=keep_ratio, nargs="+", default=[0.5, 0.25, 0.1])
     p.add_argument("--lrs", type=positive_float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.5],
                    help="Adam learning rates of s to compare")
     p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -98,23 +90,13 @@ def main(argv=None) -> None:
     p.add_argument("--granularity", choices=["unit", "weight"], default="unit")
     p.add_argument("--jobs", type=positive_int, default=2, help="processes side by side (default 2)")
     a = p.parse_args(argv)
-    if any(k <= 0 for k in a.keeps):
-        p.error(f"--keeps values must lie in (0, 1]; got {a.keeps}")
     keeps, lrs, seeds = (list(dict.fromkeys(v)) for v in (a.keeps, a.lrs, a.seeds))  # a repeat would be run twice
     g = a.granularity
     jobs = [("random", k, float("nan"), s, a.search, a.finetune, g) for k in keeps for s in seeds]
     jobs += [("vr-pge", k, lr, s, a.search, a.finetune, g) for k in keeps for lr in lrs for s in seeds]
-    # One thread per run; the spawned workers read these when they import NumPy and sparsebp.
-    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
-    os.environ["SPARSEBP_NUM_THREADS"] = "1"
-    import multiprocessing as mp
+    from sparsebp.bench.harness import map_single_threaded, write_csv
 
-    from tqdm import tqdm
-
-    with mp.get_context("spawn").Pool(a.jobs) as pool:
-        rows = list(tqdm(pool.imap(_run, jobs), total=len(jobs), desc="runs"))
-    from sparsebp.bench.harness import write_csv
-
+    rows = map_single_threaded(_run, jobs, a.jobs)
     os.makedirs(a.out, exist_ok=True)
     write_csv(os.path.join(a.out, "vrpge_lr.csv"), rows)
     text = report(rows)

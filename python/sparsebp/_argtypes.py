@@ -35,6 +35,14 @@ def unit(v: str) -> float:
     return f
 
 
+def keep_ratio(v: str) -> float:
+    """A number in (0, 1] (a keep ratio)."""
+    f = float(v)
+    if not 0.0 < f <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1]; got {v}")
+    return f
+
+
 def positive_float(v: str) -> float:
     """A positive finite number (a learning rate)."""
     f = float(v)

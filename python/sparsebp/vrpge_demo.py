@@ -109,6 +109,31 @@ def _mask_density(vr, mask) -> float:
     return sum(len(m[1]) for m in mask) / sum(s.size for s in vr.s)
 
 
+def learn_mask(X, y, keep: float, seed: int, *, search: int, finetune: int, batch: int, lr: float, lr_s: float,
+               granularity: str, progress: bool = False, reference=None):
+    """VR-PGE as ``sparsebp vrpge`` runs it: ``search`` epochs of mask learning on ``mlp(seed)``, the
+    best of 10 sampled masks (training accuracy on the first 3,000 digits), then ``finetune`` epochs
+    of the compacted network. ``reference``: as for ``VRPGE.fit``. Returns (the trainer, the mask,
+    the fine-tuned compact model, the search's per-epoch records)."""
+    vr = VRPGE(mlp(seed), keep, lr=lr, lr_s=lr_s, seed=seed, granularity=granularity)
+    hist = vr.fit(X, y, epochs=search, batch=batch, seed=seed, progress=progress, desc=f"vr-pge {keep}",
+                  reference=reference)
+    mask, _ = vr.best_mask(X[:3000], y[:3000], samples=10)
+    small = vr.compact(mask)
+    train_plain(small, X, y, finetune, batch, lr, seed, f"fine-tune {keep}", progress)
+    return vr, mask, small, hist
+
+
+def random_baseline(keep: float, seed: int, granularity: str):
+    """The random fixed mask a learned one is compared with, from the same initialisation
+    ``mlp(seed)``: ``round(keep * n)`` units per hidden layer, or a Bernoulli(keep) mask per weight
+    (the same expected size). Returns (a VRPGE whose ``compact`` applies it, the mask)."""
+    if granularity == "unit":
+        return VRPGE(mlp(seed), 0.5), random_units(keep, seed + 100)  # the trainer: only its compaction is used
+    base = VRPGE(mlp(seed), keep, granularity="weight", seed=seed + 100)
+    return base, base.sample()
+
+
 def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128, lr=0.05, lr_s=0.2,
         out_dir=None, progress=True, limit=None, granularity="unit"):
     X, y = load_mnist("train", limit=limit)
@@ -127,26 +152,18 @@ def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128
         step_ms=1e3 * t_dense, step_vs_dense=1.0, dense_step_ms=1e3 * t_dense)
     for keep in keeps:
         for seed in (seeds if keep == min(keeps) else seeds[:1]):
-            vr = VRPGE(mlp(seed), keep, lr=lr, lr_s=lr_s, seed=seed, granularity=granularity)
             ref = _dense_step(seed, lr)  # a dense model stepped on the same batches, interleaved
-            hist = vr.fit(X, y, epochs=search, batch=batch, seed=seed, progress=progress, desc=f"vr-pge {keep}",
-                          reference=ref)
+            vr, mask, small, hist = learn_mask(X, y, keep, seed, search=search, finetune=finetune, batch=batch,
+                                               lr=lr, lr_s=lr_s, granularity=granularity, progress=progress,
+                                               reference=ref)
             t_step = float(np.median([h["step_s"] for h in hist])) if hist else float("nan")
             t_ref = float(np.median([h["reference_step_s"] for h in hist])) if hist else float("nan")
             # the ratio of each epoch (its steps and its reference steps ran side by side), then the median
             ratio = float(np.median([h["step_s"] / h["reference_step_s"] for h in hist])) if hist else float("nan")
-            mask, _ = vr.best_mask(X[:3000], y[:3000], samples=10)
-            small = vr.compact(mask)
-            train_plain(small, X, y, finetune, batch, lr, seed, f"fine-tune {keep}", progress)
             add(method="vr-pge", keep=keep, seed=seed, test_acc=nn.evaluate(small, Xt, yt),
                 density=_mask_density(vr, mask), polarised=vr.polarised(), step_ms=1e3 * t_step,
                 step_vs_dense=ratio, dense_step_ms=1e3 * t_ref)
-            if granularity == "unit":
-                rmask = random_units(keep, seed + 100)
-                base = VRPGE(mlp(seed), 0.5)  # only its compaction is used
-            else:  # a Bernoulli(keep) mask per weight: the random mask of the same expected size
-                base = VRPGE(mlp(seed), keep, granularity="weight", seed=seed + 100)
-                rmask = base.sample()
+            base, rmask = random_baseline(keep, seed, granularity)
             rnd = base.compact(rmask)
             t_r, t_ref = train_plain(rnd, X, y, total, batch, lr, seed, f"random {keep}", progress,
                                      reference=_dense_step(seed, lr))
@@ -203,12 +220,12 @@ def paired_differences(rows) -> dict:
 
 
 def main(argv=None) -> int:
-    from ._argtypes import nonnegative_int, positive_float, positive_int
+    from ._argtypes import keep_ratio, nonnegative_int, positive_float, positive_int
 
     p = argparse.ArgumentParser(prog="sparsebp vrpge",
                                 description="VR-PGE mask learning on the bundled MNIST digits (no torch needed): "
                                             "dense vs learned unit masks vs random masks of the same size.")
-    p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1],
+    p.add_argument("--keep", type=keep_ratio, nargs="+", default=[0.5, 0.25, 0.1],
                    help="keep ratios (default 0.5 0.25 0.1)")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds at the smallest keep ratio (default 3)")
     p.add_argument("--search", type=nonnegative_int, default=5, help="mask-search epochs (default 5)")
@@ -224,9 +241,6 @@ def main(argv=None) -> int:
                    help="unit masks (default; compacted dense products) or one s per weight (CSR kernels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    for k in a.keep:
-        if not 0 < k <= 1:
-            p.error(f"--keep values must lie in (0, 1]; got {k}")
     run(tuple(a.keep), tuple(range(a.seeds)), a.search, a.finetune, a.batch, a.lr, a.lr_s, a.out,
         not a.no_progress, a.limit, a.granularity)
     return 0
