@@ -60,6 +60,49 @@ def test_topk_adversarial_sample(isa):
         np.testing.assert_array_equal(ops.topk(g, k), topk_ref(g, k), err_msg=f"k={k}")
 
 
+def _quickselect_adversary(n, k):
+    """|values| of a row (4k > n: every entry is a candidate, in column order) on which the SIMD
+    sets' k-th-value search, a quickselect pivoting on the median of the entries at m/4, m/2 and
+    m - 1 - m/4 and keeping the side of rank k in order, sheds only ~2 entries per round: its
+    pivots are frozen, lazily, as the smallest values yet, and every other entry ends above them
+    (McIlroy's trick). Returns the row and the number of rounds the search would take unbounded."""
+    frozen = {}
+
+    def value(i, freeze=False):
+        if freeze and i not in frozen:
+            frozen[i] = float(len(frozen) + 1)
+        return frozen.get(i, np.inf)
+
+    live, rank, rounds = list(range(n)), k, 0
+    while len(live) > 16:
+        rounds += 1
+        m = len(live)
+        a, b, c = (value(live[q], freeze=True) for q in (m // 4, m // 2, m - 1 - m // 4))
+        p = max(min(a, b), min(max(a, b), c))
+        above = [i for i in live if value(i) > p]
+        if rank > len(above):
+            break  # (never here: the pivots stay below rank k)
+        live = above
+    row = np.empty(n, np.float32)
+    rest = [i for i in range(n) if i not in frozen]
+    row[rest] = 1e6 + np.arange(len(rest))  # distinct, exact in float32, above every pivot
+    for i, v in frozen.items():
+        row[i] = v
+    return row, rounds
+
+
+@pytest.mark.parametrize("n", [400, 2000])
+def test_topk_quickselect_adversary(isa, n):
+    """Past a round limit the k-th-value search hands over to std::nth_element: an input built to
+    need hundreds of rounds still gives the exact answer (signs flipped: top-k is by magnitude)."""
+    k = n // 4 + 1
+    row, rounds = _quickselect_adversary(n, k)
+    assert rounds > 100  # the input defeats the pivot rule, so the limit is reached
+    signs = np.where(np.arange(n) % 3 == 0, -1.0, 1.0).astype(np.float32)
+    g = np.stack([row, row * signs, row[::-1].copy()])
+    np.testing.assert_array_equal(ops.topk(g, k), topk_ref(g, k))
+
+
 def test_topk_nan_and_bad_arguments(isa):
     g = np.ones((2, 600), np.float32)
     g[1, 300] = np.nan

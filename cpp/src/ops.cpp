@@ -565,9 +565,10 @@ void topk_rows(const float* g, int64_t rows, int64_t n, int64_t ldg, int64_t k, 
   const KernelTable& t = active_table();
   std::vector<uint8_t> nan_rows(static_cast<size_t>(rows), 0);
   const kernels::TopkArgs a{g, ldg, n, kk, idx, nan_rows.data()};
-  // An entry costs ~3.5-4.5 ns here (500- and 4096-wide rows, Zen 1), about what 24 multiply-adds
-  // of the product kernels cost, which threads_for counts: so 256 x 500 (0.7 ms) splits, while the
-  // demo's 32 x 500 (60 us, beside NumPy's BLAS) stays on one thread.
+  // An entry costs ~3.5 ns here in 500-wide rows (k = 20) and ~2 ns in 4096-wide ones (k = 164),
+  // Zen 1, about what 24 (12) multiply-adds of the product kernels cost, which threads_for counts:
+  // so 256 x 500 (~0.45 ms) splits, while the demo's 32 x 500 (~45 us, beside NumPy's BLAS) stays
+  // on one thread.
   const int64_t nt = threads_for(rows * n * 24);
   parallel_for(nt, [&](int64_t i) { t.topk_rows(a, rows * i / nt, rows * (i + 1) / nt); });
   for (int64_t r = 0; r < rows; ++r)

@@ -1,10 +1,12 @@
 // The selection logic of topk_rows, shared by every kernel set: each includes this after its isa.h
-// and passes its own candidate filter (scalar loop or SIMD compare). Contract: kernel_table.h.
+// and passes its own candidate filter and k-th-value search. Contract: kernel_table.h.
 //
 // Per row: estimate a threshold t from an evenly strided sample (so that about 2k entries pass),
-// collect the candidates |v| >= t in one pass (the only pass over the whole row), and select the k
-// best among them (larger |v|, then lower column). Every entry outside the candidates is < t, below
-// every candidate, so the answer is exact; when fewer than k pass, all entries become candidates.
+// collect the candidates |v| >= t in one pass (the only pass over the whole row), find T, the k-th
+// largest candidate value, and take the k best (larger |v|, then lower column) in one more pass
+// over the candidates. Every entry outside the candidates is < t, below every candidate, so the
+// answer is exact; when fewer than k pass, all entries become candidates. The scalar set passes a
+// plain loop and std::nth_element; the SIMD sets a compressing compare and a vectorised quickselect.
 // NaN is never "less than t", so a NaN always lands among the candidates and is reported.
 #pragma once
 #include <algorithm>
@@ -115,27 +117,70 @@ inline void select_row_small(const float* row, int64_t n, int64_t k, int32_t* ou
   std::sort(out, out + k);
 }
 
-// Room the filter may write past its last candidate (a SIMD filter stores whole vectors).
+// Room the filter (and a vectorised kth) may write past the last entry of its output.
 constexpr int64_t kFilterSlack = 16;
 
-// filter(row, n, t, out) -> m: writes {|row[j]|, j} for every j with !(|row[j]| < t), in order of j,
-// to out[0, m); out has room for n + kFilterSlack entries, and anything past out[m - 1] is scratch.
-template <class Filter>
-void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* nan_flag, std::vector<float>& sample,
-                std::vector<Cand>& cand, Filter filter) {
+// A row's candidates as two arrays (values, columns), in column order, and the scratch of the
+// selection; one per thread, grown only, so that nothing is re-initialised row after row.
+struct Candidates {
+  std::vector<float> v, spare, sample;
+  std::vector<int32_t> col;
+  std::vector<Cand> best;  // select_row_small
+  void reserve(int64_t n) {
+    const size_t need = static_cast<size_t>(n + kFilterSlack);
+    if (v.size() < need) {
+      v.resize(need);
+      spare.resize(need);
+      col.resize(need);
+    }
+  }
+};
+
+// The k-th largest of v[0, m) (1 <= k <= m, no NaN), the specification: std::nth_element.
+// Reorders v; `spare` is unused here (a vectorised kth partitions into it).
+inline float kth_largest_std(float* v, int64_t m, int64_t k, float* /*spare*/) {
+  std::nth_element(v, v + (k - 1), v + m, std::greater<float>());
+  return v[k - 1];
+}
+
+// The k columns of the candidates (cv, col)[0, m) under the tie rule, given T, the k-th largest
+// value among them: every candidate above T, then the first (lowest-column) ones equal to T until
+// k are taken, in column order. No branch on the data: every candidate is written at out[o] and o
+// advances when it is taken; the loop stops once k are (so out needs only k entries).
+inline void take_top(const float* cv, const int32_t* col, int64_t m, int64_t k, float t, int32_t* out) {
+  int64_t above = 0;
+  for (int64_t q = 0; q < m; ++q) above += cv[q] > t;
+  int64_t ties = k - above, o = 0;
+  for (int64_t q = 0; q < m && o < k; ++q) {
+    const float v = cv[q];
+    const bool eq = v == t;
+    out[o] = col[q];
+    o += (v > t) | (eq & (ties > 0));
+    ties -= eq;
+  }
+}
+
+// filter(row, n, t, cv, col) -> m: writes |row[j]| and j for every j with !(|row[j]| < t), in
+// order of j, to cv[0, m) and col[0, m); both have room for n + kFilterSlack entries, and anything
+// past m is scratch. kth(v, m, k, spare) -> the k-th largest of v[0, m) (1 <= k <= m, no NaN);
+// v and spare have room for m + kFilterSlack entries and may be reordered or overwritten.
+template <class Filter, class Kth>
+void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* nan_flag, Candidates& c,
+                Filter filter, Kth kth) {
   if (k <= kSmallK && k < n) {
-    select_row_small(row, n, k, out, nan_flag, cand);
+    select_row_small(row, n, k, out, nan_flag, c.best);
     return;
   }
-  // Grows only, so the entries are not re-initialised row after row.
-  if (static_cast<int64_t>(cand.size()) < n + kFilterSlack) cand.resize(static_cast<size_t>(n + kFilterSlack));
-  Cand* const cd = cand.data();
+  c.reserve(n);
+  float* const cv = c.v.data();
+  int32_t* const col = c.col.data();
   int64_t m = 0;
   bool filtered = false;
   if (4 * k <= n) {
     // Sample size: enough that ~6 samples lie above the k-th largest (3n/k, at least 64, at most
     // kSample); a row no longer than that is its own sample, and t is then exactly the k-th largest.
     const int64_t s_len = std::min(n, std::max<int64_t>(64, std::min<int64_t>(kSample, (3 * n + k - 1) / k)));
+    std::vector<float>& sample = c.sample;
     sample.resize(static_cast<size_t>(s_len));
     // Sample s reads entry floor(s * n / s_len), in 32.32 fixed point: one division per row instead
     // of one per sample (a 64-bit division costs tens of cycles; this loop was a third of a
@@ -150,39 +195,28 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
     const int64_t r = s_len == n ? k : std::min<int64_t>(s_len, (2 * k * s_len + n - 1) / n + 2);
     const float t = r <= kInsertRank ? kth_largest_by_insertion(sample.data(), s_len, r)
                                      : kth_largest_by_select(sample, r);
-    m = filter(row, n, t, cd);
+    m = filter(row, n, t, cv, col);
     filtered = m >= k;
   }
-  if (!filtered) m = filter(row, n, 0.0f, cd);  // |v| < 0 never holds: every entry
+  if (!filtered) m = filter(row, n, 0.0f, cv, col);  // |v| < 0 never holds: every entry
   uint8_t has_nan = 0;
   for (int64_t q = 0; q < m; ++q) {
-    if (std::isnan(cd[q].v)) {
+    if (std::isnan(cv[q])) {
       has_nan = 1;
-      cd[q].v = std::numeric_limits<float>::infinity();  // keep the ordering strict-weak; result unspecified
+      cv[q] = std::numeric_limits<float>::infinity();  // keeps the comparisons a strict weak order; result unspecified
     }
   }
   *nan_flag = has_nan;
-  // The candidates are in increasing column order. Find the k-th largest value T among them (on the
-  // values alone), then take, in that order, every candidate above T and the first (lowest-column)
-  // ones equal to T until k are taken: the tie rule, with the output already sorted.
   if (m == k) {
-    for (int64_t q = 0; q < k; ++q) out[q] = cd[q].i;
+    std::copy(col, col + k, out);
     return;
   }
-  std::vector<float>& vals = sample;  // free again: reused as scratch
-  vals.resize(static_cast<size_t>(m));
-  for (int64_t q = 0; q < m; ++q) vals[q] = cd[q].v;
-  const float t = kth_largest_by_select(vals, k);
-  int64_t above = 0;
-  for (int64_t q = 0; q < m; ++q) above += cd[q].v > t;
-  int64_t ties = k - above, o = 0;
-  for (int64_t q = 0; q < m; ++q) {
-    const Cand c = cd[q];
-    if (c.v > t || (c.v == t && ties > 0)) {
-      ties -= c.v == t;
-      out[o++] = c.i;
-    }
-  }
+  // T, the k-th largest value among the candidates, from a copy (kth reorders), then the pass.
+  std::vector<float>& work = c.sample;  // free again: reused as the copy kth reorders
+  if (work.size() < static_cast<size_t>(m + kFilterSlack)) work.resize(static_cast<size_t>(m + kFilterSlack));
+  std::copy(cv, cv + m, work.data());
+  const float t = kth(work.data(), m, k, c.spare.data());
+  take_top(cv, col, m, k, t, out);
 }
 
 }  // namespace

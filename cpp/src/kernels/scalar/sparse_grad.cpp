@@ -11,18 +11,20 @@ namespace kernels {
 namespace SPARSEBP_ISA_NS {
 
 void topk_rows(const TopkArgs& a, int64_t row_begin, int64_t row_end) {
-  std::vector<float> sample;
-  std::vector<Cand> cand;
-  auto filter = [](const float* row, int64_t n, float t, Cand* out) {
+  Candidates c;
+  auto filter = [](const float* row, int64_t n, float t, float* cv, int32_t* col) {
     int64_t m = 0;
     for (int64_t j = 0; j < n; ++j) {
       const float v = std::fabs(row[j]);
-      if (!(v < t)) out[m++] = {v, static_cast<int32_t>(j)};
+      if (!(v < t)) {
+        cv[m] = v;
+        col[m++] = static_cast<int32_t>(j);
+      }
     }
     return m;
   };
   for (int64_t r = row_begin; r < row_end; ++r)
-    select_row(a.src + r * a.lds, a.n, a.k, a.idx + r * a.k, a.nan_rows + r, sample, cand, filter);
+    select_row(a.src + r * a.lds, a.n, a.k, a.idx + r * a.k, a.nan_rows + r, c, filter, kth_largest_std);
 }
 
 void abs_colsum(const AbsColsumArgs& a, int64_t col_begin, int64_t col_end) {
