@@ -29,10 +29,10 @@ struct Cand {
 
 constexpr int64_t kSample = 256;
 // The sample's threshold rank is at most ~34 (about 2k/n of a sample of ~3n/k entries, plus 2, or
-// k itself when a row of at most 64 entries is its own sample, k <= n/4): found by insertion below
-// this rank, where std::nth_element's partitioning cost ~10% of a 500-wide row (k = 20) and ~20% of
-// a 4096-wide one (k = 41), measured on a Zen 1 core. (On the ~2k candidates, insertion and a
-// counted rank were measured too: no faster, or slower, than nth_element.)
+// k itself when a row of at most 64 entries is its own sample, k <= n/4). The scalar set finds
+// ranks up to this one by insertion, where std::nth_element's partitioning cost ~10% of a 500-wide
+// row (k = 20) and ~20% of a 4096-wide one (k = 41) on a Zen 1 core; the SIMD sets' quickselect
+// beats both (its partition does not branch on the data).
 constexpr int64_t kInsertRank = 40;
 
 // The r-th largest of v[0, m) (1 <= r <= min(m, kInsertRank); no NaN), keeping the r best seen in
@@ -61,13 +61,9 @@ inline float kth_largest_by_insertion(const float* v, int64_t m, int64_t r) {
   return best[r - 1];
 }
 
-// The r-th largest of v (1 <= r <= v.size(); no NaN); reorders v.
-inline float kth_largest_by_select(std::vector<float>& v, int64_t r) {
-  std::nth_element(v.begin(), v.begin() + (r - 1), v.end(), std::greater<float>());
-  return v[r - 1];
-}
-
-constexpr int64_t kSmallK = 8;  // at most this many: one pass with a running threshold (measured crossover ~10-16)
+// At most this many: one pass with a running threshold. Against the sampled path with the SIMD
+// quickselect, the crossover measured ~6-8 on 128-, 500- and 4096-wide rows (Zen 1, AVX2).
+constexpr int64_t kSmallK = 6;
 
 // Small k: one pass over the row keeping the best k seen so far in `best`, ordered by (|v|
 // descending, column ascending); a later entry enters only if strictly larger than the k-th kept
@@ -136,11 +132,16 @@ struct Candidates {
   }
 };
 
-// The k-th largest of v[0, m) (1 <= k <= m, no NaN), the specification: std::nth_element.
-// Reorders v; `spare` is unused here (a vectorised kth partitions into it).
+// The k-th largest of v[0, m) (1 <= k <= m, no NaN) by std::nth_element. Reorders v; `spare` is
+// unused here (a vectorised kth partitions into it).
 inline float kth_largest_std(float* v, int64_t m, int64_t k, float* /*spare*/) {
   std::nth_element(v, v + (k - 1), v + m, std::greater<float>());
   return v[k - 1];
+}
+
+// The scalar set's: insertion for small ranks (a sample's), else std::nth_element.
+inline float kth_largest_scalar(float* v, int64_t m, int64_t k, float* spare) {
+  return k <= kInsertRank ? kth_largest_by_insertion(v, m, k) : kth_largest_std(v, m, k, spare);
 }
 
 // The k columns of the candidates (cv, col)[0, m) under the tie rule, given T, the k-th largest
@@ -181,7 +182,7 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
     // kSample); a row no longer than that is its own sample, and t is then exactly the k-th largest.
     const int64_t s_len = std::min(n, std::max<int64_t>(64, std::min<int64_t>(kSample, (3 * n + k - 1) / k)));
     std::vector<float>& sample = c.sample;
-    sample.resize(static_cast<size_t>(s_len));
+    if (sample.size() < static_cast<size_t>(s_len + kFilterSlack)) sample.resize(static_cast<size_t>(s_len + kFilterSlack));
     // Sample s reads entry floor(s * n / s_len), in 32.32 fixed point: one division per row instead
     // of one per sample (a 64-bit division costs tens of cycles; this loop was a third of a
     // 500-wide row's time). n < 2^31 and s < s_len keep s * step below 2^63.
@@ -193,8 +194,7 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
     }
     // Rank in the sample: k itself when it is the row, else about twice k's share (so that ~2k pass).
     const int64_t r = s_len == n ? k : std::min<int64_t>(s_len, (2 * k * s_len + n - 1) / n + 2);
-    const float t = r <= kInsertRank ? kth_largest_by_insertion(sample.data(), s_len, r)
-                                     : kth_largest_by_select(sample, r);
+    const float t = kth(sample.data(), s_len, r, c.spare.data());
     m = filter(row, n, t, cv, col);
     filtered = m >= k;
   }
