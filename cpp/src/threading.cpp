@@ -7,7 +7,8 @@
 //    inside a torch training step.
 //  - The engine's own pool (the default): nthreads - 1 workers plus the calling thread, no barriers
 //    inside a job. Workers spin briefly (200 us) after each job and then sleep on a condition
-//    variable. Without torch this is the better neighbour: GNU OpenMP's workers spin far longer after
+//    variable; a waiter yields its core to a partner seen on the same core (kYieldAfter below).
+//    Without torch this is the better neighbour: GNU OpenMP's workers spin far longer after
 //    each region and fight NumPy's BLAS threads (measured on the demo MLP with per-example meProp,
 //    batch 32, 2 cores: backward 0.58 s per 6,000 digits on the pool, 1.17 s on OpenMP). Also used
 //    in a forked child (GNU OpenMP is not usable after fork there).
