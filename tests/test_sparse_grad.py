@@ -108,6 +108,14 @@ def test_topk_nan_and_bad_arguments(isa):
     g[1, 300] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         ops.topk(g, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        ops.topk(g, 20)
+    with pytest.raises(ValueError, match="NaN"):
+        ops.topk_columns(g, 20)
+    # k = 0 or k >= n: the answer does not depend on the values (documented)
+    assert ops.topk(g, 0).shape == (2, 0)
+    np.testing.assert_array_equal(ops.topk(g, 600), np.tile(np.arange(600), (2, 1)))
+    np.testing.assert_array_equal(ops.topk_columns(g, 700), np.arange(600))
     with pytest.raises(TypeError, match="k must be an int"):
         ops.topk(np.ones((2, 5), np.float32), 2.0)
     with pytest.raises(TypeError, match="k must be an int"):

@@ -45,7 +45,8 @@ def _rows_f32(a, name: str, cols: Optional[int] = None, rows: Optional[int] = No
 
 def topk(g: np.ndarray, k: int) -> np.ndarray:
     """Per row of ``g`` (batch, n): the ``min(k, n)`` columns of largest |g|, as an int32 array of
-    shape (batch, min(k, n)), each row sorted increasingly. A NaN in ``g`` is a ValueError.
+    shape (batch, min(k, n)), each row sorted increasingly. A NaN in ``g`` is a ValueError when
+    0 < k < n; with k = 0 or k >= n the answer (no column, or every column) does not read ``g``.
     A GPU array runs on the CUDA kernels (same result)."""
     k = _check_k(k)
     dev = _cuda.route(g=g)
@@ -59,7 +60,8 @@ def topk(g: np.ndarray, k: int) -> np.ndarray:
 
 def topk_columns(g: np.ndarray, k: int) -> np.ndarray:
     """Unified selection: the ``min(k, n)`` columns j of ``g`` (batch, n) with the largest
-    ``sum_b |g[b, j]|``, as a sorted int32 array (one set for the whole batch)."""
+    ``sum_b |g[b, j]|``, as a sorted int32 array (one set for the whole batch). A NaN in ``g``
+    is a ValueError when 0 < k < n, as for ``topk``."""
     k = _check_k(k)
     dev = _cuda.route(g=g)
     if dev is not None:
