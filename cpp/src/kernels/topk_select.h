@@ -113,7 +113,7 @@ inline void select_row_small(const float* row, int64_t n, int64_t k, int32_t* ou
   std::sort(out, out + k);
 }
 
-// Room the filter (and a vectorised kth) may write past the last entry of its output.
+// Room the filter may write past its last candidate (a SIMD filter stores whole vectors).
 constexpr int64_t kFilterSlack = 16;
 
 // A row's candidates as two arrays (values, columns), in column order, and the scratch of the
