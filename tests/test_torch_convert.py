@@ -1,4 +1,5 @@
 """Converters (sparsify, from_pruned, densify) and sparse checkpoints (.pt, .safetensors)."""
+import json
 import os
 
 import pytest
@@ -181,6 +182,26 @@ def test_load_bad_files(tmp_path, ext):
         st.load(other, path)
     with pytest.raises(FileNotFoundError):
         st.load(mlp(), tmp_path / f"missing.{ext}")
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]", "0", "\"text\"", "null"])
+def test_load_metadata_not_an_object(tmp_path, meta):
+    """A safetensors file whose sparsebp metadata is valid JSON but not an object is a ValueError
+    (it was an AttributeError for a list); in a .pt file such metadata is not ours, so the file
+    is read as a plain state dict, which the dense model refuses."""
+    from safetensors.torch import save_file
+
+    m = mlp()
+    st.sparsify(m, 0.9)
+    sd = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
+    path = tmp_path / "meta.safetensors"
+    save_file(sd, str(path), metadata={"sparsebp": meta})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        st.load(mlp(), path)
+    pt = tmp_path / "meta.pt"
+    torch.save({"sparsebp": json.loads(meta), "state_dict": sd}, pt)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        st.load(mlp(), pt)
 
 
 def test_load_corrupted_structure(tmp_path):

@@ -81,6 +81,8 @@ def _read_any(path) -> Tuple[Dict[str, torch.Tensor], dict]:
             meta = json.loads(meta_s) if meta_s else {}
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: the sparsebp metadata is not valid JSON: {e}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{p}: the sparsebp metadata must be a JSON object; got {type(meta).__name__}")
         return state, meta
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
