@@ -99,3 +99,32 @@ def test_meprop_arguments():
     lin = torch.nn.Linear(6, 5)
     mp = st.MePropLinear.from_linear(lin, ratio=0.4)
     assert torch.equal(mp.weight, lin.weight) and mp.policy.k_for(5) == 2
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_meprop_linear_bad_inputs(grad):
+    """A wrong input dtype or width is a TypeError / ValueError naming the input (it was torch's
+    RuntimeError from the matmul or the reshape), with and without autograd."""
+    m = st.MePropLinear(6, 5, k=2)
+    for x, err, what in ((torch.randn(3, 6, dtype=torch.float64), TypeError, "dtype torch.float32"),
+                         (torch.randn(3, 6).half(), TypeError, "dtype torch.float32"),
+                         (torch.ones(3, 6, dtype=torch.int64), TypeError, "dtype torch.float32"),
+                         (torch.randn(3, 7), ValueError, r"\(\*, 6\); got \(3, 7\)"),
+                         (torch.tensor(1.0), ValueError, r"\(\*, 6\); got \(\)")):
+        with torch.set_grad_enabled(grad), pytest.raises(err, match=what):
+            m(x.requires_grad_(grad and x.is_floating_point()))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # nn.Linear's own init warns
+def test_meprop_linear_degenerate_shapes():
+    """in_features = 0 or out_features = 0 behave as nn.Linear: a bias-only output, empty gradients."""
+    torch.manual_seed(0)
+    for n_in, n_out in ((0, 4), (4, 0)):
+        m = st.MePropLinear(n_in, n_out, k=2)
+        x = torch.randn(3, n_in, requires_grad=True)
+        y = m(x)
+        want = torch.nn.functional.linear(x.detach(), m.weight.detach(), m.bias.detach())
+        assert torch.equal(y.detach(), want)
+        y.sum().backward()
+        assert x.grad.shape == (3, n_in) and m.weight.grad.shape == (n_out, n_in)
+        assert torch.equal(m.bias.grad, torch.full((n_out,), 3.0))

@@ -127,10 +127,14 @@ class MePropLinear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         _ops._check_tensor(input, "input")
+        if input.dtype != self.weight.dtype:
+            raise TypeError(f"input must have the weight's dtype {self.weight.dtype}; got {input.dtype}")
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape (*, {self.in_features}); got {tuple(input.shape)}")
         if not torch.is_grad_enabled() or not (input.requires_grad or self.weight.requires_grad):
             return super().forward(input)
         lead = input.shape[:-1]
-        x2 = input.reshape(-1, self.in_features)
+        x2 = input.reshape(lead.numel(), self.in_features)  # (-1 is ambiguous when in_features is 0)
         y = _MePropLinearFn.apply(x2, self.weight, self.bias, self.policy)
         return y.reshape(*lead, self.out_features)
 
