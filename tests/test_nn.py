@@ -517,3 +517,52 @@ def test_dropout_rejects_bad_p(p):
 def test_dropout_rejects_bad_rng():
     with pytest.raises(TypeError, match="rng must be"):
         nn.Dropout(0.1, rng=3)
+
+
+@pytest.mark.parametrize("make", [lambda r: nn.Linear(4, 3, rng=r), lambda r: nn.SparseLinear(4, 3, 0.5, rng=r),
+                                  lambda r: nn.Dropout(0.1, rng=r)])
+@pytest.mark.parametrize("rng", [3, np.random.RandomState(0), "seed"])
+def test_layers_reject_bad_rng(make, rng):
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator or None; got"):
+        make(rng)
+
+
+@pytest.mark.parametrize("kw, what", [(dict(betas=(1.0, 0.999)), r"betas\[0\]"), (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+                                      (dict(betas=(0.9, float("nan"))), r"betas\[1\]"), (dict(betas=0.9), "betas must"),
+                                      (dict(betas=(0.9,)), "betas must"), (dict(eps=-1e-8), "eps"),
+                                      (dict(eps=float("nan")), "eps"), (dict(eps="1e-8"), "eps")])
+def test_adam_rejects_bad_hyper_parameters(kw, what):
+    with pytest.raises(ValueError, match=what):
+        nn.Adam(nn.Linear(3, 2).params(), **kw)
+
+
+def test_sequential_rejects_non_layers():
+    with pytest.raises(TypeError, match="layer 1 must have forward, backward and params"):
+        nn.Sequential(nn.Linear(3, 2), lambda x: x)
+
+
+def test_loop_and_evaluate_edge_cases():
+    """A batch larger than the data would train nothing: a ValueError, not an epoch of no steps with
+    a NaN loss. An empty evaluation set is a ValueError, not an accuracy of 0. An empty batch's
+    cross-entropy is NaN (torch's mean over no examples), with an empty gradient."""
+    rng = np.random.default_rng(0)
+    X, y = rng.random((10, 4), dtype=np.float32), rng.integers(0, 3, 10)
+    model = nn.Sequential(nn.Linear(4, 3, rng=rng))
+    opt = nn.SGD(model.params(), lr=0.1)
+    with pytest.raises(ValueError, match=r"batch \(32\) is larger than the data \(10 examples\)"):
+        nn.fit(model, opt, X, y, progress=False)
+    assert nn.fit(model, opt, X, y, epochs=0, progress=False) == []  # nothing asked, nothing done
+    recs = nn.fit(model, opt, X, y, batch=10, progress=False)
+    assert np.isfinite(recs[0]["loss"])
+    with pytest.raises(ValueError, match="chunks must be a positive int"):
+        nn.fit(model, opt, X, y, batch=5, chunks=0, progress=False)
+    with pytest.raises(TypeError, match="on_chunk must be callable"):
+        nn.fit(model, opt, X, y, batch=5, on_chunk=3, progress=False)
+    with pytest.raises(ValueError, match="X is empty"):
+        nn.evaluate(model, X[:0], y[:0])
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        nn.evaluate(model, X, y, batch=0)
+    with pytest.raises(ValueError, match="differ in length"):
+        nn.evaluate(model, X, y[:5])
+    loss, g = nn.softmax_cross_entropy(np.zeros((0, 3), np.float32), np.zeros(0, np.int64))
+    assert np.isnan(loss) and g.shape == (0, 3)

@@ -78,6 +78,15 @@ def _check_policy(grad) -> Optional[SparseGrad]:
     return None if grad is None else grad.clone()
 
 
+def _rng_or_default(rng) -> np.random.Generator:
+    """``rng`` itself, or a fresh generator for None; anything else is a TypeError."""
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}")
+    return rng
+
+
 class Linear:
     """``y = x @ W.T + b`` with a dense ``W`` (out, in); ``grad=`` a sparse-gradient policy
     (cloned: each layer keeps its own state)."""
@@ -87,7 +96,7 @@ class Linear:
         for v, nm in ((in_features, "in_features"), (out_features, "out_features")):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{nm} must be a positive int; got {v!r}")
-        rng = rng if rng is not None else np.random.default_rng()
+        rng = _rng_or_default(rng)
         bound = 1.0 / np.sqrt(in_features)
         self.weight = Param("weight", rng.uniform(-bound, bound, (out_features, in_features)).astype(_F32))
         self.bias = Param("bias", rng.uniform(-bound, bound, out_features).astype(_F32)) if bias else None
@@ -160,8 +169,8 @@ class SparseLinear:
     def __init__(self, in_features: int, out_features: int, sparsity: float, bias: bool = True, *,
                  grad: Optional[SparseGrad] = None, rng: Optional[np.random.Generator] = None):
         sparsity = _fraction(sparsity, "sparsity")
+        rng = _rng_or_default(rng)
         dense = Linear(in_features, out_features, bias, rng=rng)
-        rng = rng if rng is not None else np.random.default_rng()
         keep = max(1, int(round((1.0 - sparsity) * in_features)))
         mask = np.zeros((out_features, in_features), dtype=bool)
         for r in range(out_features):  # the same number of inputs per output unit
@@ -249,10 +258,8 @@ class Dropout:
         p = _fraction(p, "p")
         if _F32(p) >= 1.0:  # the kernel compares in float32
             raise ValueError(f"p must be below 1 in float32 (the mask's precision); got {p!r}")
-        if rng is not None and not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}")
         self.p = p
-        self.rng = rng if rng is not None else np.random.default_rng()
+        self.rng = _rng_or_default(rng)
         self.training = True
         self._scale = None
 
@@ -288,6 +295,10 @@ class Sequential:
     def __init__(self, *layers):
         if not layers:
             raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not all(callable(getattr(layer, a, None)) for a in ("forward", "backward", "params")):
+                raise TypeError(f"layer {i} must have forward, backward and params methods (a sparsebp.nn layer); "
+                                f"got {type(layer).__name__}")
         self.layers = list(layers)
 
     @property
@@ -344,7 +355,8 @@ class Sequential:
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray):
-    """Mean cross-entropy of softmax(logits) against integer labels, and its gradient."""
+    """Mean cross-entropy of softmax(logits) against integer labels, and its gradient. An empty
+    batch gives a NaN loss (a mean over no examples) and an empty gradient."""
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D (batch, classes); got shape {logits.shape}")
     labels = np.asarray(labels)
@@ -354,6 +366,8 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray):
     # count as 0 and gradient entries below FLT_MIN are flushed: subnormals would slow every
     # product they enter.
     grad = np.empty(logits.shape, dtype=_F32)
+    if logits.shape[0] == 0:  # the mean over no examples (as torch's cross_entropy); no gradient entries
+        return float("nan"), grad
     loss = _core.softmax_xent(np.ascontiguousarray(logits, dtype=_F32), labels, grad)
     return loss, grad
 
@@ -382,6 +396,13 @@ class Adam(_Optimizer):
 
     def __init__(self, params: Iterable[Param], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of numbers in [0, 1); got {betas!r}")
+        for i, b in enumerate(betas):
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+                raise ValueError(f"betas[{i}] must lie in [0, 1); got {b!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+            raise ValueError(f"eps must be a number >= 0; got {eps!r}")
         self.b1, self.b2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.t = 0
@@ -438,10 +459,20 @@ def check_loop_args(X, y, epochs, batch) -> None:
         raise ValueError(f"batch must be a positive int; got {batch!r}")
     if len(X) != len(y):
         raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
+    if epochs > 0 and len(X) < batch:  # the last partial batch of an epoch is dropped
+        raise ValueError(f"batch ({batch}) is larger than the data ({len(X)} examples): an epoch would train on "
+                         "nothing (the last partial batch of each epoch is dropped)")
 
 
 def evaluate(model: Sequential, X: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
-    """Accuracy of argmax(model(X)) against y, in evaluation mode (the model's mode is restored)."""
+    """Accuracy of argmax(model(X)) against y, in evaluation mode (the model's mode is restored).
+    An empty X is a ValueError (an accuracy over no examples is undefined)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int; got {batch!r}")
+    if len(X) != len(y):
+        raise ValueError(f"X and y differ in length: {len(X)} and {len(y)}")
+    if len(X) == 0:
+        raise ValueError("X is empty: no accuracy to compute")
     was_training = model.training
     model.eval()
     try:
@@ -450,13 +481,15 @@ def evaluate(model: Sequential, X: np.ndarray, y: np.ndarray, batch: int = 1000)
             correct += int((model.forward(X[i:i + batch]).argmax(axis=1) == y[i:i + batch]).sum())
     finally:
         model.train(was_training)
-    return correct / max(len(X), 1)
+    return correct / len(X)
 
 
 def fit(model: Sequential, optimizer, X: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch: int = 32,
         X_test: Optional[np.ndarray] = None, y_test: Optional[np.ndarray] = None, seed: int = 0,
         desc: str = "train", progress: bool = True, on_chunk=None, chunks: int = 8) -> List[dict]:
-    """Mini-batch training with softmax cross-entropy and a tqdm progress bar. Returns one dict per
+    """Mini-batch training with softmax cross-entropy and a tqdm progress bar. Each epoch visits
+    the examples in a fresh random order, in ``len(X) // batch`` full batches (the last partial
+    batch is dropped; a batch larger than the data is a ValueError). Returns one dict per
     epoch: loss, test accuracy (when test data is given) and seconds spent in forward, backward
     and update. ``on_chunk(epoch, chunk)``, if given, runs after each of ``chunks`` equal parts of
     an epoch (meSimp's schedule). ``fit_epochs`` is the same, one epoch at a time."""
@@ -471,6 +504,10 @@ def fit_epochs(model: Sequential, optimizer, X: np.ndarray, y: np.ndarray, *, ep
     models can be trained epoch by epoch in turn, and timed under the same machine conditions).
     The arguments are checked here, before the first epoch."""
     check_loop_args(X, y, epochs, batch)
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be a positive int; got {chunks!r}")
+    if on_chunk is not None and not callable(on_chunk):
+        raise TypeError(f"on_chunk must be callable or None; got {type(on_chunk).__name__}")
     return _fit_epochs(model, optimizer, X, y, epochs, batch, X_test, y_test, seed, desc, progress, on_chunk, chunks)
 
 
