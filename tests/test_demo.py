@@ -77,6 +77,27 @@ def test_command_lines_reject_bad_values_as_usage_errors(argv, capsys):
     assert f"argument {argv[1]}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["demo", "--batch", "13001"], "--batch"), (["demo", "--quick", "--batch", "2001"], "--batch"),
+    (["vrpge", "--limit", "100", "--batch", "101"], "--batch"), (["demo", "--out", "{file}/sub"], "--out"),
+    (["bench", "--what", "sparse-grad", "--out", "{file}/sub"], "--out"), (["vrpge", "--out", "{file}/sub"], "--out"),
+])
+def test_command_lines_reject_unusable_batch_and_out_before_work(argv, option, tmp_path, capsys):
+    """A batch larger than the training digits (it would train nothing), or a results folder that
+    cannot be made (here: under a regular file), is a usage error naming the option, before any
+    training or timing starts (the folder used to fail only when the results were written)."""
+    from sparsebp import cli
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = [a.replace("{file}", str(blocker)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and ("larger than" in err or "cannot create the folder" in err)
+
+
 @pytest.mark.parametrize("module, argv", [
     ("sparsebp.bench.sparse_grad", ["--reps", "0"]), ("sparsebp.bench.linear", ["--threads", "0"]),
     ("sparsebp.bench.msbp_alpha", ["--out", "x", "--epochs", "0"]),

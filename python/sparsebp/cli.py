@@ -6,7 +6,7 @@ import importlib
 import json
 import sys
 
-from ._argtypes import fraction, nonnegative_int, positive_float, positive_int, unit
+from ._argtypes import batch_fits, fraction, nonnegative_int, out_folder, positive_float, positive_int, unit
 
 
 def _info(args) -> int:
@@ -46,6 +46,7 @@ def _bench(args) -> int:
               "SparseProp contenders are left out (pip install 'sparsebp[torch]' to compare against them)")
     from sparsebp.bench.harness import machine_header
 
+    out_folder(args.parser, "--out", args.out)
     for line in machine_header():
         print(line)
     # (name, module, needs torch, files written)
@@ -69,6 +70,11 @@ def _bench(args) -> int:
 
 def _demo(args) -> int:
     from sparsebp import demo
+    from sparsebp.datasets import load_mnist
+
+    batch_fits(args.parser, args.batch, demo.QUICK_TRAIN if args.quick else len(load_mnist("train")[0]))
+    if args.out:
+        out_folder(args.parser, "--out", args.out)
 
     if args.threads is not None:
         import sparsebp
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
     pd.add_argument("--quick", action="store_true", help="2,000 training digits (a smoke run)")
     pd.add_argument("--no-torch", action="store_true", help="leave out the dense torch reference run")
     pd.add_argument("--out", default="demo-results", help="folder for demo.csv and demo.png (default demo-results)")
-    pd.set_defaults(fn=_demo)
+    pd.set_defaults(fn=_demo, parser=pd)
     pv = sub.add_parser("vrpge", add_help=False,
                         help="VR-PGE learned unit masks on the MNIST MLP at keep 0.5/0.25/0.1 vs dense vs random "
                              "masks (NumPy; see sparsebp vrpge --help)")
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
     pb.add_argument("--out", default="bench-results", help="folder for CSV, markdown and PNG (default bench-results)")
     pb.add_argument("--what", choices=["all", "linear", "sparse-grad", "conv", "train", "cuda"], default="all",
                     help="which benchmark (default all; conv and train, the example CNN's training step, need torch)")
-    pb.set_defaults(fn=_bench)
+    pb.set_defaults(fn=_bench, parser=pb)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["vrpge"]:  # its own parser (sparsebp/vrpge_demo.py) takes the rest
         from sparsebp import vrpge_demo

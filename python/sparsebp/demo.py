@@ -15,6 +15,7 @@ from . import nn
 from .datasets import load_mnist
 
 HIDDEN = 500
+QUICK_TRAIN = 2000  # training digits of a --quick run
 
 
 def build(kind: str, k: int, sparsity: float, alpha: float, seed: int, dropout: float = 0.0) -> nn.Sequential:
@@ -95,7 +96,9 @@ def run(epochs: int = 20, batch: int = 32, k: int = 20, sparsity: float = 0.9, a
     X, y = load_mnist("train")
     Xt, yt = load_mnist("test")
     if quick:
-        X, y, Xt, yt = X[:2000], y[:2000], Xt[:500], yt[:500]
+        X, y, Xt, yt = X[:QUICK_TRAIN], y[:QUICK_TRAIN], Xt[:500], yt[:500]
+    if out:  # before any training: a folder that cannot be made fails now, not after minutes
+        os.makedirs(out, exist_ok=True)
     print(f"MNIST (bundled with sparsebp; LeCun, Cortes and Burges): {len(X)} training, {len(Xt)} test digits. "
           f"MLP 784-{HIDDEN}-{HIDDEN}-10, {'Adam' if optimizer == 'adam' else 'SGD (momentum 0.9)'} lr {lr}, "
           f"batch {batch}, dropout {dropout:g}, {epochs} epoch(s), seed {seed}.")
@@ -134,7 +137,6 @@ def run(epochs: int = 20, batch: int = 32, k: int = 20, sparsity: float = 0.9, a
     print()
     print(table(results))
     if out:
-        os.makedirs(out, exist_ok=True)
         _write_csv(os.path.join(out, "demo.csv"), results)
         png = _plot(os.path.join(out, "demo.png"), results)
         print(f"wrote {out}/demo.csv" + (f" and {png}" if png else " (matplotlib not installed: no PNG)"))

@@ -138,6 +138,8 @@ def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128
         out_dir=None, progress=True, limit=None, granularity="unit"):
     X, y = load_mnist("train", limit=limit)
     Xt, yt = load_mnist("test")
+    if out_dir:  # before any training: a folder that cannot be made fails now, not after minutes
+        os.makedirs(out_dir, exist_ok=True)
     total = search + finetune
     rows = []
 
@@ -171,7 +173,6 @@ def run(keeps=(0.5, 0.25, 0.1), seeds=(0, 1, 2), search=5, finetune=5, batch=128
                 density=_mask_density(base, rmask), polarised=float("nan"), step_ms=1e3 * t_r,
                 step_vs_dense=t_r / t_ref, dense_step_ms=1e3 * t_ref)
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         write_csv(os.path.join(out_dir, "vrpge.csv"), rows)
         with open(os.path.join(out_dir, "vrpge.md"), "w") as f:
             f.write(summary(rows, search, finetune, batch))
@@ -220,7 +221,7 @@ def paired_differences(rows) -> dict:
 
 
 def main(argv=None) -> int:
-    from ._argtypes import keep_ratio, nonnegative_int, positive_float, positive_int
+    from ._argtypes import batch_fits, keep_ratio, nonnegative_int, out_folder, positive_float, positive_int
 
     p = argparse.ArgumentParser(prog="sparsebp vrpge",
                                 description="VR-PGE mask learning on the bundled MNIST digits (no torch needed): "
@@ -241,6 +242,9 @@ def main(argv=None) -> int:
                    help="unit masks (default; compacted dense products) or one s per weight (CSR kernels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    batch_fits(p, a.batch, len(load_mnist("train", limit=a.limit)[0]))
+    if a.out:
+        out_folder(p, "--out", a.out)
     run(tuple(a.keep), tuple(range(a.seeds)), a.search, a.finetune, a.batch, a.lr, a.lr_s, a.out,
         not a.no_progress, a.limit, a.granularity)
     return 0
