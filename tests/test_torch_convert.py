@@ -116,7 +116,7 @@ def test_from_pruned_zeros_and_explicit_masks():
     assert torch.equal(m[0].mask(), mask)
     with pytest.raises(ValueError, match="not eligible"):
         st.from_pruned(mlp(), masks={"9": mask})
-    with pytest.raises(ValueError, match=r"mask must have shape \(48, 20\)"):
+    with pytest.raises(ValueError, match=r"the mask of '0' must have shape \(48, 20\)"):
         st.from_pruned(mlp(), masks={"0": mask.t()})
 
 
@@ -254,3 +254,50 @@ def test_conv_from_pruned():
     rep = st.from_pruned(m)
     assert rep.converted == ["0"]
     assert torch.equal(m[0].mask(), mask) and torch.allclose(m(XI), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_shared_layer_stays_shared(tmp_path, ext):
+    """A layer used at two places is converted once and stays one module at both (it used to be
+    swapped at its first place only, leaving the dense original at the second): through sparsify,
+    save / load and densify; the function equals the dense model with the masked weight."""
+    torch.manual_seed(0)
+
+    def tied():
+        lin = nn.Linear(8, 8)
+        return nn.Sequential(lin, nn.ReLU(), lin)
+
+    m = tied()
+    x = torch.randn(5, 8)
+    w0, b0 = m[0].weight.detach().clone(), m[0].bias.detach().clone()
+    st.sparsify(m, 0.5)
+    assert m[0] is m[2] and isinstance(m[0], st.SparseLinear)
+    w = w0 * m[0].mask()  # magnitude pruning keeps the stored values
+    want = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w, b0)), w, b0)
+    assert torch.allclose(m(x), want, atol=1e-6)
+    path = tmp_path / f"tied.{ext}"
+    st.save(m, path)
+    fresh = st.load(tied(), path)
+    assert fresh[0] is fresh[2] and torch.equal(fresh(x), m(x))
+    st.densify(fresh)
+    assert fresh[0] is fresh[2] and type(fresh[0]) is nn.Linear
+
+
+def test_converter_argument_errors():
+    m = mlp()
+    with pytest.raises(ValueError, match=r"the mask of '0' must have shape \(48, 20\); got \(5, 5\)"):
+        st.from_pruned(m, masks={"0": torch.ones(5, 5, dtype=torch.bool)})  # all kept: it was silently left dense
+    with pytest.raises(TypeError, match="the mask of '0' must be a boolean tensor"):
+        st.from_pruned(m, masks={"0": torch.ones(48, 20, dtype=torch.int64)})
+    with pytest.raises(TypeError, match="layers must be a collection of module names or a callable; got int"):
+        st.sparsify(m, 0.5, layers=5)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None; got int"):
+        st.sparsify(m, 0.5, generator=5)
+    for shape, err in (((4, -1), ValueError), ("44", TypeError), ((4, 2.0), TypeError)):
+        with pytest.raises(err, match="shape must be"):
+            st.random_mask(shape, 0.5)
+    assert st.random_mask(6, 0.5).shape == (6,) and int(st.random_mask((3, 4), 0.5).sum()) == 6
+    meta = nn.Sequential(nn.Linear(8, 6, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        st.sparsify(meta, 0.5)
+    assert all(type(x) is not st.SparseLinear for x in m.modules())  # nothing was converted by the failed calls

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .modules import SparseConv2d, SparseLinear, _check_sparsity, magnitude_mask, random_mask
+from .modules import SparseConv2d, SparseLinear, _check_mask, _check_sparsity, magnitude_mask, random_mask
 
 __all__ = ["sparsify", "from_pruned", "densify", "Report", "LayerChange"]
 
@@ -52,7 +52,10 @@ def _select(model: nn.Module, layers: LayerFilter, types) -> List[tuple]:
         return [(n, m) for n, m in named if layers(n, m)]
     if isinstance(layers, str):
         raise TypeError("layers must be a collection of module names or a callable, not a single string")
-    wanted = list(layers)
+    try:
+        wanted = list(layers)
+    except TypeError:
+        raise TypeError(f"layers must be a collection of module names or a callable; got {type(layers).__name__}") from None
     have = {n for n, _ in named}
     unknown = [w for w in wanted if w not in have]
     if unknown:
@@ -62,10 +65,15 @@ def _select(model: nn.Module, layers: LayerFilter, types) -> List[tuple]:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the module ``name`` is, and everywhere else the same module object is
+    used (a layer shared between places stays shared, now as ``new``)."""
     if name == "":
         raise ValueError("the model itself is the layer to replace; wrap it in a container (nn.Sequential(layer))")
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    old = model.get_submodule(name)
+    places = [n for n, m in model.named_modules(remove_duplicate=False) if m is old]
+    for place in places:
+        parent_name, _, attr = place.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
 def _check_min_sparsity(v) -> float:
@@ -96,6 +104,8 @@ def sparsify(model: nn.Module, sparsity: float, *, scheme: str = "magnitude", sc
         raise ValueError(f"scope must be 'layer' or 'global'; got {scope!r}")
     if scope == "global" and scheme != "magnitude":
         raise ValueError("scope='global' needs scheme='magnitude' (a global random mask is a per-layer one)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     min_s = _check_min_sparsity(min_sparsity)
     chosen = _select(model, layers, _SPARSE_OF)
     masks: Dict[str, Tensor] = {}
@@ -118,6 +128,10 @@ def _convert(model, chosen, masks, min_s) -> Report:
     report = Report()
     for n, m in chosen:
         mask = masks[n]
+        mask = _check_mask(mask, m.weight.shape, f"the mask of {n!r}")  # before its sparsity is counted
+        if m.weight.device.type == "meta":
+            raise ValueError(f"layer {n!r} is on the meta device (no values to keep); materialise it first "
+                             "(e.g. module.to_empty(device='cpu') and load its weights)")
         nnz = int(mask.sum())
         sp = 1.0 - nnz / max(mask.numel(), 1)
         if sp < min_s:

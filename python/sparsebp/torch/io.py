@@ -15,6 +15,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from .convert import _replace
 from .modules import SparseConv2d, SparseLinear, conv_padding
 
 __all__ = ["save", "load"]
@@ -131,8 +132,7 @@ def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
         new.train(m.training)
         if name == "":
             raise ValueError(f"{p}: the model itself is a sparse layer; load into SparseLinear directly")
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        _replace(model, name, new)  # every place the module is used, if it is shared
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as e:

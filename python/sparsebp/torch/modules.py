@@ -43,6 +43,16 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
 def random_mask(shape, sparsity: float, generator: Optional[torch.Generator] = None) -> Tensor:
     """Boolean mask with exactly ``round((1 - sparsity) * numel)`` entries, uniformly at random."""
     s = _check_sparsity(sparsity)
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (int(shape),)
+    if (not isinstance(shape, (tuple, list, torch.Size))
+            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape)):
+        raise TypeError(f"shape must be a tuple of ints; got {shape!r}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape must be non-negative; got {tuple(shape)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape))
     k = _kept(n, s)
     mask = torch.zeros(n, dtype=torch.bool)
