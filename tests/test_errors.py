@@ -88,8 +88,10 @@ def test_invalid_csr_types():
         sparsebp.CSR(np.array([0.0, 1.0]), [0], np.zeros(1, np.float32), (1, 2))
     with pytest.raises(TypeError, match="values must be float32"):
         sparsebp.CSR([0, 1], [0], np.zeros(1), (1, 2))
-    with pytest.raises(TypeError, match="shape must be a pair of ints"):
-        sparsebp.CSR([0, 1], [0], np.zeros(1, np.float32), 5)
+    for shape in (5, (1.0, 2), (1, 2.5), (True, 2), (1, 2, 3), "12"):  # floats were truncated to ints
+        with pytest.raises(TypeError, match="shape must be a pair of ints"):
+            sparsebp.CSR([0, 1], [0], np.zeros(1, np.float32), shape)
+    assert sparsebp.CSR([0, 1], [0], np.zeros(1, np.float32), (np.int64(1), np.int32(2))).shape == (1, 2)
     with pytest.raises(ValueError, match=r"values must have shape \(1,\)"):
         sparsebp.CSR([0, 1], [0], np.zeros(2, np.float32), (1, 2))
 

@@ -1,6 +1,8 @@
 """The CSR container: a validated, immutable sparsity structure plus float32 values."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from . import _core
@@ -10,9 +12,13 @@ _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 def _shape_of(shape) -> tuple[int, int]:
     try:
-        rows, cols = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise TypeError(f"shape must be a pair of ints (rows, cols); got {shape!r}") from None
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    # Integers only (a float 1.0 or 2.5 is a mistake, not a size); NumPy and torch integers count.
+    if len(dims) != 2 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"shape must be a pair of ints (rows, cols); got {shape!r}")
+    rows, cols = int(dims[0]), int(dims[1])
     if rows < 0 or cols < 0:
         raise ValueError(f"shape must be non-negative; got ({rows}, {cols})")
     return rows, cols
