@@ -127,3 +127,32 @@ def test_native_layer_rejects_bad_arrays(W):
     x = np.ones((2, 5), np.float32)
     with pytest.raises(ValueError, match="out must not share memory with x"):
         _core.linear_forward(W.structure, W.values, x[:, :3], None, x[:, 3:])
+
+
+def test_layout_helpers_reject_bad_arguments():
+    """padded_ld / empty: a bad batch or shape is a TypeError / ValueError (empty((3, -4)) used to
+    give a (3, 0) array, padded_ld(-1) a stride of 16, empty((3, 4, 5)) a 3-D array)."""
+    for batch, err in ((-1, ValueError), ("3", TypeError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="batch must be"):
+            ops.padded_ld(batch)
+    assert ops.padded_ld(0) >= 0 and ops.padded_ld(np.int64(100)) >= 100
+    for shape, err in (((3, -4), ValueError), ((3, 4, 5), TypeError), ((3,), TypeError), ((3.0, 4), TypeError),
+                       (7, TypeError)):
+        with pytest.raises(err, match="shape must be"):
+            ops.empty(shape)
+    a = ops.empty((40, 3))
+    assert a.shape == (40, 3) and a.dtype == np.float32 and a.ctypes.data % 64 == 0
+
+
+def test_mask_adam_rejects_bad_arguments():
+    from sparsebp.algorithms.vrpge import MaskAdam
+
+    s = [np.full(4, 0.5)]
+    for kw, err, what in ((dict(lr=-1.0), ValueError, "lr"), (dict(lr=0.1, budget=-1), ValueError, "budget"),
+                          (dict(lr=0.1, betas=(1.0, 0.9)), ValueError, r"betas\[0\]"),
+                          (dict(lr=0.1, eps=-1.0), ValueError, "eps")):
+        kw.setdefault("budget", 2.0)
+        with pytest.raises(err, match=what):
+            MaskAdam(s, **kw)
+    with pytest.raises(TypeError, match="s must be a list"):
+        MaskAdam(np.full(4, 0.5), lr=0.1, budget=2.0)

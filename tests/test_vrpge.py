@@ -366,6 +366,21 @@ def test_bernoulli_csr(isa, threads):
         ops.bernoulli_csr(s, -1)
 
 
+@pytest.mark.parametrize("bad", [1.0000001, -1e-30, np.nan, np.inf, -np.inf])
+def test_bernoulli_csr_rejects_values_outside_the_unit_interval(isa, threads, bad):
+    """A probability outside [0, 1] (NaN included) is a ValueError naming the entry, on every ISA and
+    thread count, wherever it sits (first row, last entry of the last row of a second row block);
+    it used to act as clipped (NaN: never kept). 0 and 1 themselves are fine (above)."""
+    s = np.full((1200, 1000), 0.5, np.float32)  # two row blocks of the kernel
+    for r, c in ((0, 0), (1199, 999), (600, 17)):
+        s2 = s.copy()
+        s2[r, c] = bad
+        for nt in (1, 2):
+            sparsebp.set_num_threads(nt)
+            with pytest.raises(ValueError, match=rf"s must hold probabilities in \[0, 1\]; s\[{r}, {c}\] = "):
+                ops.bernoulli_csr(s2, 3)
+
+
 def test_bernoulli_csr_large_blocks_and_strides(isa, threads):
     # Over 2^20 entries (drawn in more than one row block, each split between threads), from a
     # strided view (row stride > cols), and a single row wider than a block.

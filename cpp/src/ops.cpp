@@ -1138,13 +1138,23 @@ void bernoulli_csr(const float* s, int64_t rows, int64_t cols, int64_t lds, uint
   const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(rows, kBlockEntries / cols));
   thread_local std::vector<int32_t> buf;  // kept between calls: no fresh pages every draw
   std::vector<int64_t> counts(static_cast<size_t>(rows), 0);
+  std::vector<uint8_t> bad(static_cast<size_t>(rows), 0);
   indices->clear();
   for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
     const int64_t nb = std::min(block_rows, rows - r0);
     if (static_cast<int64_t>(buf.size()) < nb * cols) buf.resize(static_cast<size_t>(nb * cols));
-    const kernels::BernoulliArgs a{s + r0 * lds, lds, cols, seed, r0, counts.data() + r0, buf.data()};
+    const kernels::BernoulliArgs a{s + r0 * lds, lds, cols, seed, r0, counts.data() + r0, buf.data(),
+                                   bad.data() + r0};
     const int64_t nt = std::min<int64_t>(threads_for(nb * cols * 4), nb);
     parallel_for(nt, [&](int64_t i) { t.bernoulli_rows(a, nb * i / nt, nb * (i + 1) / nt); });
+    for (int64_t r = r0; r < r0 + nb; ++r) {
+      if (!bad[static_cast<size_t>(r)]) continue;
+      int64_t j = 0;
+      const float* sr = s + r * lds;
+      while (j < cols && sr[j] >= 0.0f && sr[j] <= 1.0f) ++j;
+      indices->clear();
+      SPARSEBP_CHECK_VALUE(false, "s must hold probabilities in [0, 1]; s[", r, ", ", j, "] = ", sr[j]);
+    }
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t b = nb * i / nt, e = nb * (i + 1) / nt;
       int64_t kept = 0;

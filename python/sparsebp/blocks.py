@@ -142,7 +142,8 @@ def bernoulli_csr(s: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     ``(indptr int64, indices int32)``, built in two threaded passes without a dense mask.
     Entry e = r * cols + j is kept when u(seed, e) < s[r, j], u a counter-based uniform (24 bits;
     see ``cpp/src/kernels/kernel_table.h``): the same mask for the same (seed, s) on every ISA
-    and thread count. ``seed``: an int in [0, 2^64)."""
+    and thread count. ``seed``: an int in [0, 2^64). An ``s`` outside [0, 1] (NaN included) is a
+    ValueError naming the first such entry (checked in the same pass)."""
     s = _matrix(s, "s")
     if s.ndim != 2:
         raise ValueError(f"s must be 2-D; got shape {s.shape}")
@@ -157,6 +158,19 @@ def check_sgd_args(momentum, weight_decay) -> None:
         raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}")
+
+
+def check_adam_args(lr, betas, eps) -> None:
+    """The hyper-parameter checks shared by ``sparsebp.nn.Adam`` and VR-PGE's ``MaskAdam``."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
+        raise ValueError(f"lr must be a positive number; got {lr!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of numbers in [0, 1); got {betas!r}")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}] must lie in [0, 1); got {b!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"eps must be a number >= 0; got {eps!r}")
 
 
 def row_gradient(p):

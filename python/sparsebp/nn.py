@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _core, ops
 from .algorithms import MeSimp, SparseGrad
-from .blocks import check_sgd_args, row_gradient
+from .blocks import check_adam_args, check_sgd_args, row_gradient
 from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
 
@@ -396,13 +396,7 @@ class Adam(_Optimizer):
 
     def __init__(self, params: Iterable[Param], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair of numbers in [0, 1); got {betas!r}")
-        for i, b in enumerate(betas):
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must lie in [0, 1); got {b!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
-            raise ValueError(f"eps must be a number >= 0; got {eps!r}")
+        check_adam_args(lr, betas, eps)
         self.b1, self.b2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.t = 0

@@ -35,6 +35,10 @@ def padded_ld(batch: int) -> int:
     allocates, and its own scratch copies: the batch rounded up to 16 (64-byte rows), plus 16 more
     when that is a multiple of 128 (rows 512 bytes apart map onto a fraction of the cache sets;
     measured up to 40% slower)."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)):
+        raise TypeError(f"batch must be an int; got {type(batch).__name__}")
+    if batch < 0:
+        raise ValueError(f"batch must be >= 0; got {batch}")
     return _core.padded_ld(int(batch))
 
 
@@ -47,7 +51,15 @@ def empty(shape, order: str = "F") -> np.ndarray:
     sparsebp returns Fortran-ordered results in this form, so that the next layer takes them as they
     are. ``order="C"`` gives a plain, aligned C-contiguous array.
     """
-    shape = tuple(int(s) for s in shape)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    if len(dims) != 2 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"shape must be a pair of ints (batch, features); got {shape!r}")
+    if dims[0] < 0 or dims[1] < 0:
+        raise ValueError(f"shape must be non-negative; got {tuple(dims)}")
+    shape = (int(dims[0]), int(dims[1]))
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F'; got {order!r}")
     if order == "F" and len(shape) == 2 and shape[0] > 16:

@@ -2,6 +2,7 @@
 // ValueError -> Python ValueError; anything else that escapes is our bug (RuntimeError).
 #pragma once
 #include <cstdio>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -35,8 +36,11 @@ void append_one(std::string& s, const T& v) {
   if constexpr (std::is_integral_v<T>) {
     s += std::to_string(v);
   } else if constexpr (std::is_floating_point_v<T>) {
-    char buf[32];
+    // Six digits when they give the value back, else enough for it (1.0000001f is not "1").
+    char buf[40];
     std::snprintf(buf, sizeof buf, "%g", static_cast<double>(v));
+    if (static_cast<T>(std::strtod(buf, nullptr)) != v && v == v)
+      std::snprintf(buf, sizeof buf, std::is_same_v<T, float> ? "%.9g" : "%.17g", static_cast<double>(v));
     s += buf;
   } else {
     std::ostringstream os;

@@ -310,6 +310,7 @@ struct BernoulliArgs {
   int64_t row0;  // the generator's row number of the block's row 0
   int64_t* counts;
   int32_t* out;
+  uint8_t* bad;  // per row of the block: 1 when an s of that row is outside [0, 1] or NaN
 };
 using BernoulliFn = void (*)(const BernoulliArgs&, int64_t row_begin, int64_t row_end);
 

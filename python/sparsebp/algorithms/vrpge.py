@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .. import _core
-from ..blocks import LazySGD, bernoulli_csr, relu, relu_backward
+from ..blocks import LazySGD, bernoulli_csr, check_adam_args, relu, relu_backward
 from ..csr import CSR
 
 __all__ = ["project_budget", "score", "estimator", "plain_estimator", "VRPGE", "SCORES"]
@@ -139,6 +139,12 @@ class MaskAdam:
     this, sees every update); the update and the projection then run once over all layers."""
 
     def __init__(self, s: list, lr: float, budget: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        if not isinstance(s, list):
+            raise TypeError(f"s must be a list of arrays (its entries become views of one flat array); "
+                            f"got {type(s).__name__}")
+        check_adam_args(lr, betas, eps)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.floating)) or not budget >= 0:
+            raise ValueError(f"budget must be a number >= 0; got {budget!r}")
         self.flat = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in s]) if s else np.zeros(0)
         o = 0
         for i, x in enumerate(s):
