@@ -92,3 +92,24 @@ def test_bad_models():
         st.VRPGETrainer(nn.Sequential(nn.Linear(3, 2)), 0.5)
     with pytest.raises(ValueError, match="keep_ratio"):
         st.VRPGETrainer(_mlp(), 1.5)
+
+
+def test_trainer_bad_arguments_and_batches():
+    """Hyper-parameters of the default SGD, the optimizer and the seed are checked up front (a
+    momentum of 1.5 or optimizer=5 used to be accepted); a batch of the wrong dtype, width or length
+    is a TypeError / ValueError naming x or y, not torch's RuntimeError from inside the model."""
+    for kw, err, what in ((dict(momentum=1.5), ValueError, "momentum"), (dict(weight_decay=-1), ValueError, "weight_decay"),
+                          (dict(lr=0), ValueError, "lr"), (dict(optimizer=5), TypeError, "optimizer"),
+                          (dict(seed=-1), ValueError, "seed"), (dict(seed="1"), ValueError, "seed")):
+        with pytest.raises(err, match=what):
+            st.VRPGETrainer(_mlp(), 0.5, **kw)
+    tr = st.VRPGETrainer(_mlp(), 0.5)
+    n_in = tr.model[0].in_features
+    x, y = torch.randn(4, n_in, dtype=torch.float64), torch.tensor([0, 1, 1, 0])  # _mlp is float64
+    for xb, yb, err, what in ((x.float(), y, TypeError, "x must have the model's dtype"),
+                              (torch.randn(4, n_in + 1, dtype=torch.float64), y, ValueError, rf"x must have shape \(batch, {n_in}\)"),
+                              (x, y[:2], ValueError, "one target per example"),
+                              (x[:0], y[:0], ValueError, "no examples"), (x.numpy(), y, TypeError, "torch.Tensors")):
+        with pytest.raises(err, match=what):
+            tr.step(xb, yb)
+    tr.step(x, y)  # and a good batch still steps

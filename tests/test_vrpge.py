@@ -661,6 +661,9 @@ def test_trainer_bad_arguments():
         VRPGE(_mlp(0), 0.5, score="x")
     with pytest.raises(ValueError, match="form"):
         VRPGE(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 0.5)
+    for seed in (-1, 1.5, "1"):  # NumPy's own message did not name the argument
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            VRPGE(_mlp(0), 0.5, seed=seed)
 
 
 def test_fit_reference_sees_the_same_batches_once_each():

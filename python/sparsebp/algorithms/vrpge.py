@@ -217,6 +217,8 @@ class VRPGE:
             raise ValueError(f"granularity must be 'unit' or 'weight'; got {granularity!r}")
         if clip is not None:
             clip = _positive(clip, "clip")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0; got {seed!r}")
         self.model, self.linears = model, layers[::2]
         self.keep_ratio, self.score, self.clip, self.granularity = float(keep_ratio), _check_score(score), clip, granularity
         self.lr_s = _positive(lr_s, "lr_s")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..algorithms.vrpge import MaskAdam, _check_score, estimator
+from ..blocks import check_sgd_args
 
 __all__ = ["VRPGETrainer"]
 
@@ -53,6 +54,8 @@ class VRPGETrainer:
             raise ValueError(f"lr_s must be a positive number; got {lr_s!r}")
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
             raise ValueError(f"clip must be a positive number or None; got {clip!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0; got {seed!r}")
         self.weights = []
         for i, m in enumerate(model):
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -74,6 +77,12 @@ class VRPGETrainer:
         self.budget = self.keep_ratio * sum(units)
         self.adam = MaskAdam(self.s, self.lr_s, self.budget)
         self.rng = np.random.default_rng(seed)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None; got {type(optimizer).__name__}")
+        if optimizer is None:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+                raise ValueError(f"lr must be a positive number; got {lr!r}")
+            check_sgd_args(momentum, weight_decay)
         self.optimizer = optimizer if optimizer is not None else torch.optim.SGD(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
@@ -123,8 +132,27 @@ class VRPGETrainer:
                 x = m(x)
         return x
 
+    def _check_batch(self, x, y) -> None:
+        """x: a floating tensor of the model's dtype whose features (Linear first) or channels
+        (Conv2d first) fit the first layer; y: a tensor with one target per example."""
+        first = self.model[self.weights[0]]
+        dtype = first.weight.dtype
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"x and y must be torch.Tensors; got {type(x).__name__} and {type(y).__name__}")
+        if x.dtype != dtype:
+            raise TypeError(f"x must have the model's dtype {dtype}; got {x.dtype}")
+        if isinstance(first, nn.Linear) and self.weights[0] == 0 and (x.dim() < 2 or x.shape[-1] != first.in_features):
+            raise ValueError(f"x must have shape (batch, {first.in_features}); got {tuple(x.shape)}")
+        if isinstance(first, nn.Conv2d) and self.weights[0] == 0 and (x.dim() != 4 or x.shape[1] != first.in_channels):
+            raise ValueError(f"x must have shape (batch, {first.in_channels}, H, W); got {tuple(x.shape)}")
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"x holds no examples; got shape {tuple(x.shape)}")
+        if y.dim() < 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"y must hold one target per example of x ({x.shape[0]}); got shape {tuple(y.shape)}")
+
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> dict:
         """One VR-PGE step: two sampled sub-networks, weights by the optimizer, s by Adam."""
+        self._check_batch(x, y)
         masks = (self.sample(), self.sample())
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
