@@ -301,3 +301,17 @@ def test_converter_argument_errors():
     with pytest.raises(ValueError, match="meta device"):
         st.sparsify(meta, 0.5)
     assert all(type(x) is not st.SparseLinear for x in m.modules())  # nothing was converted by the failed calls
+
+
+def test_sparse_modules_refuse_dtypes_the_kernels_do_not_run():
+    """float16 / bfloat16 modules are refused when built or converted (they used to be built, then
+    fail at the first forward); float64 (the reference path) is accepted."""
+    for dt in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="SparseLinear supports float32"):
+            st.SparseLinear(4, 3, sparsity=0.5, dtype=dt)
+        with pytest.raises(TypeError, match="SparseConv2d supports float32"):
+            st.SparseConv2d(2, 3, 3, sparsity=0.5, dtype=dt)
+        with pytest.raises(TypeError, match="supports float32"):
+            st.from_pruned(nn.Sequential(nn.Linear(4, 3)).to(dt), min_sparsity=0.0)
+    m = st.SparseLinear(4, 3, sparsity=0.5, dtype=torch.float64)
+    assert m(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64

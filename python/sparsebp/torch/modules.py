@@ -88,8 +88,11 @@ class _SparseWeight(nn.Module):
         if (mask is None) == (sparsity is None):
             raise ValueError("give exactly one of sparsity= (a random mask) or mask= (a boolean tensor of shape "
                              f"{shape}); got {'both' if mask is not None else 'neither'}")
-        mask = _check_mask(mask, shape) if mask is not None else random_mask(shape, sparsity, generator)
         dtype = dtype or torch.get_default_dtype()
+        if dtype not in (torch.float32, torch.float64):  # what the kernels (float32) and the reference path run
+            raise TypeError(f"{type(self).__name__} supports float32 (and float64, a slow reference path); "
+                            f"got dtype {dtype}")
+        mask = _check_mask(mask, shape) if mask is not None else random_mask(shape, sparsity, generator)
         indptr, indices = _csr_from_mask(mask.reshape(shape[0], -1))
         self.register_buffer("indptr", indptr.to(device))
         self.register_buffer("indices", indices.to(device))
