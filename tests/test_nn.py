@@ -566,3 +566,10 @@ def test_loop_and_evaluate_edge_cases():
         nn.evaluate(model, X, y[:5])
     loss, g = nn.softmax_cross_entropy(np.zeros((0, 3), np.float32), np.zeros(0, np.int64))
     assert np.isnan(loss) and g.shape == (0, 3)
+
+
+@pytest.mark.parametrize("opt", [nn.SGD, nn.Adam])
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_optimizers_reject_non_finite_or_non_positive_lr(opt, lr):
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        opt(nn.Linear(3, 2).params(), lr=lr)

@@ -162,8 +162,8 @@ def check_sgd_args(momentum, weight_decay) -> None:
 
 def check_adam_args(lr, betas, eps) -> None:
     """The hyper-parameter checks shared by ``sparsebp.nn.Adam`` and VR-PGE's ``MaskAdam``."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
-        raise ValueError(f"lr must be a positive number; got {lr!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise ValueError(f"lr must be a positive finite number; got {lr!r}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair of numbers in [0, 1); got {betas!r}")
     for i, b in enumerate(betas):

@@ -377,8 +377,8 @@ class _Optimizer:
         self.params = list(params)
         if not self.params:
             raise ValueError("the optimizer got no parameters")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be a positive number; got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise ValueError(f"lr must be a positive finite number; got {lr!r}")
         self.lr = float(lr)
         self.state = {}
 

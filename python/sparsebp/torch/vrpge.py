@@ -81,7 +81,7 @@ class VRPGETrainer:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None; got {type(optimizer).__name__}")
         if optimizer is None:
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
-                raise ValueError(f"lr must be a positive number; got {lr!r}")
+                raise ValueError(f"lr must be a positive finite number; got {lr!r}")
             check_sgd_args(momentum, weight_decay)
         self.optimizer = optimizer if optimizer is not None else torch.optim.SGD(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
