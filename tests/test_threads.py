@@ -178,6 +178,13 @@ def test_set_num_threads_errors(threads):
         sparsebp.set_num_threads("2")
     with pytest.raises(TypeError):
         sparsebp.set_num_threads(2.0)
+    # A bound (1024 here, or the CPU count if larger): a million threads used to be accepted and the
+    # next kernel call spent minutes creating them.
+    most = max(1024, os.cpu_count() or 1)
+    for n in (most + 1, 10 ** 6, 2 ** 40):
+        with pytest.raises(ValueError, match="at most"):
+            sparsebp.set_num_threads(n)
+    assert sparsebp.get_num_threads() != n
 
 
 def test_forked_child_runs_kernels(threads):

@@ -215,6 +215,10 @@ int get_num_threads() {
 
 void set_num_threads(int n) {
   SPARSEBP_CHECK_VALUE(n >= 1, "num_threads must be an integer >= 1; got ", n);
+  // A bound, so that a typo cannot ask for a million threads (the first parallel call would spend
+  // minutes creating them): 1024, or the CPU count where that is larger.
+  const int most = std::max(1024, default_threads());
+  SPARSEBP_CHECK_VALUE(n <= most, "num_threads must be at most ", most, " on this machine; got ", n);
   g_nthreads.store(n, std::memory_order_relaxed);
 }
 

@@ -59,11 +59,14 @@ _threads_from_environment()
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads the kernels use. Results are bit-identical for any n."""
+    """Set the number of threads the kernels use: 1 to 1024 (or up to the CPU count, if larger).
+    Results are bit-identical for any n."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int >= 1; got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n must be an int >= 1; got {n}")
+    if n > 2 ** 31 - 1:  # (the engine's own bound, 1024 or the CPU count, is checked there)
+        raise ValueError(f"n must be at most 1024 (or the CPU count, if larger); got {n}")
     _core.set_num_threads(int(n))
 
 
