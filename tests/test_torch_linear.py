@@ -262,6 +262,25 @@ def test_bad_inputs():
         st.SparseLinear(4.0, 3, sparsity=0.5)
 
 
+def test_functional_linear_checks_its_structure_arguments():
+    """st.ops.linear: a float or 2-D indptr is refused even when its contents equal those of a
+    structure validated before with the same indices tensor (the cache used to match by contents
+    only and let it through); in/out_features must be ints."""
+    ip = torch.tensor([0, 2, 3])
+    ix = torch.tensor([0, 3, 1], dtype=torch.int32)
+    v, b, x = torch.randn(3), torch.randn(2), torch.randn(5, 4)
+    w = torch.zeros(2, 4)
+    w[0, 0], w[0, 3], w[1, 1] = v[0], v[1], v[2]
+    assert torch.allclose(st.ops.linear(x, v, b, ip, ix, 4, 2), x @ w.T + b, atol=1e-6)  # fills the cache
+    with pytest.raises(TypeError, match="indptr must be an integer tensor; got float32"):
+        st.ops.linear(x, v, b, ip.float(), ix, 4, 2)
+    with pytest.raises(ValueError, match=r"indptr must be 1-D; got shape \(1, 3\)"):
+        st.ops.linear(x, v, b, ip.view(1, 3), ix, 4, 2)
+    with pytest.raises(TypeError, match="out_features must be an int >= 0; got '2'"):
+        st.ops.linear(x, v, b, ip, ix, 4, "2")
+    assert torch.allclose(st.ops.linear(x, v, b, ip.int(), ix, 4, 2), x @ w.T + b, atol=1e-6)  # int32 is fine
+
+
 def test_bad_state_dicts_are_errors_and_leave_the_layer_usable():
     m = layer(11)
     good = {k: v.clone() for k, v in m.state_dict().items()}

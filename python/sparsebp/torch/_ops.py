@@ -49,7 +49,9 @@ class IndexKeyedCache:
         self._entries: dict = {}
 
     def get(self, indptr: Tensor, indices: Tensor, facts: tuple, make):
-        key = (id(indices),) + facts
+        # Dtypes and shapes in the key: contents alone would let a float or reshaped indptr that
+        # compares equal to a validated one skip validation.
+        key = (id(indices), indptr.dtype, tuple(indptr.shape), indices.dtype, tuple(indices.shape)) + facts
         hit = self._entries.get(key)  # (a dict read is atomic; the lock guards the writes)
         if hit is not None:
             ref, ip0, ix0, value = hit
@@ -80,9 +82,20 @@ def _holds(t: Tensor, copy) -> bool:
 _structures = IndexKeyedCache()
 
 
+def _checked_structure(rows: int, cols: int, ip: np.ndarray, ix: np.ndarray):
+    # Integer 1-D index arrays only: the binding would otherwise cast a float indptr, or flatten a
+    # 2-D one, without a word.
+    for a, name in ((ip, "indptr"), (ix, "indices")):
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be an integer tensor; got {a.dtype}")
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be 1-D; got shape {a.shape}")
+    return _core.csr_structure(rows, cols, ip, ix)
+
+
 def structure_of(indptr: Tensor, indices: Tensor, rows: int, cols: int):
     """The validated ``_core.CsrStructure`` for these index tensors (cached)."""
-    return _structures.get(indptr, indices, (rows, cols), lambda ip, ix: _core.csr_structure(rows, cols, ip, ix))
+    return _structures.get(indptr, indices, (rows, cols), lambda ip, ix: _checked_structure(rows, cols, ip, ix))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +465,9 @@ def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
             and (dev.type == "cpu" or (dev.type == "cuda" and _cuda.compiled()))
             and not torch.compiler.is_compiling()):
         return _linear_eager(x, values, bias, indptr, indices, out_features)
+    for v, name in ((in_features, "in_features"), (out_features, "out_features")):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise TypeError(f"{name} must be an int >= 0; got {v!r}")
     _check_tensor(x, "x")
     _check_tensor(values, "values")
     if bias is not None:
