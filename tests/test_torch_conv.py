@@ -527,3 +527,22 @@ def test_empty_cache_frees_only_unused_buffers(monkeypatch):
     assert freed > 0 and _conv._pool.bytes < in_use
     with torch.no_grad():  # and everything still works after
         torch.testing.assert_close(m(x.detach()), dense(x.detach()), rtol=1e-4, atol=1e-4)
+
+
+def test_functional_conv2d_checks_channels_and_groups():
+    """st.conv_ops.conv2d: channel counts and groups are checked before use (groups=0 raised
+    ZeroDivisionError; a string in_channels gave a misleading shape error)."""
+    torch.manual_seed(0)
+    sc = st.SparseConv2d(2, 4, 3, padding=1, sparsity=0.5)
+    args = (torch.randn(2, 2, 5, 5), sc.values.detach(), sc.bias.detach(), sc.indptr, sc.indices)
+    geo = dict(in_channels=2, out_channels=4, kernel_size=3, padding=1)
+    w = torch.zeros(4, 2, 3, 3)
+    w[sc.mask()] = args[1]  # the stored values, row-major over the mask
+    want = torch.nn.functional.conv2d(args[0], w, args[2], padding=1)
+    assert torch.allclose(st.conv_ops.conv2d(*args, **geo), want, atol=1e-5)
+    for kw, err, what in ((dict(groups=0), ValueError, "groups must be an int >= 1; got 0"),
+                          (dict(groups=3), ValueError, "groups = 3 must divide"),
+                          (dict(in_channels="2"), TypeError, "in_channels must be an int"),
+                          (dict(out_channels=2.0), TypeError, "out_channels must be an int")):
+        with pytest.raises(err, match=what):
+            st.conv_ops.conv2d(*args, **{**geo, **kw})

@@ -867,6 +867,13 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
            out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """``torch.nn.functional.conv2d`` with a CSR weight (rows: output channels; columns:
     ``(c, kh, kw)`` of ``in_channels // groups`` input channels). ``x``: (N, C, H, W) or (C, H, W)."""
+    for v, name in ((in_channels, "in_channels"), (out_channels, "out_channels"), (groups, "groups")):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int >= 1; got {v!r}")
+        if v < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups = {groups} must divide in_channels = {in_channels} and out_channels = {out_channels}")
     _ops._check_tensor(x, "x")
     _ops._check_tensor(values, "values")
     _ops._check_same_device(x=x, values=values, bias=bias, indptr=indptr, indices=indices)
