@@ -128,3 +128,23 @@ def test_meprop_linear_degenerate_shapes():
         y.sum().backward()
         assert x.grad.shape == (3, n_in) and m.weight.grad.shape == (n_out, n_in)
         assert torch.equal(m.bias.grad, torch.full((n_out,), 3.0))
+
+
+def test_sparse_meprop_linear_functional_checks_its_arguments():
+    """st.meprop.sparse_meprop_linear (SparseLinear's grad_topk forward): a missing or foreign policy
+    and a wrong input width are TypeError / ValueError (AttributeError and torch's reshape error
+    before)."""
+    f = st.meprop.sparse_meprop_linear
+    ip, ix = torch.tensor([0, 2, 3]), torch.tensor([0, 3, 1], dtype=torch.int32)
+    v, b, x = torch.randn(3, requires_grad=True), torch.randn(2), torch.randn(5, 4)
+    for pol in (None, object()):
+        with pytest.raises(TypeError, match="policy must be a sparsebp.algorithms policy"):
+            f(x, v, b, ip, ix, 4, 2, pol)
+    with pytest.raises(ValueError, match=r"x must have shape \(\*, 4\); got \(5, 3\)"):
+        f(torch.randn(5, 3), v, b, ip, ix, 4, 2, alg.MeProp(k=1))
+    y = f(x, v, b, ip, ix, 4, 2, alg.MeProp(k=2))  # k = out: the dense gradient
+    y.sum().backward()
+    w = torch.zeros(2, 4)
+    w[0, 0], w[0, 3], w[1, 1] = v.detach()
+    assert torch.allclose(y, x @ w.T + b, atol=1e-6)
+    assert torch.allclose(v.grad, torch.stack([x[:, 0].sum(), x[:, 3].sum(), x[:, 1].sum()]), atol=1e-5)

@@ -174,10 +174,15 @@ def sparse_meprop_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indp
                          in_features: int, out_features: int, policy: _alg.SparseGrad) -> Tensor:
     """The forward of a ``SparseLinear`` with a sparse-gradient policy (its backward: the selected
     rows' stored weights only)."""
+    if not isinstance(policy, _alg.SparseGrad):
+        raise TypeError(f"policy must be a sparsebp.algorithms policy; got {type(policy).__name__}")
+    _ops._check_tensor(x, "x")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (*, {in_features}); got {tuple(x.shape)}")
     if x.device.type == "cuda":
         raise ValueError("SparseLinear with grad_topk / grad_policy runs on the CPU only (the CUDA path covers "
                          "SparseLinear without it and MePropLinear); move the layer with .cpu()")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(lead.numel(), in_features)
     y = _SparseMePropFn.apply(x2, values, bias, indptr, indices, in_features, out_features, policy)
     return y.reshape(*lead, out_features)
