@@ -301,6 +301,11 @@ def test_converter_argument_errors():
     with pytest.raises(ValueError, match="meta device"):
         st.sparsify(meta, 0.5)
     assert all(type(x) is not st.SparseLinear for x in m.modules())  # nothing was converted by the failed calls
+    good = torch.zeros(48, 20, dtype=torch.bool)
+    good[:, :2] = True
+    with pytest.raises(ValueError, match="the mask of '3'"):  # a good mask first, then a bad one
+        st.from_pruned(m, masks={"0": good, "3": torch.ones(2, 2, dtype=torch.bool)}, min_sparsity=0.0)
+    assert all(type(x) is not st.SparseLinear for x in m.modules())  # layer 0 was converted before
 
 
 def test_sparse_modules_refuse_dtypes_the_kernels_do_not_run():

@@ -125,21 +125,27 @@ def sparsify(model: nn.Module, sparsity: float, *, scheme: str = "magnitude", sc
 
 
 def _convert(model, chosen, masks, min_s) -> Report:
-    report = Report()
+    # Every layer is checked and built before the first is swapped in: an error leaves the model
+    # as it was, not half converted.
+    plan = []
     for n, m in chosen:
-        mask = masks[n]
-        mask = _check_mask(mask, m.weight.shape, f"the mask of {n!r}")  # before its sparsity is counted
+        mask = _check_mask(masks[n], m.weight.shape, f"the mask of {n!r}")  # before its sparsity is counted
         if m.weight.device.type == "meta":
             raise ValueError(f"layer {n!r} is on the meta device (no values to keep); materialise it first "
                              "(e.g. module.to_empty(device='cpu') and load its weights)")
         nnz = int(mask.sum())
         sp = 1.0 - nnz / max(mask.numel(), 1)
-        if sp < min_s:
+        new = None
+        if sp >= min_s:
+            new = _SPARSE_OF[type(m)].from_dense(m, mask=mask)
+            new.train(m.training)
+        plan.append((n, m, sp, nnz, new))
+    report = Report()
+    for n, m, sp, nnz, new in plan:
+        if new is None:
             report.changes.append(LayerChange(n, type(m).__name__, tuple(m.weight.shape), sp, nnz,
                                               f"kept dense (sparsity below min_sparsity={min_s})"))
             continue
-        new = _SPARSE_OF[type(m)].from_dense(m, mask=mask)
-        new.train(m.training)
         _replace(model, n, new)
         report.changes.append(LayerChange(n, type(m).__name__, tuple(m.weight.shape), sp, nnz, "sparsified"))
     return report
