@@ -320,3 +320,36 @@ def test_sparse_modules_refuse_dtypes_the_kernels_do_not_run():
             st.from_pruned(nn.Sequential(nn.Linear(4, 3)).to(dt), min_sparsity=0.0)
     m = st.SparseLinear(4, 3, sparsity=0.5, dtype=torch.float64)
     assert m(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_failed_load_leaves_the_model_as_it_was(tmp_path, ext):
+    """A checkpoint whose second sparse layer is bad (or whose dense tail has the wrong shape) is a
+    ValueError, and the model keeps its modules and weights: the first layer used to be swapped and
+    loaded before the error (torch's load_state_dict copies what fits before it reports the rest)."""
+    from safetensors.torch import save_file
+
+    m = mlp()
+    st.sparsify(m, 0.9)
+    sd = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
+    meta = {"format": "sparsebp.torch", "version": 1, "sparse_modules": {
+        n: {"type": "SparseLinear", "in_features": x.in_features, "out_features": x.out_features, "bias": True}
+        for n, x in m.named_modules() if isinstance(x, st.SparseLinear)}}
+    bad_structure = dict(sd)
+    bad_structure["3.indices"] = torch.full_like(sd["3.indices"], 48)  # out of range for 48 inputs
+    bad_shape = {k: v for k, v in sd.items() if k != "3.bias"}
+    bad_shape["3.bias"] = torch.zeros(11)
+    for i, bad in enumerate((bad_structure, bad_shape)):
+        path = tmp_path / f"bad{i}.{ext}"
+        if ext == "pt":
+            torch.save({"sparsebp": meta, "state_dict": bad}, path)
+        else:
+            save_file(bad, str(path), metadata={"sparsebp": json.dumps(meta)})
+        for target in (mlp(3), m):  # a dense model, and one already sparse
+            types = [type(x) for x in target.modules()]
+            before = {k: v.clone() for k, v in target.state_dict().items()}
+            with pytest.raises(ValueError, match=r"'3\.bias' has shape|3: the checkpoint"):
+                st.load(target, path)
+            assert [type(x) for x in target.modules()] == types
+            after = target.state_dict()
+            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

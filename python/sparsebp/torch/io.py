@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .convert import _replace
-from .modules import SparseConv2d, SparseLinear, conv_padding
+from .modules import SparseConv2d, SparseLinear, check_structure_entries, conv_padding
 
 __all__ = ["save", "load"]
 
@@ -111,6 +111,7 @@ def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
             raise ValueError(f"{p}: unrecognised sparsebp metadata {meta!r}")
         if meta.get("version") != _VERSION:
             raise ValueError(f"{p}: written by format version {meta.get('version')}; this sparsebp reads {_VERSION}")
+    swaps = []  # (name, the model's dense module, the sparse module that replaces it)
     for name, d in (meta.get("sparse_modules") or {}).items():
         if not isinstance(d, dict) or d.get("type") not in _TYPES:
             raise ValueError(f"{p}: unknown sparse module description for {name!r}: {d!r}")
@@ -127,14 +128,67 @@ def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
         ip, ix = state.get(f"{name}.indptr" if name else "indptr"), state.get(f"{name}.indices" if name else "indices")
         if ip is None or ix is None:
             raise ValueError(f"{p}: sparse module {name!r} has no indptr/indices entries")
+        if name == "":
+            raise ValueError(f"{p}: the model itself is a sparse layer; load into SparseLinear directly")
         # Any valid structure of the right shape; the state load below puts the file's in place.
         new = sparse_cls.from_dense(m, mask=torch.zeros(tuple(m.weight.shape), dtype=torch.bool))
         new.train(m.training)
-        if name == "":
-            raise ValueError(f"{p}: the model itself is a sparse layer; load into SparseLinear directly")
+        swaps.append((name, m, new))
+    # Everything is checked before anything changes: a file that does not fit is an error and the
+    # model stays as it was (torch's load_state_dict copies what fits before it reports the rest).
+    _check_fits(p, model, swaps, state, strict)
+    for name, _, new in swaps:
         _replace(model, name, new)  # every place the module is used, if it is shared
     try:
         model.load_state_dict(state, strict=strict)
-    except RuntimeError as e:
+    except Exception as e:  # what the checks above cannot foresee: put the original modules back
+        for name, old, _ in swaps:
+            _replace(model, name, old)
+        if isinstance(e, (ValueError, TypeError)):
+            raise
         raise ValueError(f"{p} does not fit the model: {e}") from None
     return model
+
+
+def _places(model: nn.Module, module: nn.Module):
+    """The names under which ``module`` sits in ``model`` (more than one when it is shared)."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def _check_fits(p: str, model: nn.Module, swaps, state: Dict[str, object], strict: bool) -> None:
+    """Whether ``state`` loads into ``model`` once the ``swaps`` (name, old, new) are made, without
+    making them: the keys (when strict), each sparse module's structure, every other tensor's shape."""
+    expected = dict(model.state_dict(keep_vars=True))
+    sparse_at = {}  # prefix -> sparse module (the model's own, and the new ones)
+    for n, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, tuple(cls for cls, _ in _TYPES.values())):
+            sparse_at[n + "." if n else ""] = m
+    for _, old, new in swaps:
+        for place in _places(model, old):
+            pre = place + "."
+            for k in [k for k in expected if k.startswith(pre)]:
+                del expected[k]
+            for k, v in new.state_dict(keep_vars=True).items():
+                expected[pre + k] = v
+            sparse_at[pre] = new
+    structure_keys = set()
+    for pre, m in sparse_at.items():
+        try:
+            check_structure_entries(m, *m._csr_shape, state, pre)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{p}: {e}") from None
+        structure_keys.update(pre + k for k in ("indptr", "indices", "values"))
+    if strict:
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{p} does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
+    for k, want in expected.items():
+        if k in structure_keys or k not in state or not isinstance(want, torch.Tensor):
+            continue
+        got = state[k]
+        if not isinstance(got, torch.Tensor):
+            raise ValueError(f"{p}: entry {k!r} must be a tensor; got {type(got).__name__}")
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"{p} does not fit the model: {k!r} has shape {tuple(got.shape)} in the file and "
+                             f"{tuple(want.shape)} in the model")

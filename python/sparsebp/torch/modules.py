@@ -346,9 +346,20 @@ class SparseConv2d(_SparseWeight):
 def _load_structure(mod: nn.Module, rows: int, cols: int, state_dict, prefix: str) -> None:
     """Checks a checkpoint's structure and values for ``mod`` (rows x cols CSR) and resizes the
     module's buffers and parameter when the checkpoint has another nnz. Errors name the entry."""
+    nnz = check_structure_entries(mod, rows, cols, state_dict, prefix)
+    if nnz is not None and nnz != mod.indices.numel():
+        # Another structure: resize (parameters are replaced: build optimizers after loading).
+        mod.indices = torch.empty(nnz, dtype=torch.int32, device=mod.indices.device)
+        mod.values = nn.Parameter(torch.empty(nnz, dtype=mod.values.dtype, device=mod.values.device),
+                                  requires_grad=mod.values.requires_grad)
+
+
+def check_structure_entries(mod: nn.Module, rows: int, cols: int, state_dict, prefix: str) -> Optional[int]:
+    """The checks of ``_load_structure``, changing nothing: the checkpoint's nnz for ``mod`` at
+    ``prefix``, or None when the state has no structure entries for it. Errors name the entry."""
     keys = {k: prefix + k for k in ("indptr", "indices", "values")}
     if not all(keys[k] in state_dict for k in keys):
-        return
+        return None
     ip, ix, v = (state_dict[keys[k]] for k in ("indptr", "indices", "values"))
     where = prefix.rstrip(".") or type(mod).__name__
     for t, name in ((ip, "indptr"), (ix, "indices"), (v, "values")):
@@ -370,11 +381,7 @@ def _load_structure(mod: nn.Module, rows: int, cols: int, state_dict, prefix: st
         raise ValueError(f"{where}: the checkpoint's sparsity structure is invalid for a {rows}x{cols} weight: {e}") from None
     if not torch.isfinite(v).all():
         raise ValueError(f"{where}: checkpoint values hold NaN or infinity")
-    if ix.numel() != mod.indices.numel():
-        # Another structure: resize (parameters are replaced: build optimizers after loading).
-        mod.indices = torch.empty(ix.numel(), dtype=torch.int32, device=mod.indices.device)
-        mod.values = nn.Parameter(torch.empty(ix.numel(), dtype=mod.values.dtype, device=mod.values.device),
-                                  requires_grad=mod.values.requires_grad)
+    return ix.numel()
 
 
 class BatchInner(nn.Module):
