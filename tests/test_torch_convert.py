@@ -353,3 +353,21 @@ def test_failed_load_leaves_the_model_as_it_was(tmp_path, ext):
             assert [type(x) for x in target.modules()] == types
             after = target.state_dict()
             assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_from_pruned_failure_leaves_the_model_as_it_was():
+    """A checkpoint that does not fit (a wrong shape in the last layer), or a bad user mask for a
+    later layer, is a ValueError and the live model keeps its prune reparametrisation, modules and
+    weights (the reparametrisation used to be removed, and the checkpoint partly loaded, first)."""
+    m = pruned_model()
+    assert hasattr(m[0], "weight_orig")
+    sd = {k: v.clone() for k, v in pruned_model().state_dict().items()}
+    sd["3.weight"] = torch.zeros(11, 48)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'3.weight' is \(11, 48\) in the checkpoint"):
+        st.from_pruned(m, sd)
+    with pytest.raises(ValueError, match="the mask of '3'"):
+        st.from_pruned(m, masks={"3": torch.ones(2, 2, dtype=torch.bool)})
+    assert hasattr(m[0], "weight_orig") and all(type(x) is not st.SparseLinear for x in m.modules())
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

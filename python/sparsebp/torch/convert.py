@@ -151,9 +151,9 @@ def _convert(model, chosen, masks, min_s) -> Report:
     return report
 
 
-def _load_pruned_state(model: nn.Module, checkpoint) -> Dict[str, Tensor]:
-    """Load a state dict (or a path to one) into ``model``, folding ``X.weight_orig`` and
-    ``X.weight_mask`` (torch.nn.utils.prune) into ``X.weight``. Returns the masks found, by module."""
+def _pruned_state(checkpoint):
+    """(state, masks): a state dict (or a path to one) with ``X.weight_orig`` and ``X.weight_mask``
+    (torch.nn.utils.prune) folded into ``X.weight``, and the masks found, by module."""
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         from .io import _read_any
 
@@ -178,14 +178,29 @@ def _load_pruned_state(model: nn.Module, checkpoint) -> Dict[str, Tensor]:
                              f"{getattr(mask, 'shape', type(mask).__name__)}")
         state[base + "weight"] = orig * mask
         pruned[base.rstrip(".")] = mask != 0
-    try:
-        res = model.load_state_dict(state, strict=False)
-        missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint does not fit the model: {e}") from None
+    return state, pruned
+
+
+def _check_pruned_state_fits(model: nn.Module, chosen, state: Dict[str, object]) -> None:
+    """Whether ``state`` loads strictly into ``model`` once the chosen layers' pruning
+    reparametrisation is removed (their ``weight_orig`` / ``weight_mask`` become ``weight``), without
+    changing anything: the keys, and every tensor's shape."""
+    expected = dict(model.state_dict(keep_vars=True))
+    for n, m in chosen:
+        if hasattr(m, "weight_orig"):
+            pre = n + "." if n else ""
+            expected[pre + "weight"] = expected.pop(pre + "weight_orig")
+            expected.pop(pre + "weight_mask", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
-    return pruned
+    for k, want in expected.items():
+        got = state[k]
+        if isinstance(want, Tensor) and (not isinstance(got, Tensor) or tuple(got.shape) != tuple(want.shape)):
+            raise ValueError(f"checkpoint does not fit the model: {k!r} is "
+                             f"{tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__} in the "
+                             f"checkpoint and {tuple(want.shape)} in the model")
 
 
 def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[str, Tensor]] = None,
@@ -210,13 +225,21 @@ def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[st
         unknown = [k for k in masks if k not in known]
         if unknown:
             raise ValueError(f"masks names modules that are not eligible layers of the model: {unknown}")
+        shapes = {n: m.weight.shape for n, m in chosen}
+        masks = {n: _check_mask(v, shapes[n], f"the mask of {n!r}") for n, v in masks.items()}
+    # Everything is checked before the model changes: an error leaves it as it was.
     from_file: Dict[str, Tensor] = {}
     if checkpoint is not None:
+        state, from_file = _pruned_state(checkpoint)
+        _check_pruned_state_fits(model, chosen, state)
         # prune's reparametrisation on the live model would fight the incoming weight: remove it.
         for _, m in chosen:
             if hasattr(m, "weight_orig"):
                 torch.nn.utils.prune.remove(m, "weight")
-        from_file = _load_pruned_state(model, checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # (what the checks above cannot foresee)
+            raise ValueError(f"checkpoint does not fit the model: {e}") from None
     found: Dict[str, Tensor] = {}
     for n, m in chosen:
         if masks is not None and n in masks:
