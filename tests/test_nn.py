@@ -573,3 +573,19 @@ def test_loop_and_evaluate_edge_cases():
 def test_optimizers_reject_non_finite_or_non_positive_lr(opt, lr):
     with pytest.raises(ValueError, match="lr must be a positive finite number"):
         opt(nn.Linear(3, 2).params(), lr=lr)
+
+
+def test_remove_units_and_inputs_take_boolean_masks_only():
+    """An integer array would index rows (a 0/1 "mask" duplicating units), a short one fail inside
+    NumPy: both are ValueErrors naming keep; a right mask removes exactly the False entries."""
+    lin = nn.Linear(4, 5, rng=np.random.default_rng(0))
+    w = lin.weight.data.copy()
+    for bad in (np.array([1, 0, 1, 1, 0]), np.array([True, False]), [True] * 6):
+        with pytest.raises(ValueError, match="keep must be a boolean array"):
+            lin.remove_units(bad)
+        with pytest.raises(ValueError, match="keep must be a boolean array"):
+            lin.remove_inputs(bad)
+    np.testing.assert_array_equal(lin.weight.data, w)  # unchanged by the refused calls
+    lin.remove_units(np.array([True, False, True, True, False]))
+    lin.remove_inputs(np.array([False, True, True, True]))
+    np.testing.assert_array_equal(lin.weight.data, w[[0, 2, 3]][:, 1:])

@@ -78,6 +78,15 @@ def _check_policy(grad) -> Optional[SparseGrad]:
     return None if grad is None else grad.clone()
 
 
+def _keep_mask(keep, n: int, what: str) -> np.ndarray:
+    """``keep`` as a boolean array of n entries (an integer array would index, not mask)."""
+    keep = np.asarray(keep)
+    if keep.dtype != np.bool_ or keep.shape != (n,):
+        raise ValueError(f"keep must be a boolean array with one entry per {what} ({n},); "
+                         f"got {keep.dtype} {keep.shape}")
+    return keep
+
+
 def _rng_or_default(rng) -> np.random.Generator:
     """``rng`` itself, or a fresh generator for None; anything else is a TypeError."""
     if rng is None:
@@ -144,7 +153,9 @@ class Linear:
         return res.input
 
     def remove_units(self, keep: np.ndarray) -> None:
-        """Remove the output units where ``keep`` is False (rows of W and b) for good."""
+        """Remove the output units where ``keep`` (a boolean array, one per unit) is False (rows of W
+        and b) for good."""
+        keep = _keep_mask(keep, self.out_features, "output units")
         self.weight.data = np.ascontiguousarray(self.weight.data[keep])
         if self.bias is not None:
             self.bias.data = np.ascontiguousarray(self.bias.data[keep])
@@ -152,7 +163,9 @@ class Linear:
             p.grad, p.rows = None, None
 
     def remove_inputs(self, keep: np.ndarray) -> None:
-        """Remove the input features where ``keep`` is False (columns of W)."""
+        """Remove the input features where ``keep`` (a boolean array, one per input) is False
+        (columns of W)."""
+        keep = _keep_mask(keep, self.in_features, "inputs")
         self.weight.data = np.ascontiguousarray(self.weight.data[:, keep])
         self.weight.grad, self.weight.rows = None, None
 
