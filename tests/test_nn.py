@@ -589,3 +589,20 @@ def test_remove_units_and_inputs_take_boolean_masks_only():
     lin.remove_units(np.array([True, False, True, True, False]))
     lin.remove_inputs(np.array([False, True, True, True]))
     np.testing.assert_array_equal(lin.weight.data, w[[0, 2, 3]][:, 1:])
+
+
+def test_simplify_checks_before_it_changes_anything():
+    """A foreign optimizer is a TypeError before any counter is reset or unit removed (the counters
+    used to be reset, then an AttributeError raised)."""
+    rng = np.random.default_rng(0)
+    m = nn.Sequential(nn.Linear(4, 5, grad=alg.MeSimp(k=1, p=0.9), rng=rng), nn.ReLU(), nn.Linear(5, 3, rng=rng))
+    opt = nn.Adam(m.params())
+    X, y = rng.random((64, 4), dtype=np.float32), rng.integers(0, 3, 64)
+    nn.fit(m, opt, X, y, batch=16, progress=False)
+    hits = m.layers[0].policy.hits.copy()
+    with pytest.raises(TypeError, match="optimizer must be a sparsebp.nn optimizer"):
+        m.simplify(optimizer=object())
+    np.testing.assert_array_equal(m.layers[0].policy.hits, hits)
+    assert m.layers[0].weight.data.shape == (5, 4)
+    widths = m.simplify(opt)  # and the real call still works
+    assert widths == [m.layers[0].weight.data.shape[0]] and m.layers[2].weight.data.shape[1] == widths[0]

@@ -343,13 +343,19 @@ class Sequential:
         """meSimp: for every ``Linear`` with a ``MeSimp`` policy followed (after element-wise layers)
         by a ``Linear``, remove the units its counters found inactive, from both layers and from the
         optimizer state. Returns the new widths of the simplified layers."""
-        widths = []
+        if optimizer is not None and not callable(getattr(optimizer, "select", None)):
+            raise TypeError("optimizer must be a sparsebp.nn optimizer (Adam, SGD) or sparsebp.ops.LazySGD (an object "
+                            f"with select(param, keep, axis)) or None; got {type(optimizer).__name__}")
+        pairs = []  # checked first, so that an error changes nothing (counters included)
         for i, layer in enumerate(self.layers):
             if not (isinstance(layer, Linear) and isinstance(layer.policy, MeSimp) and layer.policy.hits is not None):
                 continue
             nxt = next((m for m in self.layers[i + 1:] if isinstance(m, (Linear, SparseLinear))), None)
             if not isinstance(nxt, Linear):
                 raise ValueError(f"layer {i} can shrink only when the next weight layer is a dense Linear")
+            pairs.append((layer, nxt))
+        widths = []
+        for layer, nxt in pairs:
             keep = layer.policy.prune_mask()
             if not keep.any():
                 keep[np.argmax(layer.weight.data.any(axis=1))] = True  # never remove every unit
