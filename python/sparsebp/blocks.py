@@ -160,10 +160,15 @@ def check_sgd_args(momentum, weight_decay) -> None:
         raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}")
 
 
-def check_adam_args(lr, betas, eps) -> None:
-    """The hyper-parameter checks shared by ``sparsebp.nn.Adam`` and VR-PGE's ``MaskAdam``."""
+def check_lr(lr) -> None:
+    """The learning-rate check of the optimizers (``sparsebp.nn``, ``MaskAdam``, the torch VR-PGE
+    trainer's default SGD): a positive finite number."""
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
         raise ValueError(f"lr must be a positive finite number; got {lr!r}")
+
+
+def check_adam_args(betas, eps) -> None:
+    """Adam's own hyper-parameter checks, shared by ``sparsebp.nn.Adam`` and VR-PGE's ``MaskAdam``."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair of numbers in [0, 1); got {betas!r}")
     for i, b in enumerate(betas):

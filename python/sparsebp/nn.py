@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _core, ops
 from .algorithms import MeSimp, SparseGrad
-from .blocks import check_adam_args, check_sgd_args, row_gradient
+from .blocks import check_adam_args, check_lr, check_sgd_args, row_gradient
 from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
 
@@ -396,8 +396,7 @@ class _Optimizer:
         self.params = list(params)
         if not self.params:
             raise ValueError("the optimizer got no parameters")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
-            raise ValueError(f"lr must be a positive finite number; got {lr!r}")
+        check_lr(lr)
         self.lr = float(lr)
         self.state = {}
 
@@ -415,7 +414,7 @@ class Adam(_Optimizer):
 
     def __init__(self, params: Iterable[Param], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, lr)
-        check_adam_args(lr, betas, eps)
+        check_adam_args(betas, eps)
         self.b1, self.b2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.t = 0

@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .. import _core
-from ..blocks import LazySGD, bernoulli_csr, check_adam_args, relu, relu_backward
+from ..blocks import LazySGD, bernoulli_csr, check_adam_args, check_lr, relu, relu_backward
 from ..csr import CSR
 
 __all__ = ["project_budget", "score", "estimator", "plain_estimator", "VRPGE", "SCORES"]
@@ -46,6 +46,12 @@ def _check_score(kind: str) -> str:
     if kind not in SCORES:
         raise ValueError(f"score must be one of {SCORES}; got {kind!r}")
     return kind
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+    return int(seed)
 
 
 def project_budget(s, budget: float, method: str = "sort") -> np.ndarray:
@@ -142,7 +148,8 @@ class MaskAdam:
         if not isinstance(s, list):
             raise TypeError(f"s must be a list of arrays (its entries become views of one flat array); "
                             f"got {type(s).__name__}")
-        check_adam_args(lr, betas, eps)
+        check_lr(lr)
+        check_adam_args(betas, eps)
         if isinstance(budget, bool) or not isinstance(budget, (int, float, np.floating)) or not budget >= 0:
             raise ValueError(f"budget must be a number >= 0; got {budget!r}")
         self.flat = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in s]) if s else np.zeros(0)
@@ -217,8 +224,7 @@ class VRPGE:
             raise ValueError(f"granularity must be 'unit' or 'weight'; got {granularity!r}")
         if clip is not None:
             clip = _positive(clip, "clip")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+        _check_seed(seed)
         self.model, self.linears = model, layers[::2]
         self.keep_ratio, self.score, self.clip, self.granularity = float(keep_ratio), _check_score(score), clip, granularity
         self.lr_s = _positive(lr_s, "lr_s")

@@ -64,14 +64,17 @@ def _select(model: nn.Module, layers: LayerFilter, types) -> List[tuple]:
     return [(n, m) for n, m in named if n in set(wanted)]
 
 
+def _places(model: nn.Module, module: nn.Module) -> List[str]:
+    """The names under which ``module`` sits in ``model`` (more than one when it is shared)."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the module ``name`` is, and everywhere else the same module object is
     used (a layer shared between places stays shared, now as ``new``)."""
     if name == "":
         raise ValueError("the model itself is the layer to replace; wrap it in a container (nn.Sequential(layer))")
-    old = model.get_submodule(name)
-    places = [n for n, m in model.named_modules(remove_duplicate=False) if m is old]
-    for place in places:
+    for place in _places(model, model.get_submodule(name)):
         parent_name, _, attr = place.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 

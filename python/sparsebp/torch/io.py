@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from .convert import _replace
+from .convert import _places, _replace
 from .modules import SparseConv2d, SparseLinear, check_structure_entries, conv_padding
 
 __all__ = ["save", "load"]
@@ -148,11 +148,6 @@ def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
             raise
         raise ValueError(f"{p} does not fit the model: {e}") from None
     return model
-
-
-def _places(model: nn.Module, module: nn.Module):
-    """The names under which ``module`` sits in ``model`` (more than one when it is shared)."""
-    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
 
 
 def _check_fits(p: str, model: nn.Module, swaps, state: Dict[str, object], strict: bool) -> None:

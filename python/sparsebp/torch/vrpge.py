@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms.vrpge import MaskAdam, _check_score, estimator
-from ..blocks import check_sgd_args
+from ..algorithms.vrpge import MaskAdam, _check_score, _check_seed, estimator
+from ..blocks import check_lr, check_sgd_args
 
 __all__ = ["VRPGETrainer"]
 
@@ -54,8 +54,7 @@ class VRPGETrainer:
             raise ValueError(f"lr_s must be a positive number; got {lr_s!r}")
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
             raise ValueError(f"clip must be a positive number or None; got {clip!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+        _check_seed(seed)
         self.weights = []
         for i, m in enumerate(model):
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -80,8 +79,7 @@ class VRPGETrainer:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None; got {type(optimizer).__name__}")
         if optimizer is None:
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
-                raise ValueError(f"lr must be a positive finite number; got {lr!r}")
+            check_lr(lr)
             check_sgd_args(momentum, weight_decay)
         self.optimizer = optimizer if optimizer is not None else torch.optim.SGD(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
