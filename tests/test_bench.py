@@ -150,6 +150,88 @@ def test_msbp_alpha_main_runs_each_model_and_seed_once(tmp_path):
     assert "| alpha = 0 (unified meProp) |" in (tmp_path / "msbp_alpha.md").read_text()
 
 
+def test_meprop_settings_report_against_numpy():
+    """The settings study's table: per-example meProp against the dense run of the same batch, init,
+    dropout and clip (one dense run serves the settings that differ only in Adam's row rule), means
+    over seeds computed here independently."""
+    from sparsebp.bench import meprop_settings as ms
+
+    rng = np.random.default_rng(5)
+    runs = {("batch 10", "dense"), ("batch 10", "meProp k=20 per example"),
+            ("batch 10, Adam on every row", "meProp k=20 per example")}
+    curves = {(st, m, s): (rng.uniform(0.8, 1.0, 6), rng.uniform(0.1, 3.0, 6)) for st, m in runs for s in (0, 1)}
+    rows = [dict(setting=st, model=m, seed=s, epoch=e + 1, loss=float(c[1][e]), test_acc=float(c[0][e]))
+            for (st, m, s), c in curves.items() for e in range(6)]
+    rng.shuffle(rows)  # the report must not rely on row order
+    md = ms.report(rows, 6)
+    dense = [curves[("batch 10", "dense", s)] for s in (0, 1)]
+    for st in ("batch 10", "batch 10, Adam on every row"):
+        mp = [curves[(st, "meProp k=20 per example", s)] for s in (0, 1)]
+        fin = [100 * (m[0][-1] - d[0][-1]) for m, d in zip(mp, dense)]
+        last3 = [100 * (m[0][-3:].mean() - d[0][-3:].mean()) for m, d in zip(mp, dense)]
+        want = (f"| {st} | {100 * np.mean([d[0][-1] for d in dense]):.2f} | {np.mean(fin):+.2f} | "
+                f"{fin[0]:+.2f}, {fin[1]:+.2f} | {np.mean(last3):+.2f} | {np.mean([m[1][0] for m in mp]):.2f} "
+                f"({np.mean([d[1][0] for d in dense]):.2f}) |")
+        assert want in md.splitlines()
+    assert "mean over epochs 4-6" in md
+
+
+def test_meprop_settings_jobs_share_dense_runs():
+    """Each setting's per-example runs, and dense once per (batch, init, dropout, clip)."""
+    from sparsebp.bench import meprop_settings as ms
+
+    jobs = ms._jobs([0, 3], 2)
+    assert sorted(j[0] for j in jobs if j[1] == "meprop") == sorted(list(ms.SETTINGS) * 2)
+    dense_keys = [tuple(ms.SETTINGS[j[0]][i] for i in (0, 2, 3, 4)) for j in jobs if j[1] == "dense"]
+    assert len(dense_keys) == 2 * len(set(dense_keys)) == 2 * len({tuple(v[i] for i in (0, 2, 3, 4))
+                                                                   for v in ms.SETTINGS.values()})
+
+
+@pytest.mark.parametrize("every_row,clip", [(False, None), (True, None), (True, 0.05)])
+def test_meprop_settings_adam_against_float64(every_row, clip):
+    """The study's Adam over three steps whose gradients touch a few rows: on every row (a
+    touched-rows gradient counts as zero elsewhere; every row's moments decay and move it) or only
+    on the touched rows (sparsebp's rule), with optional element-wise clipping; against Adam in
+    float64 NumPy."""
+    from sparsebp import nn
+    from sparsebp.bench import meprop_settings as ms
+
+    rng = np.random.default_rng(11)
+    w0 = rng.standard_normal((6, 4)).astype(np.float32)
+    p = nn.Param("w", w0.copy())
+    opt = ms._optimizer([p], every_row, clip)
+    w, m, v = w0.astype(np.float64), np.zeros((6, 4)), np.zeros((6, 4))
+    for t, rows in enumerate(([1, 4], [0, 1], [5]), start=1):
+        g = rng.standard_normal((len(rows), 4)).astype(np.float32) * 0.1
+        p.grad, p.rows = g.copy(), np.array(rows, dtype=np.int32)
+        opt.step()
+        full = np.zeros((6, 4))
+        full[rows] = g
+        if clip is not None:
+            full = np.clip(full, -clip, clip)
+        upd = np.arange(6) if every_row else np.array(rows)
+        m[upd] = 0.9 * m[upd] + 0.1 * full[upd]
+        v[upd] = 0.999 * v[upd] + 0.001 * full[upd] ** 2
+        w[upd] -= 1e-3 * (m[upd] / (1 - 0.9 ** t)) / (np.sqrt(v[upd] / (1 - 0.999 ** t)) + 1e-8)
+    # Row 4 is touched at step 1 only: on every row its momentum moves it ~1e-3 at steps 2 and 3,
+    # far beyond the tolerance, so the two rules cannot pass for each other.
+    np.testing.assert_allclose(p.data, w, rtol=0, atol=1e-6)
+
+
+def test_meprop_settings_glorot_init():
+    """The paper's C# initialisation: normal weights of variance 2 / (in + out), zero biases."""
+    from sparsebp import demo
+    from sparsebp.bench import meprop_settings as ms
+
+    model = demo.build("meprop", 20, 0.9, 0.5, 0, 0.0)
+    ms._glorot(model, 0)
+    for layer in [la for la in model.layers if hasattr(la, "weight")]:
+        out_f, in_f = layer.weight.data.shape
+        assert layer.weight.data.dtype == np.float32 and not layer.bias.data.any()
+        assert abs(layer.weight.data.std() / np.sqrt(2.0 / (in_f + out_f)) - 1) < 0.05
+        assert abs(layer.weight.data.mean()) < 0.1 * np.sqrt(2.0 / (in_f + out_f))
+
+
 def test_vrpge_lr_report_against_numpy():
     """The lr-of-s study's table: mean validation accuracy per (keep, lr) and learned minus random
     seed by seed (mean, standard error, seeds ahead), computed here independently."""
