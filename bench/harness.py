@@ -176,3 +176,20 @@ def map_single_threaded(fn: Callable, jobs: list, processes: int, desc: str = "r
     os.environ["SPARSEBP_NUM_THREADS"] = "1"
     with mp.get_context("spawn").Pool(processes) as pool:
         return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
+
+
+def run_study(fn: Callable, jobs: list, processes: int, out_dir: str, name: str,
+              report: Callable[[List[dict]], str]) -> List[dict]:
+    """The common part of the side-by-side studies: ``fn`` over ``jobs`` (``map_single_threaded``;
+    a job gives one row, a dict, or a list of rows), then OUT/<name>.csv (the rows) and
+    OUT/<name>.md (``report(rows)``, also printed). Returns the rows."""
+    rows: List[dict] = []
+    for out in map_single_threaded(fn, jobs, processes):
+        rows.extend([out] if isinstance(out, dict) else out)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(os.path.join(out_dir, f"{name}.csv"), rows)
+    text = report(rows)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    sys.stdout.write(text)
+    return rows

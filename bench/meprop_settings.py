@@ -12,6 +12,7 @@ demo's settings stay as they are. Each run uses one thread for sparsebp and NumP
 runs share the machine (times are not the point).
 
     python -m sparsebp.bench.meprop_settings --out DIR [--seeds 0 1 2] [--epochs 20] [--jobs 2]
+                                             [--settings NAME ...]
 
 Writes DIR/meprop_settings.csv (one row per setting, model, seed and epoch) and
 DIR/meprop_settings.md (the table).
@@ -19,8 +20,6 @@ DIR/meprop_settings.md (the table).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import List
 
 # name: (batch, Adam on every row, Glorot init + zero bias, dropout, element-wise clip)
@@ -89,9 +88,10 @@ def _train(job) -> List[dict]:
                  test_acc=float(r["test_acc"])) for r in recs]
 
 
-def _jobs(seeds, epochs) -> list:
+def _jobs(seeds, epochs, settings=None) -> list:
     jobs, dense_done = [], set()
-    for setting, (batch, every_row, glorot, dropout, clip) in SETTINGS.items():
+    for setting in settings or list(SETTINGS):
+        batch, every_row, glorot, dropout, clip = SETTINGS[setting]
         for s in seeds:
             jobs.append((setting, "meprop", s, epochs))
         # Adam's row rule changes nothing for dense (every row has a gradient): one dense run per
@@ -151,17 +151,14 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--jobs", type=positive_int, default=2, help="processes side by side (default 2)")
+    p.add_argument("--settings", choices=list(SETTINGS), nargs="+", default=list(SETTINGS),
+                   help="which settings to run (default: all)")
     a = p.parse_args(argv)
     seeds = list(dict.fromkeys(a.seeds))
-    from sparsebp.bench.harness import map_single_threaded, write_csv
+    from sparsebp.bench.harness import run_study
 
-    rows = [r for out in map_single_threaded(_train, _jobs(seeds, a.epochs), a.jobs) for r in out]
-    os.makedirs(a.out, exist_ok=True)
-    write_csv(os.path.join(a.out, "meprop_settings.csv"), rows)
-    text = report(rows, a.epochs)
-    with open(os.path.join(a.out, "meprop_settings.md"), "w") as f:
-        f.write(text)
-    sys.stdout.write(text)
+    jobs = _jobs(seeds, a.epochs, list(dict.fromkeys(a.settings)))
+    run_study(_train, jobs, a.jobs, a.out, "meprop_settings", lambda rows: report(rows, a.epochs))
 
 
 if __name__ == "__main__":

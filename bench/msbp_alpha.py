@@ -12,8 +12,6 @@ Writes DIR/msbp_alpha.csv (one row per model, seed and epoch) and DIR/msbp_alpha
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import List
 
 N_FIT = 11000  # training digits used for fitting; the rest of the training split validates
@@ -84,15 +82,9 @@ def main(argv=None) -> None:
     jobs = [("msbp" if x > 0 else "meprop-unified", x, s, a.epochs) for x in alphas for s in seeds]
     if not a.no_dense:
         jobs += [("dense", 0.0, s, a.epochs) for s in seeds]
-    from sparsebp.bench.harness import map_single_threaded, write_csv
+    from sparsebp.bench.harness import run_study
 
-    rows = [r for out in map_single_threaded(_train, jobs, a.jobs) for r in out]
-    os.makedirs(a.out, exist_ok=True)
-    write_csv(os.path.join(a.out, "msbp_alpha.csv"), rows)
-    text = report(rows, a.epochs)
-    with open(os.path.join(a.out, "msbp_alpha.md"), "w") as f:
-        f.write(text)
-    sys.stdout.write(text)
+    run_study(_train, jobs, a.jobs, a.out, "msbp_alpha", lambda rows: report(rows, a.epochs))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ Writes DIR/vrpge_lr.csv (one row per run) and DIR/vrpge_lr.md (the table).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import List
 
 N_FIT = 11000  # training digits used for fitting; the rest of the training split validates
@@ -94,15 +92,9 @@ def main(argv=None) -> None:
     g = a.granularity
     jobs = [("random", k, float("nan"), s, a.search, a.finetune, g) for k in keeps for s in seeds]
     jobs += [("vr-pge", k, lr, s, a.search, a.finetune, g) for k in keeps for lr in lrs for s in seeds]
-    from sparsebp.bench.harness import map_single_threaded, write_csv
+    from sparsebp.bench.harness import run_study
 
-    rows = map_single_threaded(_run, jobs, a.jobs)
-    os.makedirs(a.out, exist_ok=True)
-    write_csv(os.path.join(a.out, "vrpge_lr.csv"), rows)
-    text = report(rows)
-    with open(os.path.join(a.out, "vrpge_lr.md"), "w") as f:
-        f.write(text)
-    sys.stdout.write(text)
+    run_study(_run, jobs, a.jobs, a.out, "vrpge_lr", report)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,36 @@ def test_meprop_settings_adam_against_float64(every_row, clip):
     np.testing.assert_allclose(p.data, w, rtol=0, atol=1e-6)
 
 
+def test_meprop_settings_main_runs_each_setting_and_seed_once(tmp_path):
+    """End to end through the spawned workers: a repeated seed or setting is run once, and the dense
+    run of the setting is there to compare against."""
+    import csv
+
+    from sparsebp.bench import meprop_settings as ms
+
+    ms.main(["--out", str(tmp_path), "--seeds", "0", "0", "--epochs", "1", "--jobs", "1",
+             "--settings", "batch 10", "batch 10"])
+    rows = list(csv.DictReader(open(tmp_path / "meprop_settings.csv")))
+    assert sorted((r["setting"], r["model"], r["seed"], r["epoch"]) for r in rows) == [
+        ("batch 10", "dense", "0", "1"), ("batch 10", "meProp k=20 per example", "0", "1")]
+    assert "| batch 10 |" in (tmp_path / "meprop_settings.md").read_text()
+    with pytest.raises(SystemExit):
+        ms.main(["--out", str(tmp_path), "--settings", "batch 7"])
+
+
+def test_vrpge_lr_main_writes_one_row_per_run(tmp_path):
+    """The lr study end to end through the shared study runner (its runs give one row each)."""
+    import csv
+
+    from sparsebp.bench import vrpge_lr
+
+    vrpge_lr.main(["--out", str(tmp_path), "--keeps", "0.5", "--lrs", "0.2", "--seeds", "0", "--search", "1",
+                   "--finetune", "0", "--jobs", "1"])
+    rows = list(csv.DictReader(open(tmp_path / "vrpge_lr.csv")))
+    assert sorted(r["method"] for r in rows) == ["random", "vr-pge"]
+    assert "| 0.5 | random mask | 1 |" in (tmp_path / "vrpge_lr.md").read_text()
+
+
 def test_meprop_settings_glorot_init():
     """The paper's C# initialisation: normal weights of variance 2 / (in + out), zero biases."""
     from sparsebp import demo
