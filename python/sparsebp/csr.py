@@ -200,6 +200,7 @@ class CSR:
         return self._structure
 
     def same_structure(self, other: "CSR") -> bool:
+        """Whether ``other`` has this matrix's shape and nonzero positions (values may differ)."""
         return self._structure is other._structure or (
             self.shape == other.shape
             and np.array_equal(self.indptr, other.indptr)

@@ -124,6 +124,7 @@ class Linear:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """``x @ W.T + b`` for x (batch, in_features) float32; keeps x for the backward."""
         x = _as_input(x, self.in_features)
         self._x = x
         y = x @ self.weight.data.T
@@ -132,6 +133,9 @@ class Linear:
         return y
 
     def backward(self, g: np.ndarray, input_grad: bool = True) -> Optional[np.ndarray]:
+        """From g = dL/dy (batch, out_features): sets the parameters' gradients (with a policy, only
+        the selected rows, listed in ``weight.rows``) and returns dL/dx (None if not
+        ``input_grad``)."""
         if self._x is None:
             raise RuntimeError("backward called before forward")
         g = _as_input(g, self.out_features, "grad")
@@ -208,12 +212,16 @@ class SparseLinear:
         return [self.values] + ([self.bias] if self.bias is not None else [])
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """``x @ W.T + b`` with the CSR ``W`` (cost ∝ nnz); keeps x for the backward."""
         x = _as_input(x, self.in_features)
         self._x = x
         return ops.linear_forward(x, self.csr, None if self.bias is None else self.bias.data,
                                   values=self.values.data)
 
     def backward(self, g: np.ndarray, input_grad: bool = True) -> Optional[np.ndarray]:
+        """From g = dL/dy: the gradient of the stored values only (with a policy, of the selected
+        rows' entries, their positions in ``values.rows``), the bias gradient, and dL/dx (None if
+        not ``input_grad``)."""
         if self._x is None:
             raise RuntimeError("backward called before forward")
         g = _as_input(g, self.out_features, "grad")
@@ -316,26 +324,33 @@ class Sequential:
 
     @property
     def training(self) -> bool:
+        """True unless some layer (Dropout) is in evaluation mode."""
         return all(getattr(m, "training", True) for m in self.layers)
 
     def train(self, mode: bool = True) -> "Sequential":
+        """Training mode (``mode=False``: evaluation mode) for every layer that has one; returns self."""
         for m in self.layers:
             if hasattr(m, "training"):
                 m.training = bool(mode)
         return self
 
     def eval(self) -> "Sequential":
+        """Evaluation mode (Dropout is the identity); returns self."""
         return self.train(False)
 
     def params(self) -> List[Param]:
+        """Every layer's parameters, in layer order (what an optimizer takes)."""
         return [p for layer in self.layers for p in layer.params()]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """The layers in order on x (batch, features); each keeps what its backward needs."""
         for layer in self.layers:
             x = layer.forward(x)
         return x
 
     def backward(self, g: np.ndarray) -> None:
+        """Back from the gradient of the last forward's output: sets each parameter's ``grad`` (and
+        ``rows``); the first layer's input gradient is not formed."""
         for i in range(len(self.layers) - 1, -1, -1):
             g = self.layers[i].backward(g, input_grad=i > 0)
 

@@ -85,6 +85,9 @@ class SparseGrad:
         raise NotImplementedError
 
     def select(self, g: np.ndarray) -> Selection:
+        """The selection for one backward of a layer whose output gradient is ``g`` (batch, out,
+        float32): which entries to propagate, and from which gradient (``Selection``). Called once
+        per backward, in order; stateful policies (MSBP's memory, meSimp's counters) update here."""
         raise NotImplementedError
 
     def _desc(self) -> str:
@@ -129,6 +132,7 @@ class MSBP(SparseGrad):
         return MSBP(self.k, self.ratio, self.alpha)
 
     def reset(self) -> None:
+        """Forget the memory (the next backward starts from the plain gradient)."""
         self.memory = None
 
     def select(self, g: np.ndarray) -> Selection:

@@ -93,9 +93,11 @@ class VRPGETrainer:
         return [self.rng.random(s.shape) < s for s in self.s]
 
     def density(self) -> float:
+        """The expected fraction of units kept: the mean of the keep probabilities s."""
         return float(sum(s.sum() for s in self.s) / sum(s.size for s in self.s))
 
     def polarised(self, tol: float = 0.01) -> float:
+        """The fraction of keep probabilities within ``tol`` of 0 or 1."""
         allv = np.concatenate(self.s)
         return float(np.mean((allv <= tol) | (allv >= 1 - tol)))
 
@@ -175,6 +177,7 @@ class VRPGETrainer:
 
     @torch.no_grad()
     def accuracy(self, loader_or_xy, mask) -> float:
+        """Accuracy of the sub-network ``mask`` on ``(X, y)`` (tensors), in chunks of 1000."""
         X, y = loader_or_xy
         pred = torch.cat([self.forward(X[i:i + 1000], mask).argmax(1) for i in range(0, len(X), 1000)])
         return float((pred == y).float().mean())
