@@ -150,6 +150,46 @@ def test_msbp_alpha_main_runs_each_model_and_seed_once(tmp_path):
     assert "| alpha = 0 (unified meProp) |" in (tmp_path / "msbp_alpha.md").read_text()
 
 
+@pytest.mark.parametrize("memory", ["score", "column"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_msbp_memory_readings_against_numpy(memory, alpha):
+    """The study's two other readings of MSBP's memory over four steps, against NumPy (float64
+    scores, argsort): the columns chosen and the gradient propagated. alpha = 0 is unified meProp."""
+    from sparsebp.bench import msbp_alpha
+
+    rng = np.random.default_rng(17)
+    pol = msbp_alpha._memory_policy(memory, 3, alpha).clone()
+    mem = np.zeros(12)
+    for _ in range(4):
+        g = rng.standard_normal((5, 12)).astype(np.float32)
+        sel = pol.select(g)
+        if memory == "score":
+            u = g.astype(np.float64)
+            scores = np.abs(u).sum(axis=0) + mem
+        else:
+            u = g.astype(np.float64) + mem / 5
+            scores = np.abs(u).sum(axis=0)
+        cols = np.sort(np.argsort(-scores, kind="stable")[:3])
+        np.testing.assert_array_equal(sel.cols, cols)
+        np.testing.assert_allclose(sel.grad, u, rtol=1e-6, atol=1e-6)
+        mem = alpha * (scores if memory == "score" else u.sum(axis=0))
+        mem[cols] = 0.0
+        assert sel.mode == "unified"
+
+
+def test_msbp_alpha_main_memory_readings(tmp_path):
+    """--memory runs each reading for each alpha > 0 (alpha = 0 once: unified meProp), named apart."""
+    import csv
+
+    from sparsebp.bench import msbp_alpha
+
+    msbp_alpha.main(["--out", str(tmp_path), "--seeds", "0", "--alphas", "0", "0.5", "--epochs", "1", "--jobs", "1",
+                     "--no-dense", "--memory", "score", "gradient"])
+    rows = list(csv.DictReader(open(tmp_path / "msbp_alpha.csv")))
+    assert [r["model"] for r in rows] == ["alpha=0", "alpha=0.5, score memory", "alpha=0.5"]
+    assert "| MSBP alpha = 0.5, score memory |" in (tmp_path / "msbp_alpha.md").read_text()
+
+
 def test_meprop_settings_report_against_numpy():
     """The settings study's table: per-example meProp against the dense run of the same batch, init,
     dropout and clip (one dense run serves the settings that differ only in Adam's row rule), means
