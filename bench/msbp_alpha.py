@@ -11,8 +11,8 @@ thread for sparsebp and NumPy's BLAS; ``--jobs`` runs share the machine (times a
 ``--memory`` compares readings of MSBP's memory, whose exact equations could not be read here
 (ALGORITHMS.md section 3): ``gradient`` is ``sparsebp.algorithms.MSBP`` (the dropped part of the
 (batch, out) output gradient, added to the next batch's, row by row); ``score`` keeps alpha times
-the unselected columns' scores (sum_b |u[b, j]|) and adds them to the next step's scores, so that
-often-dropped units get chosen, while G itself is propagated; ``column`` keeps alpha times the
+the unselected columns' scores (sum_b |G[b, j]| plus the memory) and adds them to the next step's
+scores, so that often-dropped units get chosen, while G itself is propagated; ``column`` keeps alpha times the
 dropped columns' sums (one number per unit) and spreads each evenly over the next batch's rows.
 With alpha = 0 each is exactly unified meProp.
 
@@ -84,8 +84,7 @@ def _train(job) -> List[dict]:
     opt = nn.Adam(model.params(), lr=1e-3)
     recs = nn.fit_epochs(model, opt, X[:N_FIT], y[:N_FIT], epochs=epochs, batch=32, X_test=X[N_FIT:],
                          y_test=y[N_FIT:], seed=seed, progress=False)
-    name = ("dense" if kind == "dense" else f"alpha={alpha:g}" if kind != "msbp" or memory == "gradient"
-            else f"alpha={alpha:g}, {memory} memory")
+    name = "dense" if kind == "dense" else f"alpha={alpha:g}" + ("" if memory == "gradient" else f", {memory} memory")
     return [dict(model=name, alpha=alpha if kind != "dense" else float("nan"), seed=seed, epoch=r["epoch"],
                  val_acc=float(r["test_acc"])) for r in recs]
 
