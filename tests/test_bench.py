@@ -197,8 +197,8 @@ def test_meprop_settings_report_against_numpy():
     from sparsebp.bench import meprop_settings as ms
 
     rng = np.random.default_rng(5)
-    runs = {("batch 10", "dense"), ("batch 10", "meProp k=20 per example"),
-            ("batch 10, Adam on every row", "meProp k=20 per example")}
+    runs = [("batch 10", "dense"), ("batch 10", "meProp k=20 per example"),
+            ("batch 10, Adam on every row", "meProp k=20 per example")]
     curves = {(st, m, s): (rng.uniform(0.8, 1.0, 6), rng.uniform(0.1, 3.0, 6)) for st, m in runs for s in (0, 1)}
     rows = [dict(setting=st, model=m, seed=s, epoch=e + 1, loss=float(c[1][e]), test_acc=float(c[0][e]))
             for (st, m, s), c in curves.items() for e in range(6)]
