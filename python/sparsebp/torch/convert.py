@@ -184,6 +184,19 @@ def _pruned_state(checkpoint):
     return state, pruned
 
 
+def _fit_problems(expected: Dict[str, object], state: Dict[str, object], skip=frozenset()):
+    """What keeps ``state`` from loading into a model whose state dict is ``expected``: the missing
+    and the unexpected keys (sorted), and the first key (in ``expected``'s order, outside ``skip``)
+    present in both whose checkpoint entry is not a tensor of the model tensor's shape, as
+    (key, model tensor, checkpoint entry), or None."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad = next(((k, want, state[k]) for k, want in expected.items()
+                if k in state and k not in skip and isinstance(want, Tensor)
+                and (not isinstance(state[k], Tensor) or tuple(state[k].shape) != tuple(want.shape))), None)
+    return missing, unexpected, bad
+
+
 def _check_pruned_state_fits(model: nn.Module, chosen, state: Dict[str, object]) -> None:
     """Whether ``state`` loads strictly into ``model`` once the chosen layers' pruning
     reparametrisation is removed (their ``weight_orig`` / ``weight_mask`` become ``weight``), without
@@ -194,16 +207,14 @@ def _check_pruned_state_fits(model: nn.Module, chosen, state: Dict[str, object])
             pre = n + "." if n else ""
             expected[pre + "weight"] = expected.pop(pre + "weight_orig")
             expected.pop(pre + "weight_mask", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing, unexpected, bad = _fit_problems(expected, state)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
-    for k, want in expected.items():
-        got = state[k]
-        if isinstance(want, Tensor) and (not isinstance(got, Tensor) or tuple(got.shape) != tuple(want.shape)):
-            raise ValueError(f"checkpoint does not fit the model: {k!r} is "
-                             f"{tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__} in the "
-                             f"checkpoint and {tuple(want.shape)} in the model")
+    if bad is not None:
+        k, want, got = bad
+        raise ValueError(f"checkpoint does not fit the model: {k!r} is "
+                         f"{tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__} in the "
+                         f"checkpoint and {tuple(want.shape)} in the model")
 
 
 def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[str, Tensor]] = None,

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from .convert import _places, _replace
+from .convert import _fit_problems, _places, _replace
 from .modules import SparseConv2d, SparseLinear, check_structure_entries, conv_padding
 
 __all__ = ["save", "load"]
@@ -173,17 +173,12 @@ def _check_fits(p: str, model: nn.Module, swaps, state: Dict[str, object], stric
         except (ValueError, TypeError) as e:
             raise type(e)(f"{p}: {e}") from None
         structure_keys.update(pre + k for k in ("indptr", "indices", "values"))
-    if strict:
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{p} does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
-    for k, want in expected.items():
-        if k in structure_keys or k not in state or not isinstance(want, torch.Tensor):
-            continue
-        got = state[k]
+    missing, unexpected, bad = _fit_problems(expected, state, skip=structure_keys)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{p} does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
+    if bad is not None:
+        k, want, got = bad
         if not isinstance(got, torch.Tensor):
             raise ValueError(f"{p}: entry {k!r} must be a tensor; got {type(got).__name__}")
-        if tuple(got.shape) != tuple(want.shape):
-            raise ValueError(f"{p} does not fit the model: {k!r} has shape {tuple(got.shape)} in the file and "
-                             f"{tuple(want.shape)} in the model")
+        raise ValueError(f"{p} does not fit the model: {k!r} has shape {tuple(got.shape)} in the file and "
+                         f"{tuple(want.shape)} in the model")
