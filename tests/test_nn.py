@@ -417,7 +417,7 @@ def _dropout_ref(x, seed, p, scale):
     return (x.ravel() * factor).reshape(x.shape), factor.reshape(x.shape)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 17, 1001, 300_001])
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 255, 256, 257, 513, 1001, 300_001])
 def test_dropout_kernel_matches_its_generator(isa, threads, n):
     """The C++ pass against the NumPy re-implementation of its generator, bit for bit, on every
     ISA; 300,001 entries split between two threads (whole cache lines, an odd tail) give the same
