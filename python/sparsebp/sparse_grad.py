@@ -193,7 +193,9 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
                 _core.spmm_scatter(indptr, rows_b, gvals, w, dx)
             else:
                 by_row = np.arange(bsz + 1, dtype=np.int64) * sel.shape[1]  # Ĝ's rows: k entries each
-                _core.spmm_rows(by_row, sel.reshape(-1), np.take_along_axis(g, sel, axis=1).reshape(-1), w, dx)
+                # Ĝ's values row by row (fancy indexing: ~9 us at 32 x 20, np.take_along_axis ~21)
+                vals = g[np.arange(bsz)[:, None], sel].reshape(-1)
+                _core.spmm_rows(by_row, sel.reshape(-1), vals, w, dx)
         if weight_grad:
             if in_f % 128 == 0 and bsz > 1:  # gathered rows of x 2^n bytes apart: copy to a padded stride
                 xp = _padded_rows(bsz, in_f)
