@@ -32,6 +32,13 @@ SETTINGS = {
 }
 
 
+def _dense_key(setting: str) -> tuple:
+    """What a dense run depends on: every setting but Adam's row rule, which changes nothing for
+    dense (every row has a gradient). Settings with the same key share one dense run."""
+    batch, _every_row, glorot, dropout, clip = SETTINGS[setting]
+    return batch, glorot, dropout, clip
+
+
 def _optimizer(params, every_row: bool, clip):
     import numpy as np
 
@@ -91,12 +98,9 @@ def _train(job) -> List[dict]:
 def _jobs(seeds, epochs, settings=None) -> list:
     jobs, dense_done = [], set()
     for setting in settings or list(SETTINGS):
-        batch, every_row, glorot, dropout, clip = SETTINGS[setting]
         for s in seeds:
             jobs.append((setting, "meprop", s, epochs))
-        # Adam's row rule changes nothing for dense (every row has a gradient): one dense run per
-        # remaining combination.
-        key = (batch, glorot, dropout, clip)
+        key = _dense_key(setting)  # one dense run per key
         if key not in dense_done:
             dense_done.add(key)
             jobs += [(setting, "dense", s, epochs) for s in seeds]
@@ -114,9 +118,8 @@ def report(rows: List[dict], epochs: int) -> str:
         return np.array([r["test_acc"] for r in rs]) * 100, np.array([r["loss"] for r in rs])
 
     def dense_of(setting):
-        batch, _, glorot, dropout, clip = SETTINGS[setting]
-        for other, (b, _, g, d, c) in SETTINGS.items():
-            if (b, g, d, c) == (batch, glorot, dropout, clip) and any(
+        for other in SETTINGS:
+            if _dense_key(other) == _dense_key(setting) and any(
                     r["setting"] == other and r["model"] == "dense" for r in rows):
                 return other
         return None
