@@ -244,6 +244,139 @@ def test_gpu_torch_modules_against_dense():
     torch.testing.assert_close(x2.grad, m.weight.detach().sum(0).expand(9, -1), rtol=1e-4, atol=1e-4)
 
 
+def _masked_ref(g, k, mode):
+    """Ĝ in float64: g kept at the top-k of each row (example) or of the column sums of |g|
+    (unified), by numpy's stable sort; zeros elsewhere."""
+    m = np.zeros(g.shape, bool)
+    if mode == "example":
+        np.put_along_axis(m, np.argsort(-np.abs(g), axis=1, kind="stable")[:, :k], True, axis=1)
+    else:
+        m[:, np.argsort(-np.abs(g).sum(0), kind="stable")[:k]] = True
+    return np.where(m, g, 0.0)
+
+
+def _csr_grads_ref(gh, x, lin):
+    """dx and dvalues of a SparseLinear for the output gradient gh, float64."""
+    wd = lin.weight.detach().double().cpu().numpy()
+    rows = np.repeat(np.arange(lin.out_features), np.diff(lin.indptr.cpu().numpy()))
+    cols = lin.indices.cpu().numpy()
+    return (gh @ wd, np.abs(gh) @ np.abs(wd)), ((gh.T @ x)[rows, cols], (np.abs(gh).T @ np.abs(x))[rows, cols])
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["example", "unified"])
+@pytest.mark.parametrize("batch", [7, 40, 300])
+def test_gpu_sparse_linear_with_grad_topk_against_float64(mode, batch):
+    """Sparse weights and sparse gradients together on the GPU: the top-k selected there, the
+    selected gradient through the CSR kernels; against float64 and against the CPU layer."""
+    torch = _torch_cuda()
+    import copy
+
+    import sparsebp.torch as st
+
+    torch.manual_seed(batch)
+    lin = st.SparseLinear(300, 200, sparsity=0.9, grad_topk=12, grad_mode=mode)
+    cpu = copy.deepcopy(lin)
+    lin = lin.cuda()
+    x = torch.randn(batch, 300, device="cuda", requires_grad=True)
+    g = torch.randn(batch, 200, device="cuda")
+    y = lin(x)
+    torch.testing.assert_close(y, x.detach() @ lin.weight.detach().t() + lin.bias.detach(), rtol=1e-4, atol=1e-4)
+    y.backward(g)
+    g2, x2 = g.double().cpu().numpy(), x.detach().double().cpu().numpy()
+    gh = _masked_ref(g2, 12, mode)
+    (dx, dx_scale), (dv, dv_scale) = _csr_grads_ref(gh, x2, lin)
+    ref.assert_close(x.grad.cpu(), dx, dx_scale, 200, "dx")
+    ref.assert_close(lin.values.grad.cpu(), dv, dv_scale, batch, "dvalues")
+    ref.assert_close(lin.bias.grad.cpu(), g2.sum(0), np.abs(g2).sum(0), batch, "db (the full gradient)")
+    xc = x.detach().cpu().requires_grad_(True)  # the CPU kernels, the same selection
+    cpu(xc).backward(g.cpu())
+    torch.testing.assert_close(x.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lin.values.grad.cpu(), cpu.values.grad, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+def test_gpu_msbp_memory_over_steps_against_float64():
+    """MSBP on a SparseLinear on the GPU (its memory on the host), three steps: against a float64
+    re-implementation of the memory (u = G + memory; top-k columns of |u|; memory = alpha * the
+    rest of u) and the CSR gradient of the selected u."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+    from sparsebp import algorithms as alg
+
+    torch.manual_seed(7)
+    k, alpha = 6, 0.5
+    lin = st.SparseLinear(64, 48, sparsity=0.7, grad_policy=alg.MSBP(k=k, alpha=alpha)).cuda()
+    memory = size = np.zeros((16, 48))  # size: the sum of |terms| behind each memory entry
+    for step in range(3):
+        x = torch.randn(16, 64, device="cuda", requires_grad=True)
+        g = torch.randn(16, 48, device="cuda")
+        lin.values.grad = None
+        lin(x).backward(g)
+        g2 = g.double().cpu().numpy()
+        u, u_size = g2 + memory, np.abs(g2) + size
+        cols = np.argsort(-np.abs(u).sum(0), kind="stable")[:k]
+        gh = np.zeros_like(u)
+        gh[:, cols] = u[:, cols]
+        memory, size = alpha * (u - gh), alpha * np.where(gh != 0, 0.0, u_size)
+        (dx, _), (dv, _) = _csr_grads_ref(gh, x.detach().double().cpu().numpy(), lin)
+        # the scale: u's entries carry float32 rounding of |g| + |memory| (which may cancel), not of |u|
+        gs = np.where(gh != 0, u_size, 0.0)
+        (_, dx_scale), (_, dv_scale) = _csr_grads_ref(gs, np.abs(x.detach().double().cpu().numpy()), lin)
+        ref.assert_close(x.grad.cpu(), dx, dx_scale, 48 * (step + 1), f"dx, step {step}")
+        ref.assert_close(lin.values.grad.cpu(), dv, dv_scale, 16 * (step + 1), f"dvalues, step {step}")
+        np.testing.assert_allclose(lin.grad_policy.memory, memory, rtol=1e-5, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("which", ["sparse-mesimp", "dense-msbp", "dense-mesimp", "dense-meprop-float64"])
+def test_gpu_policies_match_the_cpu_layer(which):
+    """The stateful policies (and float64) on the GPU: the same gradients and the same policy
+    state as the same layer on the CPU, step after step."""
+    torch = _torch_cuda()
+    import copy
+
+    import sparsebp.torch as st
+    from sparsebp import algorithms as alg
+
+    torch.manual_seed(8)
+    make = {"sparse-mesimp": lambda: st.SparseLinear(64, 48, sparsity=0.7, grad_policy=alg.MeSimp(k=6, p=0.2)),
+            "dense-msbp": lambda: st.MePropLinear(64, 48, policy=alg.MSBP(k=6, alpha=0.5)),
+            "dense-mesimp": lambda: st.MePropLinear(64, 48, policy=alg.MeSimp(k=6, p=0.2)),
+            "dense-meprop-float64": lambda: st.MePropLinear(64, 48, k=6).double()}[which]
+    cpu = make()
+    gpu_mod = copy.deepcopy(cpu).cuda()
+    dtype = next(cpu.parameters()).dtype
+    for step in range(3):
+        x = torch.randn(16, 64, dtype=dtype)
+        g = torch.randn(16, 48, dtype=dtype)
+        xc, xg = x.clone().requires_grad_(True), x.cuda().requires_grad_(True)
+        cpu(xc).backward(g)
+        gpu_mod(xg).backward(g.cuda())
+        torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+        for (name, pc), pg in zip(cpu.named_parameters(), gpu_mod.parameters()):
+            torch.testing.assert_close(pg.grad.cpu(), pc.grad, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, name=name: f"{name}, step {step}: {m}")
+    pc, pg = (m.grad_policy if hasattr(m, "grad_policy") else m.policy for m in (cpu, gpu_mod))
+    if isinstance(pc, alg.MeSimp):
+        np.testing.assert_array_equal(pg.hits, pc.hits)
+        assert pg.seen == pc.seen == 48
+    elif isinstance(pc, alg.MSBP):
+        np.testing.assert_allclose(pg.memory, pc.memory, rtol=1e-5, atol=1e-6)
+
+
+@gpu
+def test_gpu_sparse_linear_with_grad_topk_gradcheck():
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+
+    torch.manual_seed(9)
+    for mode in ("example", "unified"):
+        sp = st.SparseLinear(6, 8, sparsity=0.5, grad_topk=2, grad_mode=mode).double().cuda()
+        x = torch.randn(3, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a: sp(a), (x,))
+
+
 def _layout(t, kind):
     """The same values as t (batch, n) in another memory layout: row-major, feature-major (the batch
     innermost), or feature-major with a padded, misaligned leading dimension (no vector loads)."""
@@ -379,6 +512,93 @@ def test_gpu_sparse_linear_in_a_cuda_graph():
         (x.double() @ w.t() + b).square().sum().backward()
         torch.testing.assert_close(layer.values.grad.cpu().double(), w.grad[mask], rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(layer.bias.grad.cpu().double(), b.grad, rtol=1e-4, atol=1e-3)
+
+
+@gpu
+@pytest.mark.parametrize("which", ["sparse-example", "sparse-unified", "meprop-example", "meprop-unified"])
+def test_gpu_sparse_gradients_in_a_cuda_graph(which):
+    """A step through a sparse-gradient layer (the top-k chosen on the GPU) captured in a CUDA
+    graph: replays with new inputs give the gradients of the top-k-masked output gradient, float64."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+    from sparsebp import algorithms as alg
+
+    torch.manual_seed(4)
+    kind, mode = which.split("-")
+    dense = torch.nn.Linear(96, 80)
+    mask = torch.rand(80, 96) < 0.2 if kind == "sparse" else torch.ones(80, 96, dtype=torch.bool)
+    if kind == "sparse":
+        layer = st.SparseLinear.from_dense(dense, mask=mask)
+        layer.grad_policy = alg.MeProp(k=7, mode=mode)
+    else:
+        layer = st.MePropLinear.from_linear(dense, k=7, mode=mode)
+    layer = layer.cuda()
+    params = [p for p in layer.parameters()]
+    static_x = torch.randn(64, 96, device="cuda", requires_grad=True)
+    static_g = torch.randn(64, 80, device="cuda")
+
+    def step():
+        for p in params + [static_x]:
+            p.grad = None
+        layer(static_x).backward(static_g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(static_x).backward(static_g)
+    w = (dense.weight.detach() * mask).double()
+    for trial in range(3):
+        x, g = torch.randn(64, 96), torch.randn(64, 80)
+        with torch.no_grad():
+            static_x.copy_(x.cuda())
+            static_g.copy_(g.cuda())
+        for p in params + [static_x]:
+            p.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        gh = torch.from_numpy(_masked_ref(g.double().numpy(), 7, mode))
+        torch.testing.assert_close(static_x.grad.cpu().double(), gh @ w, rtol=1e-4, atol=1e-4)
+        gw = gh.t() @ x.double()
+        got_w = params[0].grad.cpu().double()
+        torch.testing.assert_close(got_w, gw[mask] if kind == "sparse" else gw, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(params[1].grad.cpu().double(), g.double().sum(0), rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["sparse", "meprop"])
+def test_gpu_sparse_gradient_backward_propagates_a_nan(kind):
+    """On the GPU the modules' top-k does not wait for the device to look for NaN: a NaN in the
+    output gradient is selected (it ranks above every number) and propagates into its example's
+    input gradient, as in dense backprop, while the other examples' gradients stay finite and right.
+    (sparsebp.ops.topk on a GPU array still raises, as on the CPU.)"""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+    from sparsebp import algorithms as alg
+
+    torch.manual_seed(5)
+    if kind == "sparse":
+        layer = st.SparseLinear(40, 30, sparsity=0.5)
+        layer.grad_policy = alg.MeProp(k=4)
+    else:
+        layer = st.MePropLinear(40, 30, k=4)
+    layer = layer.cuda()
+    x = torch.randn(6, 40, device="cuda", requires_grad=True)
+    g = torch.randn(6, 30)
+    g[2, 7] = float("nan")
+    layer(x).backward(g.cuda())
+    assert torch.isnan(x.grad[2]).any()
+    keep = [0, 1, 3, 4, 5]
+    g2 = g[keep].double().numpy()
+    w = layer.weight.detach().double().cpu().numpy()
+    gh = _masked_ref(g2, 4, "example")
+    ref.assert_close(x.grad[keep].cpu(), gh @ w, np.abs(gh) @ np.abs(w), 30, "dx of the other examples")
+    with pytest.raises(ValueError, match="NaN"):
+        ops.topk(g.cuda(), 4)
 
 
 class _InterfaceOnly:

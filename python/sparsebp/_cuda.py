@@ -314,33 +314,42 @@ def linear_backward(g, x, w, values, input_grad: bool, weight_grad: bool, bias_g
     return tuple(None if t is None else _back(t, x) for t in (gi, gv, gb))
 
 
-def topk(g, k: int, dev: int):
+def topk(g, k: int, dev: int, check_nan: bool = True):
+    """Top-k columns of each row of g by |value| (the engine's tie rule). ``check_nan``: a NaN in g
+    is a ValueError (this reads a flag back: a wait for the device); without the check (the torch
+    modules' backwards, which must not wait every step) a NaN ranks above every number, so it is
+    selected and propagates into the gradients, as in dense backprop."""
     torch = _torch()
     gt = _f32_2d(g, dev, "g")
     rows, n = gt.shape
     kk = min(k, n)
     if kk == 0 or rows == 0:
         return _back(torch.empty((rows, kk), dtype=torch.int32, device=gt.device), g)
+    # The NaN check reads a flag back (a wait for the device). A step being captured in a CUDA graph
+    # cannot wait, so there it is skipped: a NaN then counts as a large entry (the kernel's keys
+    # order it above every number), and exactly k valid columns are still chosen.
+    check = check_nan and not torch.cuda.is_current_stream_capturing()
     if kk == n:
-        if torch.isnan(gt).any():
+        if check and torch.isnan(gt).any():
             raise ValueError("g holds NaN; top-k is undefined there")
         return _back(torch.arange(n, dtype=torch.int32, device=gt.device).repeat(rows, 1), g)
     idx = torch.empty((rows, kk), dtype=torch.int32, device=gt.device)
     nan_rows = torch.zeros(rows, dtype=torch.uint8, device=gt.device)
     _core.cuda_topk_rows(dev, _stream(dev), _ptr(gt), rows, n, n, kk, _ptr(idx), _ptr(nan_rows))
-    bad = torch.nonzero(nan_rows).flatten()
-    if bad.numel():
-        raise ValueError(f"g holds NaN (row {int(bad[0])}); top-k is undefined there")
+    if check:
+        bad = torch.nonzero(nan_rows).flatten()
+        if bad.numel():
+            raise ValueError(f"g holds NaN (row {int(bad[0])}); top-k is undefined there")
     return _back(idx, g)
 
 
-def topk_columns(g, k: int, dev: int):
+def topk_columns(g, k: int, dev: int, check_nan: bool = True):
     torch = _torch()
     gt = _f32_2d(g, dev, "g")
     rows, n = gt.shape
     scores = torch.empty((1, n), dtype=torch.float32, device=gt.device)
     _core.cuda_abs_colsum(dev, _stream(dev), _ptr(gt), rows, n, n, _ptr(scores))
-    return _back(_as_torch(topk(scores, k, dev), dev, "scores")[0], g)
+    return _back(_as_torch(topk(scores, k, dev, check_nan), dev, "scores")[0], g)
 
 
 def gemm(a, b, dev: int):
@@ -355,7 +364,7 @@ def gemm(a, b, dev: int):
 
 
 def meprop_backward(g, x, weight, k: int, mode: str, input_grad: bool, weight_grad: bool, bias_grad: bool,
-                    dev: int):
+                    dev: int, check_nan: bool = True):
     """(dx, dW, db, selected) of the sparse-gradient backward on the GPU (see ops.meprop_backward)."""
     torch = _torch()
     w = _f32_2d(weight, dev, "weight")
@@ -365,14 +374,14 @@ def meprop_backward(g, x, weight, k: int, mode: str, input_grad: bool, weight_gr
     xt = _f32_2d(x, dev, "x", batch, in_f) if weight_grad else None
     db = gt.sum(dim=0) if bias_grad else None
     if mode == "example":
-        sel = _as_torch(topk(gt, k, dev), dev, "sel")
+        sel = _as_torch(topk(gt, k, dev, check_nan), dev, "sel")
         kk = sel.shape[1]
         dx = torch.empty((batch, in_f), dtype=torch.float32, device=w.device) if input_grad else None
         dw = torch.empty((out_f, in_f), dtype=torch.float32, device=w.device) if weight_grad else None
         _core.cuda_meprop_example(dev, _stream(dev), batch, kk, out_f, in_f, _ptr(sel), _ptr(gt), out_f, _ptr(w),
                                   _ptr(xt), in_f, _ptr(dx), _ptr(dw))
     else:
-        sel = _as_torch(topk_columns(gt, k, dev), dev, "sel")
+        sel = _as_torch(topk_columns(gt, k, dev, check_nan), dev, "sel")
         si = sel.long()
         gc = gt.index_select(1, si)  # (batch, k): the selected columns
         dx = gemm(gc, w.index_select(0, si), dev) if input_grad else None

@@ -7,6 +7,16 @@ memory, MeSimp counters); each module keeps its own copy (its state, e.g. MSBP's
 layer). The backward runs sparsebp's kernels on float32 CPU tensors; float64 takes a dense masked
 reference path (same selection) so that ``torch.autograd.gradcheck`` can check the formulas.
 Under DDP each process selects on its own gradient; DDP then averages the (sparse) weight gradients.
+
+On CUDA tensors (builds with SPARSEBP_CUDA=ON), meProp selects on the GPU (the top-k kernels)
+without waiting for the device, so a step can be captured in a CUDA graph; a NaN in the output
+gradient is then selected and propagates into the gradients, as in dense backprop (the CPU path
+raises a ValueError instead). The stateful policies (MSBP's memory, meSimp's counters) keep their
+state on the host, as on the CPU: each of their backwards copies the output gradient to the host
+and waits for it. The selected gradient (zeros outside the selection) then goes through the
+layer's GPU products: for ``MePropLinear`` with plain meProp, sparsebp's sparse-gradient kernels,
+with another policy dense products; for ``SparseLinear``, its CSR kernels (whose cost follows the
+stored weights, not k).
 """
 from __future__ import annotations
 
@@ -52,6 +62,28 @@ def _selected_grad(policy, sel, g: Tensor) -> Tensor:
     return torch.from_numpy(sel.grad).to(g.dtype)
 
 
+def _cuda_selected(policy: _alg.SparseGrad, g: Tensor) -> Tensor:
+    """Ĝ for a CUDA gradient g: the gradient the policy propagates, zero outside its selection, on
+    g's device in g's dtype. meProp selects on the GPU (on g rounded to float32, as on the CPU),
+    without waiting for the device (a NaN is selected and propagates, where the CPU path raises);
+    another policy selects on the host (its state lives there), from a float32 copy of g."""
+    from .. import _cuda
+
+    if type(policy) is _alg.MeProp:
+        dev = _ops._cuda_dev(g)
+        g32 = g.detach().to(torch.float32).contiguous()
+        k = policy.k_for(g.shape[1])
+        out = torch.zeros_like(g)
+        if policy.mode == "example":
+            idx = _cuda.topk(g32, k, dev, check_nan=False).long()
+            return out.scatter_(1, idx, g.gather(1, idx))
+        cols = _cuda.topk_columns(g32, k, dev, check_nan=False).long()
+        return out.index_copy_(1, cols, g.index_select(1, cols))
+    sel = policy.select(g.detach().to(torch.float32).cpu().contiguous().numpy())
+    mask = torch.from_numpy(_mask_of(sel, tuple(g.shape))).to(g.device)
+    return _selected_grad(policy, sel, g).to(g.device) * mask
+
+
 def _mask_of(sel, shape) -> np.ndarray:
     m = np.zeros(shape, dtype=bool)
     if sel.mode == "example":
@@ -73,17 +105,19 @@ class _MePropLinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if g.is_cuda:  # GPU: sparsebp's CUDA kernels (plain meProp: the stateful policies keep host state)
-            if type(ctx.policy) is not _alg.MeProp or g.dtype != torch.float32:
-                raise ValueError(f"on CUDA, MePropLinear supports float32 and the MeProp policy; got "
-                                 f"{ctx.policy!r} with {g.dtype}")
-            from .. import _cuda
+        if g.is_cuda:
+            gb = g.sum(0) if need_b else None
+            if type(ctx.policy) is _alg.MeProp and g.dtype == torch.float32:  # sparsebp's CUDA kernels
+                from .. import _cuda
 
-            dev = _ops._cuda_dev(g)
-            dx, dw, _, _ = _cuda.meprop_backward(g.contiguous(), x.contiguous(), w.detach().contiguous(),
-                                                 ctx.policy.k_for(g.shape[1]), ctx.policy.mode, need_x, need_w,
-                                                 False, dev)
-            return dx, dw, (g.sum(0) if need_b else None), None
+                dev = _ops._cuda_dev(g)
+                dx, dw, _, _ = _cuda.meprop_backward(g.contiguous(), x.contiguous(), w.detach().contiguous(),
+                                                     ctx.policy.k_for(g.shape[1]), ctx.policy.mode, need_x, need_w,
+                                                     False, dev, check_nan=False)
+                return dx, dw, gb, None
+            # another policy (state on the host), or float64: the selected gradient, dense products
+            gh = _cuda_selected(ctx.policy, g)
+            return (gh @ w if need_x else None), (gh.t() @ x if need_w else None), gb, None
         sel = _select(ctx.policy, g)
         gb = g.sum(0) if need_b else None
         if g.dtype != torch.float32:  # reference path (gradcheck): the same selection, dense products
@@ -154,9 +188,20 @@ class _SparseMePropFn(torch.autograd.Function):
         x, values, indptr, indices = ctx.saved_tensors
         need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        sel = _select(ctx.policy, g)
         gb = g.sum(0) if need_b else None
         none5 = (None,) * 5
+        if g.is_cuda:  # the selected gradient through the layer's GPU products (float64: dense reference)
+            gh = _cuda_selected(ctx.policy, g)
+            out_f, in_f = ctx.shape
+            if g.dtype != torch.float32:
+                wd = _ops._dense_weight(values, indptr, indices, out_f, in_f)
+                gv = (gh.t() @ x)[_ops._rows_of(indptr, out_f), indices.to(torch.int64)] if need_v else None
+                return (gh @ wd if need_x else None), gv, gb, *none5
+            ptrs = _ops._cuda_structure(indptr, indices, out_f, in_f)
+            dx, dv, _ = _ops._cuda_backward(gh, x, None, values.detach(), _ops._cuda_dev(g), ptrs, in_f, out_f,
+                                            need_x, need_v, False)
+            return dx, dv, gb, *none5
+        sel = _select(ctx.policy, g)
         if g.dtype != torch.float32:  # reference path (gradcheck)
             wd = _ops._dense_weight(values, indptr, indices, *ctx.shape)
             gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))
@@ -179,9 +224,6 @@ def sparse_meprop_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indp
     _ops._check_tensor(x, "x")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (*, {in_features}); got {tuple(x.shape)}")
-    if x.device.type == "cuda":
-        raise ValueError("SparseLinear with grad_topk / grad_policy runs on the CPU only (the CUDA path covers "
-                         "SparseLinear without it and MePropLinear); move the layer with .cpu()")
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), in_features)
     y = _SparseMePropFn.apply(x2, values, bias, indptr, indices, in_features, out_features, policy)
