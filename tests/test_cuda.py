@@ -219,6 +219,30 @@ def test_gpu_meprop_against_float64(mode):
 
 
 @gpu
+@pytest.mark.parametrize("batch,out_f,in_f,k", [(1, 50, 37, 5), (7, 40, 33, 0), (9, 30, 20, 30), (300, 64, 129, 7),
+                                                (1500, 300, 70, 12), (2100, 16, 5, 3)])
+def test_gpu_meprop_example_shapes_against_float64(batch, out_f, in_f, k):
+    """Per-example meProp's GPU products at the edges: one example, k = 0, k = out, batches over the
+    weight-gradient kernel's window of 1024 examples (searched in passes), widths off every vector
+    size; against float64, and the same bits on a second run (no atomics)."""
+    torch = _torch_cuda()
+    rng = np.random.default_rng(batch + k)
+    g = rng.standard_normal((batch, out_f)).astype(np.float32)
+    x = rng.standard_normal((batch, in_f)).astype(np.float32)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    d = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+    r = ops.meprop_backward(d(g), d(x), d(w), k, "example")
+    sel = r.selected.cpu().numpy()
+    np.testing.assert_array_equal(sel, _topk_ref(g, k))
+    gh = np.zeros((batch, out_f))
+    np.put_along_axis(gh, sel.astype(np.int64), np.take_along_axis(g, sel.astype(np.int64), 1), 1)
+    ref.assert_close(r.input.cpu(), gh @ w, np.abs(gh) @ np.abs(w), out_f, "dx")
+    ref.assert_close(r.weight.cpu(), gh.T @ x, np.abs(gh).T @ np.abs(x), batch, "dW")
+    again = ops.meprop_backward(d(g), d(x), d(w), k, "example")
+    assert torch.equal(again.weight, r.weight) and torch.equal(again.input, r.input)
+
+
+@gpu
 def test_gpu_torch_modules_against_dense():
     torch = _torch_cuda()
     import sparsebp.torch as st

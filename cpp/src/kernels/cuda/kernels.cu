@@ -114,6 +114,9 @@ __global__ void transpose_kernel(int64_t rows, int64_t cols, const float* __rest
 // and broadcast by shuffles; each then costs one coalesced 4V-byte load per lane from xt's row.
 // Output: feature-major (yt[r * ldy + b], vector stores) or batch-major (y[b * ldy + r]): then the
 // block's kFmWarps rows go through shared memory so that each b gets one 4*kFmWarps-byte store.
+// Rows of one length row_len >= 0 need no indptr: a per-example selection (indices: the k selected
+// columns of each example, row r's values read from values[r * ldv + column], the gradient itself),
+// for per-example meProp's input gradient over W's rows.
 constexpr int kFmWarps = 8;
 
 template <int V>
@@ -154,7 +157,8 @@ template <int V>
 __global__ void __launch_bounds__(kFmWarps * 32)
     csr_fm_kernel(int64_t batch, int64_t rows, const int64_t* __restrict__ indptr, const int32_t* __restrict__ indices,
                   const float* __restrict__ values, const int64_t* __restrict__ vidx, const float* __restrict__ bias,
-                  const float* __restrict__ xt, int64_t ldx, float* __restrict__ y, int64_t ldy, bool batch_major) {
+                  const float* __restrict__ xt, int64_t ldx, float* __restrict__ y, int64_t ldy, bool batch_major,
+                  int64_t row_len, int64_t ldv) {
   __shared__ float stage[kFmWarps][32 * V + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kFmWarps + warp;
@@ -166,7 +170,8 @@ __global__ void __launch_bounds__(kFmWarps * 32)
     const float b_r = bias ? bias[r] : 0.0f;
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] = b_r;
-    const int64_t begin = indptr[r], end = indptr[r + 1];
+    const int64_t begin = row_len >= 0 ? r * row_len : indptr[r];
+    const int64_t end = row_len >= 0 ? begin + row_len : indptr[r + 1];
     const float* xb = xt + (active ? b : 0);
     for (int64_t p0 = begin; p0 < end; p0 += 32) {
       const int n = static_cast<int>(min(static_cast<int64_t>(32), end - p0));
@@ -174,7 +179,7 @@ __global__ void __launch_bounds__(kFmWarps * 32)
       float my_val = 0.0f;
       if (lane < n) {
         my_col = indices[p0 + lane];
-        my_val = values[vidx ? vidx[p0 + lane] : p0 + lane];
+        my_val = row_len >= 0 ? values[r * ldv + my_col] : values[vidx ? vidx[p0 + lane] : p0 + lane];
       }
       int j = 0;
       for (; j + 4 <= n; j += 4) {  // four loads in flight before their first use
@@ -442,29 +447,74 @@ __global__ void abs_colsum_kernel(const float* __restrict__ src, int64_t rows, i
 }
 
 // ---- per-example meProp products ---------------------------------------------------------------------
-__global__ void meprop_dx_kernel(int64_t k, int64_t in, const int32_t* __restrict__ sel,
-                                 const float* __restrict__ g, int64_t ldg, const float* __restrict__ w,
-                                 float* __restrict__ dx) {
-  const int64_t b = blockIdx.x;
-  const int32_t* s = sel + b * k;
-  const float* gb = g + b * ldg;
-  for (int64_t i = threadIdx.x; i < in; i += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t t = 0; t < k; ++t) acc = fmaf(gb[s[t]], w[static_cast<int64_t>(s[t]) * in + i], acc);
-    dx[b * in + i] = acc;
-  }
-}
+// dW[j] = sum, over the examples b whose selection holds unit j (b increasing), of g[b, j] * x[b]. One
+// block per unit j: its threads search the examples' sorted selections for j in parallel (a binary
+// search each), stage the hits of a window of examples in shared memory in example order (a block
+// scan), then add them into dW's row, every column by one thread. No atomics: the sums are the
+// same bits on every run, and a unit no example selected gets a row of zeros. (It replaced a kernel
+// that added each example's k rows into dW with atomics: 172 million at 4096x4096, batch 256.)
+constexpr int kDwWindow = 1024;  // examples searched per pass
 
-__global__ void meprop_dw_kernel(int64_t k, int64_t in, const int32_t* __restrict__ sel,
-                                 const float* __restrict__ g, int64_t ldg, const float* __restrict__ x,
-                                 int64_t ldx, float* __restrict__ dw) {
-  const int64_t b = blockIdx.x;
-  const int32_t* s = sel + b * k;
-  const float* xb = x + b * ldx;
-  for (int64_t t = 0; t < k; ++t) {
-    const float gv = g[b * ldg + s[t]];
-    float* row = dw + static_cast<int64_t>(s[t]) * in;
-    for (int64_t i = threadIdx.x; i < in; i += blockDim.x) atomicAdd(row + i, gv * xb[i]);
+template <int V>
+__global__ void __launch_bounds__(kTopkThreads)
+    meprop_dw_unit_kernel(int64_t batch, int64_t k, int64_t in, const int32_t* __restrict__ sel,
+                          const float* __restrict__ g, int64_t ldg, const float* __restrict__ x, int64_t ldx,
+                          float* __restrict__ dw) {
+  __shared__ int32_t s_b[kDwWindow];
+  __shared__ float s_g[kDwWindow];
+  __shared__ int scan[kTopkThreads];
+  const int32_t j = static_cast<int32_t>(blockIdx.x);
+  const int t = threadIdx.x;
+  float* row = dw + static_cast<int64_t>(j) * in;
+  for (int64_t w0 = 0; w0 == 0 || w0 < batch; w0 += kDwWindow) {
+    const int64_t w1 = min(w0 + kDwWindow, batch);
+    int hits = 0;  // uniform across the block
+    for (int64_t c0 = w0; c0 < w1; c0 += kTopkThreads) {
+      const int64_t b = c0 + t;
+      int hit = 0;
+      float gv = 0.0f;
+      if (b < w1 && k > 0) {
+        const int32_t* s = sel + b * k;
+        int64_t lo = 0, hi = k;  // the first position whose column is >= j
+        while (lo < hi) {
+          const int64_t mid = (lo + hi) / 2;
+          if (s[mid] < j) lo = mid + 1; else hi = mid;
+        }
+        if (lo < k && s[lo] == j) {
+          hit = 1;
+          gv = g[b * ldg + j];
+        }
+      }
+      int total = 0;
+      const int pos = block_scan(hit, scan, &total);
+      if (hit) {
+        s_b[hits + pos] = static_cast<int32_t>(b);
+        s_g[hits + pos] = gv;
+      }
+      hits += total;
+    }
+    __syncthreads();
+    for (int64_t i = static_cast<int64_t>(t) * V; i < in; i += kTopkThreads * V) {  // V columns per thread
+      float acc[V];
+      if (w0 == 0) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] = 0.0f;
+      } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] = row[i + v];
+      }
+      int e = 0;
+      for (; e + 4 <= hits; e += 4) {  // four loads in flight before their first use
+        typename Vec<V>::T xv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) xv[u] = Vec<V>::load(x + static_cast<int64_t>(s_b[e + u]) * ldx + i);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) Vec<V>::fma(acc, s_g[e + u], xv[u]);
+      }
+      for (; e < hits; ++e) Vec<V>::fma(acc, s_g[e], Vec<V>::load(x + static_cast<int64_t>(s_b[e]) * ldx + i));
+      Vec<V>::store(row + i, acc);
+    }
+    __syncthreads();
   }
 }
 
@@ -551,6 +601,32 @@ void launch_transpose(cudaStream_t st, int64_t rows, int64_t cols, const float* 
       rows, cols, in, ldi, out, ldo);
   check(cudaGetLastError(), what);
 }
+// csr_fm_kernel with the widest vector that the batch, the leading dimensions and the pointers allow.
+void launch_csr_fm(cudaStream_t st, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
+                   const float* values, const int64_t* value_index, const float* bias, const float* xt, int64_t ldx,
+                   float* y, int64_t ldy, bool y_batch_major, int64_t row_len, int64_t ldv, const char* what) {
+  auto fits = [&](int v) {
+    return batch % v == 0 && ldx % v == 0 && aligned(xt, 4 * v) &&
+           (y_batch_major || (ldy % v == 0 && aligned(y, 4 * v)));
+  };
+  const int v = batch >= 128 && fits(4) ? 4 : batch >= 64 && fits(2) ? 2 : 1;
+  const int64_t gx = ceil_div(rows, kFmWarps), gy = ceil_div(batch, 32 * v);
+  check_grid(gx, what);
+  check_grid_y(gy, what);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  if (v == 4) {
+    csr_fm_kernel<4><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
+                                                     y, ldy, y_batch_major, row_len, ldv);
+  } else if (v == 2) {
+    csr_fm_kernel<2><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
+                                                     y, ldy, y_batch_major, row_len, ldv);
+  } else {
+    csr_fm_kernel<1><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
+                                                     y, ldy, y_batch_major, row_len, ldv);
+  }
+  check(cudaGetLastError(), what);
+}
+
 }  // namespace
 
 void transpose(int device, uintptr_t stream, int64_t rows, int64_t cols, const float* in, int64_t ldi, float* out,
@@ -571,28 +647,8 @@ void csr_times_feature_major(int device, uintptr_t stream, int64_t batch, int64_
   DeviceGuard guard(device);
   if (x) launch_transpose(as_stream(stream), batch, cols, x, ldx_src, xt, ldx, "csr_times_feature_major transpose");
   if (rows == 0) return;
-  // the widest vector that the batch, the leading dimensions and the pointers allow
-  auto fits = [&](int v) {
-    return batch % v == 0 && ldx % v == 0 && aligned(xt, 4 * v) &&
-           (y_batch_major || (ldy % v == 0 && aligned(y, 4 * v)));
-  };
-  const int v = batch >= 128 && fits(4) ? 4 : batch >= 64 && fits(2) ? 2 : 1;
-  const int64_t gx = ceil_div(rows, kFmWarps), gy = ceil_div(batch, 32 * v);
-  check_grid(gx, "csr_times_feature_major");
-  check_grid_y(gy, "csr_times_feature_major (batch)");
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-  const cudaStream_t st = as_stream(stream);
-  if (v == 4) {
-    csr_fm_kernel<4><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
-                                                     y, ldy, y_batch_major);
-  } else if (v == 2) {
-    csr_fm_kernel<2><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
-                                                     y, ldy, y_batch_major);
-  } else {
-    csr_fm_kernel<1><<<grid, kFmWarps * 32, 0, st>>>(batch, rows, indptr, indices, values, value_index, bias, xt, ldx,
-                                                     y, ldy, y_batch_major);
-  }
-  check(cudaGetLastError(), "csr_times_feature_major launch");
+  launch_csr_fm(as_stream(stream), batch, rows, indptr, indices, values, value_index, bias, xt, ldx, y, ldy,
+                y_batch_major, -1, 0, "csr_times_feature_major");
 }
 
 void sddmm(int device, uintptr_t stream, int64_t batch, int64_t rows, const int64_t* indptr, const int32_t* indices,
@@ -684,18 +740,20 @@ void meprop_example(int device, uintptr_t stream, int64_t batch, int64_t k, int6
   SPARSEBP_CHECK_VALUE(batch >= 0 && k >= 0 && out >= 0 && in >= 0, "bad shape for meprop_example");
   DeviceGuard guard(device);
   check_grid(batch, "meprop_example");
-  if (dw) {
-    check(cudaMemsetAsync(dw, 0, static_cast<size_t>(out) * static_cast<size_t>(in) * sizeof(float),
-                          as_stream(stream)),
-          "cudaMemsetAsync");
+  check_grid(out, "meprop_example");
+  if (in == 0) return;
+  if (dx && batch > 0) {  // dx[b] = sum_t g[b, sel[b, t]] W[sel[b, t]]: the CSR kernel over W's rows
+    launch_csr_fm(as_stream(stream), in, batch, nullptr, sel, g, nullptr, nullptr, w, in, dx, in, false, k, ldg,
+                  "meprop dx launch");
   }
-  if (batch == 0 || in == 0) return;
-  if (dx) {
-    meprop_dx_kernel<<<static_cast<unsigned>(batch), 256, 0, as_stream(stream)>>>(k, in, sel, g, ldg, w, dx);
-    check(cudaGetLastError(), "meprop dx launch");
-  }
-  if (dw && k > 0) {
-    meprop_dw_kernel<<<static_cast<unsigned>(batch), 256, 0, as_stream(stream)>>>(k, in, sel, g, ldg, x, ldx, dw);
+  if (dw && out > 0) {  // every row written (zeros where no example selected the unit, or batch = 0)
+    const cudaStream_t st = as_stream(stream);
+    const unsigned blocks = static_cast<unsigned>(out);
+    if (in % 4 == 0 && ldx % 4 == 0 && aligned(x, 16) && aligned(dw, 16)) {
+      meprop_dw_unit_kernel<4><<<blocks, kTopkThreads, 0, st>>>(batch, k, in, sel, g, ldg, x, ldx, dw);
+    } else {
+      meprop_dw_unit_kernel<1><<<blocks, kTopkThreads, 0, st>>>(batch, k, in, sel, g, ldg, x, ldx, dw);
+    }
     check(cudaGetLastError(), "meprop dw launch");
   }
 }
