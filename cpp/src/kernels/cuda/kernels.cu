@@ -360,17 +360,18 @@ constexpr int kTopkThreads = 256;
 __device__ __forceinline__ uint32_t abs_key(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
 // Exclusive scan of v over the block (blockDim.x == kTopkThreads); *total = the sum. sh: scratch.
-__device__ int block_scan(int v, int* sh, int* total) {
+template <typename T>
+__device__ T block_scan(T v, T* sh, T* total) {
   const int t = threadIdx.x;
   sh[t] = v;
   __syncthreads();
   for (int off = 1; off < kTopkThreads; off <<= 1) {
-    const int add = t >= off ? sh[t - off] : 0;
+    const T add = t >= off ? sh[t - off] : T(0);
     __syncthreads();
     sh[t] += add;
     __syncthreads();
   }
-  const int incl = sh[t];
+  const T incl = sh[t];
   *total = sh[kTopkThreads - 1];
   __syncthreads();
   return incl - v;
@@ -380,6 +381,7 @@ __global__ void topk_kernel(const float* __restrict__ src, int64_t n, int64_t ld
                             int32_t* __restrict__ idx, uint8_t* __restrict__ nan_rows) {
   __shared__ unsigned int hist[256];
   __shared__ int scan[kTopkThreads];
+  __shared__ int64_t scan64[kTopkThreads];
   __shared__ uint32_t s_prefix;
   __shared__ int64_t s_remaining;
   __shared__ int s_nan;
@@ -404,15 +406,19 @@ __global__ void topk_kernel(const float* __restrict__ src, int64_t n, int64_t ld
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
-    if (t == 0) {  // the digit of the k-th largest key among those sharing the prefix
-      int64_t need = s_remaining;
-      int d = 255;
-      for (; d > 0; --d) {
-        if (static_cast<int64_t>(hist[d]) >= need) break;
-        need -= hist[d];
+    {  // the digit of the k-th largest key among those sharing the prefix: thread t looks at digit
+       // d = 255 - t, with `above` keys of larger digits (a scan from the top digit down), and the
+       // one where the count crosses `need` takes it (d = 0 when none above does). A scan, where
+       // one thread walking the 256 digits took most of the kernel's time.
+      const int64_t need = s_remaining;  // (read by all before the scan; written after it)
+      const int d = 255 - t;
+      const int64_t c = hist[d];
+      int64_t total = 0;
+      const int64_t above = block_scan(c, scan64, &total);
+      if (above < need && (d == 0 || above + c >= need)) {
+        s_remaining = need - above;  // how many with this digit (and the prefix) are still to take
+        s_prefix = prefix | (static_cast<uint32_t>(d) << shift);
       }
-      s_remaining = need;  // how many with this digit (and the prefix) are still to take
-      s_prefix = prefix | (static_cast<uint32_t>(d) << shift);
     }
     mask |= 255u << shift;
     __syncthreads();
