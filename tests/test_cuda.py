@@ -496,6 +496,22 @@ def test_gpu_bad_structure_is_a_clear_error():
                 st.ops.linear(x, v, None, ip, t, 5, 4)
 
 
+def _graph_of(warm_up, body):
+    """body captured in a CUDA graph, after three calls of warm_up on a side stream (which cache
+    the device structures and the allocator's blocks, as capture requires)."""
+    torch = _torch_cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            warm_up()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
 @gpu
 def test_gpu_sparse_linear_in_a_cuda_graph():
     """A training step through SparseLinear captured in a CUDA graph (the kernels run on PyTorch's
@@ -514,15 +530,7 @@ def test_gpu_sparse_linear_in_a_cuda_graph():
         layer.bias.grad = None
         layer(static_x).square().sum().backward()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layer(static_x).square().sum().backward()
+    graph = _graph_of(step, lambda: layer(static_x).square().sum().backward())
     w = (dense.weight.detach() * mask).double().requires_grad_(True)
     b = dense.bias.detach().double().requires_grad_(True)
     for trial in range(3):
@@ -566,15 +574,7 @@ def test_gpu_sparse_gradients_in_a_cuda_graph(which):
             p.grad = None
         layer(static_x).backward(static_g)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layer(static_x).backward(static_g)
+    graph = _graph_of(step, lambda: layer(static_x).backward(static_g))
     w = (dense.weight.detach() * mask).double()
     for trial in range(3):
         x, g = torch.randn(64, 96), torch.randn(64, 80)

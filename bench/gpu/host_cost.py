@@ -3,35 +3,18 @@ piece, next to nn.Linear's: each piece called in a loop without waiting for the 
 cost to queue it), then cProfile over whole steps. Run on a GPU machine: python bench/gpu/host_cost.py"""
 import cProfile
 import pstats
-import time
 
 import torch
 
-import sparsebp.torch as st
 from sparsebp import _core, _cuda
 from sparsebp.torch import _ops
 
-
-def host_us(fn, n=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t) / n
-    torch.cuda.synchronize()
-    return dt * 1e6
+from gpu_timing import host_us, layer_case
 
 
-torch.manual_seed(0)
-fin, fout, batch, s = 768, 3072, 64, 0.95
-dense = torch.nn.Linear(fin, fout).cuda()
-mask = torch.rand(fout, fin, device="cuda") >= s
-sp = st.SparseLinear.from_dense(dense, mask=mask)
-x = torch.randn(batch, fin, device="cuda", requires_grad=True)
+fin, fout, batch = 768, 3072, 64
+dense, sp, x, gy = layer_case(fin, fout, batch, 0.95)
 xd = x.detach()
-gy = torch.randn(batch, fout, device="cuda")
 entry = _ops._cuda_structure_entry(sp.indptr, sp.indices, fout, fin)
 dev = 0
 stream = _cuda._stream(dev)

@@ -8,8 +8,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import sparsebp.torch as st
 from sparsebp.bench.cuda import _capture
+
+from gpu_timing import layer_case
 
 CASES = [(768, 3072, 64, 0.95), (4096, 4096, 256, 0.95), (4096, 4096, 256, 0.9)]
 
@@ -43,12 +44,7 @@ def graph_time(fn, params):
 
 
 for fin, fout, batch, s in CASES:
-    torch.manual_seed(0)
-    dense = torch.nn.Linear(fin, fout).cuda()
-    mask = torch.rand(fout, fin, device="cuda") >= s
-    sp = st.SparseLinear.from_dense(dense, mask=mask)
-    x = torch.randn(batch, fin, device="cuda", requires_grad=True)
-    gy = torch.randn(batch, fout, device="cuda")
+    dense, sp, x, gy = layer_case(fin, fout, batch, s)
 
     def f_dense():
         dense(x).backward(gy)

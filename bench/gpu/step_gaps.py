@@ -10,32 +10,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import sparsebp.torch as st
 from sparsebp.torch import _ops
 
-
-def host_us(fn, n=300, before=None):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    if before is not None:
-        before()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t) / n
-    torch.cuda.synchronize()
-    return dt * 1e6
+from gpu_timing import host_us, layer_case
 
 
-torch.manual_seed(0)
-fin, fout, batch, s = 768, 3072, 64, 0.95
-dense = torch.nn.Linear(fin, fout).cuda()
-mask = torch.rand(fout, fin, device="cuda") >= s
-sp = st.SparseLinear.from_dense(dense, mask=mask)
-x = torch.randn(batch, fin, device="cuda", requires_grad=True)
+fin, fout, batch = 768, 3072, 64
+dense, sp, x, gy = layer_case(fin, fout, batch, 0.95)
 xd = x.detach()
-gy = torch.randn(batch, fout, device="cuda")
 
 
 def no_gc(fn):
@@ -68,8 +50,8 @@ for name in ("dense step", "sparsebp step"):
     print(f"{host_us(variants[name], n=100):8.1f} us  {name} (100 calls, gc disabled)")
     gc.enable()
 
-# A hidden wait: 50 steps queued behind a ~50 ms kernel; without a wait the host time is the same
-# as above, with one it is about 50 ms / 50 = 1000 us or more.
+# A hidden wait: 50 steps queued behind a long kernel (50 million cycles, tens of ms); without a
+# wait the host time is the same as above, with one it is the kernel's time / 50 or more.
 for name in ("dense step", "sparsebp step"):
     us = host_us(variants[name], n=50, before=lambda: torch.cuda._sleep(50_000_000))
     print(f"{us:8.1f} us  {name}, queued behind a long kernel")
