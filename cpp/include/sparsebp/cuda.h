@@ -57,10 +57,11 @@ void topk_rows(int device, uintptr_t stream, const float* src, int64_t rows, int
 // out[j] = sum_r |src[r, j]| for j < n.
 void abs_colsum(int device, uintptr_t stream, const float* src, int64_t rows, int64_t n, int64_t lds, float* out);
 // Per-example sparse-gradient products for y = x W^T with W dense (out x in), the selection sel
-// (batch x k, int32) of the output gradient g (batch x out):
+// (batch x k, int32; each row strictly increasing, as top-k gives it) of the output gradient g
+// (batch x out):
 //   dx[b, :] = sum_t g[b, sel[b, t]] W[sel[b, t], :]                    (if dx not null)
-//   dw[j, :] = sum over (b, t) with sel[b, t] = j of g[b, j] x[b, :]    (if dw not null; zeroed
-//              first; accumulated with atomics, so the summation order is not fixed)
+//   dw[j, :] = sum over the b with j in sel[b] of g[b, j] x[b, :]       (if dw not null; b
+//              increasing, no atomics: the same bits on every run; rows no example selected, 0)
 void meprop_example(int device, uintptr_t stream, int64_t batch, int64_t k, int64_t out, int64_t in,
                     const int32_t* sel, const float* g, int64_t ldg, const float* w, const float* x, int64_t ldx,
                     float* dx, float* dw);
