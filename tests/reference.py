@@ -44,6 +44,18 @@ def linear_backward(g, x, indptr, indices, values, shape):
     return (gi, gi_scale), (full[r, c], full_scale[r, c]), (gb, gb_scale)
 
 
+def topk_masked(g, k: int, mode: str) -> np.ndarray:
+    """meProp's Ĝ in float64: g kept at the top-k |entries| of each row (mode "example") or at the
+    k columns of largest sum of |g| (mode "unified"), by numpy's stable sort; zeros elsewhere."""
+    g = np.asarray(g, dtype=np.float64)
+    m = np.zeros(g.shape, bool)
+    if mode == "example":
+        np.put_along_axis(m, np.argsort(-np.abs(g), axis=1, kind="stable")[:, :k], True, axis=1)
+    else:
+        m[:, np.argsort(-np.abs(g).sum(0), kind="stable")[:k]] = True
+    return np.where(m, g, 0.0)
+
+
 def assert_close(actual, expected, scale, k: int, what: str = "") -> None:
     """|actual - expected| <= 8 * u32 * sqrt(k) * scale elementwise (k: the reduction length), the
     size of float32 rounding over k terms, plus a floor for exact zeros."""

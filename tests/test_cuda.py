@@ -268,23 +268,10 @@ def test_gpu_torch_modules_against_dense():
     torch.testing.assert_close(x2.grad, m.weight.detach().sum(0).expand(9, -1), rtol=1e-4, atol=1e-4)
 
 
-def _masked_ref(g, k, mode):
-    """Ĝ in float64: g kept at the top-k of each row (example) or of the column sums of |g|
-    (unified), by numpy's stable sort; zeros elsewhere."""
-    m = np.zeros(g.shape, bool)
-    if mode == "example":
-        np.put_along_axis(m, np.argsort(-np.abs(g), axis=1, kind="stable")[:, :k], True, axis=1)
-    else:
-        m[:, np.argsort(-np.abs(g).sum(0), kind="stable")[:k]] = True
-    return np.where(m, g, 0.0)
-
-
-def _csr_grads_ref(gh, x, lin):
-    """dx and dvalues of a SparseLinear for the output gradient gh, float64."""
-    wd = lin.weight.detach().double().cpu().numpy()
-    rows = np.repeat(np.arange(lin.out_features), np.diff(lin.indptr.cpu().numpy()))
-    cols = lin.indices.cpu().numpy()
-    return (gh @ wd, np.abs(gh) @ np.abs(wd)), ((gh.T @ x)[rows, cols], (np.abs(gh).T @ np.abs(x))[rows, cols])
+def _layer_csr(lin):
+    """A sparse layer's raw CSR arrays and shape, as the reference module takes them."""
+    return (lin.indptr.cpu().numpy(), lin.indices.cpu().numpy(), lin.values.detach().cpu().numpy(),
+            (lin.out_features, lin.in_features))
 
 
 @gpu
@@ -305,11 +292,12 @@ def test_gpu_sparse_linear_with_grad_topk_against_float64(mode, batch):
     x = torch.randn(batch, 300, device="cuda", requires_grad=True)
     g = torch.randn(batch, 200, device="cuda")
     y = lin(x)
-    torch.testing.assert_close(y, x.detach() @ lin.weight.detach().t() + lin.bias.detach(), rtol=1e-4, atol=1e-4)
+    y_ref, _ = ref.linear_forward(x.detach().cpu().numpy(), *_layer_csr(lin), bias=lin.bias.detach().cpu().numpy())
+    torch.testing.assert_close(y.cpu().double(), torch.from_numpy(y_ref), rtol=1e-4, atol=1e-4)
     y.backward(g)
     g2, x2 = g.double().cpu().numpy(), x.detach().double().cpu().numpy()
-    gh = _masked_ref(g2, 12, mode)
-    (dx, dx_scale), (dv, dv_scale) = _csr_grads_ref(gh, x2, lin)
+    gh = ref.topk_masked(g2, 12, mode)
+    (dx, dx_scale), (dv, dv_scale), _ = ref.linear_backward(gh, x2, *_layer_csr(lin))
     ref.assert_close(x.grad.cpu(), dx, dx_scale, 200, "dx")
     ref.assert_close(lin.values.grad.cpu(), dv, dv_scale, batch, "dvalues")
     ref.assert_close(lin.bias.grad.cpu(), g2.sum(0), np.abs(g2).sum(0), batch, "db (the full gradient)")
@@ -343,10 +331,11 @@ def test_gpu_msbp_memory_over_steps_against_float64():
         gh = np.zeros_like(u)
         gh[:, cols] = u[:, cols]
         memory, size = alpha * (u - gh), alpha * np.where(gh != 0, 0.0, u_size)
-        (dx, _), (dv, _) = _csr_grads_ref(gh, x.detach().double().cpu().numpy(), lin)
+        x2 = x.detach().double().cpu().numpy()
+        (dx, _), (dv, _), _ = ref.linear_backward(gh, x2, *_layer_csr(lin))
         # the scale: u's entries carry float32 rounding of |g| + |memory| (which may cancel), not of |u|
         gs = np.where(gh != 0, u_size, 0.0)
-        (_, dx_scale), (_, dv_scale) = _csr_grads_ref(gs, np.abs(x.detach().double().cpu().numpy()), lin)
+        (_, dx_scale), (_, dv_scale), _ = ref.linear_backward(gs, x2, *_layer_csr(lin))
         ref.assert_close(x.grad.cpu(), dx, dx_scale, 48 * (step + 1), f"dx, step {step}")
         ref.assert_close(lin.values.grad.cpu(), dv, dv_scale, 16 * (step + 1), f"dvalues, step {step}")
         np.testing.assert_allclose(lin.grad_policy.memory, memory, rtol=1e-5, atol=1e-6)
@@ -585,7 +574,7 @@ def test_gpu_sparse_gradients_in_a_cuda_graph(which):
             p.grad.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        gh = torch.from_numpy(_masked_ref(g.double().numpy(), 7, mode))
+        gh = torch.from_numpy(ref.topk_masked(g.double().numpy(), 7, mode))
         torch.testing.assert_close(static_x.grad.cpu().double(), gh @ w, rtol=1e-4, atol=1e-4)
         gw = gh.t() @ x.double()
         got_w = params[0].grad.cpu().double()
@@ -618,8 +607,8 @@ def test_gpu_sparse_gradient_backward_propagates_a_nan(kind):
     assert torch.isnan(x.grad[2]).any()
     keep = [0, 1, 3, 4, 5]
     g2 = g[keep].double().numpy()
-    w = layer.weight.detach().double().cpu().numpy()
-    gh = _masked_ref(g2, 4, "example")
+    w = ref.dense_from_csr(*_layer_csr(layer)) if kind == "sparse" else layer.weight.detach().double().cpu().numpy()
+    gh = ref.topk_masked(g2, 4, "example")
     ref.assert_close(x.grad[keep].cpu(), gh @ w, np.abs(gh) @ np.abs(w), 30, "dx of the other examples")
     with pytest.raises(ValueError, match="NaN"):
         ops.topk(g.cuda(), 4)
