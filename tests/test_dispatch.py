@@ -77,3 +77,37 @@ def test_build_info_and_cli():
     assert json.loads(r.stdout)["version"] == sparsebp.__version__
     r = subprocess.run([sys.executable, "-m", "sparsebp.cli", "info"], capture_output=True, text=True)
     assert r.returncode == 0 and "active ISA" in r.stdout
+
+
+def _sysfs_last_level_cache(root: str = "/sys/devices/system/cpu/cpu0/cache"):
+    """The highest-level data or unified cache of CPU 0 in Linux's sysfs, in bytes (None: none listed)."""
+    best = None
+    for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        d = os.path.join(root, entry)
+        try:
+            with open(os.path.join(d, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(d, "size")) as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if kind not in ("Data", "Unified"):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        if best is None or level > best[0]:
+            best = (level, nbytes)
+    return best
+
+
+def test_llc_share_bytes_matches_sysfs():
+    # The tile width of the gathered per-example products follows this figure (ops.cpp spmm_rows).
+    info = sparsebp.build_info()
+    assert isinstance(info["llc_share_bytes"], int) and info["llc_share_bytes"] >= 0
+    best = _sysfs_last_level_cache()
+    if best is None or best[0] < 2:
+        assert info["llc_share_bytes"] == 0
+    else:
+        assert info["llc_share_bytes"] == best[1]

@@ -891,6 +891,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_isa", &sparsebp::set_isa, py::arg("name"));
   m.def("cpu_features", &sparsebp::cpu_features);
   m.def("l2_cache_bytes", &sparsebp::l2_cache_bytes);
+  m.def("llc_share_bytes", &sparsebp::llc_share_bytes);
   m.def("get_num_threads", &sparsebp::get_num_threads);
   m.def("set_num_threads", &sparsebp::set_num_threads, py::arg("n"));
   m.def("padded_ld", &sparsebp::padded_ld, py::arg("batch"));

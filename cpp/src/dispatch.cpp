@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 
 #include "kernels/kernel_table.h"
@@ -166,6 +167,46 @@ int64_t l2_cache_bytes() {
 #else
   return 0;
 #endif
+}
+
+namespace {
+// "32768K", "8M", "512": bytes, or 0 when it does not parse.
+int64_t parse_cache_size(const std::string& text) {
+  std::size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(text, &used);
+  } catch (...) {
+    return 0;
+  }
+  if (v <= 0) return 0;
+  const char unit = used < text.size() ? text[used] : '\0';
+  const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+  return static_cast<int64_t>(v) << shift;
+}
+
+int64_t read_llc_share_bytes() {
+  int best_level = 0;
+  int64_t bytes = 0;
+  for (int i = 0; i < 16; ++i) {  // index0 .. : L1d, L1i, L2, L3 (the highest unified level wins)
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level_f(dir + "level"), type_f(dir + "type"), size_f(dir + "size");
+    int level = 0;
+    std::string type, size;
+    if (!(level_f >> level) || !(type_f >> type) || !(size_f >> size)) continue;
+    if (type != "Unified" && type != "Data") continue;
+    if (level > best_level) {
+      best_level = level;
+      bytes = parse_cache_size(size);
+    }
+  }
+  return best_level >= 2 ? bytes : 0;
+}
+}  // namespace
+
+int64_t llc_share_bytes() {
+  static const int64_t bytes = read_llc_share_bytes();
+  return bytes;
 }
 
 }  // namespace sparsebp

@@ -600,17 +600,26 @@ void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, cons
   // per-example meProp's weight gradient, d = x of 256 x 4096, one thread, 17.9 ms against 23.6 on
   // a Zen 3 core (19 against 24 on Zen 1); no case measured slower (batches 32-256, widths 500-4096).
   int64_t panel = std::max<int64_t>(64, (ncols + 63) / 64 * 64);
-  // A d larger than a last-level cache share (8 MB; the per-example meProp input gradient, d = W)
-  // cannot be reused from cache by the rows that gather from it: blocks of 128 of its rows in
-  // panels of 1024 columns (a 512 KB tile) are. Measured on a Zen 1 core (512 KB L2, 8 MB L3) at
-  // 4096^2, batch 256, 164 entries per row: 29 ms against 67 ms unblocked; 64..256-row blocks and
-  // 256..4096-column panels were slower. (On a Zen 3 core, 512 KB L2 and 32 MB L3, 128 x 4096
-  // tiles measured 16.9 ms against 19.9 for these: the two CPUs disagree, so this stays as tuned
-  // on the Zen 1.) Blocks need non-decreasing indices in each row.
+  // A d larger than 8 MB (the per-example meProp input gradient, d = W) cannot be reused from
+  // cache by the rows that gather from it: tiles of 128 of its rows are. So is a d over 2 MB with
+  // 512 rows or more (W of 768..1536-wide layers; Zen 3, batches 32 and 256, one core: 0.07 /
+  // 0.46 ms against 0.11 / 0.58 unblocked at 768^2, 0.13 / 0.89 against 0.28 / 2.22 at 1024^2,
+  // 1.94 against 2.93 at 1536^2, batch 256); not a d of fewer rows (x in the weight gradient,
+  // whose rows are a batch: 0.82 against 0.74 ms unblocked at 256 x 1024). The tile's width: what
+  // fits in the larger of 512 KB and 1/16 of the last-level cache share (every output row streams
+  // through that cache once per tile, beside it). Measured at 4096^2, batch 256, 164 entries per
+  // row, one core:
+  //   Zen 1 (512 KB L2, 8 MB L3): 1024-column tiles, 29 ms against 67 unblocked; 64..256-row
+  //     blocks and 256..4096-column panels were slower.
+  //   Zen 3 (512 KB L2, 32 MB L3): 4096-column tiles, 15.0 ms against 18.6 for 1024 and 17.5 for
+  //     2048; also faster at batches 32 and 100 and at 2 threads (2.7 / 7.0 / 8.3 ms against
+  //     3.5 / 9.2 / 10.1), and at 2048^2 and 8192^2. 64-, 256- and 512-row blocks were slower.
+  // An unknown cache share gives the Zen 1's tiles. Blocks need non-decreasing indices in each row.
   int64_t dblock = 0;
-  if (d_rows * ncols > (int64_t{2} << 20)) {
-    panel = 1024;
+  if (d_rows * ncols > (int64_t{2} << 20) || (d_rows >= 512 && d_rows * ncols > (int64_t{512} << 10))) {
     dblock = 128;
+    const int64_t tile_bytes = std::max<int64_t>(int64_t{512} << 10, llc_share_bytes() / 16);
+    panel = std::max<int64_t>(64, tile_bytes / (4 * dblock) / 64 * 64);
   }
   if (const char* env = std::getenv("SPARSEBP_SPMM_PANEL"); env && *env)  // (set and not empty)
     panel = std::max<int64_t>(1, std::atoll(env));

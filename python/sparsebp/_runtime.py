@@ -87,7 +87,9 @@ def thread_backend() -> str:
 def build_info() -> dict:
     """What this build contains and what it runs on. ``cuda``: whether the CUDA kernels are
     compiled in (``SPARSEBP_CUDA=ON``); ``cuda_devices``: the GPUs they can run on here;
-    ``l2_cache_bytes``: the level-2 cache per core the C library reports (0: unknown)."""
+    ``l2_cache_bytes``: the level-2 cache per core the C library reports (0: unknown);
+    ``llc_share_bytes``: the last-level cache one core shares with its neighbours, from Linux's
+    /sys (0: unknown), which sizes the tiles of the gathered per-example products."""
     return {
         "version": __version__,
         "compiled_isas": list(_core.compiled_isas()),
@@ -101,6 +103,7 @@ def build_info() -> dict:
         "build_type": _core.build_type,
         "cpu_features": dict(_core.cpu_features()),
         "l2_cache_bytes": int(_core.l2_cache_bytes()),
+        "llc_share_bytes": int(_core.llc_share_bytes()),
         "cuda": bool(_core.cuda_compiled()),
         "cuda_devices": [_core.cuda_device_name(i) for i in range(_core.cuda_device_count())],
     }

@@ -33,6 +33,8 @@ def _info(args) -> int:
     print(f"  cpu features   : {feats}")
     l2 = info["l2_cache_bytes"]
     print(f"  L2 cache       : {f'{l2 // 1024} KB per core' if l2 else 'unknown'}")
+    llc = info["llc_share_bytes"]
+    print(f"  last-level     : {f'{llc // 1024} KB shared (one instance)' if llc else 'unknown'}")
     return 0
 
 

@@ -99,9 +99,11 @@ def _example_dx_form() -> str:
     - ``"scatter"``: W streamed once, each Ĝ[b, j] W[j] added into dx's rows, which stay in L2 in
       column panels (512 KB of them). Best with a large L2: ~20 ms at 4096^2, batch 256, k = 164 on
       a Xeon with 1 MB of L2 per core, where a gather without blocks measured 43-118 ms.
-    - ``"gather"``: W's rows gathered by example, in (128 x 1024) tiles reused from cache
-      (``spmm_rows`` blocks a large W): 29 ms against the scatter's 59 ms on a Zen 1 core with
-      512 KB of L2, and 1.4x-2.4x faster than it at every benchmarked shape there.
+    - ``"gather"``: W's rows gathered by example, in tiles of 128 rows reused from cache
+      (``spmm_rows`` blocks a large W; the tiles are 1024 columns wide with an 8 MB last-level
+      cache share, 4096 with 32 MB): 29 ms against the scatter's 59 ms on a Zen 1 core with
+      512 KB of L2, and 1.4x-2.4x faster than it at every benchmarked shape there; ~15.5 ms on
+      a Zen 3 core.
 
     Chosen by the L2 per core the C library reports (scatter from 1 MB); ``SPARSEBP_MEPROP_DX``
     (``scatter`` | ``gather``) forces one. The gather has not been timed on a 1 MB-L2 machine."""

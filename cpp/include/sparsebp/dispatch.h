@@ -28,5 +28,10 @@ void init_isa_from_environment();
 std::vector<std::pair<std::string, bool>> cpu_features();
 // Bytes of level-2 cache per core as the C library reports it (glibc: sysconf), 0 when unknown.
 int64_t l2_cache_bytes();
+// Bytes of the last-level cache that CPU 0 shares with its neighbours (one instance: a Zen core
+// complex's L3, not the socket's), from Linux's /sys/devices/system/cpu/cpu0/cache; 0 when
+// unknown. Read once. (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) reports the whole socket's L3 on
+// AMD EPYC under KVM: 256 MB on a Zen 3 whose core complexes have 32 MB each.)
+int64_t llc_share_bytes();
 
 }  // namespace sparsebp
