@@ -343,6 +343,48 @@ def test_adam_kernel_against_float64_every_isa(isa, shape, rows):
     np.testing.assert_allclose(v, vv, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("nthreads, size", [(1, 1000), (2, 1_300_000)])
+@pytest.mark.parametrize("compact", [False, True])
+def test_adam_kernel_position_runs_every_isa(isa, threads, nthreads, size, compact):
+    """A 1-D parameter with a position list (a sparse layer's stored values at the touched rows):
+    runs of consecutive positions of every length (1, vector tails, long ones) and gaps, over two
+    steps, against the formula in float64; entries outside the list and their moments untouched.
+    The larger size splits the runs between 2 threads."""
+    from sparsebp import _core
+
+    sparsebp.set_num_threads(nthreads)
+    rng = np.random.default_rng(size + compact)
+    pos, at = [], 0
+    while True:
+        at += int(rng.integers(0, 9))  # gaps of 0..8 (0: two runs back to back = one run)
+        n = int(rng.choice([1, 2, 7, 8, 9, 15, 16, 17, 33, 100]))
+        if at + n > size:
+            break
+        pos.extend(range(at, at + n))
+        at += n
+    pos = np.array(pos, np.int64)
+    p = rng.standard_normal(size).astype(np.float32)
+    before = p.copy()
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    w, mm, vv = p.astype(np.float64), np.zeros(size), np.zeros(size)
+    for t in (1, 2):
+        g = rng.standard_normal(size).astype(np.float32)
+        c1, c2 = 1 - 0.9 ** t, 1 - 0.999 ** t
+        _core.adam_step(p, np.ascontiguousarray(g[pos]) if compact else g, m, v, pos, 0.9, 0.999, 0.01 / c1,
+                        1.0 / c2, 1e-8, compact)
+        gs = g[pos].astype(np.float64)
+        mm[pos] = 0.9 * mm[pos] + 0.1 * gs
+        vv[pos] = 0.999 * vv[pos] + 0.001 * gs ** 2
+        w[pos] -= 0.01 / c1 * mm[pos] / (np.sqrt(vv[pos] / c2) + 1e-8)
+    np.testing.assert_allclose(p, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m, mm, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(v, vv, rtol=1e-5, atol=1e-9)
+    outside = np.ones(size, bool)
+    outside[pos] = False
+    assert outside.any() and not m[outside].any() and not v[outside].any()
+    np.testing.assert_array_equal(p[outside], before[outside])
+
+
 def test_adam_kernel_compact_gradient_every_isa(isa):
     """compact=True: g holds only the listed rows; the result equals the full-shape call."""
     from sparsebp import _core

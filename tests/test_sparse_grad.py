@@ -356,20 +356,22 @@ def test_spmm_rows_blocked_against_float64(isa, monkeypatch, dblock, panel):
         ref.assert_close(out2, e2, s2, d_rows, f"unsorted block {dblock} panel {panel}")
 
 
-def test_spmm_rows_blocks_a_large_operand(isa, monkeypatch):
-    """Past 2^21 floats of d the kernel blocks on its own: the same bits as the unblocked product."""
+@pytest.mark.parametrize("d_rows, d_cols", [(1100, 2000), (600, 1000)])
+def test_spmm_rows_blocks_a_large_operand(isa, monkeypatch, d_rows, d_cols):
+    """Past 2^21 floats of d (or 2^19 in 512 rows or more) the kernel blocks on its own, in tiles
+    as wide as the last-level cache allows: the same bits as the unblocked product."""
     monkeypatch.delenv("SPARSEBP_SPMM_DBLOCK", raising=False)
     monkeypatch.delenv("SPARSEBP_SPMM_PANEL", raising=False)
     rng = np.random.default_rng(32)
-    d = rng.standard_normal((1100, 2000), dtype=np.float32)
+    d = rng.standard_normal((d_rows, d_cols), dtype=np.float32)
     rows, k = 6, 40
-    indices = np.sort(np.stack([rng.choice(1100, k, replace=False) for _ in range(rows)]), axis=1).astype(np.int32)
+    indices = np.sort(np.stack([rng.choice(d_rows, k, replace=False) for _ in range(rows)]), axis=1).astype(np.int32)
     indptr = np.arange(0, rows * k + 1, k, dtype=np.int64)
     values = rng.standard_normal(rows * k).astype(np.float32)
-    out = np.full((rows, 2000), np.nan, np.float32)
+    out = np.full((rows, d_cols), np.nan, np.float32)
     _core.spmm_rows(indptr, indices.reshape(-1), values, d, out)
     expect, scale = _spmm_rows_expect(indptr, indices.reshape(-1), values, d)
-    ref.assert_close(out, expect, scale, k, "large d")
+    ref.assert_close(out, expect, scale, k, f"large d {d_rows} x {d_cols}")
     monkeypatch.setenv("SPARSEBP_SPMM_DBLOCK", "0")
     plain = np.empty_like(out)
     _core.spmm_rows(indptr, indices.reshape(-1), values, d, plain)
@@ -535,3 +537,25 @@ def test_csr_example_backward_bad_input():
         _core.csr_example_backward(W.indptr, W.indices, W.values, 5, sel, g, None, None, dv)
     with pytest.raises(ValueError, match="nnz"):
         _core.csr_example_backward(W.indptr, W.indices, W.values, 5, sel, g, x, None, dv[:-1])
+
+
+def test_row_positions_against_numpy():
+    """The positions of chosen rows' entries in a CSR (the sparse layers' touched entries), in the
+    order the rows are listed (repeats included), against a NumPy walk; bad rows are errors."""
+    rng = np.random.default_rng(33)
+    lens = rng.integers(0, 6, size=40)
+    lens[[3, 17]] = 0  # empty rows
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    for rows in (np.array([], np.int64), np.arange(40), np.array([17, 3, 5, 5, 39, 0]), rng.permutation(40)[:25]):
+        sub, pos = _core.row_positions(indptr, rows)
+        expect = [p for r in rows for p in range(indptr[r], indptr[r + 1])]
+        np.testing.assert_array_equal(pos, np.array(expect, np.int64))
+        np.testing.assert_array_equal(sub, np.concatenate([[0], np.cumsum(lens[rows])]))
+    with pytest.raises(ValueError, match=r"rows\[1\] = 40 is outside \[0, 40\)"):
+        _core.row_positions(indptr, np.array([0, 40]))
+    with pytest.raises(ValueError, match="outside"):
+        _core.row_positions(indptr, np.array([-1]))
+    with pytest.raises(ValueError, match="indptr"):
+        _core.row_positions(indptr.astype(np.int32), np.array([0]))
+    with pytest.raises(ValueError, match="1-D"):
+        _core.row_positions(indptr, np.zeros((2, 2), np.int64))

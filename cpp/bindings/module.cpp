@@ -510,6 +510,24 @@ PYBIND11_MODULE(_core, m) {
       py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("cols"), py::arg("selected"),
       py::arg("grad_output"), py::arg("x"), py::arg("dx"), py::arg("dvalues"));
   m.def(
+      "row_positions",
+      [](const py::array& indptr, const py::object& rows) {
+        if (!py::array_t<int64_t>::check_(indptr) || indptr.ndim() != 1 || indptr.shape(0) < 1 ||
+            !(indptr.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("indptr must be a contiguous 1-D int64 array of rows + 1 entries");
+        using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+        const IndexArray r(rows);
+        if (r.ndim() != 1) throw sparsebp::ValueError(str_cat("rows must be 1-D; got ", r.ndim(), "-D"));
+        const int64_t n = r.shape(0);
+        const auto* ip = static_cast<const int64_t*>(indptr.data());
+        py::array_t<int64_t> sub(n + 1);
+        sparsebp::row_positions(ip, indptr.shape(0), r.data(), n, sub.mutable_data(), nullptr);
+        py::array_t<int64_t> pos(sub.data()[n]);
+        sparsebp::row_positions(ip, indptr.shape(0), r.data(), n, sub.mutable_data(), pos.mutable_data());
+        return py::make_tuple(sub, pos);
+      },
+      py::arg("indptr"), py::arg("rows"));
+  m.def(
       "spmm_rows",
       [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values,
                              const py::array& d, const py::array& out) {

@@ -670,6 +670,26 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
   });
 }
 
+void row_positions(const int64_t* indptr, int64_t n_indptr, const int64_t* rows, int64_t n, int64_t* out_indptr,
+                   int64_t* out_pos) {
+  SPARSEBP_CHECK_VALUE(n_indptr >= 1 && n >= 0, "bad shape for row_positions");
+  const int64_t nrows = n_indptr - 1;
+  out_indptr[0] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = rows[i];
+    SPARSEBP_CHECK_VALUE(r >= 0 && r < nrows, "rows[", i, "] = ", r, " is outside [0, ", nrows, ")");
+    const int64_t len = indptr[r + 1] - indptr[r];
+    SPARSEBP_CHECK_VALUE(len >= 0, "indptr must be non-decreasing (row ", r, ")");
+    out_indptr[i + 1] = out_indptr[i] + len;
+  }
+  if (!out_pos) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t start = indptr[rows[i]];
+    int64_t* o = out_pos + out_indptr[i];
+    for (int64_t q = 0, len = out_indptr[i + 1] - out_indptr[i]; q < len; ++q) o[q] = start + q;
+  }
+}
+
 double softmax_xent(const float* z, int64_t rows, int64_t classes, int64_t ldz, const int64_t* labels, float* grad) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && classes >= 1 && ldz >= classes, "bad shape for softmax_xent");
   for (int64_t r = 0; r < rows; ++r)
@@ -1052,6 +1072,46 @@ void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64
                             step_size,
                             inv_c2,
                             eps};
+  if (row_list && cols == 1 && n > 1) {
+    // Single entries (a sparse layer's stored values at the touched rows' positions): runs of
+    // consecutive positions go to the kernel as one row each, vectorised. Entry by entry, the
+    // kernel's square root and division ran one at a time: ~7.6 ns per entry, 0.36 ms a step
+    // for the demo's sparse + meProp model on a Zen 3 core.
+    std::vector<int64_t> run_at;  // list index where each run starts; then n
+    run_at.reserve(static_cast<size_t>(n) / 8 + 2);
+    for (int64_t i = 0; i < n; ++i)
+      if (i == 0 || row_list[i] != row_list[i - 1] + 1) run_at.push_back(i);
+    const int64_t runs = static_cast<int64_t>(run_at.size());
+    run_at.push_back(n);
+    auto do_runs = [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i0 = run_at[static_cast<size_t>(r)], len = run_at[static_cast<size_t>(r) + 1] - i0;
+        const int64_t at = row_list[i0];
+        kernels::AdamArgs b = a;
+        b.p = p + at;
+        b.g = g + (a.g_compact ? i0 : at);
+        b.m = m + at;
+        b.v = v + at;
+        b.cols = len;
+        b.rows = nullptr;
+        b.g_compact = false;
+        t.adam(b, 0, 1);
+      }
+    };
+    const int64_t nt = std::min<int64_t>(threads_for(n), runs);
+    if (nt <= 1) {
+      do_runs(0, runs);
+      return;
+    }
+    // Threads take runs holding about equal numbers of entries.
+    parallel_for(nt, [&](int64_t i) {
+      const auto first = [&](int64_t q) {
+        return std::lower_bound(run_at.begin(), run_at.begin() + runs, n * q / nt) - run_at.begin();
+      };
+      do_runs(first(i), i + 1 == nt ? runs : first(i + 1));
+    });
+    return;
+  }
   const int64_t nt = std::min<int64_t>(threads_for(n * cols), n);
   parallel_for(nt, [&](int64_t i) { t.adam(a, n * i / nt, n * (i + 1) / nt); });
 }

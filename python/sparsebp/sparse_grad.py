@@ -237,12 +237,9 @@ def _row_subset(w, rows: np.ndarray):
 
 def _row_positions(w, rows: np.ndarray):
     """For the given rows of the CSR w (in that order): the row pointers of their sub-matrix and the
-    positions of their entries in w."""
-    starts = w.indptr[rows]
-    lens = w.indptr[rows + 1] - starts
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lens, out=indptr[1:])
-    return indptr, np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1], dtype=np.int64)
+    positions of their entries in w (one C++ pass: the NumPy version, five passes, took ~85 us a
+    layer per step in the demo's sparse + meProp model)."""
+    return _core.row_positions(w.indptr, rows)
 
 
 def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, selected: np.ndarray, mode: str, *,

@@ -112,6 +112,14 @@ void csr_example_backward(const int64_t* indptr, const int32_t* indices, const f
                           int64_t ldg, const float* x, int64_t ldx, float* dx, int64_t lddx, float* dvalues,
                           int32_t* touched, int64_t* n_touched);
 
+// The positions of the given rows' entries in a CSR with row pointers indptr (n_indptr entries:
+// rows + 1, non-decreasing, from 0): for rows[0 .. n) in that order, out_indptr (n + 1) of their
+// sub-matrix and, when out_pos is not null, out_pos[out_indptr[i] + q] = indptr[rows[i]] + q. Each
+// row in [0, rows), else ValueError. out_pos needs room for out_indptr[n] entries (call once with
+// out_pos null to learn it).
+void row_positions(const int64_t* indptr, int64_t n_indptr, const int64_t* rows, int64_t n, int64_t* out_indptr,
+                   int64_t* out_pos);
+
 // Mean softmax cross-entropy of the logits z (rows x classes, row stride ldz) against labels (each
 // in [0, classes), else ValueError), and its gradient into grad (rows x classes, contiguous):
 // (softmax(z) - onehot(label)) / rows. Exponentials of entries more than 80 below their row's
