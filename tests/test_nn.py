@@ -385,6 +385,40 @@ def test_adam_kernel_position_runs_every_isa(isa, threads, nthreads, size, compa
     np.testing.assert_array_equal(p[outside], before[outside])
 
 
+@pytest.mark.parametrize("nthreads, size", [(1, 1000), (2, 300_000)])
+def test_sgd_position_runs_every_isa(isa, threads, nthreads, size):
+    """nn.SGD's step (momentum, weight decay) on a 1-D parameter with a position list (a sparse
+    layer's values at the touched rows): runs of every length, over two steps, against PyTorch's
+    rule in float64; entries outside the list and their momentum untouched."""
+    sparsebp.set_num_threads(nthreads)
+    rng = np.random.default_rng(size + 7)
+    pos, at = [], 0
+    while True:
+        at += int(rng.integers(1, 9))
+        n = int(rng.choice([1, 2, 7, 8, 9, 17, 33, 100]))
+        if at + n > size:
+            break
+        pos.extend(range(at, at + n))
+        at += n
+    pos = np.array(pos, np.int64)
+    p = nn.Param("values", rng.standard_normal(size).astype(np.float32))
+    before = p.data.copy()
+    opt = nn.SGD([p], lr=0.05, momentum=0.9, weight_decay=0.01)
+    w, b = p.data.astype(np.float64), np.zeros(size)
+    for _ in range(2):
+        g = np.zeros(size, np.float32)
+        g[pos] = rng.standard_normal(len(pos)).astype(np.float32)
+        p.grad, p.rows = g, pos
+        opt.step()
+        b[pos] = 0.9 * b[pos] + g[pos] + 0.01 * w[pos]
+        w[pos] -= 0.05 * b[pos]
+    np.testing.assert_allclose(p.data, w, rtol=1e-5, atol=1e-6)
+    outside = np.ones(size, bool)
+    outside[pos] = False
+    np.testing.assert_array_equal(p.data[outside], before[outside])
+    assert not opt.state[id(p)]["buf"][outside].any()
+
+
 def test_adam_kernel_compact_gradient_every_isa(isa):
     """compact=True: g holds only the listed rows; the result equals the full-shape call."""
     from sparsebp import _core

@@ -1047,6 +1047,34 @@ void csr_example_backward(const int64_t* indptr, const int32_t* indices, const f
   }
 }
 
+namespace {
+// fn(i0, len) for each run list[i0 .. i0 + len) of consecutive values (list[i] + 1 == list[i + 1]),
+// up to max_threads threads taking runs that hold about equal numbers of entries (each run whole,
+// in one thread).
+template <typename Fn>
+void for_each_position_run(const int64_t* list, int64_t n, int64_t max_threads, Fn&& fn) {
+  std::vector<int64_t> run_at;  // the list index where each run starts; then n
+  run_at.reserve(static_cast<size_t>(n) / 8 + 2);
+  for (int64_t i = 0; i < n; ++i)
+    if (i == 0 || list[i] != list[i - 1] + 1) run_at.push_back(i);
+  const int64_t runs = static_cast<int64_t>(run_at.size());
+  run_at.push_back(n);
+  auto do_runs = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      fn(run_at[static_cast<size_t>(r)], run_at[static_cast<size_t>(r) + 1] - run_at[static_cast<size_t>(r)]);
+  };
+  const int64_t nt = std::min<int64_t>(max_threads, runs);
+  if (nt <= 1) {
+    do_runs(0, runs);
+    return;
+  }
+  const auto first_run = [&](int64_t q) {  // the first run starting at or after entry n q / nt
+    return std::lower_bound(run_at.begin(), run_at.begin() + runs, n * q / nt) - run_at.begin();
+  };
+  parallel_for(nt, [&](int64_t i) { do_runs(first_run(i), i + 1 == nt ? runs : first_run(i + 1)); });
+}
+}  // namespace
+
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
                int64_t n_rows, bool g_compact, double b1, double b2, float step_size, float inv_c2, float eps) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0, "bad shape for adam_step");
@@ -1073,42 +1101,21 @@ void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64
                             inv_c2,
                             eps};
   if (row_list && cols == 1 && n > 1) {
-    // Single entries (a sparse layer's stored values at the touched rows' positions): runs of
-    // consecutive positions go to the kernel as one row each, vectorised. Entry by entry, the
+    // Single entries (a sparse layer's stored values at the touched rows' positions): each run of
+    // consecutive positions goes to the kernel as one row, vectorised. Entry by entry, the
     // kernel's square root and division ran one at a time: ~7.6 ns per entry, 0.36 ms a step
     // for the demo's sparse + meProp model on a Zen 3 core.
-    std::vector<int64_t> run_at;  // list index where each run starts; then n
-    run_at.reserve(static_cast<size_t>(n) / 8 + 2);
-    for (int64_t i = 0; i < n; ++i)
-      if (i == 0 || row_list[i] != row_list[i - 1] + 1) run_at.push_back(i);
-    const int64_t runs = static_cast<int64_t>(run_at.size());
-    run_at.push_back(n);
-    auto do_runs = [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t i0 = run_at[static_cast<size_t>(r)], len = run_at[static_cast<size_t>(r) + 1] - i0;
-        const int64_t at = row_list[i0];
-        kernels::AdamArgs b = a;
-        b.p = p + at;
-        b.g = g + (a.g_compact ? i0 : at);
-        b.m = m + at;
-        b.v = v + at;
-        b.cols = len;
-        b.rows = nullptr;
-        b.g_compact = false;
-        t.adam(b, 0, 1);
-      }
-    };
-    const int64_t nt = std::min<int64_t>(threads_for(n), runs);
-    if (nt <= 1) {
-      do_runs(0, runs);
-      return;
-    }
-    // Threads take runs holding about equal numbers of entries.
-    parallel_for(nt, [&](int64_t i) {
-      const auto first = [&](int64_t q) {
-        return std::lower_bound(run_at.begin(), run_at.begin() + runs, n * q / nt) - run_at.begin();
-      };
-      do_runs(first(i), i + 1 == nt ? runs : first(i + 1));
+    for_each_position_run(row_list, n, threads_for(n), [&](int64_t i0, int64_t len) {
+      const int64_t at = row_list[i0];
+      kernels::AdamArgs b = a;
+      b.p = p + at;
+      b.g = g + (a.g_compact ? i0 : at);
+      b.m = m + at;
+      b.v = v + at;
+      b.cols = len;
+      b.rows = nullptr;
+      b.g_compact = false;
+      t.adam(b, 0, 1);
     });
     return;
   }
@@ -1188,6 +1195,21 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
   const kernels::LazySgdArgs a{w,     buf, stamp,  row_stamps, w_cols, rows,  cols,     n_cols, powers, max_lag,
                                now,   g,   g_cols ? n_gcols : n_cols, out, n_cols, lr, momentum, decay, peek,
                                bad.data(), g_cols, std::max<int64_t>(n_gcols, 0)};
+  if (w_cols == 1 && rows && n_rows > 1 && g && !stamp && !cols && !out && !peek && !g_cols) {
+    // The plain step on single entries (a sparse layer's values at the touched positions): each
+    // run of consecutive positions as one row (as adam_step), not entry by entry.
+    for_each_position_run(rows, n_rows, block_threads_for(n_rows * 20), [&](int64_t i0, int64_t len) {
+      kernels::LazySgdArgs b = a;
+      b.w = w + rows[i0];
+      b.buf = buf + rows[i0];
+      b.ld = b.ncols = b.ldg = len;
+      b.rows = nullptr;
+      b.g = g + i0;
+      b.bad = bad.data() + i0;
+      t.lazy_sgd(b, 0, 1);
+    });
+    return;
+  }
   // about 20 bytes per entry when stepping (w, momentum, gradient read; w, momentum written)
   run_block_rows(n_rows, n_rows * n_cols * 20, [&](int64_t i0, int64_t i1) { t.lazy_sgd(a, i0, i1); });
   for (int64_t i = 0; i < n_rows; ++i)
