@@ -14,6 +14,7 @@ results for any thread count.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -69,7 +70,7 @@ def empty(shape, order: str = "F") -> np.ndarray:
 
 
 def _aligned(shape, order) -> np.ndarray:
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(int(d) for d in shape)  # (np.prod took ~4.5 us of this function's ~9 a call)
     raw = np.empty(n * 4 + 64, dtype=np.uint8)
     off = (-raw.ctypes.data) % 64
     return raw[off:off + n * 4].view(np.float32).reshape(shape, order=order)
