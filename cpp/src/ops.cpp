@@ -614,11 +614,14 @@ void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, cons
   //   Zen 3 (512 KB L2, 32 MB L3): 4096-column tiles, 15.0 ms against 18.6 for 1024 and 17.5 for
   //     2048; also faster at batches 32 and 100 and at 2 threads (2.7 / 7.0 / 8.3 ms against
   //     3.5 / 9.2 / 10.1), and at 2048^2 and 8192^2. 64-, 256- and 512-row blocks were slower.
-  // An unknown cache share gives the Zen 1's tiles. Blocks need non-decreasing indices in each row.
+  // An unknown cache share gives the Zen 1's tiles; tiles stop at 2 MB, the widest measured (a
+  // share the hypervisor reports whole, as glibc does the socket's 256 MB here, gets no wider).
+  // Blocks need non-decreasing indices in each row.
   int64_t dblock = 0;
   if (d_rows * ncols > (int64_t{2} << 20) || (d_rows >= 512 && d_rows * ncols > (int64_t{512} << 10))) {
     dblock = 128;
-    const int64_t tile_bytes = std::max<int64_t>(int64_t{512} << 10, llc_share_bytes() / 16);
+    const int64_t tile_bytes =
+        std::min<int64_t>(int64_t{2} << 20, std::max<int64_t>(int64_t{512} << 10, llc_share_bytes() / 16));
     panel = std::max<int64_t>(64, tile_bytes / (4 * dblock) / 64 * 64);
   }
   if (const char* env = std::getenv("SPARSEBP_SPMM_PANEL"); env && *env)  // (set and not empty)
