@@ -51,3 +51,11 @@ def main(rank: int, world: int, port: str, out: str, device: str = "cpu") -> Non
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], *sys.argv[5:])
+    # Leave without the interpreter's teardown: with torch 2.13 a gloo process aborts there
+    # ("terminate called without an active exception", exit 134) in a few percent of runs, after
+    # destroy_process_group and main have returned, also with sparsebp not imported at all (2 of
+    # 60 runs of this worker with plain nn.Linear layers on the 2-core Zen 3). Everything the test
+    # reads is written and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
