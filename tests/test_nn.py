@@ -343,6 +343,20 @@ def test_adam_kernel_against_float64_every_isa(isa, shape, rows):
     np.testing.assert_allclose(v, vv, rtol=1e-5, atol=1e-9)
 
 
+def _position_runs(rng, size: int, min_gap: int, lengths) -> np.ndarray:
+    """Increasing positions below size: runs of lengths drawn from `lengths`, separated by gaps of
+    min_gap..8 (int64)."""
+    pos, at = [], 0
+    while True:
+        at += int(rng.integers(min_gap, 9))
+        n = int(rng.choice(lengths))
+        if at + n > size:
+            break
+        pos.extend(range(at, at + n))
+        at += n
+    return np.array(pos, np.int64)
+
+
 @pytest.mark.parametrize("nthreads, size", [(1, 1000), (2, 1_300_000)])
 @pytest.mark.parametrize("compact", [False, True])
 def test_adam_kernel_position_runs_every_isa(isa, threads, nthreads, size, compact):
@@ -354,15 +368,8 @@ def test_adam_kernel_position_runs_every_isa(isa, threads, nthreads, size, compa
 
     sparsebp.set_num_threads(nthreads)
     rng = np.random.default_rng(size + compact)
-    pos, at = [], 0
-    while True:
-        at += int(rng.integers(0, 9))  # gaps of 0..8 (0: two runs back to back = one run)
-        n = int(rng.choice([1, 2, 7, 8, 9, 15, 16, 17, 33, 100]))
-        if at + n > size:
-            break
-        pos.extend(range(at, at + n))
-        at += n
-    pos = np.array(pos, np.int64)
+    # gaps of 0..8 (0: two runs back to back = one run)
+    pos = _position_runs(rng, size, 0, [1, 2, 7, 8, 9, 15, 16, 17, 33, 100])
     p = rng.standard_normal(size).astype(np.float32)
     before = p.copy()
     m, v = np.zeros_like(p), np.zeros_like(p)
@@ -392,15 +399,7 @@ def test_sgd_position_runs_every_isa(isa, threads, nthreads, size):
     rule in float64; entries outside the list and their momentum untouched."""
     sparsebp.set_num_threads(nthreads)
     rng = np.random.default_rng(size + 7)
-    pos, at = [], 0
-    while True:
-        at += int(rng.integers(1, 9))
-        n = int(rng.choice([1, 2, 7, 8, 9, 17, 33, 100]))
-        if at + n > size:
-            break
-        pos.extend(range(at, at + n))
-        at += n
-    pos = np.array(pos, np.int64)
+    pos = _position_runs(rng, size, 1, [1, 2, 7, 8, 9, 17, 33, 100])
     p = nn.Param("values", rng.standard_normal(size).astype(np.float32))
     before = p.data.copy()
     opt = nn.SGD([p], lr=0.05, momentum=0.9, weight_decay=0.01)

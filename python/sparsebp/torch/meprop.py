@@ -176,6 +176,15 @@ class MePropLinear(nn.Linear):
         return super().extra_repr() + f", grad={self.policy!r}"
 
 
+def _dense_reference(gh: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor, shape,
+                     need_x: bool, need_v: bool):
+    """(dx, dvalues) of the sparse layer from the selected gradient gh by dense products (the
+    float64 reference path, for gradcheck), on gh's device."""
+    wd = _ops._dense_weight(values, indptr, indices, *shape)
+    gv = (gh.t() @ x)[_ops._rows_of(indptr, shape[0]), indices.to(torch.int64)] if need_v else None
+    return (gh @ wd if need_x else None), gv
+
+
 class _SparseMePropFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, indptr, indices, in_f, out_f, policy):
@@ -194,21 +203,15 @@ class _SparseMePropFn(torch.autograd.Function):
             gh = _cuda_selected(ctx.policy, g)
             out_f, in_f = ctx.shape
             if g.dtype != torch.float32:
-                wd = _ops._dense_weight(values, indptr, indices, out_f, in_f)
-                gv = (gh.t() @ x)[_ops._rows_of(indptr, out_f), indices.to(torch.int64)] if need_v else None
-                return (gh @ wd if need_x else None), gv, gb, *none5
+                return (*_dense_reference(gh, x, values, indptr, indices, ctx.shape, need_x, need_v), gb, *none5)
             ptrs = _ops._cuda_structure(indptr, indices, out_f, in_f)
             dx, dv, _ = _ops._cuda_backward(gh, x, None, values.detach(), _ops._cuda_dev(g), ptrs, in_f, out_f,
                                             need_x, need_v, False)
             return dx, dv, gb, *none5
         sel = _select(ctx.policy, g)
         if g.dtype != torch.float32:  # reference path (gradcheck)
-            wd = _ops._dense_weight(values, indptr, indices, *ctx.shape)
             gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))
-            gv = None
-            if need_v:
-                gv = (gh.t() @ x)[_ops._rows_of(indptr, ctx.shape[0]), indices.to(torch.int64)]
-            return (gh @ wd if need_x else None), gv, gb, *none5
+            return (*_dense_reference(gh, x, values, indptr, indices, ctx.shape, need_x, need_v), gb, *none5)
         w = CSR(indptr.numpy(), indices.numpy(), values.detach().numpy(), ctx.shape)
         dx, dv, _ = csr_selected_backward(sel.grad, x.detach().contiguous().numpy(), w, sel.cols, sel.mode,
                                           input_grad=need_x)
