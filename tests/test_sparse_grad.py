@@ -559,3 +559,78 @@ def test_row_positions_against_numpy():
         _core.row_positions(indptr.astype(np.int32), np.array([0]))
     with pytest.raises(ValueError, match="1-D"):
         _core.row_positions(indptr, np.zeros((2, 2), np.int64))
+
+
+def _msbp_reference(g, memory, alpha, k):
+    """One MSBP step from the definition (ALGORITHMS.md section 3), in float64 where it is exact:
+    a sum or product of two float32 numbers is exact in float64, so rounding it once to float32
+    gives float32 arithmetic's result. Column scores in float64, ranked by (-score, column).
+    Returns u, the columns, the next memory with subnormals flushed, and that memory unflushed."""
+    g64 = g.astype(np.float64)
+    u = g if memory is None else (g64 + memory.astype(np.float64)).astype(np.float32)
+    scores = np.abs(u.astype(np.float64)).sum(axis=0)
+    n = g.shape[1]
+    cols = np.sort(np.lexsort((np.arange(n), -scores))[:min(k, n)])
+    raw = (np.float64(np.float32(alpha)) * u.astype(np.float64)).astype(np.float32)
+    raw[:, cols] = 0.0
+    flushed = np.where(np.abs(raw) < np.finfo(np.float32).tiny, np.float32(0), raw)
+    return u, cols, flushed, raw
+
+
+def test_msbp_steps_against_reference(isa):
+    """MSBP.select over a run of steps (one C++ pass each) against the definition: u, the columns
+    and the memory bit for bit, subnormal memory flushed to 0. The gradients have units that stop
+    firing (exact zeros), so the memory of those units decays through the subnormal range."""
+    from sparsebp import algorithms as alg
+
+    rng = np.random.default_rng(11)
+    batch, n, k, alpha = 6, 40, 5, 0.5
+    pol = alg.MSBP(k=k, alpha=alpha)
+    memory, saw_subnormal = None, False
+    for step in range(150):
+        g = (rng.standard_normal((batch, n)) * 1e-30).astype(np.float32)  # small: a few halvings reach 1e-38
+        g[:, step % 7::7] = 0.0  # units that are silent this step
+        if step > 20:
+            g[:, :10] = 0.0  # units silent for good: their memory decays
+        u_ref, cols_ref, mem_ref, raw = _msbp_reference(g, memory, alpha, k)
+        scores = np.sort(np.abs(u_ref.astype(np.float64)).sum(axis=0))[::-1]
+        if 0 < k < n and scores[k - 1] == scores[k]:
+            continue  # an exact tie of float64 sums may order differently in float32: not this test's subject
+        sel = pol.select(g)
+        np.testing.assert_array_equal(sel.cols, cols_ref, err_msg=f"step {step}")
+        np.testing.assert_array_equal(sel.grad, u_ref, err_msg=f"step {step}")
+        np.testing.assert_array_equal(pol.memory, mem_ref, err_msg=f"step {step}")
+        assert not np.any((pol.memory != 0) & (np.abs(pol.memory) < np.finfo(np.float32).tiny))
+        saw_subnormal |= bool(np.any((raw != 0) & (np.abs(raw) < np.finfo(np.float32).tiny)))
+        memory = mem_ref
+    assert saw_subnormal  # the run did reach memory the flush had to clear
+
+
+@pytest.mark.parametrize("k", [0, 1, 39, 40, 45])
+def test_msbp_k_edges_padded_rows_and_nan(isa, k):
+    """k = 0 keeps everything in memory, k >= n nothing; rows with padding (a view) work; a NaN
+    in g is a ValueError (0 < k < n) that leaves the memory as it was."""
+    from sparsebp import algorithms as alg
+
+    rng = np.random.default_rng(k)
+    big = rng.standard_normal((4, 48)).astype(np.float32)
+    g1, g2 = big[:, :40], (rng.standard_normal((4, 40)) * 3).astype(np.float32)
+    pol = alg.MSBP(k=k, alpha=0.75)
+    pol.select(g1)
+    before = pol.memory.copy()
+    u_ref, cols_ref, mem_ref, _ = _msbp_reference(g2, before, 0.75, k)
+    sel = pol.select(g2)
+    np.testing.assert_array_equal(sel.cols, cols_ref)
+    np.testing.assert_array_equal(sel.grad, u_ref)
+    np.testing.assert_array_equal(pol.memory, mem_ref)
+    if k >= 40:
+        assert not pol.memory.any()
+    bad = g2.copy()
+    bad[2, 3] = np.nan
+    kept = pol.memory.copy()
+    if 0 < k < 40:
+        with pytest.raises(ValueError, match="NaN"):
+            pol.select(bad)
+        np.testing.assert_array_equal(pol.memory, kept)
+    with pytest.raises(TypeError, match="float32"):
+        pol.select(g2.astype(np.float64))

@@ -443,6 +443,40 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("selected"), py::arg("g"));
   m.def(
+      "msbp_step",
+      [rowmajor](const py::array& g, const py::object& memory, const py::object& u, double alpha, int64_t k,
+                 const py::array& cols, const py::array& m_out) {
+        auto [gp, rows, n, ldg] = rowmajor(g, "g", false);
+        auto [mo, mrows, mn, ldmo] = rowmajor(m_out, "m_out", true);
+        if (mrows != rows || mn != n)
+          throw sparsebp::ValueError(str_cat("m_out must have shape (", rows, ", ", n, "); got (", mrows, ", ", mn, ")"));
+        const float* mp = nullptr;
+        float* up = nullptr;
+        int64_t ldm = n, ldu = n;
+        if (memory.is_none() != u.is_none()) throw sparsebp::ValueError("memory and u must be given together");
+        if (!memory.is_none()) {
+          auto [p1, r1, c1, l1] = rowmajor(memory.cast<py::array>(), "memory", false);
+          auto [p2, r2, c2, l2] = rowmajor(u.cast<py::array>(), "u", true);
+          if (r1 != rows || c1 != n || r2 != rows || c2 != n)
+            throw sparsebp::ValueError(str_cat("memory and u must have g's shape (", rows, ", ", n, ")"));
+          mp = p1;
+          up = p2;
+          ldm = l1;
+          ldu = l2;
+        }
+        if (k < 0) throw sparsebp::ValueError(str_cat("k must be >= 0; got ", k));
+        if (!py::array_t<int32_t>::check_(cols) || cols.ndim() != 1 || !cols.writeable() ||
+            cols.shape(0) != std::min(k, n) || !(cols.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("cols must be a writeable contiguous int32 array of min(k, n) entries");
+        int32_t* cp = static_cast<int32_t*>(const_cast<void*>(cols.data()));
+        py::gil_scoped_release nogil;
+        sparsebp::msbp_step(gp, rows, n, ldg, mp, ldm, up, ldu, static_cast<float>(alpha), k, cp, mo, ldmo);
+      },
+      py::arg("g"), py::arg("memory"), py::arg("u"), py::arg("alpha"), py::arg("k"), py::arg("cols"),
+      py::arg("m_out"),
+      "One step of MSBP-style memory (sparsebp.algorithms.MSBP.select): u = g + memory, the top-k columns "
+      "of u by sum |u|, m_out = alpha * u outside them (subnormals flushed to 0).");
+  m.def(
       "abs_colsum",
       [rowmajor](const py::array& g, const py::array& out) {
         auto [gp, rows, n, ld] = rowmajor(g, "g", false);

@@ -588,6 +588,29 @@ void abs_colsum(const float* g, int64_t rows, int64_t n, int64_t ldg, float* out
   });
 }
 
+void msbp_step(const float* g, int64_t rows, int64_t n, int64_t ldg, const float* m, int64_t ldm, float* u,
+               int64_t ldu, float alpha, int64_t k, int32_t* cols, float* m_out, int64_t ldmo) {
+  SPARSEBP_CHECK_VALUE(rows >= 0 && n >= 0 && ldg >= n && ldmo >= n && (!m || (ldm >= n && ldu >= n)),
+                       "bad shape for msbp_step");
+  SPARSEBP_CHECK_VALUE(k >= 0, "k must be >= 0; got ", k);
+  const KernelTable& t = active_table();
+  // Row by row (the operands may have padded rows): u = g + m and the next memory before the
+  // selection's zeros, alpha * u with subnormals flushed. The memory of a unit whose gradient stays
+  // 0 (a ReLU that does not fire) shrinks by alpha every step, and would otherwise spend ~20 steps
+  // as a subnormal, slowing every sum and product it enters.
+  for (int64_t r = 0; r < rows; ++r) {
+    const kernels::ScaleFlushArgs a{g + r * ldg, m ? m + r * ldm : nullptr, m ? u + r * ldu : nullptr,
+                                    m_out + r * ldmo, alpha};
+    t.scale_flush(a, 0, n);
+  }
+  std::vector<float> scores(static_cast<size_t>(n));
+  abs_colsum(m ? u : g, rows, n, m ? ldu : ldg, scores.data());
+  const int64_t kk = std::min(k, n);
+  topk_rows(scores.data(), 1, n, n, kk, cols);  // NaN: a ValueError (m_out is then scratch)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t q = 0; q < kk; ++q) m_out[r * ldmo + cols[q]] = 0.0f;
+}
+
 void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,
                const float* d, int64_t d_rows, int64_t ldd, int64_t ncols, float* out, int64_t ldo) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && ncols >= 0 && ldd >= ncols && ldo >= ncols, "bad shape for spmm_rows");

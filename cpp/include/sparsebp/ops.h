@@ -75,6 +75,14 @@ void gather_sddmm(const int64_t* indptr, int64_t rows, const int64_t* offsets, i
 void topk_rows(const float* g, int64_t rows, int64_t n, int64_t ldg, int64_t k, int32_t* idx);
 // out[j] = sum_r |g[r, j]| for j < n (rows summed in order).
 void abs_colsum(const float* g, int64_t rows, int64_t n, int64_t ldg, float* out);
+// One step of MSBP-style memory (sparsebp.algorithms.MSBP) on a rows x n gradient g: u = g + m
+// (written to u; with m null, u is g itself and is not written), cols (min(k, n), increasing) = the
+// k columns of largest sum_r |u[r, j]| (topk_rows' rule on abs_colsum's sums), and
+// m_out = alpha * u outside cols, 0 in them, with every entry below FLT_MIN in magnitude flushed to
+// 0. NaN in u is a ValueError when 0 < k < n (m_out is then scratch). m_out must not alias g, m
+// or u.
+void msbp_step(const float* g, int64_t rows, int64_t n, int64_t ldg, const float* m, int64_t ldm, float* u,
+               int64_t ldu, float alpha, int64_t k, int32_t* cols, float* m_out, int64_t ldmo);
 // out[r, :ncols] = sum_{p in row r} values[p] * d[indices[p], :ncols], r < rows (a CSR of `rows`
 // rows with nnz = indptr[rows] entries times a dense d of d_rows rows). Indices checked.
 void spmm_rows(const int64_t* indptr, int64_t rows, const int32_t* indices, const float* values, int64_t nnz,

@@ -26,6 +26,7 @@ void budget_clip(const ClipArgs& a, int64_t begin, int64_t end);
 void bernoulli_rows(const BernoulliArgs& a, int64_t row_begin, int64_t row_end);
 void relu(const EltwiseArgs& a, int64_t begin, int64_t end);
 void bias_relu_mask(const BiasReluMaskArgs& a, int64_t row_begin, int64_t row_end);
+void scale_flush(const ScaleFlushArgs& a, int64_t begin, int64_t end);
 void dropout(const DropoutArgs& a, int64_t begin, int64_t end);
 
 }  // namespace SPARSEBP_ISA_NS

@@ -324,6 +324,18 @@ struct EltwiseArgs {
 };
 using EltwiseFn = void (*)(const EltwiseArgs&, int64_t begin, int64_t end);
 
+// MSBP's memory step over [begin, end) of contiguous arrays: u[i] = x[i] + m[i] (m null: u is not
+// written and x stands for it); y[i] = alpha * u[i], or 0 where that is below FLT_MIN in magnitude
+// (subnormals flushed; NaN kept). y may not alias x, m or u.
+struct ScaleFlushArgs {
+  const float* x;
+  const float* m;
+  float* u;
+  float* y;
+  float alpha;
+};
+using ScaleFlushFn = void (*)(const ScaleFlushArgs&, int64_t begin, int64_t end);
+
 // A hidden layer's activation under unit masks (VR-PGE), rows [begin, end) of out (rows x n,
 // contiguous): out[i] = relu(z[zi] + bias) * keep[i / rpg], zi = i when z_shared is false, else
 // i % rpg; bias may be null; out may be z itself (z_shared false). ReLU keeps NaN.
@@ -377,6 +389,7 @@ struct KernelTable {
   EltwiseFn relu;
   BiasReluMaskFn bias_relu_mask;
   DropoutFn dropout;
+  ScaleFlushFn scale_flush;
 };
 
 // Each defined in exactly one kernel set; the only non-anonymous symbol of an ISA file.

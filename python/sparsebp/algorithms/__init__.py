@@ -19,7 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..sparse_grad import _check_k, topk, topk_columns
+from .. import _core
+from ..sparse_grad import _check_k, _rows_f32, topk, topk_columns
 
 __all__ = ["MeProp", "MSBP", "MeSimp", "MeSimpSchedule", "SparseGrad", "Selection"]
 
@@ -119,7 +120,9 @@ class MeProp(SparseGrad):
 class MSBP(SparseGrad):
     """MSBP-style memory of the dropped gradient (unified selection). The memory has the shape of
     the gradient, (batch, out); it restarts at zero when the batch size changes (e.g. a short last
-    batch) and on ``reset()``."""
+    batch) and on ``reset()``. Memory entries below float32's smallest normal number (~1.2e-38)
+    are stored as 0: a unit whose gradient stays 0 would otherwise keep a subnormal memory for
+    ~20 steps, which slows the arithmetic it enters."""
 
     mode = "unified"
 
@@ -139,12 +142,16 @@ class MSBP(SparseGrad):
         k = self.k_for(g.shape[1])
         if self.alpha == 0.0:
             return Selection("unified", topk_columns(g, k), g)  # exactly unified meProp
-        u = g if self.memory is None or self.memory.shape != g.shape else g + self.memory
-        cols = topk_columns(u, k)
-        rest = u.copy()
-        rest[:, cols] = 0.0
-        rest *= np.float32(self.alpha)
-        self.memory = rest
+        # One C++ pass (u = g + M, the column scores and their top k, the next memory): the NumPy
+        # version (an add, the selection, a copy, a masked store and a scaling) took ~25-45 us a
+        # layer per step at the demo's 32 x 500.
+        g = _rows_f32(g, "g")
+        mem = self.memory if self.memory is not None and self.memory.shape == g.shape else None
+        u = g if mem is None else np.empty_like(g)
+        cols = np.empty(min(k, g.shape[1]), dtype=np.int32)
+        nxt = np.empty_like(g)
+        _core.msbp_step(g, mem, None if mem is None else u, self.alpha, k, cols, nxt)
+        self.memory = nxt
         return Selection("unified", cols, u)
 
     def __repr__(self) -> str:
