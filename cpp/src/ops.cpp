@@ -596,8 +596,8 @@ void msbp_step(const float* g, int64_t rows, int64_t n, int64_t ldg, const float
   const KernelTable& t = active_table();
   // Row by row (the operands may have padded rows): u = g + m and the next memory before the
   // selection's zeros, alpha * u with subnormals flushed. The memory of a unit whose gradient stays
-  // 0 (a ReLU that does not fire) shrinks by alpha every step, and would otherwise spend ~20 steps
-  // as a subnormal, slowing every sum and product it enters.
+  // 0 (a ReLU that does not fire) shrinks by alpha every step, and would otherwise stay subnormal
+  // for many steps (23 at alpha = 0.5), slowing every sum and product it enters.
   for (int64_t r = 0; r < rows; ++r) {
     const kernels::ScaleFlushArgs a{g + r * ldg, m ? m + r * ldm : nullptr, m ? u + r * ldu : nullptr,
                                     m_out + r * ldmo, alpha};

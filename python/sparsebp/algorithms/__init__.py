@@ -121,8 +121,9 @@ class MSBP(SparseGrad):
     """MSBP-style memory of the dropped gradient (unified selection). The memory has the shape of
     the gradient, (batch, out); it restarts at zero when the batch size changes (e.g. a short last
     batch) and on ``reset()``. Memory entries below float32's smallest normal number (~1.2e-38)
-    are stored as 0: a unit whose gradient stays 0 would otherwise keep a subnormal memory for
-    ~20 steps, which slows the arithmetic it enters."""
+    are stored as 0: the memory of a unit whose gradient stays 0 shrinks by ``alpha`` each step and
+    would otherwise stay subnormal for many steps (23 at alpha = 0.5), slowing the arithmetic it
+    enters."""
 
     mode = "unified"
 
@@ -142,9 +143,9 @@ class MSBP(SparseGrad):
         k = self.k_for(g.shape[1])
         if self.alpha == 0.0:
             return Selection("unified", topk_columns(g, k), g)  # exactly unified meProp
-        # One C++ pass (u = g + M, the column scores and their top k, the next memory): the NumPy
-        # version (an add, the selection, a copy, a masked store and a scaling) took ~25-45 us a
-        # layer per step at the demo's 32 x 500.
+        # One C++ pass (u = g + M, the column scores and their top k, the next memory). The NumPy
+        # version (an add, the selection, a copy, a masked store and a scaling) took ~32 us a layer
+        # per step in the demo (32 x 500), against ~13 (bench/results/demo_zen3/run_9bd336a/).
         g = _rows_f32(g, "g")
         mem = self.memory if self.memory is not None and self.memory.shape == g.shape else None
         u = g if mem is None else np.empty_like(g)
