@@ -7,6 +7,11 @@ Contenders (one backward = input gradient + weight gradient + bias gradient)
   meprop-example   sparsebp.ops.meprop_backward(..., mode="example", compact=True) (selection included;
                    the weight gradient as the rows it touches).
   meprop-unified   sparsebp.ops.meprop_backward(..., mode="unified", compact=True) (selection included).
+  example-nocache  meprop-example with sparsebp's buffer cache off for the call (limit 0): outputs of
+                   32 MB or more (the weight gradient at 4096^2) then come in fresh pages, as the
+                   dense backward's do (torch and NumPy keep no such cache). With it on (the
+                   default, meprop-example), a repeated call reuses the memory of a result that is
+                   gone: this row shows what that is worth.
 Top-k: sparsebp.ops.topk(G, k) against torch.topk(G.abs(), k, dim=1, sorted=False).
 """
 from __future__ import annotations
@@ -43,6 +48,15 @@ def run_case(n: int, batch: int, ratio: float, reps: int, have_torch: bool) -> L
         contenders["dense"] = lambda: (g @ w, g.T @ x, g.sum(0))
     # compact=True: the weight gradient as the touched rows (what a row-wise optimizer update
     # takes), not a full (out, in) array of mostly zeros.
+    def example_nocache():
+        limit = sparsebp.buffer_cache_info()["limit_bytes"]
+        sparsebp.set_buffer_cache_limit(0)
+        try:
+            return ops.meprop_backward(g, x, w, k, "example", compact=True)
+        finally:  # (restored before the result is dropped: its memory is then cached for the next row)
+            sparsebp.set_buffer_cache_limit(limit)
+
+    contenders["example-nocache"] = example_nocache
     contenders["meprop-example"] = lambda: ops.meprop_backward(g, x, w, k, "example", compact=True)
     contenders["meprop-unified"] = lambda: ops.meprop_backward(g, x, w, k, "unified", compact=True)
     contenders["topk"] = lambda: ops.topk(g, k)
@@ -74,17 +88,20 @@ def report(rows: List[dict]) -> str:
 
     lines = ["# Sparse gradients (meProp): linear-layer backward, speed-up over the dense backward", ""]
     lines += [f"- {h}" for h in machine_header()] + [""]
-    lines.append("Backward columns: speed-up over dense backward (dX, dW, db). topk: speed-up over "
+    lines.append("Backward columns: speed-up over dense backward (dX, dW, db). (no buffer cache): "
+                 "meprop-example with sparsebp's cache of large outputs off, so that its 32 MB-or-larger "
+                 "outputs come in fresh pages as the dense backward's do. topk: speed-up over "
                  "torch.topk(|G|) (blank without torch).")
     lines.append("")
-    lines.append("| layer | batch | k (k/out) | threads | dense ms | meprop-example | meprop-unified | topk | bar |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| layer | batch | k (k/out) | threads | dense ms | meprop-example | (no buffer cache) | meprop-unified | topk "
+                 "| bar |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     keys = sorted({(r["layer"], r["batch"], r["k"], r["ratio"], r["threads"]) for r in rows},
                   key=lambda t: (int(t[0].split("x")[0]), t[4], t[1], t[3]))
     for key in keys:
         sel = {r["contender"]: r for r in rows if (r["layer"], r["batch"], r["k"], r["ratio"], r["threads"]) == key}
         cells = [f"{sel[c]['speedup']:.2f}x" if c in sel and sel[c]["speedup"] == sel[c]["speedup"] else "-"
-                 for c in ("meprop-example", "meprop-unified", "topk")]
+                 for c in ("meprop-example", "example-nocache", "meprop-unified", "topk")]
         verdict = "-"
         if key[0] == "4096x4096" and key[1] == 256 and key[3] == 0.04 and key[4] == 1:
             parts = []

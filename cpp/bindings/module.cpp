@@ -5,9 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
+#include "sparsebp/buffer_cache.h"
 #include "sparsebp/csr.h"
 #include "sparsebp/cuda.h"
 #include "sparsebp/dispatch.h"
@@ -937,6 +939,59 @@ PYBIND11_MODULE(_core, m) {
         sparsebp::bias_relu_mask(zp, z_rows, n, bp, kp, groups, rpg, op);
       },
       py::arg("z"), py::arg("bias"), py::arg("keep"), py::arg("out"));
+  // An uninitialised float32 (rows, cols) array with row stride ld >= cols floats, its memory from
+  // the buffer cache (buffer_cache.h): given back to it when the last array using it goes (the
+  // capsule is every view's base).
+  m.def(
+      "empty_f32",
+      [](int64_t rows, int64_t cols, int64_t ld) {
+        if (ld < 0) ld = cols;
+        if (rows < 0 || cols < 0 || ld < cols)
+          throw sparsebp::ValueError(str_cat("empty_f32: need rows >= 0 and ld >= cols >= 0; got rows = ", rows,
+                                             ", cols = ", cols, ", ld = ", ld));
+        if (rows > 0 && ld > (int64_t{1} << 60) / 4 / rows)
+          throw sparsebp::ValueError(str_cat("empty_f32: ", rows, " x ", ld, " floats is too large"));
+        const size_t bytes = static_cast<size_t>(std::max<int64_t>(1, rows * ld)) * 4;
+        size_t cap = 0;
+        void* p = sparsebp::buffer_cache::acquire(bytes, &cap);
+        struct Held {  // the block and its capacity, for the capsule's destructor
+          void* p;
+          size_t cap;
+        };
+        Held* h = nullptr;
+        try {
+          h = new Held{p, cap};
+        } catch (...) {
+          sparsebp::buffer_cache::release(p, cap);
+          throw;
+        }
+        py::capsule base(h, [](void* q) {
+          Held* hh = static_cast<Held*>(q);
+          sparsebp::buffer_cache::release(hh->p, hh->cap);
+          delete hh;
+        });
+        return py::array_t<float>({rows, cols}, {static_cast<py::ssize_t>(ld * 4), py::ssize_t{4}},
+                                  static_cast<float*>(p), base);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("ld") = -1);
+  m.def("buffer_cache_stats", []() {
+    const auto st = sparsebp::buffer_cache::stats();
+    py::dict d;
+    d["cached_bytes"] = st.cached_bytes;
+    d["cached_blocks"] = st.cached_blocks;
+    d["hits"] = st.hits;
+    d["misses"] = st.misses;
+    d["limit_bytes"] = sparsebp::buffer_cache::limit();
+    d["min_bytes"] = sparsebp::buffer_cache::kMinBytes;
+    return d;
+  });
+  m.def(
+      "set_buffer_cache_limit", [](int64_t bytes) {
+        if (bytes < 0) throw sparsebp::ValueError(str_cat("limit must be >= 0 bytes; got ", bytes));
+        sparsebp::buffer_cache::set_limit(static_cast<size_t>(bytes));
+      },
+      py::arg("bytes"));
+  m.def("clear_buffer_cache", &sparsebp::buffer_cache::clear);
   m.def("active_isa", &sparsebp::active_isa);
   m.def("available_isas", &sparsebp::available_isas);
   m.def("compiled_isas", &sparsebp::compiled_isas);

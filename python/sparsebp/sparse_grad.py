@@ -83,13 +83,28 @@ class MePropGrads(NamedTuple):
     weight_rows: Optional[np.ndarray] = None  # compact=True: the rows of W that ``weight`` holds
 
 
+def _empty_rows(rows: int, cols: int, ld: Optional[int] = None) -> np.ndarray:
+    """An uninitialised (rows, cols) float32 array with row stride ``ld`` floats (default cols).
+    From 32 MB its memory comes from sparsebp's buffer cache (``sparsebp.buffer_cache_info``):
+    reused from an earlier output that is gone, instead of pages the kernel must zero again."""
+    ld = cols if ld is None else ld
+    if rows * ld * 4 >= _BUFFER_CACHE_MIN:
+        return _core.empty_f32(rows, cols, ld)
+    if ld == cols:
+        return np.empty((rows, cols), dtype=np.float32)
+    return np.empty((rows, ld), dtype=np.float32)[:, :cols]
+
+
+_BUFFER_CACHE_MIN = int(_core.buffer_cache_stats()["min_bytes"])
+
+
 def _padded_rows(rows: int, cols: int) -> np.ndarray:
     """An uninitialised (rows, cols) float32 array whose row stride is cols + 16 floats when cols is a
     multiple of 128 (rows 512 bytes apart, or any power of two from there, share L1 cache sets: the
     scattered and gathered products slow down by a third). A view; np.ascontiguousarray copies."""
     if cols % 128 != 0 or rows <= 1:
-        return np.empty((rows, cols), dtype=np.float32)
-    return np.empty((rows, cols + 16), dtype=np.float32)[:, :cols]
+        return _empty_rows(rows, cols)
+    return _empty_rows(rows, cols, cols + 16)
 
 
 def _example_dx_form() -> str:
@@ -205,13 +220,13 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
                 xx = xp
             if compact:  # only the rows some example selected
                 wrows = touched
-                dw = np.empty((len(wrows), in_f), dtype=np.float32)
+                dw = _empty_rows(len(wrows), in_f)
                 cindptr = np.empty(len(wrows) + 1, dtype=np.int64)
                 cindptr[0] = 0
                 cindptr[1:] = indptr[1:][touched]
                 _core.spmm_rows(cindptr, rows_b, gvals, xx, dw)
             else:
-                dw = np.empty((out_f, in_f), dtype=np.float32)
+                dw = _empty_rows(out_f, in_f)
                 _core.spmm_rows(indptr, rows_b, gvals, xx, dw)
     else:
         gc = g[:, sel]
