@@ -41,18 +41,26 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-def _threads_from_environment() -> None:
-    """Applies ``SPARSEBP_NUM_THREADS`` (a positive integer) at import; anything else is an error."""
-    raw = os.environ.get("SPARSEBP_NUM_THREADS")
+def _int_from_environment(name: str, minimum: int, what: str) -> int | None:
+    """The integer the environment variable ``name`` holds (None when unset or blank); anything
+    else, or a value below ``minimum``, is a ValueError saying ``what`` it must be."""
+    raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
-        return
+        return None
     try:
         n = int(raw.strip())
     except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"the environment variable SPARSEBP_NUM_THREADS must be a positive integer; got {raw!r}")
-    _core.set_num_threads(n)
+        n = minimum - 1
+    if n < minimum:
+        raise ValueError(f"the environment variable {name} must be {what}; got {raw!r}")
+    return n
+
+
+def _threads_from_environment() -> None:
+    """Applies ``SPARSEBP_NUM_THREADS`` (a positive integer) at import; anything else is an error."""
+    n = _int_from_environment("SPARSEBP_NUM_THREADS", 1, "a positive integer")
+    if n is not None:
+        _core.set_num_threads(n)
 
 
 _threads_from_environment()
@@ -103,16 +111,9 @@ def clear_buffer_cache() -> None:
 def _buffer_cache_from_environment() -> None:
     """Applies ``SPARSEBP_BUFFER_CACHE_MB`` (an integer >= 0, MiB) at import; anything else is an
     error."""
-    raw = os.environ.get("SPARSEBP_BUFFER_CACHE_MB")
-    if raw is None or raw.strip() == "":
-        return
-    try:
-        mb = int(raw.strip())
-    except ValueError:
-        mb = -1
-    if mb < 0:
-        raise ValueError(f"the environment variable SPARSEBP_BUFFER_CACHE_MB must be an integer >= 0; got {raw!r}")
-    set_buffer_cache_limit(mb << 20)
+    mb = _int_from_environment("SPARSEBP_BUFFER_CACHE_MB", 0, "an integer >= 0")
+    if mb is not None:
+        set_buffer_cache_limit(mb << 20)
 
 
 _buffer_cache_from_environment()
