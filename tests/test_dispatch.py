@@ -77,6 +77,9 @@ def test_build_info_and_cli():
     assert json.loads(r.stdout)["version"] == sparsebp.__version__
     r = subprocess.run([sys.executable, "-m", "sparsebp.cli", "info"], capture_output=True, text=True)
     assert r.returncode == 0 and "active ISA" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "sparsebp.cli", "info"], capture_output=True, text=True,
+                       env=dict(os.environ, SPARSEBP_BUFFER_CACHE_MB="3"))
+    assert r.returncode == 0 and "buffer cache   : keeps up to 3 MiB" in r.stdout, r.stdout
 
 
 def _sysfs_last_level_cache(root: str = "/sys/devices/system/cpu/cpu0/cache"):

@@ -35,6 +35,9 @@ def _info(args) -> int:
     print(f"  L2 cache       : {f'{l2 // 1024} KB per core' if l2 else 'unknown'}")
     llc = info["llc_share_bytes"]
     print(f"  last-level     : {f'{llc // 1024} KB shared (one instance)' if llc else 'unknown'}")
+    bc = sparsebp.buffer_cache_info()
+    print(f"  buffer cache   : keeps up to {bc['limit_bytes'] >> 20} MiB of freed outputs of "
+          f"{bc['min_bytes'] >> 20} MiB or more for reuse")
     return 0
 
 
