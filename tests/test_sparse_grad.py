@@ -512,6 +512,13 @@ def test_csr_example_backward_against_float64(isa, threads):
             dx0, dv0, _ = csr_selected_backward(g, x, W, sel, "example", input_grad=False)
             assert dx0 is None
             np.testing.assert_array_equal(dv0, dv)
+            # The raw arrays (their indices checked per call) give what the structure does.
+            dxa, dva = np.empty_like(dx), np.empty_like(dv)
+            ta, pa = _core.csr_example_backward(W.indptr, W.indices, W.values, cols, sel, g, x, dxa, dva)
+            np.testing.assert_array_equal(ta, touched)
+            np.testing.assert_array_equal(pa, pos)
+            np.testing.assert_array_equal(dxa, dx)
+            np.testing.assert_array_equal(dva, dv)
     finally:
         sparsebp.set_num_threads(before)
 
@@ -533,6 +540,14 @@ def test_csr_example_backward_bad_input():
     bad_idx[W.indptr[1]] = 99  # an entry of row 1, which sel[1] touches
     with pytest.raises(ValueError, match="is outside"):
         _core.csr_example_backward(W.indptr, bad_idx, W.values, 5, sel, g, x, None, dv)
+    with pytest.raises(ValueError, match="indices must be None"):
+        _core.csr_example_backward(W.structure, W.indices, W.values, 5, sel, g, x, None, dv)
+    with pytest.raises(ValueError, match="cols must be the structure's 5"):
+        _core.csr_example_backward(W.structure, None, W.values, 4, sel, g, x, None, dv)
+    with pytest.raises(ValueError, match="values must have nnz"):
+        _core.csr_example_backward(W.structure, None, W.values[:-1], 5, sel, g, x, None, dv)
+    with pytest.raises(ValueError, match="outside"):  # the selection is still checked
+        _core.csr_example_backward(W.structure, None, W.values, 5, np.array([[0, 6]] * 4, np.int32), g, x, None, dv)
     with pytest.raises(ValueError, match="dvalues needs x"):
         _core.csr_example_backward(W.indptr, W.indices, W.values, 5, sel, g, None, None, dv)
     with pytest.raises(ValueError, match="nnz"):

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <tuple>
 
 #include "sparsebp/buffer_cache.h"
 #include "sparsebp/csr.h"
@@ -505,11 +506,29 @@ PYBIND11_MODULE(_core, m) {
   };
   m.def(
       "csr_example_backward",
-      [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values, int64_t cols,
+      [rowmajor, csr_arrays](const py::object& w, const py::object& indices, const py::array& values, int64_t cols,
                              const py::array& sel, const py::array& g, const py::object& x, const py::object& dx,
                              const py::object& dvalues) {
-        auto [ip, ix, vp, nv] = csr_arrays(indptr, indices, values);
-        const int64_t rows = indptr.shape(0) - 1;
+        // w: a CsrStructure (validated when built; indices must then be None) or the row pointers.
+        const bool is_structure = py::isinstance<CsrStructure>(w);
+        const int64_t* ip = nullptr;
+        const int32_t* ix = nullptr;
+        const float* vp = nullptr;
+        int64_t nv = 0, rows = 0;
+        if (is_structure) {
+          const auto& s = w.cast<const CsrStructure&>();
+          if (!indices.is_none()) throw sparsebp::ValueError("indices must be None when w is a CSR structure");
+          if (s.cols() != cols)
+            throw sparsebp::ValueError(str_cat("cols must be the structure's ", s.cols(), "; got ", cols));
+          ip = s.indptr();
+          ix = s.indices();
+          rows = s.rows();
+          vp = vector_of<const float>(values, "values", false, &nv);
+          if (nv != s.nnz()) throw sparsebp::ValueError(str_cat("values must have nnz = ", s.nnz(), " entries; got ", nv));
+        } else {
+          std::tie(ip, ix, vp, nv) = csr_arrays(w.cast<py::array>(), indices.cast<py::array>(), values);
+          rows = w.cast<py::array>().shape(0) - 1;
+        }
         auto [gp, batch, gn, ldg] = rowmajor(g, "grad_output", false);
         if (gn != rows) throw sparsebp::ValueError(str_cat("grad_output must have ", rows, " columns; got ", gn));
         if (!py::array_t<int32_t>::check_(sel) || sel.ndim() != 2 || sel.shape(0) != batch ||
@@ -535,15 +554,18 @@ PYBIND11_MODULE(_core, m) {
           if (!xp) throw sparsebp::ValueError("dvalues needs x");
         }
         py::array_t<int32_t> touched(std::max<int64_t>(std::min(rows, batch * k), 0));
-        int64_t nt = 0;
+        py::array_t<int64_t> positions(nv);
+        int64_t nt = 0, npos = 0;
         {
           py::gil_scoped_release nogil;
           sparsebp::csr_example_backward(ip, ix, vp, nv, rows, cols, static_cast<const int32_t*>(sel.data()), batch, k,
-                                         gp, ldg, xp, ldx, dxp, lddx, dvp, touched.mutable_data(), &nt);
+                                         gp, ldg, xp, ldx, dxp, lddx, dvp, touched.mutable_data(), &nt, is_structure,
+                                         positions.mutable_data(), &npos);
         }
-        return py::object(touched[py::slice(0, nt, 1)]);
+        // The touched rows (increasing) and the positions of their entries (increasing).
+        return py::make_tuple(touched[py::slice(0, nt, 1)], positions[py::slice(0, npos, 1)]);
       },
-      py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("cols"), py::arg("selected"),
+      py::arg("w"), py::arg("indices"), py::arg("values"), py::arg("cols"), py::arg("selected"),
       py::arg("grad_output"), py::arg("x"), py::arg("dx"), py::arg("dvalues"));
   m.def(
       "row_positions",

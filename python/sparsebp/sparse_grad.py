@@ -280,8 +280,9 @@ def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, select
         xx = _rows_f32(x, "x", cols=in_f, rows=g.shape[0])
         dx = np.empty((g.shape[0], in_f), dtype=np.float32) if input_grad else None
         dv = np.empty(weight.nnz, dtype=np.float32)
-        rows = _core.csr_example_backward(weight.indptr, weight.indices, weight.values, in_f, sel, g, xx, dx, dv)
-        return dx, dv, _row_positions(weight, rows.astype(np.int64))[1]
+        # (The structure was validated when built: its indices are not checked again per call.)
+        _, pos = _core.csr_example_backward(weight.structure, None, weight.values, in_f, sel, g, xx, dx, dv)
+        return dx, dv, pos
     sel = np.asarray(selected)
     rows = np.unique(sel).astype(np.int64)
     if mode == "unified":

@@ -114,11 +114,14 @@ void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const floa
 //                               increasing b, of g[b, j] x[b, indices[p]]; 0 in rows none selected.
 // x (B x cols, row stride ldx) is read only for dvalues. Cost ~ B k (nonzeros per row) for each, not
 // B x nnz. touched (room for min(rows, B k)) / *n_touched: the rows selected at least once,
-// increasing. The structure of the touched rows is checked (ValueError), the rest is not read.
+// increasing. The structure of the touched rows is checked (ValueError), the rest is not read,
+// unless structure_checked (a CsrStructure's arrays: validated once when it was built). positions
+// (room for nnz; may be null) / *n_positions: the positions of the touched rows' entries, in order.
 void csr_example_backward(const int64_t* indptr, const int32_t* indices, const float* values, int64_t nnz,
                           int64_t rows, int64_t cols, const int32_t* sel, int64_t batch, int64_t k, const float* g,
                           int64_t ldg, const float* x, int64_t ldx, float* dx, int64_t lddx, float* dvalues,
-                          int32_t* touched, int64_t* n_touched);
+                          int32_t* touched, int64_t* n_touched, bool structure_checked = false,
+                          int64_t* positions = nullptr, int64_t* n_positions = nullptr);
 
 // The positions of the given rows' entries in a CSR with row pointers indptr (n_indptr entries:
 // rows + 1, non-decreasing, from 0): for rows[0 .. n) in that order, out_indptr (n + 1) of their
