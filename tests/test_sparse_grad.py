@@ -426,15 +426,22 @@ def test_selection_by_column_against_numpy():
     rng = np.random.default_rng(31)
     g = rng.standard_normal((9, 13)).astype(np.float32)
     sel = np.sort(np.argsort(rng.random((9, 13)), axis=1)[:, :4], axis=1).astype(np.int32)
-    indptr, row_of, vals, touched = _core.selection_by_column(sel, g)
+    sel[4] = [0, 0, 5, 12]  # a repeated column
+    padded = np.full((9, 20), np.nan, np.float32)[:, :13]  # rows 20 floats apart
+    padded[...] = g
     flat = sel.reshape(-1)
     order = np.argsort(flat, kind="stable")
-    np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=13))]))
-    np.testing.assert_array_equal(row_of, order // 4)
-    np.testing.assert_array_equal(vals, g[order // 4, flat[order]])
-    np.testing.assert_array_equal(touched, np.unique(flat))
+    counts = np.bincount(flat, minlength=13)
+    for gg in (g, padded):
+        indptr, row_of, vals, touched, tindptr, by_example = _core.selection_by_column(sel, gg)
+        np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(counts)]))
+        np.testing.assert_array_equal(row_of, order // 4)
+        np.testing.assert_array_equal(vals, g[order // 4, flat[order]])
+        np.testing.assert_array_equal(touched, np.unique(flat))
+        np.testing.assert_array_equal(tindptr, np.concatenate([[0], np.cumsum(counts[np.unique(flat)])]))
+        np.testing.assert_array_equal(by_example, np.take_along_axis(g, sel, axis=1).reshape(-1))
     empty = _core.selection_by_column(np.zeros((9, 0), np.int32), g)
-    assert empty[0].tolist() == [0] * 14 and len(empty[3]) == 0
+    assert empty[0].tolist() == [0] * 14 and len(empty[3]) == 0 and empty[4].tolist() == [0] and len(empty[5]) == 0
     bad = sel.copy()
     bad[2, 1] = 13
     with pytest.raises(ValueError, match=r"selected\[2, 1\] = 13 is outside \[0, 13\)"):
