@@ -83,6 +83,9 @@ class MePropGrads(NamedTuple):
     weight_rows: Optional[np.ndarray] = None  # compact=True: the rows of W that ``weight`` holds
 
 
+_BUFFER_CACHE_MIN = int(_core.buffer_cache_stats()["min_bytes"])  # outputs from this size use the cache
+
+
 def _empty_rows(rows: int, cols: int, ld: Optional[int] = None) -> np.ndarray:
     """An uninitialised (rows, cols) float32 array with row stride ``ld`` floats (default cols).
     From 32 MB its memory comes from sparsebp's buffer cache (``sparsebp.buffer_cache_info``):
@@ -93,9 +96,6 @@ def _empty_rows(rows: int, cols: int, ld: Optional[int] = None) -> np.ndarray:
     if ld == cols:
         return np.empty((rows, cols), dtype=np.float32)
     return np.empty((rows, ld), dtype=np.float32)[:, :cols]
-
-
-_BUFFER_CACHE_MIN = int(_core.buffer_cache_stats()["min_bytes"])
 
 
 def _padded_rows(rows: int, cols: int) -> np.ndarray:

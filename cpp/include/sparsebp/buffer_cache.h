@@ -1,4 +1,4 @@
-// A cache of large output buffers (>= buffer_cache_min_bytes()), reused across calls.
+// A cache of large output buffers (kMinBytes and up), reused across calls.
 //
 // Why: glibc maps every allocation above 32 MB afresh (mmap) and returns it to the kernel on
 // free, so each call that returns a large array (per-example meProp's weight gradient of a 4096^2
