@@ -440,20 +440,10 @@ PYBIND11_MODULE(_core, m) {
         int64_t nt = 0;
         {
           py::gil_scoped_release nogil;
-          const int32_t* sp = static_cast<const int32_t*>(sel.data());
-          sparsebp::selection_by_column(sp, rows, k, gp, ld, n, indptr.mutable_data(), row_of.mutable_data(),
-                                        vals.mutable_data(), touched.mutable_data(), &nt);
-          // Also: the touched rows' own row pointers (the CSR of Ĝᵀ without its empty rows), and
-          // Ĝ's values example by example (g[b, sel[b, q]]: the CSR of Ĝ has the selection as its
-          // indices). NumPy took ~5 and ~9 us for these at 32 x 500.
-          const int64_t* ip = indptr.data();
-          const int32_t* tp = touched.data();
-          int64_t* ti = touched_indptr.mutable_data();
-          ti[0] = 0;
-          for (int64_t t = 0; t < nt; ++t) ti[t + 1] = ip[tp[t] + 1];
-          float* be = by_example.mutable_data();
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t q = 0; q < k; ++q) be[r * k + q] = gp[r * ld + sp[r * k + q]];
+          sparsebp::selection_by_column(static_cast<const int32_t*>(sel.data()), rows, k, gp, ld, n,
+                                        indptr.mutable_data(), row_of.mutable_data(), vals.mutable_data(),
+                                        touched.mutable_data(), &nt, touched_indptr.mutable_data(),
+                                        by_example.mutable_data());
         }
         return py::make_tuple(indptr, row_of, vals, touched[py::slice(0, nt, 1)], touched_indptr[py::slice(0, nt + 1, 1)],
                               by_example);

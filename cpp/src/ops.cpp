@@ -983,7 +983,8 @@ void project_budget_select(const double* s, int64_t n, double budget, double* ou
 }
 
 void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const float* g, int64_t ldg, int64_t n,
-                         int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched) {
+                         int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched,
+                         int64_t* touched_indptr, float* by_row) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && k >= 0 && n >= 0 && ldg >= n, "bad shape for selection_by_column");
   std::fill(indptr, indptr + n + 1, int64_t{0});
   const int64_t total = rows * k;
@@ -1013,6 +1014,14 @@ void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const floa
   }
   for (int64_t j = n; j > 0; --j) indptr[j] = indptr[j - 1];
   indptr[0] = 0;
+  // (NumPy took ~5 and ~9 us for these two at 32 x 500.)
+  if (touched_indptr) {
+    touched_indptr[0] = 0;
+    for (int64_t t = 0; t < nt; ++t) touched_indptr[t + 1] = indptr[touched[t] + 1];
+  }
+  if (by_row)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t q = 0; q < k; ++q) by_row[r * k + q] = g[r * ldg + sel[r * k + q]];
 }
 
 void csr_example_backward(const int64_t* indptr, const int32_t* indices, const float* values, int64_t nnz,

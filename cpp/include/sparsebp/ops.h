@@ -102,9 +102,13 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
 // indptr (n + 1): column j's entries are [indptr[j], indptr[j + 1]), in increasing row order;
 // row_of (rows * k): their rows; vals (rows * k): g[row, j]; touched: the columns selected at
 // least once, increasing (its first *n_touched entries; room for min(n, rows * k)). Counting sort,
-// O(rows * k + n). A column outside [0, n) is a ValueError.
+// O(rows * k + n). A column outside [0, n) is a ValueError. Optional (may be null):
+// touched_indptr (room for min(n, rows * k) + 1): the touched columns' own pointers (indptr
+// without its empty columns); by_row (rows * k): g[r, sel[r, q]] row by row (the values of the
+// selection's CSR by row, whose indices are sel itself).
 void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const float* g, int64_t ldg, int64_t n,
-                         int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched);
+                         int64_t* indptr, int32_t* row_of, float* vals, int32_t* touched, int64_t* n_touched,
+                         int64_t* touched_indptr = nullptr, float* by_row = nullptr);
 
 // Per-example sparse-gradient backward of y = x W^T for a CSR W (rows x cols: output units x inputs),
 // the output gradient g (B x rows, row stride ldg) kept only at sel (B x k columns per example, each
