@@ -47,6 +47,39 @@ def test_sparse_linear_with_grad_topk_against_masked_float64(isa, mode):
     ref.assert_close(lin.bias.grad, g2.sum(0), np.abs(g2).sum(0), 11, "db")
 
 
+@pytest.mark.parametrize("mode", ["example", "unified"])
+def test_sparse_linear_with_grad_topk_follows_an_in_place_structure_change(isa, mode):
+    """The backward takes the layer's validated structure from the cache its forward uses: after the
+    index buffers are rewritten in place (as load_state_dict or a DDP broadcast does), the next
+    step's gradients follow the new structure (against float64), and a structure that is no longer
+    valid is a clear ValueError, not a stale or out-of-bounds read."""
+    torch.manual_seed(4)
+    lin = st.SparseLinear(24, 18, sparsity=0.75, grad_topk=5, grad_mode=mode)
+    x = torch.randn(9, 24, requires_grad=True)
+    lin(x).sum().backward()  # a first step: the structure is now cached
+    rng = np.random.default_rng(4)
+    counts = np.diff(lin.indptr.numpy())
+    new_ix = np.concatenate([np.sort(rng.choice(24, c, replace=False)) for c in counts]).astype(np.int32)
+    assert not np.array_equal(new_ix, lin.indices.numpy())
+    with torch.no_grad():
+        lin.indices.copy_(torch.from_numpy(new_ix))
+    lin.zero_grad()
+    x.grad = None
+    g = torch.randn(9, 18)
+    lin(x).backward(g)
+    wd = ref.dense_from_csr(lin.indptr.numpy(), new_ix, lin.values.detach().double().numpy(), (18, 24))
+    gh = ref.topk_masked(g.double().numpy(), 5, mode)
+    x2 = x.detach().double().numpy()
+    ref.assert_close(x.grad, gh @ wd, np.abs(gh) @ np.abs(wd), 18, "dx")
+    rows = ref.rows_of(lin.indptr.numpy())
+    ref.assert_close(lin.values.grad, (gh.T @ x2)[rows, new_ix], (np.abs(gh).T @ np.abs(x2))[rows, new_ix], 9,
+                     "dvalues")
+    with torch.no_grad():
+        lin.indices[0] = 24  # out of range
+    with pytest.raises(ValueError, match="indices"):
+        lin(x).sum().backward()
+
+
 def test_gradcheck_float64():
     torch.manual_seed(2)
     lin = st.MePropLinear(5, 7, k=3).double()

@@ -212,7 +212,8 @@ class _SparseMePropFn(torch.autograd.Function):
         if g.dtype != torch.float32:  # reference path (gradcheck)
             gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))
             return (*_dense_reference(gh, x, values, indptr, indices, ctx.shape, need_x, need_v), gb, *none5)
-        w = CSR(indptr.numpy(), indices.numpy(), values.detach().numpy(), ctx.shape)
+        # (the structure validated once and cached per index tensors, as the forward's)
+        w = CSR._from_structure(_ops.structure_of(indptr, indices, *ctx.shape), values.detach().numpy())
         dx, dv, _ = csr_selected_backward(sel.grad, x.detach().contiguous().numpy(), w, sel.cols, sel.mode,
                                           input_grad=need_x)
         return (torch.from_numpy(dx) if need_x else None), (torch.from_numpy(dv) if need_v else None), gb, *none5
