@@ -323,3 +323,30 @@ def test_linear_outputs_are_not_views_so_inplace_ops_work(layout):
     torch.testing.assert_close(y, yd, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, xd.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lin.values.grad, dense.weight.grad[lin.mask()], rtol=1e-5, atol=1e-5)
+
+
+def test_backward_runs_on_the_structure_its_forward_ran_on(isa):
+    """The structure is validated once per forward and kept for the backward: index buffers
+    rewritten in place between the forward and the backward do not change that backward (its
+    gradients are those of the product the forward computed, against float64), and the next
+    forward follows the new structure."""
+    torch.manual_seed(5)
+    m = layer(5)
+    x = torch.randn(6, 37, requires_grad=True)
+    w_old, rows_old, cols_old = dense_ref(m)
+    y = m(x)
+    rng = np.random.default_rng(5)
+    counts = np.diff(m.indptr.numpy())
+    new_ix = np.concatenate([np.sort(rng.choice(37, c, replace=False)) for c in counts]).astype(np.int32)
+    assert not np.array_equal(new_ix, m.indices.numpy())
+    with torch.no_grad():
+        m.indices.copy_(torch.from_numpy(new_ix))
+    g = torch.randn(6, 29)
+    y.backward(g)
+    g64, x64 = g.double(), x.detach().double()
+    close(x.grad, g64 @ w_old, g64.abs() @ w_old.abs(), 29, "grad_input (the forward's structure)")
+    full, fscale = g64.t() @ x64, g64.abs().t() @ x64.abs()
+    close(m.values.grad, full[rows_old, cols_old], fscale[rows_old, cols_old], 6, "grad_values (the forward's)")
+    w_new, _, _ = dense_ref(m)
+    want = x64 @ w_new.t() + m.bias.detach().double()
+    close(m(x).detach(), want, x64.abs() @ w_new.abs().t() + m.bias.detach().double().abs(), 37, "next forward")

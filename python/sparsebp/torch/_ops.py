@@ -168,11 +168,14 @@ def _linear_backward_ref(gy, x, values, indptr, indices, out_features, gi, gv, g
 
 def _linear_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
               out_features: int) -> Tensor:
-    cols = x.shape[1]
     if x.dtype == torch.float64:
         return _linear_ref(x, values, bias, indptr, indices, out_features)
+    return _cpu_forward(structure_of(indptr, indices, out_features, x.shape[1]), x, values, bias, out_features)
+
+
+def _cpu_forward(s, x: Tensor, values: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
+    """The float32 CPU kernel of the forward on the validated structure s."""
     y = _new_like_layout(x, x.shape[0], out_features)
-    s = structure_of(indptr, indices, out_features, cols)
     _core.linear_forward(s, _np(values), _np(_kernel_ready(x)), _np(bias), _np(y))
     return y
 
@@ -195,10 +198,16 @@ def _linear_backward_impl(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Ten
     gb = values.new_empty((out_features,)) if bias_grad else values.new_empty((0,))
     if x.dtype == torch.float64:
         return _linear_backward_ref(gy, x, values, indptr, indices, out_features, gi, gv, gb)
-    s = structure_of(indptr, indices, out_features, cols)
-    _core.linear_backward(s, _np(values), _np(gy), _np(_kernel_ready(x)), _np(gi) if input_grad else None,
-                          _np(gv) if weight_grad else None, _np(gb) if bias_grad else None)
+    _cpu_backward(structure_of(indptr, indices, out_features, cols), gy, x, values, gi if input_grad else None,
+                  gv if weight_grad else None, gb if bias_grad else None)
     return gi, gv, gb
+
+
+def _cpu_backward(s, gy: Tensor, x: Tensor, values: Tensor, gi: Optional[Tensor], gv: Optional[Tensor],
+                  gb: Optional[Tensor]) -> None:
+    """The float32 CPU kernel of the backward on the validated structure s, into the given outputs
+    (None: not wanted); gy as _kernel_ready returns it."""
+    _core.linear_backward(s, _np(values), _np(gy), _np(_kernel_ready(x)), _np(gi), _np(gv), _np(gb))
 
 
 linear_backward_op = torch.library.custom_op("sparsebp::linear_backward", mutates_args=())(_linear_backward_impl)
@@ -251,10 +260,23 @@ def _linear_backward_eager(ctx, grad_y):
         return (None,) * 6
     if ctx.cuda_state is not None:
         return _linear_cuda_eager_backward(ctx, grad_y, need_x, need_v, need_b)
+    if ctx.cpu_structure is not None:
+        return _linear_cpu_eager_backward(ctx, grad_y, need_x, need_v, need_b)
     x, values, indptr, indices = ctx.saved_tensors
     impl = _linear_backward_cuda if x.is_cuda else _linear_backward_impl
     gi, gv, gb = impl(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b)
     return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
+
+
+def _linear_cpu_eager_backward(ctx, grad_y, need_x, need_v, need_b):
+    """The float32 CPU backward of _LinearEager, on the structure its forward ran on."""
+    x, values = ctx.saved_tensors
+    gy = _kernel_ready(grad_y)
+    gi = _new_like_layout(gy, x.shape[0], x.shape[1]) if need_x else None
+    gv = values.new_empty(values.shape) if need_v else None
+    gb = values.new_empty((ctx.out_features,)) if need_b else None
+    _cpu_backward(ctx.cpu_structure, gy, x, values, gi, gv, gb)
+    return gi, gv, gb, None, None, None
 
 
 class _LinearEager(torch.autograd.Function):
@@ -266,7 +288,7 @@ class _LinearEager(torch.autograd.Function):
     def forward(ctx, x, values, bias, indptr, indices, out_features):
         ctx.out_features = out_features
         ctx.has_bias = bias is not None
-        ctx.cuda_state = None
+        ctx.cuda_state = ctx.cpu_structure = None
         if x.is_cuda and x.dtype == torch.float32:
             # Kept for the backward: the device structure (its tensors stay alive with it) and x as
             # the backward's SDDMM reads it (the feature-major copy made here, if one was; then x
@@ -275,6 +297,12 @@ class _LinearEager(torch.autograd.Function):
             ctx.save_for_backward(x if xt is None else xt, values)
             ctx.cuda_state = (dev, entry, xt is not None, x.shape[1])
             return y
+        if x.dtype == torch.float32 and not x.is_cuda:
+            # Kept for the backward: the validated structure the forward ran on (it holds its own
+            # copy of the indices, so the backward needs neither a cache lookup nor the index tensors).
+            ctx.cpu_structure = structure_of(indptr, indices, out_features, x.shape[1])
+            ctx.save_for_backward(x, values)
+            return _cpu_forward(ctx.cpu_structure, x, values, bias, out_features)
         y = (_linear_cuda if x.is_cuda else _linear_impl)(x, values, bias, indptr, indices, out_features)
         ctx.save_for_backward(x, values, indptr, indices)
         return y
