@@ -1024,6 +1024,23 @@ void selection_by_column(const int32_t* sel, int64_t rows, int64_t k, const floa
       for (int64_t q = 0; q < k; ++q) by_row[r * k + q] = g[r * ldg + sel[r * k + q]];
 }
 
+namespace {
+// d[idx[p]] += v * w[p] for p < len, and dv[p] += v * xb[idx[p]]: per-example meProp's two inner
+// loops, as free functions on restrict-qualified locals. Written inline in the lambdas below, the
+// compiler reloaded the row pointer and the loop bound from the stack on every entry (it could not
+// rule out that the stores alias them; inlined, they did the same): 1.3-1.9 ns an entry, against ~0.8
+// here.
+__attribute__((noinline)) void scatter_scaled_row(float* __restrict d, const int32_t* __restrict idx, const float* __restrict w, int64_t len,
+                        float v) {
+  for (int64_t p = 0; p < len; ++p) d[idx[p]] += v * w[p];
+}
+
+__attribute__((noinline)) void gather_scaled_add(float* __restrict dv, const int32_t* __restrict idx, const float* __restrict xb, int64_t len,
+                       float v) {
+  for (int64_t p = 0; p < len; ++p) dv[p] += v * xb[idx[p]];
+}
+}  // namespace
+
 void csr_example_backward(const int64_t* indptr, const int32_t* indices, const float* values, int64_t nnz,
                           int64_t rows, int64_t cols, const int32_t* sel, int64_t batch, int64_t k, const float* g,
                           int64_t ldg, const float* x, int64_t ldx, float* dx, int64_t lddx, float* dvalues,
@@ -1053,8 +1070,8 @@ void csr_example_backward(const int64_t* indptr, const int32_t* indices, const f
                              " is outside [0, ", cols, ")");
     }
     work += (by_unit[j + 1] - by_unit[j]) * (indptr[j + 1] - indptr[j]);
-    if (positions)
-      for (int64_t p = indptr[j]; p < indptr[j + 1]; ++p) positions[n_pos++] = p;
+    if (positions)  // (the bound in a local: positions, int64 too, might alias indptr)
+      for (int64_t p = indptr[j], end = indptr[j + 1]; p < end; ++p) positions[n_pos++] = p;
   }
   if (n_positions) *n_positions = n_pos;
   if (dx) {
@@ -1066,8 +1083,8 @@ void csr_example_backward(const int64_t* indptr, const int32_t* indices, const f
         std::fill(d, d + cols, 0.0f);
         for (int64_t q = 0; q < k; ++q) {
           const int32_t j = sel[b * k + q];
-          const float v = g[b * ldg + j];
-          for (int64_t p = indptr[j]; p < indptr[j + 1]; ++p) d[indices[p]] += v * values[p];
+          const int64_t p0 = indptr[j];
+          scatter_scaled_row(d, indices + p0, values + p0, indptr[j + 1] - p0, g[b * ldg + j]);
         }
       }
     });
@@ -1081,11 +1098,7 @@ void csr_example_backward(const int64_t* indptr, const int32_t* indices, const f
         const int64_t j = touched[t], p0 = indptr[j], len = indptr[j + 1] - p0;
         float* dv = dvalues + p0;
         const int32_t* idx = indices + p0;
-        for (int64_t e = by_unit[j]; e < by_unit[j + 1]; ++e) {
-          const float v = gv[e];
-          const float* xb = x + ex[e] * ldx;
-          for (int64_t p = 0; p < len; ++p) dv[p] += v * xb[idx[p]];
-        }
+        for (int64_t e = by_unit[j]; e < by_unit[j + 1]; ++e) gather_scaled_add(dv, idx, x + ex[e] * ldx, len, gv[e]);
       }
     });
   }
