@@ -83,6 +83,17 @@ def random_csr(rng, rows: int, cols: int, density: float, empty_rows=(), dtype=n
     return indptr, c_idx.astype(np.int32), values
 
 
+def moved_indices(rng, indptr, cols: int, old_indices) -> np.ndarray:
+    """New column indices (int32) for the same row counts: each row's entries drawn afresh, sorted;
+    a pattern other than old_indices (to rewrite a layer's index buffer in place)."""
+    counts = np.diff(np.asarray(indptr))
+    while True:
+        new = np.concatenate([np.sort(rng.choice(cols, c, replace=False)) for c in counts] +
+                             [np.zeros(0, np.int64)]).astype(np.int32)
+        if not np.array_equal(new, old_indices):
+            return new
+
+
 def mix64(z):
     """SplitMix64's output mixer on uint64 NumPy values (callers silence overflow warnings): the
     counter-based generator of the Bernoulli-mask and dropout kernels, re-implemented here."""
