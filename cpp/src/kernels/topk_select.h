@@ -165,9 +165,10 @@ inline void take_top(const float* cv, const int32_t* col, int64_t m, int64_t k, 
 // order of j, to cv[0, m) and col[0, m); both have room for n + kFilterSlack entries, and anything
 // past m is scratch. kth(v, m, k, spare) -> the k-th largest of v[0, m) (1 <= k <= m, no NaN);
 // v and spare have room for m + kFilterSlack entries and may be reordered or overwritten.
-template <class Filter, class Kth>
+// take(cv, col, m, k, t, out): as take_top (col, room m + kFilterSlack, may be overwritten).
+template <class Filter, class Kth, class Take>
 void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* nan_flag, Candidates& c,
-                Filter filter, Kth kth) {
+                Filter filter, Kth kth, Take take) {
   if (k <= kSmallK && k < n) {
     select_row_small(row, n, k, out, nan_flag, c.best);
     return;
@@ -216,7 +217,7 @@ void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* n
   if (work.size() < static_cast<size_t>(m + kFilterSlack)) work.resize(static_cast<size_t>(m + kFilterSlack));
   std::copy(cv, cv + m, work.data());
   const float t = kth(work.data(), m, k, c.spare.data());
-  take_top(cv, col, m, k, t, out);
+  take(cv, col, m, k, t, out);
 }
 
 }  // namespace
