@@ -1,12 +1,13 @@
 // The selection logic of topk_rows, shared by every kernel set: each includes this after its isa.h
-// and passes its own candidate filter and k-th-value search. Contract: kernel_table.h.
+// and passes its own candidate filter, k-th-value search and take pass. Contract: kernel_table.h.
 //
 // Per row: estimate a threshold t from an evenly strided sample (so that about 2k entries pass),
 // collect the candidates |v| >= t in one pass (the only pass over the whole row), find T, the k-th
 // largest candidate value, and take the k best (larger |v|, then lower column) in one more pass
 // over the candidates. Every entry outside the candidates is < t, below every candidate, so the
 // answer is exact; when fewer than k pass, all entries become candidates. The scalar set passes a
-// plain loop and std::nth_element; the SIMD sets a compressing compare and a vectorised quickselect.
+// plain loop, std::nth_element and take_top; the SIMD sets a compressing compare, a vectorised
+// quickselect and a compressing take pass.
 // NaN is never "less than t", so a NaN always lands among the candidates and is reported.
 #pragma once
 #include <algorithm>

@@ -1,11 +1,11 @@
-"""Top-k on fresh rows, old and new kernel in alternate processes (the A/B behind commit 2f9aa8b).
+"""Top-k on fresh rows, old and new kernels in alternate processes (the A/B behind commits 2f9aa8b
+and 14bc85c).
 
     PYTHONPATH=<old install> python topk_ab.py old; python topk_ab.py new   # repeated, in turn
 
-Each case runs in a fresh process (the label's line gathers them).
-Each case copies the next of a pool of gradients (4,096 rows or more in all, as a training run
-sees fresh ones every step) into one buffer, untimed, then times sparsebp's top-k on it; one
-thread; median microseconds per call. "mnist": the output gradients of the demo's per-example
+Each case runs in a process of its own (one line gathers them). It copies the next of a pool of
+gradients (4,096 rows or more in all, as a training run sees fresh ones every step) into one
+buffer, untimed, then times sparsebp's top-k on it; one thread; median microseconds per call. "mnist": the output gradients of the demo's per-example
 meProp model's two hidden layers (32 x 500, k = 20), captured over steps 181-200 of its training.
 """
 import sys
