@@ -452,8 +452,9 @@ def test_selection_by_column_against_numpy():
 
 @pytest.mark.parametrize("n", [25, 30, 517])
 def test_topk_small_k_one_pass(isa, n):
-    """k up to 8 takes a one-pass path with a running threshold (larger k the sampled one): heavy
-    ties and signed zeros, continuous values, ascending and descending rows, NaN anywhere."""
+    """Small k: on the scalar set k up to 6 takes a one-pass path with a running threshold (larger k
+    the sampled one); the SIMD sets take the sampled path for every k. Heavy ties and signed
+    zeros, continuous values, ascending and descending rows, NaN anywhere."""
     rng = np.random.default_rng(11 + n)
     rows = [rng.integers(-2, 3, size=n), rng.standard_normal(n), np.arange(n), -np.arange(n)[::-1],
             np.zeros(n), np.full(n, -0.0), np.r_[np.ones(n - 3), [5, 5, 5]]]

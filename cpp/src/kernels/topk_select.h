@@ -62,8 +62,12 @@ inline float kth_largest_by_insertion(const float* v, int64_t m, int64_t r) {
   return best[r - 1];
 }
 
-// At most this many: one pass with a running threshold. Against the sampled path with the SIMD
-// quickselect, the crossover measured ~6-8 on 128-, 500- and 4096-wide rows (Zen 1, AVX2).
+// The scalar set's: k up to this takes one pass with a running threshold (select_row_small), 1.7x-3.4x
+// faster there than its sampled path at k = 1..8 on fresh rows 128-4096 wide (Zen 3). The SIMD
+// sets pass 0 (the sampled path for every k): with their vectorised filter, take and quickselect,
+// the one pass was slower on fresh rows at every k = 1..8 on 500- to 4096-wide rows (1.1x-2.8x),
+// and at all but k = 1 on 128- and 256-wide ones. (An earlier crossover of ~6-8, measured on Zen 1
+// with one input repeated, reflected the branch predictor learning that input.)
 constexpr int64_t kSmallK = 6;
 
 // Small k: one pass over the row keeping the best k seen so far in `best`, ordered by (|v|
@@ -167,10 +171,11 @@ inline void take_top(const float* cv, const int32_t* col, int64_t m, int64_t k, 
 // past m is scratch. kth(v, m, k, spare) -> the k-th largest of v[0, m) (1 <= k <= m, no NaN);
 // v and spare have room for m + kFilterSlack entries and may be reordered or overwritten.
 // take(cv, col, m, k, t, out): as take_top (col, room m + kFilterSlack, may be overwritten).
+// small_k: the largest k that takes select_row_small instead (0: none).
 template <class Filter, class Kth, class Take>
 void select_row(const float* row, int64_t n, int64_t k, int32_t* out, uint8_t* nan_flag, Candidates& c,
-                Filter filter, Kth kth, Take take) {
-  if (k <= kSmallK && k < n) {
+                Filter filter, Kth kth, Take take, int64_t small_k) {
+  if (k <= small_k && k < n) {
     select_row_small(row, n, k, out, nan_flag, c.best);
     return;
   }
