@@ -450,23 +450,28 @@ def test_selection_by_column_against_numpy():
         _core.selection_by_column(sel[:3], g)
 
 
-@pytest.mark.parametrize("n", [25, 30, 517])
-def test_topk_small_k_one_pass(isa, n):
-    """Small k: on the scalar set k up to 6 takes a one-pass path with a running threshold (larger k
-    the sampled one); the SIMD sets take the sampled path for every k. Heavy ties and signed
-    zeros, continuous values, ascending and descending rows, NaN anywhere."""
+@pytest.mark.parametrize("one_pass", [None, "0", "16"])
+@pytest.mark.parametrize("n", [25, 30, 517, 2100])
+def test_topk_small_k_one_pass(isa, n, one_pass, monkeypatch):
+    """Small k: the one-pass path with a running threshold (the scalar set's for k <= 6, the SIMD
+    sets' for k <= 2 on narrow rows) and the sampled path, each set's own rule and either path
+    forced (SPARSEBP_TOPK_ONE_PASS): heavy ties and signed zeros, continuous values, ascending and
+    descending rows, NaN anywhere."""
+    if one_pass is not None:
+        monkeypatch.setenv("SPARSEBP_TOPK_ONE_PASS", one_pass)
     rng = np.random.default_rng(11 + n)
     rows = [rng.integers(-2, 3, size=n), rng.standard_normal(n), np.arange(n), -np.arange(n)[::-1],
             np.zeros(n), np.full(n, -0.0), np.r_[np.ones(n - 3), [5, 5, 5]]]
     g = np.array(rows, np.float32)
-    for k in (1, 3, 5, 8, 9, 16):
+    for k in (1, 2, 3, 5, 8, 9, 16):
         if k <= n:
             np.testing.assert_array_equal(ops.topk(g, k), topk_ref(g, k), err_msg=f"n={n} k={k}")
     for at in (0, 2, n - 1):
-        h = g.copy()
-        h[3, at] = np.nan
-        with pytest.raises(ValueError, match="NaN"):
-            ops.topk(h, 5)
+        for k in (1, 2, 5):
+            h = g.copy()
+            h[3, at] = np.nan
+            with pytest.raises(ValueError, match="NaN"):
+                ops.topk(h, k)
 
 
 def _csr_case(rng, rows, cols, density, empty_rows=()):

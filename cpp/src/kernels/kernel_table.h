@@ -139,6 +139,7 @@ struct TopkArgs {
   int64_t k;
   int32_t* idx;
   uint8_t* nan_rows;
+  int64_t one_pass_k;  // the largest k that takes the one-pass path; -1: the kernel set's own rule
 };
 using TopkFn = void (*)(const TopkArgs&, int64_t row_begin, int64_t row_end);
 

@@ -62,12 +62,11 @@ inline float kth_largest_by_insertion(const float* v, int64_t m, int64_t r) {
   return best[r - 1];
 }
 
-// The scalar set's: k up to this takes one pass with a running threshold (select_row_small), 1.7x-3.4x
-// faster there than its sampled path at k = 1..8 on fresh rows 128-4096 wide (Zen 3). The SIMD
-// sets pass 0 (the sampled path for every k): with their vectorised filter, take and quickselect,
-// the one pass was slower on fresh rows at every k = 1..8 on 500- to 4096-wide rows (1.1x-2.8x),
-// and at all but k = 1 on 128- and 256-wide ones. (An earlier crossover of ~6-8, measured on Zen 1
-// with one input repeated, reflected the branch predictor learning that input.)
+// The scalar set's: k up to this takes one pass with a running threshold (select_row_small). On
+// fresh rows 128-4096 wide (one Zen 3 core) that was 1.6x-3.4x faster there than the scalar
+// sampled path at k = 1..6 (bench/results/sparse_grad_zen3/run_32bdbab/topk_one_pass_scalar.txt).
+// The SIMD sets have their own rule (one_pass_max_k in simd/sparse_grad.inc): with a vectorised
+// filter, quickselect and take, their sampled path is the faster one from k = 3 on most widths.
 constexpr int64_t kSmallK = 6;
 
 // Small k: one pass over the row keeping the best k seen so far in `best`, ordered by (|v|

@@ -25,7 +25,7 @@ void topk_rows(const TopkArgs& a, int64_t row_begin, int64_t row_end) {
   };
   for (int64_t r = row_begin; r < row_end; ++r)
     select_row(a.src + r * a.lds, a.n, a.k, a.idx + r * a.k, a.nan_rows + r, c, filter, kth_largest_scalar,
-               take_top, kSmallK);
+               take_top, a.one_pass_k >= 0 ? a.one_pass_k : kSmallK);
 }
 
 void abs_colsum(const AbsColsumArgs& a, int64_t col_begin, int64_t col_end) {
