@@ -64,7 +64,7 @@ inline float kth_largest_by_insertion(const float* v, int64_t m, int64_t r) {
 
 // The scalar set's: k up to this takes one pass with a running threshold (select_row_small). On
 // fresh rows 128-4096 wide (one Zen 3 core) that was 1.6x-3.4x faster there than the scalar
-// sampled path at k = 1..6 (bench/results/sparse_grad_zen3/run_32bdbab/topk_one_pass_scalar.txt).
+// sampled path at k = 1..6 (bench/results/sparse_grad_zen3/run_94d4a2a/topk_one_pass_scalar.txt).
 // The SIMD sets have their own rule (one_pass_max_k in simd/sparse_grad.inc): with a vectorised
 // filter, quickselect and take, their sampled path is the faster one from k = 3 on most widths.
 constexpr int64_t kSmallK = 6;

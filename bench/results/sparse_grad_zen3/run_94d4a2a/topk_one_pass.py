@@ -2,8 +2,10 @@
 process (SPARSEBP_TOPK_ONE_PASS, read on every call, picks the path), on fresh rows: before each
 call the next of a pool of gradients (8,192 rows or more in all) is copied into one buffer,
 untimed. One thread; median microseconds per call and one pass / sampled. The kernel set is the
-default one (SPARSEBP_ISA picks another). Behind the rule in commit after 32bdbab: the SIMD sets
-take the one pass only for k = 1 on rows up to 1,024 wide; the scalar set for k <= 6.
+default one (SPARSEBP_ISA picks another). Behind the rule of commit 94d4a2a: the SIMD sets
+take the one pass only for k <= 2 on rows up to 1,024 wide and k = 1 up to 2,048; the scalar set
+for k <= 6. Outputs: topk_one_pass_avx2.txt and _scalar.txt (one pass / sampled), and
+topk_rule_old_new_avx2.txt (the old rule / the new one).
 
     python topk_one_pass.py              # one pass (SPARSEBP_TOPK_ONE_PASS=8) / sampled (=0)
     python topk_one_pass.py 6 default    # the old rule (k <= 6) / the set's own rule (unset)
