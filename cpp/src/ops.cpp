@@ -567,7 +567,8 @@ void topk_rows(const float* g, int64_t rows, int64_t n, int64_t ldg, int64_t k, 
   // SPARSEBP_TOPK_ONE_PASS=K (for comparisons): k <= K takes the one-pass path on every kernel set
   // (0: never), instead of each set's own rule; read on every call, so a process can alternate.
   int64_t one_pass_k = -1;
-  if (const char* env = std::getenv("SPARSEBP_TOPK_ONE_PASS"); env && *env) one_pass_k = std::max(0LL, std::atoll(env));
+  if (const char* env = std::getenv("SPARSEBP_TOPK_ONE_PASS"); env && *env)
+    one_pass_k = std::max<int64_t>(0, std::atoll(env));
   const kernels::TopkArgs a{g, ldg, n, kk, idx, nan_rows.data(), one_pass_k};
   // An entry costs ~3.5 ns here in 500-wide rows (k = 20) and ~2 ns in 4096-wide ones (k = 164),
   // Zen 1, about what 24 (12) multiply-adds of the product kernels cost, which threads_for counts:
