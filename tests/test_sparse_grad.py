@@ -457,7 +457,9 @@ def test_topk_small_k_one_pass(isa, n, one_pass, monkeypatch):
     sets' for k <= 2 on narrow rows) and the sampled path, each set's own rule and either path
     forced (SPARSEBP_TOPK_ONE_PASS): heavy ties and signed zeros, continuous values, ascending and
     descending rows, NaN anywhere."""
-    if one_pass is not None:
+    if one_pass is None:  # each set's own rule, even where the caller's environment forces one
+        monkeypatch.delenv("SPARSEBP_TOPK_ONE_PASS", raising=False)
+    else:
         monkeypatch.setenv("SPARSEBP_TOPK_ONE_PASS", one_pass)
     rng = np.random.default_rng(11 + n)
     rows = [rng.integers(-2, 3, size=n), rng.standard_normal(n), np.arange(n), -np.arange(n)[::-1],
