@@ -300,6 +300,84 @@ def test_meprop_flags_and_bad_arguments():
         ops.meprop_backward(g, x, w, 0.5)
 
 
+def _multiset_ref(g, x, w, sel, mode):
+    """Ĝ summed entry by entry over the listed selection (a repeat per example counts each time),
+    then the float64 products."""
+    gh = np.zeros(g.shape)
+    for b in range(g.shape[0]):
+        for j in (sel[b] if mode == "example" else sel):
+            gh[b, j] += g[b, j]
+    return gh @ w.astype(np.float64), gh.T @ x.astype(np.float64), np.abs(gh) @ np.abs(w.astype(np.float64)), \
+        np.abs(gh).T @ np.abs(x.astype(np.float64))
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_selected_backward_given_selections(isa, compact):
+    """Selections a caller builds: any integer dtype (the same bits as int32), unsorted sets, a
+    per-example row of out entries that is not every column (repeats count each time: never
+    the dense shortcut), every column in reverse order; each against float64."""
+    rng = np.random.default_rng(8)
+    g, x, w = _problem(rng, 5, 9, 7)
+    by_row = np.array([[4, 4, 4, 0, 1, 2, 3, 5, 6]] * 5)  # out entries, 7 and 8 never chosen
+    cases = [("example", np.array([[0, 3]] * 5, dtype)) for dtype in (np.int8, np.uint16, np.int64, np.uint64)]
+    cases += [("example", by_row.astype(np.int32)), ("example", np.array([list(range(8, -1, -1))] * 5, np.int32)),
+              ("unified", np.array([6, 1, 3], np.int32)), ("unified", np.arange(8, -1, -1, dtype=np.int64))]
+    for mode, sel in cases:
+        res = ops.selected_backward(g, x, w, sel, mode, compact=compact)
+        dx, dw, sdx, sdw = _multiset_ref(g, x, w, sel, mode)
+        if compact:
+            assert set(res.weight_rows.tolist()) >= set(np.flatnonzero(np.abs(dw).sum(1)).tolist())
+            full = np.zeros(w.shape, np.float32)
+            full[res.weight_rows] = res.weight
+        else:
+            full = res.weight
+        ref.assert_close(res.input, dx, sdx, 9, f"{mode} {sel.dtype} {sel.tolist()} dx")
+        ref.assert_close(full, dw, sdw, 5, f"{mode} {sel.dtype} {sel.tolist()} dW")
+        if sel.dtype != np.int32:
+            same = ops.selected_backward(g, x, w, sel.astype(np.int32), mode, compact=compact)
+            np.testing.assert_array_equal(res.input, same.input)
+            np.testing.assert_array_equal(res.weight, same.weight)
+
+
+def test_selected_backward_bad_selections():
+    """A cast would hide these (a float truncated, 2**32 + 3 wrapped to 3), a repeat in a unified
+    set would count twice in dx and once in dW, a wrong bias_from would sum the wrong thing:
+    each is an error naming the argument."""
+    rng = np.random.default_rng(9)
+    g, x, w = _problem(rng, 4, 10, 6)
+    W, _ = _csr_case(rng, 10, 6, 0.5)
+    sel = np.array([[1, 2, 3]] * 4, np.int32)
+    for f in (lambda s, m: ops.selected_backward(g, x, w, s, m), lambda s, m: csr_selected_backward(g, x, W, s, m)):
+        with pytest.raises(TypeError, match="selected must be an integer array.*float32"):
+            f(sel.astype(np.float32) + 0.7, "example")
+        with pytest.raises(TypeError, match="selected must be an integer array.*bool"):
+            f(np.ones(10, bool), "unified")
+        with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+            f(sel.astype(np.int64) + 2**32, "example")
+        with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+            f(np.array([3, 2**32 + 5], np.int64), "unified")
+        with pytest.raises(ValueError, match="repeats column 2.*set of columns"):
+            f(np.array([5, 2, 7, 2], np.int32), "unified")
+        with pytest.raises(ValueError, match="repeats column 1"):  # out entries, not every column
+            f(np.array([1] * 10, np.int32), "unified")
+        with pytest.raises(ValueError, match="1-D"):
+            f(sel, "unified")
+        with pytest.raises(ValueError, match="mode"):
+            f(sel, "rows")
+    with pytest.raises(ValueError, match="bias_from must have 10 columns"):
+        ops.selected_backward(g, x, w, sel, "example", bias_from=g[:, :3])
+    with pytest.raises(ValueError, match="bias_from must have 4 rows"):
+        ops.selected_backward(g, x, w, sel, "example", bias_from=g[:3])
+    with pytest.raises(TypeError, match="bias_from must be a numpy.ndarray"):
+        ops.selected_backward(g, x, w, sel, "example", bias_from=g.tolist())
+    other = rng.standard_normal(g.shape).astype(np.float32)
+    np.testing.assert_allclose(ops.selected_backward(g, x, w, sel, "example", bias_from=other).bias,
+                               other.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+    assert ops.selected_backward(g, x, w, sel, "example", bias_grad=False, bias_from=g[:, :3]).bias is None
+    with pytest.raises(TypeError, match="weight must be a sparsebp.CSR"):
+        csr_selected_backward(g, x, w, sel, "example")
+
+
 def test_spmm_rows_checks_indices():
     d = np.ones((3, 4), np.float32)
     out = np.empty((1, 4), np.float32)

@@ -29,6 +29,31 @@ def _check_k(k, name: str = "k") -> int:
     return int(k)
 
 
+def _selection(selected, n: int) -> np.ndarray:
+    """``selected`` as a C-contiguous int32 array. Any integer dtype is taken; one other than int32
+    is range-checked against ``[0, n)`` before the cast (a cast alone would wrap 2**32 + 3 to 3);
+    an int32 one is range-checked where it is used. Floats and bools are TypeErrors (a cast would
+    truncate 1.7 to 1 without a word)."""
+    sel = np.asarray(selected)
+    if sel.dtype.kind not in "iu":
+        raise TypeError(f"selected must be an integer array (column indices); got dtype {sel.dtype}")
+    if sel.dtype != np.int32:
+        if sel.size and (sel.min() < 0 or sel.max() >= n):
+            raise ValueError(f"selected holds columns outside [0, {n})")
+        sel = sel.astype(np.int32)
+    return np.ascontiguousarray(sel)
+
+
+def _check_column_set(sel: np.ndarray) -> None:
+    """A unified selection is a set of columns: a repeat is a ValueError (its products would count
+    the column twice in dx but once in dW)."""
+    if sel.size > 1 and not (np.diff(sel) > 0).all():  # (sorted without repeats: the usual case, ~2 us)
+        uniq, counts = np.unique(sel, return_counts=True)
+        if uniq.size != sel.size:
+            raise ValueError(f"selected repeats column {int(uniq[np.argmax(counts > 1)])}; in mode 'unified' it is "
+                             "a set of columns (each at most once)")
+
+
 def _rows_f32(a, name: str, cols: Optional[int] = None, rows: Optional[int] = None) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray; got {type(a).__name__}")
@@ -173,9 +198,12 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
                       input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True,
                       bias_from: Optional[np.ndarray] = None, compact: bool = False) -> MePropGrads:
     """``meprop_backward`` with the selection given: ``selected`` is (batch, k) per-row columns
-    (``mode="example"``) or (k,) columns (``"unified"``), sorted; entries of ``grad_output``
-    outside it count as zero. ``bias_from``: the gradient the bias gradient sums (default
-    ``grad_output``). ``compact``: as for ``meprop_backward``."""
+    (``mode="example"``) or (k,) columns (``"unified"``), any integer dtype, sorted as ``topk``
+    returns them; entries of ``grad_output`` outside it count as zero. Per example, a column
+    repeated in one row counts as many times as it appears (Ĝ is the sum over the listed
+    entries); in unified mode ``selected`` is a set, and a repeat is a ValueError. ``bias_from``:
+    the (batch, out) gradient the bias gradient sums (default ``grad_output``). ``compact``: as
+    for ``meprop_backward``."""
     if mode not in ("example", "unified"):
         raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
     w = _rows_f32(weight, "weight")
@@ -183,18 +211,24 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
     g = _rows_f32(grad_output, "grad_output", cols=out_f)
     bsz = g.shape[0]
     xx = _rows_f32(x, "x", cols=in_f, rows=bsz) if weight_grad else None
-    sel = np.ascontiguousarray(selected, dtype=np.int32)
+    sel = _selection(selected, out_f)
     if mode == "example" and (sel.ndim != 2 or sel.shape[0] != bsz):
         raise ValueError(f"selected must have shape ({bsz}, k) in mode 'example'; got {sel.shape}")
     if mode == "unified" and sel.ndim != 1:
         raise ValueError(f"selected must be 1-D in mode 'unified'; got shape {sel.shape}")
-    by_example = mode == "example" and sel.shape[-1] != out_f
+    # Every column selected (each once): exactly dense backprop. Per example, a row of out_f entries
+    # that is not 0..out_f-1 in order (repeats count with their multiplicity) takes the general path.
+    every = sel.shape[-1] == out_f and (mode == "unified" or np.array_equal(sel, np.broadcast_to(
+        np.arange(out_f, dtype=np.int32), sel.shape)))
+    by_example = mode == "example" and not every
     if not by_example and sel.size and (sel.min() < 0 or sel.max() >= out_f):  # (selection_by_column checks)
         raise ValueError(f"selected holds columns outside [0, {out_f})")
-    src = g if bias_from is None else bias_from
+    if mode == "unified":
+        _check_column_set(sel)
+    src = g if not bias_grad or bias_from is None else _rows_f32(bias_from, "bias_from", cols=out_f, rows=bsz)
     db = src.sum(axis=0) if bias_grad else None
     dx = dw = wrows = None
-    if sel.shape[-1] == out_f:  # every column selected: exactly dense backprop, the same products
+    if every:  # every column selected: exactly dense backprop, the same products
         if input_grad:
             dx = g @ w
         if weight_grad:
@@ -264,11 +298,14 @@ def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, select
     ``positions``. ``x`` is (batch, in) for both modes."""
     from . import ops
 
+    if mode not in ("example", "unified"):
+        raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
+    ops._check_weight(weight)
     g = _rows_f32(grad_output, "grad_output", cols=weight.shape[0])
+    sel = _selection(selected, weight.shape[0])
     if mode == "example":
         # One pass over the selected rows of W per example (cost ~ batch * k * nonzeros per row):
         # dx scattered example by example, dvalues unit by unit over the examples that chose it.
-        sel = np.ascontiguousarray(selected, dtype=np.int32)
         if sel.ndim != 2 or sel.shape[0] != g.shape[0]:
             raise ValueError(f"selected must have shape ({g.shape[0]}, k) in mode 'example'; got {sel.shape}")
         out_f, in_f = weight.shape
@@ -278,12 +315,11 @@ def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, select
         # (The structure was validated when built: its indices are not checked again per call.)
         _, pos = _core.csr_example_backward(weight.structure, None, weight.values, in_f, sel, g, xx, dx, dv)
         return dx, dv, pos
-    sel = np.asarray(selected)
-    rows = np.unique(sel).astype(np.int64)
-    if mode == "unified":
-        gs = np.ascontiguousarray(g[:, rows])
-    else:
-        raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
+    if sel.ndim != 1:
+        raise ValueError(f"selected must be 1-D in mode 'unified'; got shape {sel.shape}")
+    _check_column_set(sel)
+    rows = np.unique(sel).astype(np.int64)  # (in range: _row_positions checks)
+    gs = np.ascontiguousarray(g[:, rows])
     sub, pos = _row_subset(weight, rows)
     r = ops.linear_backward(gs, x, sub, input_grad=input_grad, bias_grad=False)
     dv = np.zeros(weight.nnz, dtype=np.float32)
