@@ -77,6 +77,24 @@ def test_gpu_input_without_a_usable_gpu_is_a_clear_error():
         ops.linear_forward(FakeCudaArray((4, 3)), w, values=w.values)
 
 
+def test_host_only_functions_name_the_gpu_arrays():
+    """The functions with no GPU kernels say so (and which arguments are on a GPU), with or without
+    a GPU build, instead of "must be a numpy.ndarray; got ndarray" for a CuPy array."""
+    from sparsebp.sparse_grad import csr_selected_backward
+
+    w = sparsebp.CSR.from_dense(np.eye(3, dtype=np.float32))
+    g = np.zeros((4, 3), np.float32)
+    sel = np.zeros((4, 1), np.int32)
+    with pytest.raises(ValueError, match=r"selected_backward runs on the CPU only.*grad_output on cuda:0.*"
+                                         r"meprop_backward"):
+        ops.selected_backward(FakeCudaArray((4, 3)), g, np.eye(3, dtype=np.float32), sel, "example")
+    with pytest.raises(ValueError, match=r"x on cuda:1, selected on cuda:1"):
+        ops.selected_backward(g, FakeCudaArray((4, 3), 1), np.eye(3, dtype=np.float32), FakeCudaArray((4, 1), 1),
+                              "example")
+    with pytest.raises(ValueError, match=r"csr_selected_backward runs on the CPU only.*x on cuda:0"):
+        csr_selected_backward(g, FakeCudaArray((4, 3)), w, sel, "example")
+
+
 def test_torch_device_mismatch_is_a_clear_error():
     torch = pytest.importorskip("torch")
     import sparsebp.torch as st

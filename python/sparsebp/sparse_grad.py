@@ -44,6 +44,18 @@ def _selection(selected, n: int) -> np.ndarray:
     return np.ascontiguousarray(sel)
 
 
+def _host_only(fn: str, **arrays) -> None:
+    """A clear error for a GPU array passed to a function that has no GPU kernels (the type checks
+    after it would only say "must be a numpy.ndarray")."""
+    if all(v is None or type(v) is np.ndarray for v in arrays.values()):  # the common call: no work
+        return
+    gpu = {k: d for k, d in ((k, _cuda.device_of(v)) for k, v in arrays.items()) if d and d.startswith("cuda")}
+    if gpu:
+        desc = ", ".join(f"{k} on {d}" for k, d in gpu.items())
+        raise ValueError(f"{fn} runs on the CPU only (NumPy arrays); got GPU arrays ({desc}). meprop_backward "
+                         "takes GPU arrays (it selects on the GPU too); or copy these to the host")
+
+
 def _check_column_set(sel: np.ndarray) -> None:
     """A unified selection is a set of columns: a repeat is a ValueError (its products would count
     the column twice in dx but once in dW)."""
@@ -203,9 +215,12 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
     repeated in one row counts as many times as it appears (Ĝ is the sum over the listed
     entries); in unified mode ``selected`` is a set, and a repeat is a ValueError. ``bias_from``:
     the (batch, out) gradient the bias gradient sums (default ``grad_output``). ``compact``: as
-    for ``meprop_backward``."""
+    for ``meprop_backward``. NumPy arrays only: there are no GPU kernels for a given selection
+    (``meprop_backward`` takes GPU arrays, and selects on the GPU)."""
     if mode not in ("example", "unified"):
         raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
+    _host_only("selected_backward", grad_output=grad_output, x=x, weight=weight, selected=selected,
+               bias_from=bias_from)
     w = _rows_f32(weight, "weight")
     out_f, in_f = w.shape
     g = _rows_f32(grad_output, "grad_output", cols=out_f)
@@ -295,11 +310,12 @@ def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, select
     the examples that chose it (cost ~ batch * k * nonzeros per row; a column repeated in one
     example's selection counts twice, as in ``selected_backward``). Returns ``(dx or None,
     dvalues, positions)``: ``dvalues`` (nnz,) is zero outside the touched rows, whose entries are
-    ``positions``. ``x`` is (batch, in) for both modes."""
+    ``positions``. ``x`` is (batch, in) for both modes. NumPy arrays only (no GPU kernels)."""
     from . import ops
 
     if mode not in ("example", "unified"):
         raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
+    _host_only("csr_selected_backward", grad_output=grad_output, x=x, selected=selected)
     ops._check_weight(weight)
     g = _rows_f32(grad_output, "grad_output", cols=weight.shape[0])
     sel = _selection(selected, weight.shape[0])
