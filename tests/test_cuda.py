@@ -93,6 +93,18 @@ def test_host_only_functions_name_the_gpu_arrays():
                               "example")
     with pytest.raises(ValueError, match=r"csr_selected_backward runs on the CPU only.*x on cuda:0"):
         csr_selected_backward(g, FakeCudaArray((4, 3)), w, sel, "example")
+    # the host-only helpers: the qualified type, its device, what to do
+    gpu_msg = r"must be a numpy.ndarray; got test_cuda.FakeCudaArray on cuda:0 \(this function runs on the CPU only"
+    for call in (lambda: ops.relu(FakeCudaArray()), lambda: ops.relu_backward(FakeCudaArray(), g),
+                 lambda: ops.gather_block(FakeCudaArray()), lambda: ops.scatter_add_block(g, FakeCudaArray()),
+                 lambda: ops.bernoulli_csr(FakeCudaArray(), 1)):
+        with pytest.raises(TypeError, match=gpu_msg):
+            call()
+    with pytest.raises(TypeError, match=r"must be a numpy.ndarray; got list$"):
+        ops.relu([1.0])
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"must be a numpy.ndarray; got torch.Tensor$"):
+        ops.relu(torch.zeros(2, 2))
 
 
 def test_torch_device_mismatch_is_a_clear_error():

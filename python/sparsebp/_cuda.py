@@ -87,6 +87,24 @@ def route(**arrays) -> Optional[int]:
     return dev
 
 
+def kind_of(a) -> str:
+    """How an error message names the type of ``a``: qualified outside the builtins
+    (``cupy.ndarray``, ``torch.Tensor``: a bare "ndarray" would read like NumPy's), and for a GPU
+    array its device, with what to do (the messages that use this are those of host-only functions)."""
+    t = type(a)
+    mod = t.__module__.split(".")[0]
+    if mod == "builtins":
+        return t.__name__
+    name = f"{mod}.{t.__name__}"
+    try:
+        dev = device_of(a)
+    except Exception:  # (a foreign __dlpack_device__ that fails: the name alone)
+        return name
+    if dev and dev.startswith("cuda"):
+        name += f" on {dev} (this function runs on the CPU only: copy it to the host)"
+    return name
+
+
 # ---- device memory through torch -------------------------------------------------------------------
 def _torch():
     try:

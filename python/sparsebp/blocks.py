@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
-from . import _core
+from . import _core, _cuda
 
 __all__ = ["gather_block", "scatter_add_block", "bernoulli_csr", "LazySGD", "relu", "relu_backward"]
 
@@ -22,7 +22,7 @@ _F32 = np.dtype(np.float32)
 
 def _matrix(a, name: str, writable: bool = False) -> np.ndarray:
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray; got {type(a).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray; got {_cuda.kind_of(a)}")
     if a.dtype != _F32:
         raise TypeError(f"{name} must be float32; got {a.dtype}")
     if a.ndim not in (1, 2):
@@ -102,7 +102,7 @@ def _eltwise_out(x: np.ndarray, out, name: str) -> np.ndarray:
     if out is None:
         return np.empty(x.shape, dtype=np.float32)
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray; got {type(out).__name__}")
+        raise TypeError(f"out must be a numpy.ndarray; got {_cuda.kind_of(out)}")
     if out.shape != x.shape or out.dtype != _F32 or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"out must be a writeable C-contiguous float32 array of {name}'s shape {x.shape}")
     return out
@@ -110,7 +110,7 @@ def _eltwise_out(x: np.ndarray, out, name: str) -> np.ndarray:
 
 def _float_array(a, name: str) -> np.ndarray:
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray; got {type(a).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray; got {_cuda.kind_of(a)}")
     if a.dtype != _F32:
         raise TypeError(f"{name} must be float32; got {a.dtype}")
     return np.ascontiguousarray(a)

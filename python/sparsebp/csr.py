@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from . import _core
+from . import _core, _cuda
 
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -44,7 +44,7 @@ def _index_array(a, name: str) -> np.ndarray:
 
 def _values_array(values, nnz: int, name: str = "values") -> np.ndarray:
     if not isinstance(values, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32; got {type(values).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray of float32; got {_cuda.kind_of(values)}")
     if values.dtype != np.float32:
         raise TypeError(f"{name} must be float32 with shape ({nnz},); got {values.dtype} {values.shape}"
                         " (convert with .astype(np.float32))")

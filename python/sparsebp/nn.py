@@ -19,7 +19,7 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 
-from . import _core, ops
+from . import _core, _cuda, ops
 from .algorithms import MeSimp, SparseGrad
 from .blocks import check_adam_args, check_lr, check_sgd_args, row_gradient
 from .csr import CSR
@@ -56,7 +56,7 @@ class Param:
 
 def _as_input(x, features: int, name: str = "x") -> np.ndarray:
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray; got {type(x).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray; got {_cuda.kind_of(x)}")
     if x.dtype != _F32:
         raise TypeError(f"{name} must be float32; got {x.dtype}")
     if x.ndim != 2 or x.shape[1] != features:

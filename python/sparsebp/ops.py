@@ -84,7 +84,7 @@ def _check_weight(weight) -> CSR:
 
 def _dense_in(a, name: str, shape_desc: str, features: Optional[int], batch: Optional[int] = None) -> np.ndarray:
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32 with shape {shape_desc}; got {type(a).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray of float32 with shape {shape_desc}; got {_cuda.kind_of(a)}")
     if a.dtype != _F32:
         raise TypeError(f"{name} must be float32 with shape {shape_desc}; got {a.dtype} {a.shape}"
                         " (convert with .astype(np.float32))")
@@ -109,7 +109,7 @@ def _dense_out(out, name: str, shape: tuple, like: np.ndarray) -> np.ndarray:
     if out is None:
         return empty(shape, order="F" if _feature_major(like) else "C")
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray; got {type(out).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray; got {_cuda.kind_of(out)}")
     if out.dtype != _F32:
         raise TypeError(f"{name} must be float32 with shape {shape}; got {out.dtype} {out.shape}")
     if out.shape != shape:
@@ -128,7 +128,7 @@ def _vec_out(out, name: str, n: int) -> np.ndarray:
     if out is None:
         return np.empty(n, dtype=np.float32)
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray; got {type(out).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray; got {_cuda.kind_of(out)}")
     if out.dtype != _F32:
         raise TypeError(f"{name} must be float32 with shape ({n},); got {out.dtype} {out.shape}")
     if out.shape != (n,):

@@ -68,7 +68,7 @@ def _check_column_set(sel: np.ndarray) -> None:
 
 def _rows_f32(a, name: str, cols: Optional[int] = None, rows: Optional[int] = None) -> np.ndarray:
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray; got {type(a).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray; got {_cuda.kind_of(a)}")
     if a.dtype != _F32:
         raise TypeError(f"{name} must be float32; got {a.dtype}")
     if a.ndim != 2:
