@@ -378,6 +378,32 @@ def test_selected_backward_bad_selections():
         csr_selected_backward(g, x, w, sel, "example")
 
 
+def test_selection_dense_matches_the_products():
+    """``Selection.dense()`` (Ĝ spelled out): a policy's selection against the top-k reference, and a
+    hand-made one with a repeat, whose Ĝ W is selected_backward's dx (each against float64)."""
+    from sparsebp.algorithms import MeProp, Selection
+
+    rng = np.random.default_rng(12)
+    g, x, w = _problem(rng, 6, 11, 5)
+    for mode in ("example", "unified"):
+        sel = MeProp(k=3, mode=mode).select(g)
+        want = np.zeros(g.shape, np.float32)
+        if mode == "example":
+            cols = topk_ref(g, 3)
+            for b in range(6):
+                want[b, cols[b]] = g[b, cols[b]]
+        else:
+            cols = np.sort(np.lexsort((np.arange(11), -np.abs(g.astype(np.float64)).sum(0)))[:3])
+            want[:, cols] = g[:, cols]
+        np.testing.assert_array_equal(sel.dense(), want)
+    cols = np.array([[2, 2, 7]] * 6, np.int32)
+    dense = Selection("example", cols, g).dense()
+    dx, _, sdx, _ = _multiset_ref(g, x, w, cols, "example")
+    np.testing.assert_array_equal(dense[:, 2], 2 * g[:, 2])
+    ref.assert_close(dense.astype(np.float64) @ w.astype(np.float64), dx, sdx, 11, "dense() W")
+    ref.assert_close(ops.selected_backward(g, x, w, cols, "example").input, dx, sdx, 11, "dx")
+
+
 def test_spmm_rows_checks_indices():
     d = np.ones((3, 4), np.float32)
     out = np.empty((1, 4), np.float32)

@@ -47,11 +47,13 @@ class Selection:
         self.mode, self.cols, self.grad = mode, cols, grad
 
     def dense(self) -> np.ndarray:
-        """Ĝ as a dense array (zeros outside the selection); for tests and small layers."""
+        """Ĝ as a dense array (zeros outside the selection; per example, a column listed twice in a
+        row counts twice, as in ``sparsebp.ops.selected_backward``); for tests and small layers."""
         out = np.zeros_like(self.grad)
         if self.mode == "example":
-            np.put_along_axis(out, self.cols.astype(np.int64),
-                              np.take_along_axis(self.grad, self.cols.astype(np.int64), axis=1), axis=1)
+            cols = np.asarray(self.cols, dtype=np.int64)
+            rows = np.broadcast_to(np.arange(cols.shape[0])[:, None], cols.shape)
+            np.add.at(out, (rows, cols), self.grad[rows, cols])
         else:
             out[:, self.cols] = self.grad[:, self.cols]
         return out
