@@ -318,6 +318,30 @@ def test_adam_kernel_rows_and_errors(isa):
         _core.adam_step(p.astype(np.float64), g, m, v, None, 0.9, 0.999, 0.1, 1.0, 1e-8)
 
 
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_optimizer_row_lists_are_checked(opt):
+    """``Param.rows`` is strictly increasing integers: a repeated row would take two steps (and the
+    threads splitting the list could write it at once), a float would be truncated; each is an
+    error and leaves the parameter and the optimizer's state as they were."""
+    for rows, err, match in (([1, 1], ValueError, r"strictly increasing; rows\[1\] = 1 follows 1"),
+                             ([3, 1], ValueError, r"strictly increasing; rows\[1\] = 1 follows 3"),
+                             ([1.5], TypeError, r"w.rows must hold integers.*float64"),
+                             ([4], ValueError, r"rows\[0\] = 4 is outside")):
+        p = nn.Param("w", np.ones((4, 3), np.float32))
+        p.rows, p.grad = rows, np.ones((len(rows), 3), np.float32)
+        o = nn.Adam([p], lr=0.1) if opt == "adam" else nn.SGD([p], lr=0.1, momentum=0.9)
+        with pytest.raises(err, match=match):
+            o.step()
+        np.testing.assert_array_equal(p.data, np.ones((4, 3), np.float32))
+        for st in o.state.values():
+            for a in st.values():
+                assert not a.any()
+    p = nn.Param("w", np.ones((4, 3), np.float32))
+    p.rows, p.grad = np.array([0, 2], np.uint8), np.ones((2, 3), np.float32)  # any integer dtype
+    (nn.Adam([p], lr=0.1) if opt == "adam" else nn.SGD([p], lr=0.1)).step()
+    np.testing.assert_allclose(p.data[:, 0], [0.9, 1, 0.9, 1], rtol=1e-6)
+
+
 @pytest.mark.parametrize("shape, rows", [((37,), None), ((37,), [0, 5, 36]), ((9, 53), None),
                                          ((9, 53), [0, 2, 8]), ((3, 16), None), ((1, 1), None)])
 def test_adam_kernel_against_float64_every_isa(isa, shape, rows):

@@ -1141,10 +1141,15 @@ void for_each_position_run(const int64_t* list, int64_t n, int64_t max_threads, 
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
                int64_t n_rows, bool g_compact, double b1, double b2, float step_size, float inv_c2, float eps) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0, "bad shape for adam_step");
+  // Strictly increasing: a repeated row would take two steps, and the threads (which split the
+  // list) could update it at the same time.
   if (row_list)
-    for (int64_t i = 0; i < n_rows; ++i)
+    for (int64_t i = 0; i < n_rows; ++i) {
       SPARSEBP_CHECK_VALUE(row_list[i] >= 0 && row_list[i] < rows, "rows[", i, "] = ", row_list[i],
                            " is outside the parameter's ", rows, " rows");
+      SPARSEBP_CHECK_VALUE(i == 0 || row_list[i] > row_list[i - 1], "rows must be strictly increasing; rows[", i,
+                           "] = ", row_list[i], " follows ", row_list[i - 1]);
+    }
   const int64_t n = row_list ? n_rows : rows;
   if (n == 0 || cols == 0) return;
   const KernelTable& t = active_table();

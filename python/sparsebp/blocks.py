@@ -178,10 +178,21 @@ def check_adam_args(betas, eps) -> None:
         raise ValueError(f"eps must be a number >= 0; got {eps!r}")
 
 
+def param_rows(p) -> Optional[np.ndarray]:
+    """``Param.rows`` as int64, None for all rows. Not integers is a TypeError (a cast would take
+    row 1 for 1.5); range, order and repeats are checked by the C++ steps."""
+    if p.rows is None:
+        return None
+    rows = np.asarray(p.rows)
+    if rows.dtype.kind not in "iu" and rows.size:  # (an empty list is float64 to NumPy)
+        raise TypeError(f"{p.name}.rows must hold integers (row indices); got dtype {rows.dtype}")
+    return rows.astype(np.int64, copy=False)
+
+
 def row_gradient(p):
     """(rows, g) for one optimizer step on ``p``: rows None (all) or ``Param.rows`` as int64, and the
     C-contiguous float32 gradient of those rows (``p.grad`` may hold all rows or only those)."""
-    rows = None if p.rows is None else np.asarray(p.rows, dtype=np.int64)
+    rows = param_rows(p)
     g = p.grad if rows is None or p.grad.shape[0] != p.data.shape[0] else p.grad[rows]
     return rows, np.ascontiguousarray(g, dtype=np.float32)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _core, _cuda, ops
 from .algorithms import MeSimp, SparseGrad
-from .blocks import check_adam_args, check_lr, check_sgd_args, row_gradient
+from .blocks import check_adam_args, check_lr, check_sgd_args, param_rows, row_gradient
 from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
 
@@ -448,7 +448,7 @@ class Adam(_Optimizer):
             g = p.grad
             if g.dtype != np.float32 or p.data.dtype != np.float32 or not g.flags.c_contiguous:
                 g = np.ascontiguousarray(g, dtype=np.float32)
-            rows = p.rows
+            rows = param_rows(p)
             compact = rows is not None and g.shape[0] == len(rows) != p.data.shape[0]
             # One fused pass in C++ (m, v and the parameter together); with rows, only those rows.
             _core.adam_step(p.data, g, st["m"], st["v"], rows, self.b1, self.b2, self.lr / c1, 1.0 / c2, self.eps,

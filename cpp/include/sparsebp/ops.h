@@ -187,7 +187,7 @@ void mask_adam_project(double* s, double* m, double* v, const double* g, int64_t
                        double b2, double step_size, double inv_c2, double eps, double budget);
 
 // One fused Adam step over a parameter viewed as (rows x cols), contiguous; only the rows listed in
-// `row_list` (n_rows of them, each in [0, rows)) when it is not null, else all. In one pass:
+// `row_list` (n_rows of them, strictly increasing, in [0, rows)) when it is not null, else all. In one pass:
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= step_size * m / (sqrt(v * inv_c2) + eps)
 // with step_size = lr / (1 - b1^t) and inv_c2 = 1 / (1 - b2^t) given by the caller; float arithmetic
 // (1 - b rounded from double), vectorised per ISA, threaded over rows. g_compact (with a row list):
