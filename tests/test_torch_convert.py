@@ -48,6 +48,35 @@ def test_sparsify_global_scope_hits_the_overall_sparsity():
     assert kept.min() >= drop.max()
 
 
+def test_magnitude_pruning_refuses_nan_weights():
+    """A NaN has no magnitude to rank: the sort dropped it without a word. Now an error naming the
+    layer and the entry, in both scopes and from_dense, and the model is left as it was; random
+    masks do not rank and still convert."""
+    for scope in ("layer", "global"):
+        m = mlp()
+        with torch.no_grad():
+            m.get_submodule("2.0").weight[3, 1] = float("nan")
+        with pytest.raises(ValueError, match=r"layer '2.0''s weight holds NaN \(first at \(3, 1\)\)"):
+            st.sparsify(m, 0.9, scope=scope)
+        assert sparse_names(m) == []
+    w = torch.randn(4, 5)
+    w[2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"weight holds NaN \(first at \(2, 2\)\)"):
+        st.magnitude_mask(w, 0.5)
+    lin = torch.nn.Linear(5, 4)
+    with torch.no_grad():
+        lin.weight[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        st.SparseLinear.from_dense(lin, sparsity=0.5)
+    m = mlp()
+    with torch.no_grad():
+        m.get_submodule("0").weight[0, 0] = float("nan")
+    st.sparsify(m, 0.5, scheme="random", generator=torch.Generator().manual_seed(0))
+    assert sparse_names(m) == ["0", "2.0", "3"]
+    w[2, 2] = float("inf")  # an infinite magnitude ranks first
+    assert st.magnitude_mask(w, 0.9)[2, 2]
+
+
 def test_sparsify_layers_filter_min_sparsity_random():
     m = mlp()
     rep = st.sparsify(m, 0.5, layers=["2.0"])

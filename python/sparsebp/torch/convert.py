@@ -7,7 +7,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .modules import SparseConv2d, SparseLinear, _check_mask, _check_sparsity, magnitude_mask, random_mask
+from .modules import (SparseConv2d, SparseLinear, _check_mask, _check_no_nan, _check_sparsity, magnitude_mask,
+                      random_mask)
 
 __all__ = ["sparsify", "from_pruned", "densify", "Report", "LayerChange"]
 
@@ -112,6 +113,9 @@ def sparsify(model: nn.Module, sparsity: float, *, scheme: str = "magnitude", sc
     min_s = _check_min_sparsity(min_sparsity)
     chosen = _select(model, layers, _SPARSE_OF)
     masks: Dict[str, Tensor] = {}
+    if scheme == "magnitude":
+        for n, m in chosen:
+            _check_no_nan(m.weight, f"layer {n!r}'s weight")
     if scope == "global" and chosen:
         flat = torch.cat([m.weight.detach().reshape(-1).abs().to(torch.float64).cpu() for _, m in chosen])
         keep_all = magnitude_mask(flat, s)

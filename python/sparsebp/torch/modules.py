@@ -27,10 +27,21 @@ def _kept(n: int, sparsity: float) -> int:
     return max(1, int(round((1.0 - sparsity) * n))) if n > 0 else 0
 
 
+def _check_no_nan(weight: Tensor, name: str) -> None:
+    if weight.device.type == "meta":  # (no values: the converters' own checks say so)
+        return
+    bad = torch.isnan(weight.detach())
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} holds NaN (first at {at}); magnitude pruning is undefined there")
+
+
 def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     """Boolean mask keeping the ``round((1 - sparsity) * numel)`` entries of largest |weight|
-    (ties broken by position, so the result is deterministic)."""
+    (ties broken by position, so the result is deterministic). A NaN in ``weight`` is a ValueError
+    (its magnitude orders against nothing; the sort would drop it without a word)."""
     s = _check_sparsity(sparsity)
+    _check_no_nan(weight, "weight")
     w = weight.detach().reshape(-1).abs().to(torch.float64)
     k = _kept(w.numel(), s)
     # Stable sort on -|w|: equal magnitudes keep their order (lower index first).
