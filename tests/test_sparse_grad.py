@@ -356,6 +356,9 @@ def test_selected_backward_bad_selections():
             f(sel.astype(np.int64) + 2**32, "example")
         with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
             f(np.array([3, 2**32 + 5], np.int64), "unified")
+        for bad in ([1, 10], [10, 1], [-1, 3], [3, -1]):  # int32, sorted or not: its ends or its extremes
+            with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+                f(np.array(bad, np.int32), "unified")
         with pytest.raises(ValueError, match="repeats column 2.*set of columns"):
             f(np.array([5, 2, 7, 2], np.int32), "unified")
         with pytest.raises(ValueError, match="repeats column 1"):  # out entries, not every column
@@ -376,6 +379,21 @@ def test_selected_backward_bad_selections():
     assert ops.selected_backward(g, x, w, sel, "example", bias_grad=False, bias_from=g[:, :3]).bias is None
     with pytest.raises(TypeError, match="weight must be a sparsebp.CSR"):
         csr_selected_backward(g, x, w, sel, "example")
+
+
+def test_first_not_increasing():
+    """The sortedness check of a unified selection, against a NumPy walk."""
+    rng = np.random.default_rng(4)
+    cases = [[], [3], [1, 2, 9], [1, 1], [4, 2], [0, 5, 5, 7], [-3, -1, 0]]
+    cases += [np.sort(rng.choice(1000, 50, replace=False)).tolist() for _ in range(5)]
+    cases += [rng.integers(0, 20, 30).tolist() for _ in range(5)]
+    for c in cases:
+        a = np.array(c, np.int32)
+        bad = np.flatnonzero(np.diff(a.astype(np.int64)) <= 0)
+        assert _core.first_not_increasing(a) == (int(bad[0]) + 1 if bad.size else -1), c
+    for wrong in (np.arange(3, dtype=np.int64), np.zeros((2, 2), np.int32), np.arange(6, dtype=np.int32)[::2]):
+        with pytest.raises(ValueError, match="C-contiguous 1-D int32"):
+            _core.first_not_increasing(wrong)
 
 
 def test_selection_dense_matches_the_products():

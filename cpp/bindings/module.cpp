@@ -803,6 +803,20 @@ PYBIND11_MODULE(_core, m) {
       py::arg("s"), py::arg("seed"));
   // Whether two host buffers (raw addresses) hold the same bytes: the structure caches' check that
   // index tensors still hold what a cached structure was built from (sparsebp/torch/_ops.py).
+  // The first i with a[i] <= a[i - 1] in a 1-D int32 array, or -1 when it is strictly increasing
+  // (a selection's sortedness check: NumPy's np.diff and compare took ~5-10 us for 20 entries).
+  m.def(
+      "first_not_increasing",
+      [](const py::array& a) -> int64_t {
+        if (!py::array_t<int32_t>::check_(a) || a.ndim() != 1 ||
+            !(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("first_not_increasing takes a C-contiguous 1-D int32 array");
+        const int32_t* d = static_cast<const int32_t*>(a.data());
+        for (int64_t i = 1; i < a.shape(0); ++i)
+          if (d[i] <= d[i - 1]) return i;
+        return -1;
+      },
+      py::arg("a"));
   m.def("memeq", [](uintptr_t a, uintptr_t b, int64_t nbytes) {
     if (nbytes < 0) throw sparsebp::ValueError("memeq: nbytes must be >= 0");
     if (nbytes == 0 || a == b) return true;
