@@ -273,6 +273,24 @@ def test_gpu_meprop_example_shapes_against_float64(batch, out_f, in_f, k):
 
 
 @gpu
+def test_gpu_magnitude_pruning_of_a_gpu_layer():
+    """from_dense(sparsity=) and sparsify on a layer already on the GPU: the same mask as on the CPU
+    (the ranking runs on the CPU, where the mask is made)."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(40, 24)
+    on_cpu = st.SparseLinear.from_dense(dense, sparsity=0.8)
+    on_gpu = st.SparseLinear.from_dense(dense.cuda(), sparsity=0.8)
+    assert torch.equal(on_gpu.mask().cpu(), on_cpu.mask())
+    assert torch.equal(st.magnitude_mask(dense.weight, 0.8), on_cpu.mask())
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24)).cuda()
+    st.sparsify(model, 0.8)
+    assert isinstance(model[0], st.SparseLinear) and model[0].nnz == round(0.2 * 40 * 24)
+
+
+@gpu
 def test_gpu_torch_modules_against_dense():
     torch = _torch_cuda()
     import sparsebp.torch as st

@@ -38,11 +38,15 @@ def _check_no_nan(weight: Tensor, name: str) -> None:
 
 def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     """Boolean mask keeping the ``round((1 - sparsity) * numel)`` entries of largest |weight|
-    (ties broken by position, so the result is deterministic). A NaN in ``weight`` is a ValueError
-    (its magnitude orders against nothing; the sort would drop it without a word)."""
+    (ties broken by position, so the result is deterministic), on the CPU whatever the weight's
+    device. A NaN in ``weight`` is a ValueError (its magnitude orders against nothing; the sort
+    would drop it without a word)."""
     s = _check_sparsity(sparsity)
     _check_no_nan(weight, "weight")
-    w = weight.detach().reshape(-1).abs().to(torch.float64)
+    # On the CPU, where the mask is made (indexing it with a GPU weight's order would be an error);
+    # a meta weight stays (no values to move: the converters say so).
+    w = weight.detach().reshape(-1).abs()
+    w = w.to(torch.float64) if w.device.type == "meta" else w.to("cpu", torch.float64)
     k = _kept(w.numel(), s)
     # Stable sort on -|w|: equal magnitudes keep their order (lower index first).
     order = torch.sort(-w, stable=True).indices[:k]
