@@ -801,8 +801,6 @@ PYBIND11_MODULE(_core, m) {
                               py::array_t<int32_t>(indices.size(), indices.data()));
       },
       py::arg("s"), py::arg("seed"));
-  // Whether two host buffers (raw addresses) hold the same bytes: the structure caches' check that
-  // index tensors still hold what a cached structure was built from (sparsebp/torch/_ops.py).
   // The first i with a[i] <= a[i - 1] in a 1-D int32 array, or -1 when it is strictly increasing
   // (a selection's sortedness check: NumPy's np.diff and compare took ~5-10 us for 20 entries).
   m.def(
@@ -817,6 +815,8 @@ PYBIND11_MODULE(_core, m) {
         return -1;
       },
       py::arg("a"));
+  // Whether two host buffers (raw addresses) hold the same bytes: the structure caches' check that
+  // index tensors still hold what a cached structure was built from (sparsebp/torch/_ops.py).
   m.def("memeq", [](uintptr_t a, uintptr_t b, int64_t nbytes) {
     if (nbytes < 0) throw sparsebp::ValueError("memeq: nbytes must be >= 0");
     if (nbytes == 0 || a == b) return true;

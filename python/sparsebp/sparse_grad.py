@@ -326,7 +326,8 @@ def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, select
 
     if mode not in ("example", "unified"):
         raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
-    _host_only("csr_selected_backward", grad_output=grad_output, x=x, selected=selected)
+    if not type(grad_output) is type(x) is type(selected) is np.ndarray:
+        _host_only("csr_selected_backward", grad_output=grad_output, x=x, selected=selected)
     ops._check_weight(weight)
     g = _rows_f32(grad_output, "grad_output", cols=weight.shape[0])
     sel = _selection(selected, weight.shape[0])
