@@ -336,6 +336,19 @@ def test_optimizer_row_lists_are_checked(opt):
         for st in o.state.values():
             for a in st.values():
                 assert not a.any()
+    # a 1-D parameter (a sparse layer's values) with a position list: runs of consecutive positions,
+    # whose order is checked where a run breaks; a repeat inside a would-be run, or after the end
+    for rows, match in (([2, 3, 4, 4, 5], r"rows\[3\] = 4 follows 4"), ([6, 7, 3], r"rows\[2\] = 3 follows 7"),
+                        ([0, 1, 2, 9], r"rows\[3\] = 9 is outside"), ([-1, 0, 1], r"rows\[0\] = -1 is outside")):
+        p = nn.Param("values", np.ones(9, np.float32))
+        p.rows, p.grad = rows, np.ones(len(rows), np.float32)
+        o = nn.Adam([p], lr=0.1) if opt == "adam" else nn.SGD([p], lr=0.1, momentum=0.9)
+        with pytest.raises(ValueError, match=match if opt == "adam" else r"rows\["):
+            o.step()
+        np.testing.assert_array_equal(p.data, np.ones(9, np.float32))
+        for st in o.state.values():
+            for a in st.values():
+                assert not a.any()
     p = nn.Param("w", np.ones((4, 3), np.float32))
     p.rows, p.grad = np.array([0, 2], np.uint8), np.ones((2, 3), np.float32)  # any integer dtype
     (nn.Adam([p], lr=0.1) if opt == "adam" else nn.SGD([p], lr=0.1)).step()
