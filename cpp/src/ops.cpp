@@ -1206,8 +1206,8 @@ void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64
 namespace {
 void check_index_list(const int64_t* idx, int64_t n, int64_t bound, const char* name) {
   if (!idx || n == 0) return;
-  // The ends, then the order in one pass without branches (an entry-by-entry check with both
-  // tests took ~1.4 ns an entry, ~40 us over a sparse layer's 29,000 positions): a strictly
+  // The ends, then the order in one pass without branches (checked entry by entry with both
+  // tests, nn.SGD's step over a sparse layer's 29,000 positions took ~10 us longer): a strictly
   // increasing list between ends in [0, bound) is in range.
   for (const int64_t i : {int64_t{0}, n - 1})
     SPARSEBP_CHECK_VALUE(idx[i] >= 0 && idx[i] < bound, name, "[", i, "] = ", idx[i], " is outside [0, ", bound, ")");
