@@ -1111,6 +1111,25 @@ void csr_example_backward(const int64_t* indptr, const int32_t* indices, const f
 }
 
 namespace {
+// Every entry of idx in [0, bound) and strictly increasing (a ValueError naming the list otherwise;
+// a null idx passes). The ends, then the order in one pass without branches (checked entry by
+// entry with both tests, nn.SGD's step over a sparse layer's 29,000 positions took ~10 us longer):
+// a strictly increasing list between ends in [0, bound) is in range. order = false: the caller's
+// scan for runs of positions (for_each_position_run with the list's name) checks the order, before
+// any write, at no extra pass.
+void check_index_list(const int64_t* idx, int64_t n, int64_t bound, const char* name, bool order = true) {
+  if (!idx || n == 0) return;
+  for (const int64_t i : {int64_t{0}, n - 1})
+    SPARSEBP_CHECK_VALUE(idx[i] >= 0 && idx[i] < bound, name, "[", i, "] = ", idx[i], " is outside [0, ", bound, ")");
+  if (!order) return;
+  bool increasing = true;
+  for (int64_t i = 1; i < n; ++i) increasing &= idx[i] > idx[i - 1];
+  if (!increasing)
+    for (int64_t i = 1; i < n; ++i)
+      SPARSEBP_CHECK_VALUE(idx[i] > idx[i - 1], name, " must be strictly increasing; ", name, "[", i, "] = ", idx[i],
+                           " follows ", idx[i - 1]);
+}
+
 // fn(i0, len) for each run list[i0 .. i0 + len) of consecutive values (list[i] + 1 == list[i + 1]),
 // up to max_threads threads taking runs that hold about equal numbers of entries (each run whole,
 // in one thread). With a name, the list must be strictly increasing (ValueError naming it, before
@@ -1148,20 +1167,11 @@ void for_each_position_run(const int64_t* list, int64_t n, int64_t max_threads, 
 void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64_t cols, const int64_t* row_list,
                int64_t n_rows, bool g_compact, double b1, double b2, float step_size, float inv_c2, float eps) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && cols >= 0, "bad shape for adam_step");
-  // The row list is strictly increasing (a repeated row would take two steps, and the threads that
-  // split the list could update it at the same time), so its ends bound it. A list of single
-  // entries (below) has its order checked by the scan for runs, before any write; a list of whole
-  // rows (short) here. (A separate pass over a sparse layer's ~30,000 positions cost ~10 us.)
+  // The row list is strictly increasing: a repeated row would take two steps, and the threads that
+  // split the list could update it at the same time. A list of single entries (below) has its order
+  // checked by the scan for runs.
   const bool position_runs = row_list && cols == 1 && n_rows > 1;
-  if (row_list && n_rows > 0) {
-    for (const int64_t i : {int64_t{0}, n_rows - 1})
-      SPARSEBP_CHECK_VALUE(row_list[i] >= 0 && row_list[i] < rows, "rows[", i, "] = ", row_list[i],
-                           " is outside the parameter's ", rows, " rows");
-    if (!position_runs)
-      for (int64_t i = 1; i < n_rows; ++i)
-        SPARSEBP_CHECK_VALUE(row_list[i] > row_list[i - 1], "rows must be strictly increasing; rows[", i, "] = ",
-                             row_list[i], " follows ", row_list[i - 1]);
-  }
+  check_index_list(row_list, n_rows, rows, "rows", !position_runs);
   const int64_t n = row_list ? n_rows : rows;
   if (n == 0 || cols == 0) return;
   const KernelTable& t = active_table();
@@ -1204,21 +1214,6 @@ void adam_step(float* p, const float* g, float* m, float* v, int64_t rows, int64
 }
 
 namespace {
-void check_index_list(const int64_t* idx, int64_t n, int64_t bound, const char* name) {
-  if (!idx || n == 0) return;
-  // The ends, then the order in one pass without branches (checked entry by entry with both
-  // tests, nn.SGD's step over a sparse layer's 29,000 positions took ~10 us longer): a strictly
-  // increasing list between ends in [0, bound) is in range.
-  for (const int64_t i : {int64_t{0}, n - 1})
-    SPARSEBP_CHECK_VALUE(idx[i] >= 0 && idx[i] < bound, name, "[", i, "] = ", idx[i], " is outside [0, ", bound, ")");
-  bool increasing = true;
-  for (int64_t i = 1; i < n; ++i) increasing &= idx[i] > idx[i - 1];
-  if (!increasing)
-    for (int64_t i = 1; i < n; ++i)
-      SPARSEBP_CHECK_VALUE(idx[i] > idx[i - 1], name, " must be strictly increasing; ", name, "[", i, "] = ", idx[i],
-                           " follows ", idx[i - 1]);
-}
-
 template <typename Fn>
 void run_block_rows(int64_t n_rows, int64_t work, Fn&& fn) {
   const int64_t nt = std::min<int64_t>(block_threads_for(work), std::max<int64_t>(n_rows, 1));
@@ -1272,7 +1267,10 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
   static const int64_t kNoColumns = 0;
   if (n_gcols >= 0 && !g_cols) g_cols = &kNoColumns;  // none: the step with g = 0 alone
   if (n_gcols < 0) g_cols = nullptr;
-  check_index_list(rows, n_rows, w_rows, "rows");
+  // The plain step on single entries (a sparse layer's values at the touched positions) runs over
+  // runs of consecutive positions, whose scan checks the order of rows.
+  const bool position_runs = w_cols == 1 && rows && n_rows > 1 && g && !stamp && !cols && !out && !peek && !g_cols;
+  check_index_list(rows, n_rows, w_rows, "rows", !position_runs);
   check_index_list(cols, n_cols, w_cols, "cols");
   check_index_list(g_cols, std::max<int64_t>(n_gcols, 0), w_cols, "g_cols");
   if (n_rows == 0 || n_cols == 0) return;
@@ -1281,9 +1279,8 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
   const kernels::LazySgdArgs a{w,     buf, stamp,  row_stamps, w_cols, rows,  cols,     n_cols, powers, max_lag,
                                now,   g,   g_cols ? n_gcols : n_cols, out, n_cols, lr, momentum, decay, peek,
                                bad.data(), g_cols, std::max<int64_t>(n_gcols, 0)};
-  if (w_cols == 1 && rows && n_rows > 1 && g && !stamp && !cols && !out && !peek && !g_cols) {
-    // The plain step on single entries (a sparse layer's values at the touched positions): each
-    // run of consecutive positions as one row (as adam_step), not entry by entry.
+  if (position_runs) {
+    // Each run of consecutive positions as one row (as adam_step), not entry by entry.
     for_each_position_run(rows, n_rows, block_threads_for(n_rows * 20), [&](int64_t i0, int64_t len) {
       kernels::LazySgdArgs b = a;
       b.w = w + rows[i0];
@@ -1293,7 +1290,7 @@ void lazy_sgd(float* w, float* buf, int32_t* stamp, bool row_stamps, int64_t w_r
       b.g = g + i0;
       b.bad = bad.data() + i0;
       t.lazy_sgd(b, 0, 1);
-    });
+    }, "rows");
     return;
   }
   // about 20 bytes per entry when stepping (w, momentum, gradient read; w, momentum written)

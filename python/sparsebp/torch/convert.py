@@ -7,7 +7,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .modules import (SparseConv2d, SparseLinear, _check_mask, _check_no_nan, _check_sparsity, magnitude_mask,
+from .modules import (SparseConv2d, SparseLinear, _check_mask, _check_no_nan, _check_sparsity, _magnitude_mask,
                       random_mask)
 
 __all__ = ["sparsify", "from_pruned", "densify", "Report", "LayerChange"]
@@ -113,12 +113,11 @@ def sparsify(model: nn.Module, sparsity: float, *, scheme: str = "magnitude", sc
     min_s = _check_min_sparsity(min_sparsity)
     chosen = _select(model, layers, _SPARSE_OF)
     masks: Dict[str, Tensor] = {}
-    if scheme == "magnitude":
-        for n, m in chosen:
-            _check_no_nan(m.weight, f"layer {n!r}'s weight")
     if scope == "global" and chosen:
+        for n, m in chosen:  # (before any ranking: the error names the layer)
+            _check_no_nan(m.weight, f"layer {n!r}'s weight")
         flat = torch.cat([m.weight.detach().reshape(-1).abs().to(torch.float64).cpu() for _, m in chosen])
-        keep_all = magnitude_mask(flat, s)
+        keep_all = _magnitude_mask(flat, s, None)
         off = 0
         for n, m in chosen:
             k = m.weight.numel()
@@ -126,7 +125,7 @@ def sparsify(model: nn.Module, sparsity: float, *, scheme: str = "magnitude", sc
             off += k
     else:
         for n, m in chosen:
-            masks[n] = (magnitude_mask(m.weight, s) if scheme == "magnitude"
+            masks[n] = (_magnitude_mask(m.weight, s, f"layer {n!r}'s weight") if scheme == "magnitude"
                         else random_mask(tuple(m.weight.shape), s, generator))
     return _convert(model, chosen, masks, min_s)
 

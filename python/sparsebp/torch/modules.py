@@ -41,8 +41,14 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     (ties broken by position, so the result is deterministic), on the CPU whatever the weight's
     device. A NaN in ``weight`` is a ValueError (its magnitude orders against nothing; the sort
     would drop it without a word)."""
-    s = _check_sparsity(sparsity)
-    _check_no_nan(weight, "weight")
+    return _magnitude_mask(weight, _check_sparsity(sparsity), "weight")
+
+
+def _magnitude_mask(weight: Tensor, s: float, name: Optional[str]) -> Tensor:
+    """magnitude_mask at a checked sparsity s; name: how a NaN is reported (None: the caller has
+    checked the weight for NaN already)."""
+    if name is not None:
+        _check_no_nan(weight, name)
     # On the CPU, where the mask is made (indexing it with a GPU weight's order would be an error);
     # a meta weight stays (no values to move: the converters say so).
     w = weight.detach().reshape(-1).abs()
