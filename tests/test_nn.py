@@ -343,7 +343,7 @@ def test_optimizer_row_lists_are_checked(opt):
         p = nn.Param("values", np.ones(9, np.float32))
         p.rows, p.grad = rows, np.ones(len(rows), np.float32)
         o = nn.Adam([p], lr=0.1) if opt == "adam" else nn.SGD([p], lr=0.1, momentum=0.9)
-        with pytest.raises(ValueError, match=match if opt == "adam" else r"rows\["):
+        with pytest.raises(ValueError, match=match):
             o.step()
         np.testing.assert_array_equal(p.data, np.ones(9, np.float32))
         for st in o.state.values():
