@@ -19,6 +19,16 @@ def _cnn():
                          nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
 
 
+def _padded_cnn():
+    """Convolutions that pad their input in reflect / circular / replicate mode, and a one-sided
+    'same' (an even kernel): the compacted forward must pad as nn.Conv2d does."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 5, 4, padding="same", padding_mode="circular"), nn.ReLU(),
+                         nn.Conv2d(5, 4, 3, padding=(1, 2), padding_mode="replicate"), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
 class _Masked(nn.Module):
     """The reference: the dense model with each unit mask multiplied in after the activation."""
 
@@ -39,7 +49,7 @@ class _Masked(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("make,shape", [(_mlp, (10, 12)), (_cnn, (6, 2, 8, 8))])
+@pytest.mark.parametrize("make,shape", [(_mlp, (10, 12)), (_cnn, (6, 2, 8, 8)), (_padded_cnn, (5, 2, 8, 8))])
 def test_forward_and_gradients_match_masked_dense(make, shape):
     model = make()
     tr = st.VRPGETrainer(model, 0.5, seed=2)

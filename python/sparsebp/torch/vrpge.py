@@ -120,7 +120,7 @@ class VRPGETrainer:
                 if isinstance(m, nn.Linear):
                     x = F.linear(x, w, b)
                 else:
-                    x = F.conv2d(x, w, b, m.stride, m.padding, m.dilation, 1)
+                    x = m._conv_forward(x, w, b)  # nn.Conv2d's own: its padding_mode, 'same', stride, ...
                 cur = rows
                 li += 1
             elif isinstance(m, nn.Flatten):
