@@ -799,6 +799,41 @@ def test_gpu_sparse_conv2d_against_float64(batch, cin, cout, k, stride, padding,
 
 
 @gpu
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("k,padding,mode,layout", [(3, 1, "reflect", "nchw"), (4, "same", "zeros", "inner"),
+                                                   ((2, 3), "same", "circular", "inner"), (3, (2, 1), "replicate", "nchw")])
+def test_gpu_sparse_conv2d_padding_modes(k, padding, mode, layout):
+    """Padding modes and a one-sided 'same' on CUDA tensors (the input padded on the device first):
+    output and gradients against a float64 nn.Conv2d with the same options on the CPU."""
+    torch = _torch_cuda()
+    import sparsebp.torch as st
+    from sparsebp.torch import _conv
+
+    torch.manual_seed(3)
+    dense = torch.nn.Conv2d(4, 6, k, padding=padding, padding_mode=mode)
+    mask = torch.rand(dense.weight.shape) < 0.4
+    sp = st.SparseConv2d.from_dense(dense, mask=mask).cuda()
+    x0 = torch.randn(6, 4, 9, 8)
+    x = st.batch_inner(x0.cuda()) if layout == "inner" else x0.cuda()
+    x.requires_grad_(True)
+    y = sp(x)
+    r = torch.randn(y.shape)
+    (y * r.cuda()).sum().backward()
+    ref = torch.nn.Conv2d(4, 6, k, padding=padding, padding_mode=mode, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(dense.weight * mask)
+        ref.bias.copy_(dense.bias)
+    xr = x0.double().requires_grad_(True)
+    yr = ref(xr)
+    (yr * r.double()).sum().backward()
+    torch.testing.assert_close(y.double().cpu(), yr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sp.values.grad.double().cpu(), ref.weight.grad[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sp.bias.grad.double().cpu(), ref.bias.grad, rtol=1e-4, atol=1e-4)
+    assert _conv.is_batch_inner(y) == (layout == "inner")
+
+
+@gpu
 def test_gpu_sparse_conv2d_partial_gradients_and_float64():
     torch = _torch_cuda()
     import sparsebp.torch as st

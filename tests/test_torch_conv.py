@@ -269,6 +269,80 @@ def test_padding_strings_and_from_dense():
     assert kept.min() >= conv.weight.detach().abs()[~m.mask()].max()
 
 
+# (kernel, stride, padding, dilation, padding_mode): every mode, and padding="same" where it needs
+# one more row or column on one side (an odd reach dilation * (kernel - 1)), which torch puts at the
+# bottom or right
+PAD_CASES = [(3, 1, 1, 1, "reflect"), ((3, 2), (2, 1), (2, 1), (1, 2), "replicate"), (3, 1, (1, 2), 1, "circular"),
+             (4, 1, "same", 1, "zeros"), ((2, 3), 1, "same", (1, 2), "reflect"), ((4, 1), 1, "same", 1, "circular"),
+             (3, 1, "same", 2, "replicate"), (2, 1, "same", 1, "zeros")]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # (the reference's)
+@pytest.mark.parametrize("kernel,stride,padding,dilation,mode", PAD_CASES)
+@pytest.mark.parametrize("layout", ["rows", "batch_inner"])
+def test_padding_modes_and_one_sided_same(isa, kernel, stride, padding, dilation, mode, layout):
+    """Forward and every gradient against a float64 nn.Conv2d with the same options (torch pads the
+    input itself), the weight scattered from the layer's raw buffers; the output keeps the layout."""
+    torch.manual_seed(7)
+    m = st.SparseConv2d(4, 6, kernel, stride, padding, dilation, groups=2, padding_mode=mode, sparsity=0.5,
+                        generator=torch.Generator().manual_seed(1))
+    ref_conv = nn.Conv2d(4, 6, kernel, stride, padding, dilation, groups=2, padding_mode=mode, dtype=torch.float64)
+    counts = (m.indptr[1:] - m.indptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(6), counts)
+    w64 = torch.zeros(6, m.weight_shape[1] * m.kernel_size[0] * m.kernel_size[1], dtype=torch.float64)
+    w64[rows, m.indices.long()] = m.values.detach().double()
+    with torch.no_grad():
+        ref_conv.weight.copy_(w64.reshape(m.weight_shape))
+        ref_conv.bias.copy_(m.bias.detach().double())
+    x0 = torch.randn(5, 4, 7, 8)
+    x = (st.batch_inner(x0) if layout == "batch_inner" else x0.clone()).requires_grad_()
+    x64 = x0.double().requires_grad_()
+    y, ref = m(x), ref_conv(x64)
+    assert y.shape == ref.shape
+    assert st.conv_ops.is_batch_inner(y) == (layout == "batch_inner")
+    g = torch.randn(ref.shape)
+    y.backward(g)
+    ref.backward(g.double())
+    # float32 rounding bound: the products of |x| and |w| over each output's taps (the padded input
+    # of |x| is |padded x| in every mode)
+    scale_conv = copy.deepcopy(ref_conv)
+    with torch.no_grad():
+        scale_conv.weight.abs_()
+        scale_conv.bias.abs_()
+    k = m.weight_shape[1] * m.kernel_size[0] * m.kernel_size[1]
+    assert bool(((y.double() - ref).abs() <= 8 * U32 * k ** 0.5 * scale_conv(x64.detach().abs()) + 1e-30).all())
+    for got, want, what in ((x.grad, x64.grad, "dx"), (m.values.grad, ref_conv.weight.grad.reshape(6, -1)[rows, m.indices.long()],
+                                                      "dvalues"), (m.bias.grad, ref_conv.bias.grad, "dbias")):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-5 * (1 + want.abs().max().item()), f"{what}: {err:.3e}"
+    # unbatched input: the same as a batch of one
+    assert torch.allclose(m(x0[1]), m(x0[1:2]).squeeze(0), atol=1e-6)
+    back = m.to_dense()  # the padding (a pair where 'same' is symmetric) and the mode carried over
+    assert back.padding_mode == mode and (back.padding == "same") == (m.padding == "same")
+    assert torch.allclose(back(x0), y.detach(), atol=1e-5)
+
+
+def test_padding_that_cannot_be_applied_is_a_value_error():
+    m = st.SparseConv2d(3, 4, 5, padding=2, padding_mode="reflect", sparsity=0.5)
+    with pytest.raises(ValueError, match=r"padding_mode='reflect' needs each padding smaller than the input's side; "
+                                         r"got padding \(left, right, top, bottom\) = \(2, 2, 2, 2\) for an input of "
+                                         r"size 2x6"):
+        m(torch.randn(1, 3, 2, 6))
+    m = st.SparseConv2d(3, 4, 7, padding=3, padding_mode="circular", sparsity=0.5)
+    with pytest.raises(ValueError, match=r"padding_mode='circular' needs each padding at most the input's side"):
+        m(torch.randn(1, 3, 2, 6))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 3, H, W\) or \(3, H, W\); got \(1, 2, 9, 9\)"):
+        m(torch.randn(1, 2, 9, 9))
+    m = st.SparseConv2d(3, 4, 6, padding="same", dilation=3, sparsity=0.5)  # reach 15: 7 + 8 rows
+    with pytest.raises(ValueError, match="too small"):
+        m(torch.randn(1, 3, 0, 4))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        m(np.zeros((1, 3, 4, 4), dtype=np.float32))
+    for mode in ("reflect", "replicate", "circular"):
+        with pytest.raises(ValueError, match="needs|too small"):
+            st.SparseConv2d(3, 4, 1, padding=1, padding_mode=mode, sparsity=0.5)(torch.randn(1, 3, 0, 3))
+
+
 def test_gradcheck_and_opcheck():
     m = st.SparseConv2d(4, 4, 3, stride=(2, 1), padding=1, dilation=(1, 2), groups=2, sparsity=0.5).double()
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -306,8 +380,9 @@ def test_optimizer_never_regrows_and_state_dict():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="divisible by groups"):
         st.SparseConv2d(3, 4, 3, groups=2, sparsity=0.5)
-    with pytest.raises(ValueError, match="padding_mode"):
-        st.SparseConv2d(3, 4, 3, padding_mode="reflect", sparsity=0.5)
+    with pytest.raises(ValueError, match="padding_mode must be one of 'zeros', 'reflect', 'replicate', 'circular'; "
+                       "got 'mirror'"):
+        st.SparseConv2d(3, 4, 3, padding_mode="mirror", sparsity=0.5)
     with pytest.raises(ValueError, match="stride must be >= 1"):
         st.SparseConv2d(3, 4, 3, stride=0, sparsity=0.5)
     with pytest.raises(TypeError, match="kernel_size must be an int or a pair"):

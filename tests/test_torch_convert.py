@@ -1,4 +1,5 @@
 """Converters (sparsify, from_pruned, densify) and sparse checkpoints (.pt, .safetensors)."""
+import copy
 import json
 import os
 
@@ -283,6 +284,52 @@ def test_conv_from_pruned():
     rep = st.from_pruned(m)
     assert rep.converted == ["0"]
     assert torch.equal(m[0].mask(), mask) and torch.allclose(m(XI), want, atol=1e-6)
+
+
+def padded_cnn(seed=0):
+    """Convolutions that pad the input first: reflect, circular and replicate modes, and 'same'
+    with an even kernel (one more row and column at the bottom and right)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                         nn.Conv2d(8, 8, 4, padding="same", padding_mode="circular"), nn.ReLU(),
+                         nn.Conv2d(8, 8, 2, padding="same"), nn.ReLU(),
+                         nn.Conv2d(8, 4, 3, stride=2, padding=(1, 2), padding_mode="replicate"), nn.Flatten(),
+                         nn.Linear(4 * 4 * 5, 5))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_padding_modes_sparsify_save_load_densify(tmp_path, ext):
+    """Every padding mode and a one-sided 'same' go through the converters and files: the sparse
+    model computes what the dense one does with the pruned weights (torch's own modules in float64
+    are the reference), a file loads into a fresh dense model, and one whose padding differs is
+    refused."""
+    m = padded_cnn()
+    rep = st.sparsify(m, 0.6)
+    assert rep.converted == ["0", "2", "4", "6", "8"]
+    ref = copy.deepcopy(m)
+    st.densify(ref)
+    assert [c.padding_mode for c in ref if isinstance(c, nn.Conv2d)] == ["reflect", "circular", "zeros", "replicate"]
+    want = ref.double()(XI.double())
+    got = m(XI)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    path = tmp_path / f"padded.{ext}"
+    st.save(m, path)
+    fresh = st.load(padded_cnn(3), path)
+    assert isinstance(fresh[2], st.SparseConv2d) and fresh[2].padding_mode == "circular"
+    assert torch.equal(fresh(XI), got)
+    for i, other in ((0, nn.Conv2d(3, 8, 3, padding=1)), (4, nn.Conv2d(8, 8, 2, padding=(1, 1)))):
+        wrong = padded_cnn()
+        wrong[i] = other
+        with pytest.raises(ValueError, match=f"module '{i}' is"):
+            st.load(wrong, path)
+    # and from a pruned checkpoint: the masks kept exactly
+    m = padded_cnn(1)
+    for i in (0, 2, 4, 6):
+        prune.l1_unstructured(m[i], "weight", amount=0.7)
+    want = m(XI)
+    assert st.from_pruned(m).converted == ["0", "2", "4", "6"]
+    assert torch.allclose(m(XI), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("ext", ["pt", "safetensors"])

@@ -906,6 +906,42 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     return y.squeeze(0) if unbatched else y
 
 
+def pad_input(x: Tensor, pads: Tuple[int, int, int, int], mode: str, in_channels: int, kernel_size,
+              dilation) -> Tensor:
+    """``x`` (N, C, H, W) or (C, H, W) padded by ``pads`` = (left, right, top, bottom) in ``mode``
+    (a ``padding_mode`` of ``nn.Conv2d``), the way ``nn.Conv2d`` pads before its convolution; a
+    batch-innermost x gives a batch-innermost result. Input that cannot be padded so (a reflection
+    as wide as the input, a convolution that would have no output) is a ValueError."""
+    _ops._check_tensor(x, "x")
+    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+        raise ValueError(f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W); got {tuple(x.shape)}")
+    h, w = x.shape[-2], x.shape[-1]
+    left, right, top, bottom = pads
+    (kh, kw), (dh, dw) = kernel_size, dilation
+    if h + top + bottom - dh * (kh - 1) <= 0 or w + left + right - dw * (kw - 1) <= 0:
+        raise ValueError(f"input of size {h}x{w} is too small for kernel {kh}x{kw} with padding (left, right, top, "
+                         f"bottom) = {tuple(pads)}, dilation {(dh, dw)}: the convolution would have no output")
+    if mode == "reflect" and (max(top, bottom) >= h or max(left, right) >= w):
+        raise ValueError(f"padding_mode='reflect' needs each padding smaller than the input's side; got padding "
+                         f"(left, right, top, bottom) = {tuple(pads)} for an input of size {h}x{w}")
+    if mode == "circular" and (max(top, bottom) > h or max(left, right) > w):
+        raise ValueError(f"padding_mode='circular' needs each padding at most the input's side; got padding "
+                         f"(left, right, top, bottom) = {tuple(pads)} for an input of size {h}x{w}")
+    if mode != "zeros" and (h == 0 or w == 0):
+        raise ValueError(f"padding_mode={mode!r} needs an input of nonzero size; got {h}x{w}")
+    inner = is_batch_inner(x)
+    if mode == "zeros" and inner:
+        # straight into a batch-innermost buffer (F.pad would return a row-major one)
+        n, c = x.shape[0], x.shape[1]
+        hp, wp = h + top + bottom, w + left + right
+        out = torch.empty_strided((n, c, hp, wp), _batch_inner_strides(n, c, hp, wp), dtype=x.dtype, device=x.device)
+        out.zero_()
+        out[:, :, top:top + h, left:left + w] = x
+        return out
+    y = torch.nn.functional.pad(x, pads, mode="constant" if mode == "zeros" else mode)
+    return batch_inner(y) if inner else y
+
+
 class _Subsample(torch.autograd.Function):
     """x[:, :, ::sh, ::sw] as a new tensor in x's layout (batch-innermost stays so); the backward
     puts the gradient back at those pixels of a zero tensor in x's layout."""

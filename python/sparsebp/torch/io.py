@@ -30,9 +30,12 @@ def _geometry(m: nn.Module) -> dict:
     if isinstance(m, (SparseLinear, nn.Linear)):
         return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
     pad = conv_padding(m.padding, m.kernel_size, m.stride, m.dilation)
-    return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
-                stride=list(m.stride), padding=list(pad), dilation=list(m.dilation), groups=m.groups,
-                bias=m.bias is not None)
+    geometry = dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
+                    stride=list(m.stride), padding=pad if isinstance(pad, str) else list(pad),
+                    dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None)
+    if m.padding_mode != "zeros":  # (absent for zeros, as in the files written before it was kept)
+        geometry["padding_mode"] = m.padding_mode
+    return geometry
 
 
 def _describe(model: nn.Module) -> dict:

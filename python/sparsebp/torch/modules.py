@@ -274,9 +274,13 @@ class SparseLinear(_SparseWeight):
                 f"nnz={self.nnz}, sparsity={self.sparsity:.4f}" + extra)
 
 
-def conv_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int]:
-    """``nn.Conv2d``'s padding argument (int, pair, ``"valid"`` or ``"same"``) as a pair of ints;
-    ``"same"`` only where it is symmetric (stride 1, even kernel reach)."""
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def conv_padding(padding, kernel_size, stride, dilation):
+    """``nn.Conv2d``'s padding argument (int, pair, ``"valid"`` or ``"same"``) as the layer keeps
+    it: a pair of ints, or ``"same"`` where 'same' needs one more row or column on one side (an odd
+    kernel reach ``dilation * (kernel - 1)``; torch puts the extra one at the bottom or right)."""
     if isinstance(padding, str):
         if padding == "valid":
             return (0, 0)
@@ -284,12 +288,20 @@ def conv_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int]:
             if tuple(stride) != (1, 1):
                 raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
             reach = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-            if any(r % 2 for r in reach):
-                raise ValueError("padding='same' with an even kernel reach needs asymmetric padding, which "
-                                 "sparsebp does not support; give the padding explicitly")
-            return (reach[0] // 2, reach[1] // 2)
+            return "same" if any(r % 2 for r in reach) else (reach[0] // 2, reach[1] // 2)
         raise ValueError(f"padding must be an int, a pair, 'valid' or 'same'; got {padding!r}")
     return _conv._pair(padding, "padding", 0)
+
+
+def conv_pads(padding, kernel_size, dilation) -> Tuple[int, int, int, int]:
+    """``torch.nn.functional.pad``'s ``(left, right, top, bottom)`` for a padding as
+    ``conv_padding`` returns it."""
+    if padding == "same":
+        (top, bottom), (left, right) = [(r // 2, r - r // 2) for r in
+                                        (d * (k - 1) for d, k in zip(dilation, kernel_size))]
+        return (left, right, top, bottom)
+    ph, pw = padding
+    return (pw, pw, ph, ph)
 
 
 class SparseConv2d(_SparseWeight):
@@ -297,7 +309,7 @@ class SparseConv2d(_SparseWeight):
     channel, columns ``(in_channel_in_group, kh, kw)``).
 
     Same constructor and forward as ``nn.Conv2d`` (stride, padding incl. ``"valid"``/``"same"``,
-    dilation, groups, bias; ``padding_mode="zeros"`` only), plus the structure: ``mask`` (bool, the
+    dilation, groups, bias, every ``padding_mode``), plus the structure: ``mask`` (bool, the
     weight's shape) or ``sparsity`` (uniformly random). Parameters: ``values`` (nnz,) and ``bias``;
     buffers ``indptr``, ``indices``. Values start uniform in ±1/sqrt(kept fan-in).
 
@@ -306,6 +318,11 @@ class SparseConv2d(_SparseWeight):
     (``sparsebp.torch.batch_inner``) and return outputs in the input's layout. On CUDA tensors
     (builds with SPARSEBP_CUDA=ON) the CSR kernels run over the input's patches (im2col): correct
     for every option, but slower than cuDNN (see the README).
+
+    Zero padding the same on both sides is done inside the kernels. Another ``padding_mode``, and
+    ``padding="same"`` where it needs one more row or column on one side, pad the input first with
+    ``torch.nn.functional.pad`` (as ``nn.Conv2d`` does), which costs one padded copy of the input
+    per call (in the input's layout when that is batch-innermost).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -318,14 +335,17 @@ class SparseConv2d(_SparseWeight):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
                              f"groups ({groups})")
-        if padding_mode != "zeros":
-            raise ValueError(f"padding_mode must be 'zeros' (the only one sparsebp supports); got {padding_mode!r}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {', '.join(map(repr, _PADDING_MODES))}; got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _conv._pair(kernel_size, "kernel_size", 1)
         self.stride = _conv._pair(stride, "stride", 1)
         self.dilation = _conv._pair(dilation, "dilation", 1)
         self.padding = conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.padding_mode = padding_mode
+        # F.pad's (left, right, top, bottom) when the input is padded before the kernels, else None
+        pads = conv_pads(self.padding, self.kernel_size, self.dilation)
+        self._input_pads = None if padding_mode == "zeros" and self.padding != "same" else pads
         self._init_weight(self.weight_shape, bias, sparsity, mask, generator, device, dtype)
 
     @property
@@ -349,15 +369,21 @@ class SparseConv2d(_SparseWeight):
         """A plain ``nn.Conv2d`` with this layer's weights (zeros outside the mask)."""
         return self._copy_to_dense(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                                              self.padding, self.dilation, self.groups, self.bias is not None,
-                                             device=self.values.device, dtype=self.values.dtype))
+                                             self.padding_mode, device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, input: Tensor) -> Tensor:
+        padding, pads = self.padding, getattr(self, "_input_pads", None)
+        if pads is not None:
+            input = _conv.pad_input(input, pads, self.padding_mode, self.in_channels, self.kernel_size, self.dilation)
+            padding = (0, 0)
         return _conv.conv2d(input, self.values, self.bias, self.indptr, self.indices, self.in_channels,
-                            self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
+                            self.out_channels, self.kernel_size, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}")
+             f"padding={self.padding!r}")
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
