@@ -322,6 +322,21 @@ def test_padding_modes_and_one_sided_same(isa, kernel, stride, padding, dilation
     assert torch.allclose(back(x0), y.detach(), atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_padding_a_batch_inner_input(mode):
+    """The padding of a batch-innermost input (its own gather and folded-border backward) against
+    F.pad on the row-major copy, and gradcheck; the result batch-innermost."""
+    from sparsebp.torch._conv import pad_input
+
+    x0 = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+    for pads in ((1, 2, 3, 0), (0, 0, 2, 4), (3, 1, 0, 0), (4, 4, 4, 4) if mode != "reflect" else (3, 3, 4, 4)):
+        x = st.batch_inner(x0).requires_grad_()
+        y = pad_input(x, pads, mode, 2, (1, 1), (1, 1))
+        ref = F.pad(x0, pads, mode="constant" if mode == "zeros" else mode)
+        assert st.conv_ops.is_batch_inner(y) and torch.equal(y, ref)
+        assert torch.autograd.gradcheck(lambda t: pad_input(t, pads, mode, 2, (1, 1), (1, 1)), (x,))
+
+
 def test_padding_that_cannot_be_applied_is_a_value_error():
     m = st.SparseConv2d(3, 4, 5, padding=2, padding_mode="reflect", sparsity=0.5)
     with pytest.raises(ValueError, match=r"padding_mode='reflect' needs each padding smaller than the input's side; "

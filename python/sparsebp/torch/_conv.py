@@ -929,17 +929,62 @@ def pad_input(x: Tensor, pads: Tuple[int, int, int, int], mode: str, in_channels
                          f"(left, right, top, bottom) = {tuple(pads)} for an input of size {h}x{w}")
     if mode != "zeros" and (h == 0 or w == 0):
         raise ValueError(f"padding_mode={mode!r} needs an input of nonzero size; got {h}x{w}")
-    inner = is_batch_inner(x)
-    if mode == "zeros" and inner:
-        # straight into a batch-innermost buffer (F.pad would return a row-major one)
-        n, c = x.shape[0], x.shape[1]
-        hp, wp = h + top + bottom, w + left + right
-        out = torch.empty_strided((n, c, hp, wp), _batch_inner_strides(n, c, hp, wp), dtype=x.dtype, device=x.device)
-        out.zero_()
-        out[:, :, top:top + h, left:left + w] = x
-        return out
-    y = torch.nn.functional.pad(x, pads, mode="constant" if mode == "zeros" else mode)
-    return batch_inner(y) if inner else y
+    if is_batch_inner(x):
+        # F.pad would return a row-major result, and its reflections run ~6x slower on this layout
+        return _PadBatchInner.apply(x, tuple(pads), mode)
+    return torch.nn.functional.pad(x, pads, mode="constant" if mode == "zeros" else mode)
+
+
+def _pad_source(n: int, before: int, after: int, mode: str, device) -> Tensor:
+    """For each of the n + before + after positions along one padded side, the input position it
+    copies (reflect, replicate or circular; int64)."""
+    i = torch.arange(-before, n + after, device=device)
+    if mode == "reflect":
+        i = i.abs()
+        return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+    if mode == "replicate":
+        return i.clamp(0, n - 1)
+    return i.remainder(n)  # circular
+
+
+class _PadBatchInner(torch.autograd.Function):
+    """pad_input for a batch-innermost x, in its (C, H, W, N) view: the padded tensor batch-innermost
+    too, by one slice copy (zeros) or one gather of whole (W x N) rows; the backward folds the
+    border's gradient back onto the input positions it copied (index_add_ of the border only)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pads: Tuple[int, int, int, int], mode: str) -> Tensor:
+        left, right, top, bottom = pads
+        c = x.permute(1, 2, 3, 0)
+        ch, h, w, n = c.shape
+        ctx.pads, ctx.mode, ctx.hw = pads, mode, (h, w)
+        if mode == "zeros":
+            out = c.new_zeros((ch, h + top + bottom, w + left + right, n))
+            out[:, top:top + h, left:left + w] = c
+        else:
+            hi = _pad_source(h, top, bottom, mode, x.device)
+            wi = _pad_source(w, left, right, mode, x.device)
+            out = c[:, hi[:, None], wi[None, :], :]
+        return out.permute(3, 0, 1, 2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        left, right, top, bottom = ctx.pads
+        h, w = ctx.hw
+        gc = g.permute(1, 2, 3, 0)
+        if ctx.mode == "zeros":
+            return gc[:, top:top + h, left:left + w].contiguous().permute(3, 0, 1, 2), None, None
+        gr = gc[:, top:top + h].contiguous()  # the interior rows, then the border rows folded in
+        rows = list(range(top)) + list(range(top + h, top + h + bottom))
+        if rows:
+            src = _pad_source(h, top, bottom, ctx.mode, g.device)[rows]
+            gr.index_add_(1, src, gc[:, rows])
+        gx = gr[:, :, left:left + w].contiguous()
+        cols = list(range(left)) + list(range(left + w, left + w + right))
+        if cols:
+            src = _pad_source(w, left, right, ctx.mode, g.device)[cols]
+            gx.index_add_(2, src, gr[:, :, cols])
+        return gx.permute(3, 0, 1, 2), None, None
 
 
 class _Subsample(torch.autograd.Function):
