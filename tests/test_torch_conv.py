@@ -279,7 +279,7 @@ PAD_CASES = [(3, 1, 1, 1, "reflect"), ((3, 2), (2, 1), (2, 1), (1, 2), "replicat
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # (the reference's)
 @pytest.mark.parametrize("kernel,stride,padding,dilation,mode", PAD_CASES)
-@pytest.mark.parametrize("layout", ["rows", "batch_inner"])
+@pytest.mark.parametrize("layout", ["rows", "batch_inner", "channels_last"])
 def test_padding_modes_and_one_sided_same(isa, kernel, stride, padding, dilation, mode, layout):
     """Forward and every gradient against a float64 nn.Conv2d with the same options (torch pads the
     input itself), the weight scattered from the layer's raw buffers; the output keeps the layout."""
@@ -295,14 +295,18 @@ def test_padding_modes_and_one_sided_same(isa, kernel, stride, padding, dilation
         ref_conv.weight.copy_(w64.reshape(m.weight_shape))
         ref_conv.bias.copy_(m.bias.detach().double())
     x0 = torch.randn(5, 4, 7, 8)
-    x = (st.batch_inner(x0) if layout == "batch_inner" else x0.clone()).requires_grad_()
+    x = {"rows": x0.clone(), "batch_inner": st.batch_inner(x0),
+         "channels_last": x0.contiguous(memory_format=torch.channels_last)}[layout].requires_grad_()
     x64 = x0.double().requires_grad_()
     y, ref = m(x), ref_conv(x64)
     assert y.shape == ref.shape
     assert st.conv_ops.is_batch_inner(y) == (layout == "batch_inner")
+    if layout == "rows":
+        assert y.is_contiguous()
     g = torch.randn(ref.shape)
     y.backward(g)
     ref.backward(g.double())
+    assert x.grad.stride() == x.stride()  # the input gradient in the input's layout
     # float32 rounding bound: the products of |x| and |w| over each output's taps (the padded input
     # of |x| is |padded x| in every mode)
     scale_conv = copy.deepcopy(ref_conv)

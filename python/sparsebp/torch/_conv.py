@@ -929,10 +929,33 @@ def pad_input(x: Tensor, pads: Tuple[int, int, int, int], mode: str, in_channels
                          f"(left, right, top, bottom) = {tuple(pads)} for an input of size {h}x{w}")
     if mode != "zeros" and (h == 0 or w == 0):
         raise ValueError(f"padding_mode={mode!r} needs an input of nonzero size; got {h}x{w}")
-    if is_batch_inner(x):
-        # F.pad would return a row-major result, and its reflections run ~6x slower on this layout
+    if is_batch_inner(x) or (x.dim() == 4 and x.is_contiguous() and _fast_transpose(x) and type(x) in _ops._PLAIN
+                             and not torch.compiler.is_compiling()):
+        # Padded batch-innermost, the layout the kernels read: F.pad would return a row-major
+        # result, its reflections run ~6x slower on a batch-innermost input, and the kernels would
+        # transpose a row-major one anyway (here the engine's transpose does it, before the gather).
         return _PadBatchInner.apply(x, tuple(pads), mode)
     return torch.nn.functional.pad(x, pads, mode="constant" if mode == "zeros" else mode)
+
+
+class _ToRowMajor(torch.autograd.Function):
+    """An (N, C, H, W) tensor made (N, C, H, W)-contiguous by the engine's transpose; the gradient
+    comes back batch-innermost."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return _nchw(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return _chwn(g).permute(3, 0, 1, 2)
+
+
+def row_major(t: Tensor) -> Tensor:
+    """``t`` (N, C, H, W)-contiguous (differentiable; the fast transpose on float32 CPU tensors)."""
+    if t.is_contiguous():
+        return t
+    return _ToRowMajor.apply(t) if t.requires_grad and torch.is_grad_enabled() else _nchw(t)
 
 
 def _pad_source(n: int, before: int, after: int, mode: str, device) -> Tensor:
@@ -948,16 +971,17 @@ def _pad_source(n: int, before: int, after: int, mode: str, device) -> Tensor:
 
 
 class _PadBatchInner(torch.autograd.Function):
-    """pad_input for a batch-innermost x, in its (C, H, W, N) view: the padded tensor batch-innermost
-    too, by one slice copy (zeros) or one gather of whole (W x N) rows; the backward folds the
-    border's gradient back onto the input positions it copied (index_add_ of the border only)."""
+    """pad_input into a batch-innermost result, from a batch-innermost x or a row-major one (then
+    transposed first): in the (C, H, W, N) view, one slice copy (zeros) or one gather of whole
+    (W x N) rows. The backward folds the border's gradient back onto the input positions it copied
+    (index_add_ of the border only) and gives it in x's layout."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pads: Tuple[int, int, int, int], mode: str) -> Tensor:
         left, right, top, bottom = pads
-        c = x.permute(1, 2, 3, 0)
+        c = _chwn(x)
         ch, h, w, n = c.shape
-        ctx.pads, ctx.mode, ctx.hw = pads, mode, (h, w)
+        ctx.pads, ctx.mode, ctx.hw, ctx.row_major = pads, mode, (h, w), not is_batch_inner(x)
         if mode == "zeros":
             out = c.new_zeros((ch, h + top + bottom, w + left + right, n))
             out[:, top:top + h, left:left + w] = c
@@ -973,7 +997,7 @@ class _PadBatchInner(torch.autograd.Function):
         h, w = ctx.hw
         gc = g.permute(1, 2, 3, 0)
         if ctx.mode == "zeros":
-            return gc[:, top:top + h, left:left + w].contiguous().permute(3, 0, 1, 2), None, None
+            return _PadBatchInner._in_layout(ctx, gc[:, top:top + h, left:left + w].contiguous()), None, None
         gr = gc[:, top:top + h].contiguous()  # the interior rows, then the border rows folded in
         rows = list(range(top)) + list(range(top + h, top + h + bottom))
         if rows:
@@ -984,7 +1008,13 @@ class _PadBatchInner(torch.autograd.Function):
         if cols:
             src = _pad_source(w, left, right, ctx.mode, g.device)[cols]
             gx.index_add_(2, src, gr[:, :, cols])
-        return gx.permute(3, 0, 1, 2), None, None
+        return _PadBatchInner._in_layout(ctx, gx), None, None
+
+    @staticmethod
+    def _in_layout(ctx, gx: Tensor) -> Tensor:
+        """The (C, H, W, N)-contiguous gradient gx as an (N, C, H, W) tensor in the input's layout."""
+        g = gx.permute(3, 0, 1, 2)
+        return _nchw(g) if ctx.row_major else g
 
 
 class _Subsample(torch.autograd.Function):

@@ -320,9 +320,8 @@ class SparseConv2d(_SparseWeight):
     for every option, but slower than cuDNN (see the README).
 
     Zero padding the same on both sides is done inside the kernels. Another ``padding_mode``, and
-    ``padding="same"`` where it needs one more row or column on one side, pad the input first with
-    ``torch.nn.functional.pad`` (as ``nn.Conv2d`` does), which costs one padded copy of the input
-    per call (in the input's layout when that is batch-innermost).
+    ``padding="same"`` where it needs one more row or column on one side, pad the input first (as
+    ``nn.Conv2d`` does), which costs one padded copy of the input per call (see ``_conv.pad_input``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -372,12 +371,16 @@ class SparseConv2d(_SparseWeight):
                                              self.padding_mode, device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, input: Tensor) -> Tensor:
-        padding, pads = self.padding, getattr(self, "_input_pads", None)
-        if pads is not None:
-            input = _conv.pad_input(input, pads, self.padding_mode, self.in_channels, self.kernel_size, self.dilation)
-            padding = (0, 0)
-        return _conv.conv2d(input, self.values, self.bias, self.indptr, self.indices, self.in_channels,
-                            self.out_channels, self.kernel_size, self.stride, padding, self.dilation, self.groups)
+        pads = getattr(self, "_input_pads", None)
+        if pads is None:
+            return _conv.conv2d(input, self.values, self.bias, self.indptr, self.indices, self.in_channels,
+                                self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                                self.groups)
+        padded = _conv.pad_input(input, pads, self.padding_mode, self.in_channels, self.kernel_size, self.dilation)
+        y = _conv.conv2d(padded, self.values, self.bias, self.indptr, self.indices, self.in_channels,
+                         self.out_channels, self.kernel_size, self.stride, (0, 0), self.dilation, self.groups)
+        # a row-major input padded batch-innermost (see pad_input): the output back in its layout
+        return _conv.row_major(y) if _conv.is_batch_inner(padded) and not _conv.is_batch_inner(input) else y
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
