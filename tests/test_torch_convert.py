@@ -78,6 +78,51 @@ def test_magnitude_pruning_refuses_nan_weights():
     assert st.magnitude_mask(w, 0.9)[2, 2]
 
 
+def test_from_pruned_refuses_non_finite_weights():
+    """A pruned checkpoint (or live model) whose weight holds NaN or infinity is an error naming the
+    layer and the entry, not a sparse model carrying it; the model is left as it was. A NaN at a
+    pruned position counts: torch's pruned forward (weight_orig * weight_mask) gives NaN there too,
+    which dropping it would silently change."""
+    src = mlp()
+    prune.l1_unstructured(src[0], "weight", amount=0.7)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    kept = tuple(int(i) for i in (sd["0.weight_mask"] != 0).nonzero()[1])
+    dropped = tuple(int(i) for i in (sd["0.weight_mask"] == 0).nonzero()[1])
+    for at, value in ((kept, float("nan")), (dropped, float("nan")), (kept, float("-inf"))):
+        bad = dict(sd)
+        bad["0.weight_orig"] = sd["0.weight_orig"].clone()
+        bad["0.weight_orig"][at] = value
+        pruned_ref = mlp()
+        prune.l1_unstructured(pruned_ref[0], "weight", amount=0.7)
+        pruned_ref.load_state_dict(bad)
+        assert not bool(torch.isfinite(pruned_ref(torch.randn(3, 20))).all())  # torch's own forward
+        m = mlp(4)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        want = f"checkpoint entry '0.weight' \\(weight_orig \\* weight_mask\\) holds {value} at \\({at[0]}, {at[1]}\\)"
+        with pytest.raises(ValueError, match=want.replace("nan", "nan").replace("-inf", "-inf")):
+            st.from_pruned(m, bad)
+        assert sparse_names(m) == [] and all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+        with pytest.raises(ValueError, match="weight_orig \\* weight_mask\\) holds"):  # from a file too
+            path = "/tmp/_sparsebp_bad_pruned.pt"
+            torch.save(bad, path)
+            try:
+                st.from_pruned(mlp(), path)
+            finally:
+                os.remove(path)
+        # the live pruned model: its reparametrisation stays in place
+        with torch.no_grad():
+            pruned_ref[0].weight_orig.copy_(bad["0.weight_orig"])
+        with pytest.raises(ValueError, match=f"layer '0''s weight_orig \\* weight_mask holds"):
+            st.from_pruned(pruned_ref)
+        assert hasattr(pruned_ref[0], "weight_orig") and sparse_names(pruned_ref) == []
+    m = mlp()
+    with torch.no_grad():
+        m.get_submodule("2.0").weight[5, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"layer '2.0''s weight holds inf at \(5, 7\)"):
+        st.from_pruned(m)
+    assert sparse_names(m) == []
+
+
 def test_sparsify_layers_filter_min_sparsity_random():
     m = mlp()
     rep = st.sparsify(m, 0.5, layers=["2.0"])

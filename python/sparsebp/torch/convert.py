@@ -130,6 +130,18 @@ def sparsify(model: nn.Module, sparsity: float, *, scheme: str = "magnitude", sc
     return _convert(model, chosen, masks, min_s)
 
 
+def _check_finite(weight: Tensor, name: str) -> None:
+    """A ValueError naming ``name`` and the first position when ``weight`` holds NaN or infinity (a
+    pruned checkpoint's layer would carry it into its outputs; ``load`` refuses such values too)."""
+    if weight.device.type == "meta":  # (no values: _convert says so)
+        return
+    bad = ~torch.isfinite(weight.detach())
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} holds {weight.detach()[at].item()} at {at}; a layer is converted only from finite "
+                         "weights")
+
+
 def _convert(model, chosen, masks, min_s) -> Report:
     # Every layer is checked and built before the first is swapped in: an error leaves the model
     # as it was, not half converted.
@@ -231,7 +243,9 @@ def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[st
     3. the nonzeros of the dense weight (a checkpoint saved after ``prune.remove``).
     ``checkpoint`` (optional) is loaded into ``model`` first; a checkpoint that does not fit the
     model is a ``ValueError``. Layers whose sparsity is below ``min_sparsity`` stay dense (e.g. an
-    unpruned classifier head). Returns a ``Report``.
+    unpruned classifier head). A weight holding NaN or infinity (the checkpoint's, or the live
+    model's; where pruned, ``weight_orig * weight_mask``, as torch's forward computes it) is a
+    ``ValueError`` naming the layer and the position. Returns a ``Report``.
     """
     min_s = _check_min_sparsity(min_sparsity)
     chosen = _select(model, layers, _SPARSE_OF)
@@ -249,6 +263,10 @@ def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[st
     if checkpoint is not None:
         state, from_file = _pruned_state(checkpoint)
         _check_pruned_state_fits(model, chosen, state)
+        for n, _ in chosen:  # the weights the layers will get: weight_orig * weight_mask where pruned
+            key = f"{n}.weight" if n else "weight"
+            _check_finite(state[key], f"checkpoint entry {key!r}" + (" (weight_orig * weight_mask)" if n in from_file
+                                                                      else ""))
         # prune's reparametrisation on the live model would fight the incoming weight: remove it.
         for _, m in chosen:
             if hasattr(m, "weight_orig"):
@@ -257,6 +275,12 @@ def from_pruned(model: nn.Module, checkpoint=None, *, masks: Optional[Mapping[st
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # (what the checks above cannot foresee)
             raise ValueError(f"checkpoint does not fit the model: {e}") from None
+    else:
+        for n, m in chosen:
+            if hasattr(m, "weight_mask") and hasattr(m, "weight_orig"):
+                _check_finite(m.weight_orig * m.weight_mask, f"layer {n!r}'s weight_orig * weight_mask")
+            else:
+                _check_finite(m.weight, f"layer {n!r}'s weight")
     found: Dict[str, Tensor] = {}
     for n, m in chosen:
         if masks is not None and n in masks:
