@@ -1,4 +1,6 @@
-"""Worker for test_torch_ddp: one rank of a 2-process DDP (gloo) training run over SparseLinear layers."""
+"""Worker for test_torch_ddp: one rank of a 2-process DDP (gloo) training run over sparsebp layers:
+SparseLinear ("linear"), or SparseConv2d (one padding in reflect mode) with a per-example
+MePropLinear ("conv")."""
 import os
 import sys
 
@@ -9,16 +11,24 @@ from torch import nn
 import sparsebp.torch as st
 
 
-def model(seed: int) -> nn.Module:
+def model(seed: int, kind: str = "linear") -> nn.Module:
     torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 5))
+    if kind == "conv":
+        # (per-example meProp selects within each example's row, so splitting the batch between
+        # processes selects what one process would on the whole batch)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                          st.MePropLinear(8 * 4 * 4, 16, k=4), nn.ReLU(), nn.Linear(16, 5))
+    else:
+        m = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 5))
     st.sparsify(m, 0.8, layers=["0", "2"])
     return m
 
 
-def data(steps: int, batch: int):
+def data(steps: int, batch: int, kind: str = "linear"):
     g = torch.Generator().manual_seed(123)
-    return [(torch.randn(batch, 24, generator=g), torch.randint(0, 5, (batch,), generator=g)) for _ in range(steps)]
+    shape = (batch, 3, 8, 8) if kind == "conv" else (batch, 24)
+    return [(torch.randn(*shape, generator=g), torch.randint(0, 5, (batch,), generator=g)) for _ in range(steps)]
 
 
 def train(m: nn.Module, batches, rank: int = 0, world: int = 1, device: str = "cpu"):
@@ -32,12 +42,12 @@ def train(m: nn.Module, batches, rank: int = 0, world: int = 1, device: str = "c
     return m
 
 
-def main(rank: int, world: int, port: str, out: str, device: str = "cpu") -> None:
+def main(rank: int, world: int, port: str, out: str, device: str = "cpu", kind: str = "linear") -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        m = model(0).to(device)
+        m = model(0, kind).to(device)
         ddp = nn.parallel.DistributedDataParallel(m)
-        train(ddp, data(4, 32), rank, world, device)
+        train(ddp, data(4, 32, kind), rank, world, device)
         if rank == 0:
             torch.save({k: v.cpu() for k, v in m.state_dict().items()}, out)
         elif device != "cpu":  # how many device structures the GPU path holds after the run

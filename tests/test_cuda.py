@@ -801,7 +801,8 @@ def test_gpu_sparse_conv2d_against_float64(batch, cin, cout, k, stride, padding,
 @gpu
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("k,padding,mode,layout", [(3, 1, "reflect", "nchw"), (4, "same", "zeros", "inner"),
-                                                   ((2, 3), "same", "circular", "inner"), (3, (2, 1), "replicate", "nchw")])
+                                                   ((2, 3), "same", "circular", "inner"),
+                                                   (3, (2, 1), "replicate", "nchw")])
 def test_gpu_sparse_conv2d_padding_modes(k, padding, mode, layout):
     """Padding modes and a one-sided 'same' on CUDA tensors (the input padded on the device first):
     output and gradients against a float64 nn.Conv2d with the same options on the CPU."""

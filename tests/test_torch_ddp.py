@@ -1,5 +1,6 @@
-"""SparseLinear under torch.distributed DDP (gloo, 2 processes on localhost): the same result as one
-process training on the combined batch."""
+"""sparsebp's layers under torch.distributed DDP (gloo, 2 processes on localhost): the same result as
+one process training on the combined batch. SparseLinear; and SparseConv2d (zero and reflect
+padding) with a per-example MePropLinear."""
 import os
 import socket
 import subprocess
@@ -30,13 +31,15 @@ def _gpu_reason() -> str:
     return ""
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(bool(_gpu_reason()),
                                                                                            reason=_gpu_reason()))])
-def test_ddp_two_processes_match_one_process(tmp_path, device):
+def test_ddp_two_processes_match_one_process(tmp_path, device, kind):
     out = os.fspath(tmp_path / "rank0.pt")
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_worker.py"), str(r), "2", port, out, device],
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_worker.py"), str(r), "2", port, out, device,
+                               kind],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     logs = []
     for p in procs:
@@ -48,7 +51,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, device):
             pytest.fail("DDP workers did not finish in 240 s")
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     got = torch.load(out, weights_only=True)
-    single = ddp_worker.train(ddp_worker.model(0), ddp_worker.data(4, 32))
+    single = ddp_worker.train(ddp_worker.model(0, kind), ddp_worker.data(4, 32, kind))
     want = single.state_dict()
     assert set(got) == set(want)
     tol = 2e-5 if device == "cpu" else 1e-4  # (GPU kernels against the CPU's: other summation orders)
@@ -58,7 +61,10 @@ def test_ddp_two_processes_match_one_process(tmp_path, device):
         else:
             assert torch.equal(got[k], want[k]), k  # the structure is never changed by training
     # Training changed the weights (the test would pass vacuously otherwise).
-    assert not torch.allclose(want["0.values"], ddp_worker.model(0).state_dict()["0.values"])
-    if device == "cuda":  # DDP broadcast the structure buffers into place every step: still one entry per layer
+    start = ddp_worker.model(0, kind).state_dict()
+    for k in ("0.values", "5.weight" if kind == "conv" else "2.values"):
+        assert not torch.allclose(want[k], start[k]), k
+    if device == "cuda" and kind == "linear":
+        # DDP broadcast the structure buffers into place every step: still one entry per layer
         with open(out + ".structures") as f:
             assert int(f.read()) == 2

@@ -335,7 +335,8 @@ class SparseConv2d(_SparseWeight):
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
                              f"groups ({groups})")
         if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {', '.join(map(repr, _PADDING_MODES))}; got {padding_mode!r}")
+            modes = ", ".join(map(repr, _PADDING_MODES))
+            raise ValueError(f"padding_mode must be one of {modes}; got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _conv._pair(kernel_size, "kernel_size", 1)
         self.stride = _conv._pair(stride, "stride", 1)
