@@ -986,8 +986,9 @@ class _PadBatchInner(torch.autograd.Function):
             out = c.new_zeros((ch, h + top + bottom, w + left + right, n))
             out[:, top:top + h, left:left + w] = c
         else:
-            hi = _pad_source(h, top, bottom, mode, x.device)
-            wi = _pad_source(w, left, right, mode, x.device)
+            # (kept for the backward: where each padded row and column came from)
+            ctx.sources = (_pad_source(h, top, bottom, mode, x.device), _pad_source(w, left, right, mode, x.device))
+            hi, wi = ctx.sources
             out = c[:, hi[:, None], wi[None, :], :]
         return out.permute(3, 0, 1, 2)
 
@@ -1000,14 +1001,13 @@ class _PadBatchInner(torch.autograd.Function):
             return _PadBatchInner._in_layout(ctx, gc[:, top:top + h, left:left + w].contiguous()), None, None
         gr = gc[:, top:top + h].contiguous()  # the interior rows, then the border rows folded in
         rows = list(range(top)) + list(range(top + h, top + h + bottom))
+        hi, wi = ctx.sources
         if rows:
-            src = _pad_source(h, top, bottom, ctx.mode, g.device)[rows]
-            gr.index_add_(1, src, gc[:, rows])
+            gr.index_add_(1, hi[rows], gc[:, rows])
         gx = gr[:, :, left:left + w].contiguous()
         cols = list(range(left)) + list(range(left + w, left + w + right))
         if cols:
-            src = _pad_source(w, left, right, ctx.mode, g.device)[cols]
-            gx.index_add_(2, src, gr[:, :, cols])
+            gx.index_add_(2, wi[cols], gr[:, :, cols])
         return _PadBatchInner._in_layout(ctx, gx), None, None
 
     @staticmethod

@@ -7,8 +7,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .modules import (SparseConv2d, SparseLinear, _check_mask, _check_no_nan, _check_sparsity, _magnitude_mask,
-                      random_mask)
+from .modules import (SparseConv2d, SparseLinear, _check_mask, _check_no_nan, _check_sparsity, _first_bad,
+                      _magnitude_mask, random_mask)
 
 __all__ = ["sparsify", "from_pruned", "densify", "Report", "LayerChange"]
 
@@ -133,11 +133,8 @@ def sparsify(model: nn.Module, sparsity: float, *, scheme: str = "magnitude", sc
 def _check_finite(weight: Tensor, name: str) -> None:
     """A ValueError naming ``name`` and the first position when ``weight`` holds NaN or infinity (a
     pruned checkpoint's layer would carry it into its outputs; ``load`` refuses such values too)."""
-    if weight.device.type == "meta":  # (no values: _convert says so)
-        return
-    bad = ~torch.isfinite(weight.detach())
-    if bool(bad.any()):
-        at = tuple(int(i) for i in bad.nonzero()[0])
+    at = _first_bad(weight, lambda w: ~torch.isfinite(w))
+    if at is not None:
         raise ValueError(f"{name} holds {weight.detach()[at].item()} at {at}; a layer is converted only from finite "
                          "weights")
 

@@ -27,12 +27,18 @@ def _kept(n: int, sparsity: float) -> int:
     return max(1, int(round((1.0 - sparsity) * n))) if n > 0 else 0
 
 
+def _first_bad(weight: Tensor, bad_of) -> Optional[tuple]:
+    """The position of the first entry of ``weight`` where ``bad_of(weight)`` is True, or None
+    (also for a meta weight: no values; the converters' own checks say so)."""
+    if weight.device.type == "meta":
+        return None
+    bad = bad_of(weight.detach())
+    return tuple(int(i) for i in bad.nonzero()[0]) if bool(bad.any()) else None
+
+
 def _check_no_nan(weight: Tensor, name: str) -> None:
-    if weight.device.type == "meta":  # (no values: the converters' own checks say so)
-        return
-    bad = torch.isnan(weight.detach())
-    if bool(bad.any()):
-        at = tuple(int(i) for i in bad.nonzero()[0])
+    at = _first_bad(weight, torch.isnan)
+    if at is not None:
         raise ValueError(f"{name} holds NaN (first at {at}); magnitude pruning is undefined there")
 
 
