@@ -14,6 +14,9 @@ Needs PyTorch (``pip install "sparsebp[torch]"``); ``import sparsebp`` alone nev
 Layout: outputs follow the input's layout. Row-major (the usual) input gives row-major output; an
 input with the batch innermost (``x.t().contiguous().t()``) gives such an output and skips the
 kernels' transposes, so a stack of sparse layers fed that way pays none.
+
+Under ``torch.autocast`` the layers run as autocast's float32 operators: a float16 / bfloat16 input
+is cast up and the output is float32.
 """
 try:
     import torch as _torch  # noqa: F401

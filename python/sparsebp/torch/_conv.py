@@ -877,6 +877,7 @@ def conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     _ops._check_tensor(x, "x")
     _ops._check_tensor(values, "values")
     _ops._check_same_device(x=x, values=values, bias=bias, indptr=indptr, indices=indices)
+    x = _ops.autocast_input(x, values.dtype)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (or float64, a slow reference path); got {x.dtype}")
     for t, name in ((values, "values"), (bias, "bias")):

@@ -454,6 +454,47 @@ def _linear_backward_cuda(grad_y, x, values, indptr, indices, out_features, inpu
 # ---------------------------------------------------------------------------------------------
 
 _FLOATS = (torch.float32, torch.float64)
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def autocasting(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` ("cpu" or "cuda") in this thread."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def autocast_input(x, dtype: torch.dtype):
+    """Under ``torch.autocast`` sparsebp's layers run in their own dtype (float32; float64 on the
+    reference path), as autocast's float32 operators do: a float16 / bfloat16 input, what an
+    autocast layer before them gives, is cast up (differentiably: its gradient comes back in the
+    input's dtype). Any other input is returned as it is, so outside autocast a float16 / bfloat16
+    input stays a TypeError."""
+    if (isinstance(x, torch.Tensor) and x.dtype in _LOW and dtype in _FLOATS
+            and x.device.type in ("cpu", "cuda") and autocasting(x.device.type)):
+        return x.to(dtype)
+    return x
+
+
+class no_autocast:
+    """Autocast off for the device type of a tensor while inside (a no-op when it is off): for
+    the torch products that the layers run themselves (the dense forward of ``MePropLinear``,
+    some of the GPU backwards), which autocast would otherwise run in its lower precision."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, t: Tensor) -> None:
+        dev = t.device.type
+        self.ctx = torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") and autocasting(dev) else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return False if self.ctx is None else self.ctx.__exit__(*exc)
 
 
 def _check_tensor(t, name: str) -> None:
@@ -501,6 +542,7 @@ def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, in
     if bias is not None:
         _check_tensor(bias, "bias")
     _check_same_device(x=x, values=values, bias=bias, indptr=indptr, indices=indices)
+    x = autocast_input(x, values.dtype)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float32 (or float64, a slow reference path); got {x.dtype}")
     for t, name in ((values, "values"), (bias, "bias")):

@@ -98,7 +98,8 @@ class _MePropLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, policy):
         ctx.save_for_backward(x, weight)
         ctx.policy, ctx.has_bias = policy, bias is not None
-        return torch.nn.functional.linear(x, weight, bias)
+        with _ops.no_autocast(x):  # (float32 under autocast, as the sparse backward)
+            return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -117,7 +118,8 @@ class _MePropLinearFn(torch.autograd.Function):
                 return dx, dw, gb, None
             # another policy (state on the host), or float64: the selected gradient, dense products
             gh = _cuda_selected(ctx.policy, g)
-            return (gh @ w if need_x else None), (gh.t() @ x if need_w else None), gb, None
+            with _ops.no_autocast(g):  # (a backward run inside an autocast region)
+                return (gh @ w if need_x else None), (gh.t() @ x if need_w else None), gb, None
         sel = _select(ctx.policy, g)
         gb = g.sum(0) if need_b else None
         if g.dtype != torch.float32:  # reference path (gradcheck): the same selection, dense products
@@ -161,12 +163,14 @@ class MePropLinear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         _ops._check_tensor(input, "input")
+        input = _ops.autocast_input(input, self.weight.dtype)
         if input.dtype != self.weight.dtype:
             raise TypeError(f"input must have the weight's dtype {self.weight.dtype}; got {input.dtype}")
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape (*, {self.in_features}); got {tuple(input.shape)}")
         if not torch.is_grad_enabled() or not (input.requires_grad or self.weight.requires_grad):
-            return super().forward(input)
+            with _ops.no_autocast(input):
+                return super().forward(input)
         lead = input.shape[:-1]
         x2 = input.reshape(lead.numel(), self.in_features)  # (-1 is ambiguous when in_features is 0)
         y = _MePropLinearFn.apply(x2, self.weight, self.bias, self.policy)
@@ -226,6 +230,7 @@ def sparse_meprop_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indp
     if not isinstance(policy, _alg.SparseGrad):
         raise TypeError(f"policy must be a sparsebp.algorithms policy; got {type(policy).__name__}")
     _ops._check_tensor(x, "x")
+    x = _ops.autocast_input(x, values.dtype)
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (*, {in_features}); got {tuple(x.shape)}")
     lead = x.shape[:-1]

@@ -379,10 +379,11 @@ class SparseConv2d(_SparseWeight):
 
     def forward(self, input: Tensor) -> Tensor:
         pads = getattr(self, "_input_pads", None)
-        if pads is None:
+        if pads is None:  # (conv2d casts a float16 / bfloat16 input up under autocast)
             return _conv.conv2d(input, self.values, self.bias, self.indptr, self.indices, self.in_channels,
                                 self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
                                 self.groups)
+        input = _ops.autocast_input(input, self.values.dtype)
         padded = _conv.pad_input(input, pads, self.padding_mode, self.in_channels, self.kernel_size, self.dilation)
         y = _conv.conv2d(padded, self.values, self.bias, self.indptr, self.indices, self.in_channels,
                          self.out_channels, self.kernel_size, self.stride, (0, 0), self.dilation, self.groups)
