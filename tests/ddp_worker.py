@@ -1,6 +1,7 @@
 """Worker for test_torch_ddp: one rank of a 2-process DDP (gloo) training run over sparsebp layers:
-SparseLinear ("linear"), or SparseConv2d (one padding in reflect mode) with a per-example
-MePropLinear ("conv")."""
+SparseLinear ("linear"), SparseLinear with per-example sparse gradients on one of them
+("linear_topk": sparse weights and meProp in one layer), or SparseConv2d (one padding in reflect
+mode) with a per-example MePropLinear ("conv")."""
 import os
 import sys
 
@@ -22,6 +23,10 @@ def model(seed: int, kind: str = "linear") -> nn.Module:
     else:
         m = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 5))
     st.sparsify(m, 0.8, layers=["0", "2"])
+    if kind == "linear_topk":  # (per example: each example's selection does not depend on the split)
+        from sparsebp.algorithms import MeProp
+
+        m[2].grad_policy = MeProp(k=6)
     return m
 
 

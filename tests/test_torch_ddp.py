@@ -1,6 +1,6 @@
 """sparsebp's layers under torch.distributed DDP (gloo, 2 processes on localhost): the same result as
-one process training on the combined batch. SparseLinear; and SparseConv2d (zero and reflect
-padding) with a per-example MePropLinear."""
+one process training on the combined batch. SparseLinear, also with per-example sparse gradients
+(grad_topk); and SparseConv2d (zero and reflect padding) with a per-example MePropLinear."""
 import os
 import socket
 import subprocess
@@ -31,7 +31,7 @@ def _gpu_reason() -> str:
     return ""
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "linear_topk", "conv"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(bool(_gpu_reason()),
                                                                                            reason=_gpu_reason()))])
 def test_ddp_two_processes_match_one_process(tmp_path, device, kind):
@@ -64,6 +64,9 @@ def test_ddp_two_processes_match_one_process(tmp_path, device, kind):
     start = ddp_worker.model(0, kind).state_dict()
     for k in ("0.values", "5.weight" if kind == "conv" else "2.values"):
         assert not torch.allclose(want[k], start[k]), k
+    if kind == "linear_topk":  # the top-k was in force: full gradients train layer 2 otherwise
+        full = ddp_worker.train(ddp_worker.model(0, "linear"), ddp_worker.data(4, 32, "linear")).state_dict()
+        assert not torch.allclose(want["2.values"], full["2.values"], atol=1e-4)
     if device == "cuda" and kind == "linear":
         # DDP broadcast the structure buffers into place every step: still one entry per layer
         with open(out + ".structures") as f:
