@@ -92,7 +92,7 @@ def _chwn(t: Tensor) -> Tensor:
     v = t.permute(1, 2, 3, 0)
     if v.is_contiguous():
         return v
-    if t.is_contiguous() and _fast_transpose(t):
+    if t.is_contiguous() and _fast_transpose(t) and not (t.requires_grad and torch.is_grad_enabled()):
         n = t.shape[0]
         out = torch.empty(v.shape, dtype=t.dtype)
         _core.transpose(t.detach().reshape(n, -1).numpy(), out.view(-1, n).numpy())
@@ -104,7 +104,7 @@ def _nchw(t: Tensor) -> Tensor:
     """(N, C, H, W)-contiguous view or copy of an (N, C, H, W) tensor."""
     if t.is_contiguous():
         return t
-    if is_batch_inner(t) and _fast_transpose(t):
+    if is_batch_inner(t) and _fast_transpose(t) and not (t.requires_grad and torch.is_grad_enabled()):
         n = t.shape[0]
         out = torch.empty(t.shape, dtype=t.dtype)
         _core.transpose(t.detach().permute(1, 2, 3, 0).reshape(-1, n).numpy(), out.view(n, -1).numpy())
@@ -814,12 +814,40 @@ def _conv_backward(ctx, grad_y, _grad_padded):
     none9 = (None,) * 9
     if grad_y is None or not (need_x or need_v or need_b):  # (None: the output did not reach the loss)
         return (None, None, None) + none9
+    if torch.is_grad_enabled():  # a graph-building backward (see _ops.with_graphed_backward)
+        return conv_grads_graphed(grad_y, x, values, indptr, indices, ctx.geom, need_x, need_v, need_b) + none9
     gi, gv, gb = conv2d_backward_op(grad_y, x, values, indptr, indices, *ctx.geom, need_x, need_v, need_b,
                                     x_padded)
     return (gi if need_x else None, gv if need_v else None, gb if need_b else None) + none9
 
 
 conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def conv_grads_graphed(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor, geom,
+                       need_x: bool, need_v: bool, need_b: bool):
+    """``(gi, gv, gb)`` of the convolution by torch's differentiable dense products (None where not
+    needed): the backward of a graph-building (create_graph=True) backward."""
+    out_channels, (kh, kw), stride, padding, dilation, groups = geom
+    w = _dense_weight(values, indptr, indices, out_channels, x.shape[1] // groups, kh, kw)
+    gi = gv = gb = None
+    if need_x:
+        gi = torch.nn.grad.conv2d_input(tuple(x.shape), w, grad_y, tuple(stride), tuple(padding), tuple(dilation),
+                                        groups)
+    if need_v:
+        gw = torch.nn.grad.conv2d_weight(x, tuple(w.shape), grad_y, tuple(stride), tuple(padding), tuple(dilation),
+                                         groups)
+        gv = gw.reshape(out_channels, -1)[_ops._rows_of(indptr, out_channels), indices.to(torch.int64)]
+    if need_b:
+        gb = grad_y.sum((0, 2, 3))
+    return gi, gv, gb
+
+
+def _conv2d_backward_graphed(ctx, grad_y):
+    x, values, indptr, indices, _x_padded = ctx.saved_tensors
+    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    return conv_grads_graphed(grad_y, x, values, indptr, indices, ctx.geom, need_x, need_v, need_b) + (None,) * 4
 
 
 def _conv2d_backward_eager(ctx, grad_y):
@@ -847,7 +875,7 @@ class _Conv2dEager(torch.autograd.Function):
         ctx.has_bias = bias is not None
         return y
 
-    backward = _ops.once_differentiable_when_graphed(_conv2d_backward_eager)
+    backward = _ops.with_graphed_backward(_conv2d_backward_eager, _conv2d_backward_graphed)
 
 
 _eager = _ops.eager
@@ -1036,13 +1064,16 @@ class _Subsample(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         sh, sw = ctx.stride_hw
-        if ctx.inner:
+        if ctx.inner and not torch.is_grad_enabled():
             # A pooled buffer (fresh ones this size fault their pages in: 2 of 4.5 ms here), zeroed
             # each time: autograd may add another gradient into it in place.
             n, c, h, w = ctx.shape
             arr = _pool.take(("out",), (c, h, w, n), zeroed=False)
             arr.fill(0.0)
             gx = _strided_alias(torch.from_numpy(arr), (n, c, h, w), _batch_inner_strides(n, c, h, w))
+        elif ctx.inner:  # (a graph-building backward: a tensor of its own, not a pooled buffer)
+            gx = torch.empty_strided(ctx.shape, _batch_inner_strides(*ctx.shape), dtype=g.dtype,
+                                     device=g.device).zero_()
         else:
             gx = g.new_zeros(ctx.shape)
         gx[:, :, ::sh, ::sw] = g

@@ -234,6 +234,9 @@ def _linear_backward(ctx, grad_y):
     need_x, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
     if not (need_x or need_v or need_b):
         return None, None, None, None, None, None
+    if torch.is_grad_enabled():  # a graph-building backward (see with_graphed_backward)
+        return (*linear_grads_graphed(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b),
+                None, None, None)
     gi, gv, gb = linear_backward_op(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b)
     return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
 
@@ -241,16 +244,66 @@ def _linear_backward(ctx, grad_y):
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def once_differentiable_when_graphed(fn):
-    """An autograd Function's ``backward`` running ``fn``: through ``once_differentiable`` (an error
-    if a second derivative is asked for) only when the backward builds a graph (create_graph=True),
-    since it costs ~30 us per call; directly otherwise."""
-    once = torch.autograd.function.once_differentiable(fn)
+def with_graphed_backward(kernels, graphed):
+    """An autograd Function's ``backward``: ``kernels`` (sparsebp's kernels, whose results carry no
+    graph) normally; ``graphed`` when the backward is itself being differentiated (it runs with
+    grad mode on: ``create_graph=True``, as gradient penalties, double backward and
+    Hessian-vector products ask), which gives the same gradients by torch's differentiable dense
+    products, at a dense layer's cost."""
 
     def backward(ctx, *grads):
-        return once(ctx, *grads) if torch.is_grad_enabled() else fn(ctx, *grads)
+        return graphed(ctx, *grads) if torch.is_grad_enabled() else kernels(ctx, *grads)
 
     return staticmethod(backward)
+
+
+def no_second_derivative(t: Optional[Tensor], why: str) -> Optional[Tensor]:
+    """t's values with a grad_fn that raises (RuntimeError, saying ``why``) if anything is
+    differentiated through it: for a gradient whose dependence on some input the backward cannot
+    follow, an error instead of a silently missing term."""
+    if t is None:
+        return None
+    return torch._C._functions.DelayedError(why.encode(), 1)(t.detach().requires_grad_())
+
+
+def linear_grads_graphed(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
+                         out_features: int, need_x: bool, need_v: bool, need_b: bool):
+    """``(gi, gv, gb)`` of ``y = x W^T + b`` by differentiable dense torch products (None where not
+    needed): the backward of a graph-building (create_graph=True) backward."""
+    w = _dense_weight(values, indptr, indices, out_features, x.shape[1])  # (differentiable in values)
+    gi = grad_y @ w if need_x else None
+    gv = (grad_y.t() @ x)[_rows_of(indptr, out_features), indices.to(torch.int64)] if need_v else None
+    gb = grad_y.sum(0) if need_b else None
+    return gi, gv, gb
+
+
+def _structure_tensors(s, device) -> Tuple[Tensor, Tensor]:
+    """(indptr int64, indices int64) of a validated CsrStructure, as tensors on ``device``."""
+    return (torch.from_numpy(np.array(s.indptr, dtype=np.int64)).to(device),
+            torch.from_numpy(np.array(s.indices, dtype=np.int64)).to(device))
+
+
+def _linear_backward_graphed(ctx, grad_y):
+    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    if ctx.cuda_state is not None:
+        x_or_xt, values = ctx.saved_tensors
+        _dev, ((ip, ix, *_), _ptrs), transposed, _cols = ctx.cuda_state
+        x = x_or_xt.t() if transposed else x_or_xt
+    elif ctx.cpu_structure is not None:
+        x, values = ctx.saved_tensors
+        ip, ix = _structure_tensors(ctx.cpu_structure, x.device)
+        transposed = False
+    else:
+        x, values, ip, ix = ctx.saved_tensors
+        transposed = False
+    gi, gv, gb = linear_grads_graphed(grad_y, x, values, ip, ix, ctx.out_features, need_x, need_v, need_b)
+    if transposed and gv is not None:
+        # (the forward kept a feature-major copy of x instead of x: gv's link to x is not there)
+        gv = no_second_derivative(gv, "sparsebp: this weight gradient of a SparseLinear on a CUDA tensor cannot "
+                                      "be differentiated again (its forward kept a transposed copy of the input, "
+                                      "not the input)")
+    return gi, gv, gb, None, None, None
 
 
 def _linear_backward_eager(ctx, grad_y):
@@ -307,7 +360,7 @@ class _LinearEager(torch.autograd.Function):
         ctx.save_for_backward(x, values, indptr, indices)
         return y
 
-    backward = once_differentiable_when_graphed(_linear_backward_eager)
+    backward = with_graphed_backward(_linear_backward_eager, _linear_backward_graphed)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -62,11 +62,12 @@ def _selected_grad(policy, sel, g: Tensor) -> Tensor:
     return torch.from_numpy(sel.grad).to(g.dtype)
 
 
-def _cuda_selected(policy: _alg.SparseGrad, g: Tensor) -> Tensor:
+def _cuda_selected(policy: _alg.SparseGrad, g: Tensor, with_mask: bool = False):
     """Ĝ for a CUDA gradient g: the gradient the policy propagates, zero outside its selection, on
     g's device in g's dtype. meProp selects on the GPU (on g rounded to float32, as on the CPU),
     without waiting for the device (a NaN is selected and propagates, where the CPU path raises);
-    another policy selects on the host (its state lives there), from a float32 copy of g."""
+    another policy selects on the host (its state lives there), from a float32 copy of g.
+    ``with_mask``: ``(Ĝ, the selection as a 0/1 tensor in g's dtype)``."""
     from .. import _cuda
 
     if type(policy) is _alg.MeProp:
@@ -76,12 +77,32 @@ def _cuda_selected(policy: _alg.SparseGrad, g: Tensor) -> Tensor:
         out = torch.zeros_like(g)
         if policy.mode == "example":
             idx = _cuda.topk(g32, k, dev, check_nan=False).long()
-            return out.scatter_(1, idx, g.gather(1, idx))
+            gh = out.scatter_(1, idx, g.gather(1, idx))
+            return (gh, torch.zeros_like(g).scatter_(1, idx, 1.0)) if with_mask else gh
         cols = _cuda.topk_columns(g32, k, dev, check_nan=False).long()
-        return out.index_copy_(1, cols, g.index_select(1, cols))
+        gh = out.index_copy_(1, cols, g.index_select(1, cols))
+        if with_mask:
+            mask = torch.zeros_like(g)
+            mask[:, cols] = 1.0
+            return gh, mask
+        return gh
     sel = policy.select(g.detach().to(torch.float32).cpu().contiguous().numpy())
     mask = torch.from_numpy(_mask_of(sel, tuple(g.shape))).to(g.device)
-    return _selected_grad(policy, sel, g).to(g.device) * mask
+    gh = _selected_grad(policy, sel, g).to(g.device) * mask
+    return (gh, mask.to(g.dtype)) if with_mask else gh
+
+
+def _selected_graphed(policy: _alg.SparseGrad, g: Tensor) -> Tensor:
+    """Ĝ for a graph-building backward (create_graph=True): Ĝ's values, with the derivative in g
+    of ``mask * g`` (the selection is piecewise constant in g; MSBP's memory is a constant)."""
+    gd = g.detach()
+    if g.is_cuda:
+        gh, mask = _cuda_selected(policy, gd, with_mask=True)
+    else:
+        sel = _select(policy, gd)
+        mask = torch.from_numpy(_mask_of(sel, tuple(g.shape))).to(g.dtype)
+        gh = _selected_grad(policy, sel, gd) * mask
+    return gh + (g - gd) * mask
 
 
 def _mask_of(sel, shape) -> np.ndarray:
@@ -106,6 +127,11 @@ class _MePropLinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if torch.is_grad_enabled():  # a graph-building backward (create_graph=True): dense, differentiable
+            gh = _selected_graphed(ctx.policy, g)
+            with _ops.no_autocast(g):
+                return ((gh @ w if need_x else None), (gh.t() @ x if need_w else None), (g.sum(0) if need_b else None),
+                        None)
         if g.is_cuda:
             gb = g.sum(0) if need_b else None
             if type(ctx.policy) is _alg.MeProp and g.dtype == torch.float32:  # sparsebp's CUDA kernels
@@ -203,6 +229,10 @@ class _SparseMePropFn(torch.autograd.Function):
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         gb = g.sum(0) if need_b else None
         none5 = (None,) * 5
+        if torch.is_grad_enabled():  # a graph-building backward (create_graph=True): dense, differentiable
+            gh = _selected_graphed(ctx.policy, g)
+            gi, gv, _ = _ops.linear_grads_graphed(gh, x, values, indptr, indices, ctx.shape[0], need_x, need_v, False)
+            return gi, gv, gb, *none5
         if g.is_cuda:  # the selected gradient through the layer's GPU products (float64: dense reference)
             gh = _cuda_selected(ctx.policy, g)
             out_f, in_f = ctx.shape
