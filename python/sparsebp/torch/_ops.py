@@ -22,6 +22,7 @@ which is cheap next to the kernels).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from typing import Optional, Tuple
@@ -530,24 +531,21 @@ def autocast_input(x, dtype: torch.dtype):
     return x
 
 
-class no_autocast:
-    """Autocast off for the device type of a tensor while inside (a no-op when it is off): for
-    the torch products that the layers run themselves (the dense forward of ``MePropLinear``,
-    some of the GPU backwards), which autocast would otherwise run in its lower precision."""
+_NO_CONTEXT = contextlib.nullcontext()
+# (a cheap first test; torch releases without it: always ask per device)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
-    __slots__ = ("ctx",)
 
-    def __init__(self, t: Tensor) -> None:
-        dev = t.device.type
-        self.ctx = torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") and autocasting(dev) else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return False if self.ctx is None else self.ctx.__exit__(*exc)
+def no_autocast(t: Tensor):
+    """A context with autocast off for ``t``'s device type (a shared no-op one when it is off): for
+    the torch products that the layers run themselves (the dense forward of ``MePropLinear``, some
+    of the GPU backwards), which autocast would otherwise run in its lower precision."""
+    if not _any_autocast():
+        return _NO_CONTEXT
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and autocasting(dev):
+        return torch.autocast(dev, enabled=False)
+    return _NO_CONTEXT
 
 
 def _check_tensor(t, name: str) -> None:
