@@ -39,10 +39,10 @@ def build(kind: str):
 def dense_weight64(layer) -> torch.Tensor:
     """Our layer's weight in float64, from its raw buffers (not through sparsebp)."""
     if isinstance(layer, st.MePropLinear):
-        return layer.weight.detach().double()
-    rows = np.repeat(np.arange(layer.indptr.numel() - 1), np.diff(layer.indptr.numpy()))
+        return layer.weight.detach().cpu().double()
+    rows = np.repeat(np.arange(layer.indptr.numel() - 1), np.diff(layer.indptr.cpu().numpy()))
     w = torch.zeros(layer._csr_shape, dtype=torch.float64)
-    w[torch.from_numpy(rows), layer.indices.long()] = layer.values.detach().double()
+    w[torch.from_numpy(rows), layer.indices.cpu().long()] = layer.values.detach().cpu().double()
     if isinstance(layer, st.SparseConv2d):
         w = w.reshape(layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
     return w
@@ -78,10 +78,11 @@ def reference(model, x, r, kind, dtype):
 
 def stored(layer, gw):
     """The dense weight gradient at the layer's stored positions."""
+    gw = gw.cpu()
     if isinstance(layer, st.MePropLinear):
         return gw
-    rows = np.repeat(np.arange(layer.indptr.numel() - 1), np.diff(layer.indptr.numpy()))
-    return gw.reshape(gw.shape[0], -1)[torch.from_numpy(rows), layer.indices.long()]
+    rows = np.repeat(np.arange(layer.indptr.numel() - 1), np.diff(layer.indptr.cpu().numpy()))
+    return gw.reshape(gw.shape[0], -1)[torch.from_numpy(rows), layer.indices.cpu().long()]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -44,8 +44,8 @@ def stored_mask(layer) -> torch.Tensor:
     """Where the sparse layer stores entries, from its raw buffers (not through sparsebp)."""
     rows, cols = layer._csr_shape
     m = torch.zeros(rows, cols, dtype=torch.bool)
-    r = np.repeat(np.arange(rows), np.diff(layer.indptr.numpy()))
-    m[torch.from_numpy(r), layer.indices.long()] = True
+    r = np.repeat(np.arange(rows), np.diff(layer.indptr.cpu().numpy()))
+    m[torch.from_numpy(r), layer.indices.cpu().long()] = True
     return m
 
 
@@ -106,7 +106,8 @@ def params_by_role(model, twin):
     for (name, mod), (_, tmod) in zip(model.named_children(), twin.named_children()):
         if isinstance(mod, (st.SparseLinear, st.SparseConv2d)):
             keep = stored_mask(mod)
-            out.append((name + ".values", mod.values.grad, tmod.weight.grad.reshape(keep.shape)[keep]))
+            want = tmod.weight.grad.reshape(keep.shape)[keep.to(tmod.weight.device)]
+            out.append((name + ".values", mod.values.grad, want))
             out.append((name + ".bias", mod.bias.grad, tmod.bias.grad))
         else:
             for (pn, p), (_, tp) in zip(mod.named_parameters(), tmod.named_parameters()):
