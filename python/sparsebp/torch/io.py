@@ -5,6 +5,7 @@ A file holds the model's ``state_dict`` and a small JSON description of which mo
 converted), swaps the listed modules for sparse ones with the file's structures, then loads the
 state strictly. Anything that does not fit is a ``ValueError`` naming the file and the entry.
 ``.pt`` files are read with ``weights_only=True`` (no arbitrary code runs on load).
+Training settings (a ``SparseLinear``'s sparse-gradient policy) are not saved: set them again.
 """
 from __future__ import annotations
 
