@@ -249,7 +249,7 @@ def sddmm(dev: int, st: int, g, x, indptr: int, indices: int, dvalues: int, dbia
                      g.data_ptr(), g.stride(0), partials=pp, parts=parts, nnz=max(nnz, 0))
 
 
-_STRUCTS: "OrderedDict[int, tuple]" = OrderedDict()
+_STRUCTS: "OrderedDict[tuple, tuple]" = OrderedDict()  # (id(structure), device) -> (structure, tensors)
 
 
 def _structure(w, dev: int) -> dict:
