@@ -40,9 +40,8 @@ def dense_weight64(layer) -> torch.Tensor:
     """Our layer's weight in float64, from its raw buffers (not through sparsebp)."""
     if isinstance(layer, st.MePropLinear):
         return layer.weight.detach().cpu().double()
-    rows = np.repeat(np.arange(layer.indptr.numel() - 1), np.diff(layer.indptr.cpu().numpy()))
-    w = torch.zeros(layer._csr_shape, dtype=torch.float64)
-    w[torch.from_numpy(rows), layer.indices.cpu().long()] = layer.values.detach().cpu().double()
+    w = torch.from_numpy(ref.dense_from_csr(layer.indptr.cpu().numpy(), layer.indices.cpu().numpy(),
+                                            layer.values.detach().cpu().numpy(), layer._csr_shape))
     if isinstance(layer, st.SparseConv2d):
         w = w.reshape(layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
     return w
@@ -81,8 +80,8 @@ def stored(layer, gw):
     gw = gw.cpu()
     if isinstance(layer, st.MePropLinear):
         return gw
-    rows = np.repeat(np.arange(layer.indptr.numel() - 1), np.diff(layer.indptr.cpu().numpy()))
-    return gw.reshape(gw.shape[0], -1)[torch.from_numpy(rows), layer.indices.cpu().long()]
+    rows = torch.from_numpy(ref.rows_of(layer.indptr.cpu().numpy()))
+    return gw.reshape(gw.shape[0], -1)[rows, layer.indices.cpu().long()]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -152,13 +152,11 @@ def _linear_ref(x, values, bias, indptr, indices, out_features) -> Tensor:
 
 def _linear_backward_ref(gy, x, values, indptr, indices, out_features, gi, gv, gb):
     """float64 path of the backward into the given outputs (an empty one is skipped)."""
-    w = _dense_weight(values, indptr, indices, out_features, x.shape[1])
-    if gi.numel():
-        gi.copy_(gy @ w)
-    if gv.numel():
-        gv.copy_((gy.t() @ x)[_rows_of(indptr, out_features), indices.to(torch.int64)])
-    if gb.numel():
-        gb.copy_(gy.sum(0))
+    grads = linear_grads_dense(gy, x, values, indptr, indices, out_features, gi.numel() > 0, gv.numel() > 0,
+                               gb.numel() > 0)
+    for out, g in zip((gi, gv, gb), grads):
+        if g is not None:
+            out.copy_(g)
     return gi, gv, gb
 
 
@@ -236,7 +234,7 @@ def _linear_backward(ctx, grad_y):
     if not (need_x or need_v or need_b):
         return None, None, None, None, None, None
     if torch.is_grad_enabled():  # a graph-building backward (see with_graphed_backward)
-        return (*linear_grads_graphed(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b),
+        return (*linear_grads_dense(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b),
                 None, None, None)
     gi, gv, gb = linear_backward_op(grad_y, x, values, indptr, indices, ctx.out_features, need_x, need_v, need_b)
     return (gi if need_x else None, gv if need_v else None, gb if need_b else None, None, None, None)
@@ -267,10 +265,11 @@ def no_second_derivative(t: Optional[Tensor], why: str) -> Optional[Tensor]:
     return torch._C._functions.DelayedError(why.encode(), 1)(t.detach().requires_grad_())
 
 
-def linear_grads_graphed(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
+def linear_grads_dense(grad_y: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor,
                          out_features: int, need_x: bool, need_v: bool, need_b: bool):
     """``(gi, gv, gb)`` of ``y = x W^T + b`` by differentiable dense torch products (None where not
-    needed): the backward of a graph-building (create_graph=True) backward."""
+    needed): the float64 reference path, and the backward of a graph-building (create_graph=True)
+    backward."""
     w = _dense_weight(values, indptr, indices, out_features, x.shape[1])  # (differentiable in values)
     gi = grad_y @ w if need_x else None
     gv = (grad_y.t() @ x)[_rows_of(indptr, out_features), indices.to(torch.int64)] if need_v else None
@@ -298,7 +297,7 @@ def _linear_backward_graphed(ctx, grad_y):
     else:
         x, values, ip, ix = ctx.saved_tensors
         transposed = False
-    gi, gv, gb = linear_grads_graphed(grad_y, x, values, ip, ix, ctx.out_features, need_x, need_v, need_b)
+    gi, gv, gb = linear_grads_dense(grad_y, x, values, ip, ix, ctx.out_features, need_x, need_v, need_b)
     if transposed and gv is not None:
         # (the forward kept a feature-major copy of x instead of x: gv's link to x is not there)
         gv = no_second_derivative(gv, "sparsebp: this weight gradient of a SparseLinear on a CUDA tensor cannot "

@@ -127,13 +127,10 @@ class _MePropLinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        gb = g.sum(0) if need_b else None
         if torch.is_grad_enabled():  # a graph-building backward (create_graph=True): dense, differentiable
             gh = _selected_graphed(ctx.policy, g)
-            with _ops.no_autocast(g):
-                return ((gh @ w if need_x else None), (gh.t() @ x if need_w else None), (g.sum(0) if need_b else None),
-                        None)
-        if g.is_cuda:
-            gb = g.sum(0) if need_b else None
+        elif g.is_cuda:
             if type(ctx.policy) is _alg.MeProp and g.dtype == torch.float32:  # sparsebp's CUDA kernels
                 from .. import _cuda
 
@@ -142,19 +139,19 @@ class _MePropLinearFn(torch.autograd.Function):
                                                      ctx.policy.k_for(g.shape[1]), ctx.policy.mode, need_x, need_w,
                                                      False, dev, check_nan=False)
                 return dx, dw, gb, None
-            # another policy (state on the host), or float64: the selected gradient, dense products
-            gh = _cuda_selected(ctx.policy, g)
-            with _ops.no_autocast(g):  # (a backward run inside an autocast region)
-                return (gh @ w if need_x else None), (gh.t() @ x if need_w else None), gb, None
-        sel = _select(ctx.policy, g)
-        gb = g.sum(0) if need_b else None
-        if g.dtype != torch.float32:  # reference path (gradcheck): the same selection, dense products
+            gh = _cuda_selected(ctx.policy, g)  # another policy (state on the host), or float64
+        else:
+            sel = _select(ctx.policy, g)
+            if g.dtype == torch.float32:  # sparsebp's CPU kernels
+                res = selected_backward(sel.grad, x.detach().contiguous().numpy(), w.detach().contiguous().numpy(),
+                                        sel.cols, sel.mode, input_grad=need_x, weight_grad=need_w, bias_grad=False)
+                return (torch.from_numpy(res.input) if need_x else None,
+                        torch.from_numpy(res.weight) if need_w else None, gb, None)
+            # the reference path (gradcheck): the same selection
             gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))
+        # the selected gradient through dense products (autocast off: a backward may run inside its region)
+        with _ops.no_autocast(g):
             return (gh @ w if need_x else None), (gh.t() @ x if need_w else None), gb, None
-        res = selected_backward(sel.grad, x.detach().contiguous().numpy(), w.detach().contiguous().numpy(), sel.cols,
-                                sel.mode, input_grad=need_x, weight_grad=need_w, bias_grad=False)
-        return (torch.from_numpy(res.input) if need_x else None,
-                torch.from_numpy(res.weight) if need_w else None, gb, None)
 
 
 class MePropLinear(nn.Linear):
@@ -206,15 +203,6 @@ class MePropLinear(nn.Linear):
         return super().extra_repr() + f", grad={self.policy!r}"
 
 
-def _dense_reference(gh: Tensor, x: Tensor, values: Tensor, indptr: Tensor, indices: Tensor, shape,
-                     need_x: bool, need_v: bool):
-    """(dx, dvalues) of the sparse layer from the selected gradient gh by dense products (the
-    float64 reference path, for gradcheck), on gh's device."""
-    wd = _ops._dense_weight(values, indptr, indices, *shape)
-    gv = (gh.t() @ x)[_ops._rows_of(indptr, shape[0]), indices.to(torch.int64)] if need_v else None
-    return (gh @ wd if need_x else None), gv
-
-
 class _SparseMePropFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, indptr, indices, in_f, out_f, policy):
@@ -229,28 +217,29 @@ class _SparseMePropFn(torch.autograd.Function):
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         gb = g.sum(0) if need_b else None
         none5 = (None,) * 5
+        out_f, in_f = ctx.shape
         if torch.is_grad_enabled():  # a graph-building backward (create_graph=True): dense, differentiable
             gh = _selected_graphed(ctx.policy, g)
-            gi, gv, _ = _ops.linear_grads_graphed(gh, x, values, indptr, indices, ctx.shape[0], need_x, need_v, False)
-            return gi, gv, gb, *none5
-        if g.is_cuda:  # the selected gradient through the layer's GPU products (float64: dense reference)
+        elif g.is_cuda:
             gh = _cuda_selected(ctx.policy, g)
-            out_f, in_f = ctx.shape
-            if g.dtype != torch.float32:
-                return (*_dense_reference(gh, x, values, indptr, indices, ctx.shape, need_x, need_v), gb, *none5)
-            ptrs = _ops._cuda_structure(indptr, indices, out_f, in_f)
-            dx, dv, _ = _ops._cuda_backward(gh, x, None, values.detach(), _ops._cuda_dev(g), ptrs, in_f, out_f,
-                                            need_x, need_v, False)
-            return dx, dv, gb, *none5
-        sel = _select(ctx.policy, g)
-        if g.dtype != torch.float32:  # reference path (gradcheck)
-            gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))
-            return (*_dense_reference(gh, x, values, indptr, indices, ctx.shape, need_x, need_v), gb, *none5)
-        # (the structure validated once and cached per index tensors, as the forward's)
-        w = CSR._from_structure(_ops.structure_of(indptr, indices, *ctx.shape), values.detach().numpy())
-        dx, dv, _ = csr_selected_backward(sel.grad, x.detach().contiguous().numpy(), w, sel.cols, sel.mode,
-                                          input_grad=need_x)
-        return (torch.from_numpy(dx) if need_x else None), (torch.from_numpy(dv) if need_v else None), gb, *none5
+            if g.dtype == torch.float32:  # the selected gradient through the layer's GPU products
+                ptrs = _ops._cuda_structure(indptr, indices, out_f, in_f)
+                dx, dv, _ = _ops._cuda_backward(gh, x, None, values.detach(), _ops._cuda_dev(g), ptrs, in_f, out_f,
+                                                need_x, need_v, False)
+                return dx, dv, gb, *none5
+        else:
+            sel = _select(ctx.policy, g)
+            if g.dtype == torch.float32:
+                # (the structure validated once and cached per index tensors, as the forward's)
+                w = CSR._from_structure(_ops.structure_of(indptr, indices, *ctx.shape), values.detach().numpy())
+                dx, dv, _ = csr_selected_backward(sel.grad, x.detach().contiguous().numpy(), w, sel.cols, sel.mode,
+                                                  input_grad=need_x)
+                return ((torch.from_numpy(dx) if need_x else None), (torch.from_numpy(dv) if need_v else None), gb,
+                        *none5)
+            gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))  # (gradcheck)
+        # float64 (the reference path) or a graph-building backward: dense products
+        gi, gv, _ = _ops.linear_grads_dense(gh, x, values, indptr, indices, out_f, need_x, need_v, False)
+        return gi, gv, gb, *none5
 
 
 def sparse_meprop_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
