@@ -126,7 +126,7 @@ def test_gradient_penalty_against_float64_dense_twin(isa, kind):
         assert got is not None, f"{name}: no gradient (the second-order term went missing)"
         scale = float(want.abs().max())
         err = float((got.double() - want).abs().max())
-        assert err <= 1e-4 * scale + 1e-6, f"{name}: max error {err:.3e} (scale {scale:.3e})"
+        assert err <= 1e-5 * scale + 1e-7, f"{name}: max error {err:.3e} (scale {scale:.3e})"  # (3.5e-7 seen)
     # the sparse layer's parameters did get a second-order gradient (the test is not vacuous)
     ours = [g for n, g, _ in params_by_role(model, twin) if n.startswith(("2.", "3."))]
     assert any(float(g.abs().max()) > 0 for g in ours)
