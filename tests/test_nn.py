@@ -208,6 +208,41 @@ def test_mesimp_shrunk_network_computes_the_masked_function():
     nn.fit(model, opt, X, y, epochs=1, batch=8, progress=False)  # trains on after shrinking
 
 
+def test_policy_settings_round_trip_through_json():
+    """settings() -> JSON -> from_settings gives a fresh policy of the same type and settings (no
+    state), for every built-in policy and both ways of giving k; anything else is an error."""
+    import json
+
+    pols = [alg.MeProp(k=7), alg.MeProp(ratio=0.3, mode="unified"), alg.MSBP(k=2, alpha=0.25),
+            alg.MSBP(ratio=0.1, alpha=0.0), alg.MeSimp(k=4, p=0.2), alg.MeSimp(ratio=0.5)]
+    for pol in pols:
+        if isinstance(pol, alg.MSBP):
+            pol.select(np.ones((2, 10), np.float32))  # some state, which is not carried over
+        back = alg.from_settings(json.loads(json.dumps(pol.settings())))
+        assert type(back) is type(pol) and repr(back) == repr(pol)
+        assert (back.k, back.ratio, back.mode) == (pol.k, pol.ratio, pol.mode)
+        assert back is not pol and getattr(back, "memory", None) is None
+    good = alg.MeProp(k=3).settings()
+    with pytest.raises(TypeError, match="settings must be a dict"):
+        alg.from_settings([good])
+    with pytest.raises(ValueError, match=r"settings\['type'\] must be one of"):
+        alg.from_settings(dict(good, type="TopK"))
+    with pytest.raises(ValueError, match="must have the keys"):
+        alg.from_settings(dict(good, alpha=0.5))
+    with pytest.raises(ValueError, match="must have the keys"):
+        alg.from_settings({k: v for k, v in good.items() if k != "mode"})
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        alg.from_settings(dict(good, k=-1))
+    with pytest.raises(ValueError, match="alpha"):
+        alg.from_settings(alg.MSBP(k=1).settings() | {"alpha": 2.0})
+
+    class Mine(alg.SparseGrad):
+        pass
+
+    with pytest.raises(NotImplementedError, match="only the built-in"):
+        Mine(k=1).settings()
+
+
 def test_policy_arguments():
     with pytest.raises(ValueError, match="exactly one"):
         alg.MeProp()

@@ -492,3 +492,131 @@ def test_from_pruned_failure_leaves_the_model_as_it_was():
     assert hasattr(m[0], "weight_orig") and all(type(x) is not st.SparseLinear for x in m.modules())
     after = m.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _policy_model(seed=0):
+    """mlp() with every kind of saved policy: MSBP and unified meProp on sparse layers, a
+    MePropLinear (per-example meProp) as the dense classifier."""
+    from sparsebp import algorithms as alg
+
+    m = mlp(seed)
+    st.sparsify(m, 0.8, layers=["0", "2.0"])
+    m[0].grad_policy = alg.MSBP(k=5, alpha=0.5)
+    m[2][0].grad_policy = alg.MeProp(ratio=0.25, mode="unified")
+    m[3] = st.MePropLinear.from_linear(m[3], k=3)
+    return m
+
+
+def _train(model, steps=3):
+    g = torch.Generator().manual_seed(5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        x, y = torch.randn(9, 20, generator=g), torch.randint(0, 10, (9,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_save_load_keeps_sparse_gradient_policies(tmp_path, ext):
+    """A model saved with sparse-gradient policies and loaded into its dense architecture trains as
+    the original does (MSBP's memory starting afresh in both), step for step; with the policies
+    dropped (what load did before they were saved) it trains differently."""
+    m = _policy_model()
+    path = tmp_path / f"model.{ext}"
+    st.save(m, path)
+    fresh = st.load(mlp(7), path)
+    assert [type(x).__name__ for x in fresh.modules()] == [type(x).__name__ for x in m.modules()]
+    assert repr(fresh) == repr(m)
+    assert fresh[0].grad_policy is not m[0].grad_policy  # each loaded layer has its own policy
+    full = st.load(mlp(7), path)
+    full[0].grad_policy = full[2][0].grad_policy = None
+    full[3] = nn.Linear(48, 10)
+    full[3].load_state_dict(m[3].state_dict())
+    want = _train(m)
+    assert torch.equal(_train(fresh), want)
+    assert not torch.allclose(_train(full), want, atol=1e-4)
+
+
+def test_load_keeps_a_policy_set_on_the_model(tmp_path):
+    """A layer that already has a policy keeps it; one without gets the file's; a file without
+    policies leaves the model's alone; a model's own policy type is not saved (with a warning)."""
+    from sparsebp import algorithms as alg
+
+    m = _policy_model()
+    path = tmp_path / "model.pt"
+    st.save(m, path)
+    target = mlp(3)
+    st.sparsify(target, 0.8, layers=["0", "2.0"])
+    target[0].grad_policy = alg.MeProp(k=2)
+    target[3] = st.MePropLinear.from_linear(target[3], k=9)
+    st.load(target, path)
+    assert repr(target[0].grad_policy) == "MeProp(k=2, mode='example')"
+    assert repr(target[2][0].grad_policy) == "MeProp(ratio=0.25, mode='unified')"
+    assert repr(target[3].policy) == "MeProp(k=9, mode='example')"
+    plain = mlp()
+    st.sparsify(plain, 0.8, layers=["0", "2.0"])
+    st.save(plain, tmp_path / "plain.pt")
+    st.load(target, tmp_path / "plain.pt")
+    assert repr(target[0].grad_policy) == "MeProp(k=2, mode='example')"
+
+    class Mine(alg.MeProp):
+        pass
+
+    m[0].grad_policy = Mine(k=4)
+    with pytest.warns(UserWarning, match="'0' has a policy of its own type"):
+        st.save(m, path)
+    back = st.load(mlp(), path)
+    assert back[0].grad_policy is None and back[2][0].grad_policy is not None
+
+
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_load_bad_policy_entries(tmp_path, ext):
+    """A policy entry that is not one of ours, names a module the model lacks or of another kind,
+    or holds settings a policy refuses is a ValueError naming the file and the module, and the model
+    stays as it was."""
+    from safetensors.torch import save_file
+
+    m = _policy_model()
+    good_path = tmp_path / f"good.{ext}"
+    st.save(m, good_path)
+    if ext == "pt":
+        good = torch.load(good_path, weights_only=True)
+        meta, sd = good["sparsebp"], good["state_dict"]
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(good_path), framework="pt") as f:
+            meta = json.loads(f.metadata()["sparsebp"])
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    pols = meta["grad_policies"]
+    assert set(pols) == {"0", "2.0", "3"}
+    cases = [
+        ([1, 2], "grad_policies must be an object"),
+        (dict(pols, **{"0": "MeProp"}), "unknown grad policy entry for '0'"),
+        (dict(pols, **{"0": dict(pols["0"], layer="SparseConv2d")}), "unknown grad policy entry for '0'"),
+        (dict(pols, **{"0": dict(pols["0"], policy=dict(pols["0"]["policy"], type="Random"))}),
+         "the grad policy of '0': settings\\['type'\\]"),
+        (dict(pols, **{"0": dict(pols["0"], policy=dict(pols["0"]["policy"], k=-3))}),
+         "the grad policy of '0': k must be >= 0"),
+        (dict(pols, **{"0": dict(pols["0"], policy=dict(pols["0"]["policy"], alpha="x"))}),
+         "the grad policy of '0': alpha must be a number"),
+        (dict(pols, **{"9": pols["0"]}), "'9', a module the model does not have"),
+        (dict(pols, **{"1": pols["3"]}), "module '1' is ReLU\\(\\) in the model but a MePropLinear"),
+        (dict(pols, **{"3": dict(pols["3"], layer="SparseLinear")}), "module '3' is Linear.* but a SparseLinear"),
+    ]
+    for i, (entries, match) in enumerate(cases):
+        bad_meta = dict(meta, grad_policies=entries)
+        path = tmp_path / f"bad{i}.{ext}"
+        if ext == "pt":
+            torch.save({"sparsebp": bad_meta, "state_dict": sd}, path)
+        else:
+            save_file(sd, str(path), metadata={"sparsebp": json.dumps(bad_meta)})
+        target = mlp(3)
+        types = [type(x) for x in target.modules()]
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            st.load(target, path)
+        assert [type(x) for x in target.modules()] == types
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())

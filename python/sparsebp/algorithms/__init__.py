@@ -22,7 +22,7 @@ import numpy as np
 from .. import _core
 from ..sparse_grad import _check_k, _rows_f32, topk, topk_columns
 
-__all__ = ["MeProp", "MSBP", "MeSimp", "MeSimpSchedule", "SparseGrad", "Selection"]
+__all__ = ["MeProp", "MSBP", "MeSimp", "MeSimpSchedule", "SparseGrad", "Selection", "from_settings"]
 
 
 def _unit_number(v, name: str) -> float:
@@ -93,6 +93,12 @@ class SparseGrad:
         per backward, in order; stateful policies (MSBP's memory, meSimp's counters) update here."""
         raise NotImplementedError
 
+    def settings(self) -> dict:
+        """The policy's settings as a JSON-able dict (``{"type": "MeProp", "k": 20, ...}``), which
+        ``from_settings`` turns back into a fresh policy. State (MSBP's memory, meSimp's counters)
+        is not part of it. Only the built-in policies have settings."""
+        raise NotImplementedError(f"{type(self).__name__} has no settings(); only the built-in policies do")
+
     def _desc(self) -> str:
         return f"k={self.k}" if self.k is not None else f"ratio={self.ratio}"
 
@@ -114,6 +120,9 @@ class MeProp(SparseGrad):
         k = self.k_for(g.shape[1])
         cols = topk(g, k) if self.mode == "example" else topk_columns(g, k)
         return Selection(self.mode, cols, g)
+
+    def settings(self) -> dict:
+        return dict(type="MeProp", k=self.k, ratio=self.ratio, mode=self.mode)
 
     def __repr__(self) -> str:
         return f"MeProp({self._desc()}, mode={self.mode!r})"
@@ -157,6 +166,9 @@ class MSBP(SparseGrad):
         self.memory = nxt
         return Selection("unified", cols, u)
 
+    def settings(self) -> dict:
+        return dict(type="MSBP", k=self.k, ratio=self.ratio, alpha=self.alpha)
+
     def __repr__(self) -> str:
         return f"MSBP({self._desc()}, alpha={self.alpha})"
 
@@ -192,8 +204,30 @@ class MeSimp(MeProp):
         self.seen = 0
         return keep
 
+    def settings(self) -> dict:
+        return dict(type="MeSimp", k=self.k, ratio=self.ratio, p=self.p)
+
     def __repr__(self) -> str:
         return f"MeSimp({self._desc()}, p={self.p})"
+
+
+_SETTINGS = {"MeProp": (MeProp, ("mode",)), "MSBP": (MSBP, ("alpha",)), "MeSimp": (MeSimp, ("p",))}
+
+
+def from_settings(settings: dict) -> SparseGrad:
+    """A fresh policy from ``policy.settings()`` (as read back from JSON, say). Anything else (an
+    unknown type, a missing or extra key, a value the policy refuses) is a ``TypeError`` or
+    ``ValueError`` naming it."""
+    if not isinstance(settings, dict):
+        raise TypeError(f"settings must be a dict; got {type(settings).__name__}")
+    kind = settings.get("type")
+    if not isinstance(kind, str) or kind not in _SETTINGS:
+        raise ValueError(f"settings['type'] must be one of {sorted(_SETTINGS)}; got {kind!r}")
+    cls, extra = _SETTINGS[kind]
+    want = {"type", "k", "ratio", *extra}
+    if set(settings) != want:
+        raise ValueError(f"settings of a {kind} must have the keys {sorted(want)}; got {sorted(settings)}")
+    return cls(k=settings["k"], ratio=settings["ratio"], **{e: settings[e] for e in extra})
 
 
 class MeSimpSchedule:

@@ -5,18 +5,26 @@ A file holds the model's ``state_dict`` and a small JSON description of which mo
 converted), swaps the listed modules for sparse ones with the file's structures, then loads the
 state strictly. Anything that does not fit is a ``ValueError`` naming the file and the entry.
 ``.pt`` files are read with ``weights_only=True`` (no arbitrary code runs on load).
-Training settings (a ``SparseLinear``'s sparse-gradient policy) are not saved: set them again.
+
+The sparse-gradient policies of ``SparseLinear`` (``grad_topk`` / ``grad_policy``) and
+``MePropLinear`` layers are saved as their settings (``policy.settings()``; not their state: MSBP's
+memory and meSimp's counters start afresh, as an optimizer's state would without its own file).
+``load`` gives each layer that has no policy the file's, turning a dense ``nn.Linear`` the file
+knows as a ``MePropLinear`` into one; a policy already set on the model is kept.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Tuple
+import warnings
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
+from .. import algorithms as _alg
 from .convert import _fit_problems, _places, _replace
+from .meprop import MePropLinear
 from .modules import SparseConv2d, SparseLinear, check_structure_entries, conv_padding
 
 __all__ = ["save", "load"]
@@ -39,13 +47,86 @@ def _geometry(m: nn.Module) -> dict:
     return geometry
 
 
+_BUILT_IN_POLICIES = (_alg.MeProp, _alg.MSBP, _alg.MeSimp)
+
+
+def _policy_of(m: nn.Module):
+    """(layer kind, its sparse-gradient policy or None) of a module that can have one, else None."""
+    if isinstance(m, SparseLinear):
+        return "SparseLinear", m.__dict__.get("grad_policy")
+    if isinstance(m, MePropLinear):
+        return "MePropLinear", m.__dict__.get("policy")
+    return None
+
+
+def _policies(model: nn.Module) -> dict:
+    """{module name: {"layer": kind, "policy": settings}} of the layers with a built-in policy."""
+    out = {}
+    for n, m in model.named_modules():
+        kind_policy = _policy_of(m)
+        if kind_policy is None or kind_policy[1] is None:
+            continue
+        kind, policy = kind_policy
+        if type(policy) not in _BUILT_IN_POLICIES:
+            warnings.warn(f"the {kind} {n!r} has a policy of its own type ({type(policy).__name__}), which is not "
+                          f"saved: set it again after loading", UserWarning, stacklevel=3)
+            continue
+        out[n] = dict(layer=kind, policy=policy.settings())
+    return out
+
+
 def _describe(model: nn.Module) -> dict:
     sparse = {}
     for n, m in model.named_modules():
         for tname, (cls, _) in _TYPES.items():
             if isinstance(m, cls):
                 sparse[n] = dict(type=tname, **_geometry(m))
-    return dict(format=_FORMAT, version=_VERSION, sparse_modules=sparse)
+    # (A key that readers before it ignore: they load the weights and drop the policies, as they did.)
+    return dict(format=_FORMAT, version=_VERSION, sparse_modules=sparse, grad_policies=_policies(model))
+
+
+def _plan_policies(p: str, model: nn.Module, entries, swaps) -> List[tuple]:
+    """What ``load`` will do with the file's policies, checked before anything changes: a list of
+    (name, module after the swaps, policy). A module that already has a policy keeps it."""
+    if entries is None:
+        return []
+    if not isinstance(entries, dict):
+        raise ValueError(f"{p}: grad_policies must be an object; got {type(entries).__name__}")
+    swapped = {name: new for name, _, new in swaps}
+    plan = []
+    for name, d in entries.items():
+        if not isinstance(d, dict) or set(d) != {"layer", "policy"} or d["layer"] not in ("SparseLinear",
+                                                                                          "MePropLinear"):
+            raise ValueError(f"{p}: unknown grad policy entry for {name!r}: {d!r}")
+        try:
+            policy = _alg.from_settings(d["policy"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{p}: the grad policy of {name!r}: {e}") from None
+        try:
+            m = swapped[name] if name in swapped else model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{p}: the file has a grad policy for {name!r}, a module the model does not have") from None
+        kind_policy = _policy_of(m)
+        if kind_policy is not None and kind_policy[0] == d["layer"]:
+            if kind_policy[1] is None:
+                plan.append((name, m, policy))
+        elif d["layer"] == "MePropLinear" and type(m) is nn.Linear:
+            if name == "":
+                raise ValueError(f"{p}: the model itself is a MePropLinear in the file; load into MePropLinear directly")
+            plan.append((name, m, policy))
+        else:
+            raise ValueError(f"{p}: module {name!r} is {m!r} in the model but a {d['layer']} in the file")
+    return plan
+
+
+def _apply_policies(model: nn.Module, plan) -> None:
+    for name, m, policy in plan:
+        if isinstance(m, SparseLinear):
+            m.grad_policy = policy
+        else:  # a dense nn.Linear the file knows as a MePropLinear (weights loaded already)
+            new = MePropLinear.from_linear(m, policy=policy)
+            new.train(m.training)
+            _replace(model, name, new)
 
 
 def _is_safetensors(path) -> bool:
@@ -105,7 +186,8 @@ def _read_any(path) -> Tuple[Dict[str, torch.Tensor], dict]:
 
 def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
     """Load a file written by ``save`` into ``model`` (converting the listed modules to sparse ones
-    first) and return ``model``. Build the optimizer after loading."""
+    first) and return ``model``. Layers without a sparse-gradient policy get the file's (a policy
+    set on the model is kept). Build the optimizer after loading."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     p = os.fspath(path)
@@ -140,6 +222,7 @@ def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
         swaps.append((name, m, new))
     # Everything is checked before anything changes: a file that does not fit is an error and the
     # model stays as it was (torch's load_state_dict copies what fits before it reports the rest).
+    policies = _plan_policies(p, model, meta.get("grad_policies"), swaps)
     _check_fits(p, model, swaps, state, strict)
     for name, _, new in swaps:
         _replace(model, name, new)  # every place the module is used, if it is shared
@@ -151,6 +234,7 @@ def load(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
         if isinstance(e, (ValueError, TypeError)):
             raise
         raise ValueError(f"{p} does not fit the model: {e}") from None
+    _apply_policies(model, policies)
     return model
 
 
