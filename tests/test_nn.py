@@ -753,3 +753,220 @@ def test_simplify_checks_before_it_changes_anything():
     assert m.layers[0].weight.data.shape == (5, 4)
     widths = m.simplify(opt)  # and the real call still works
     assert widths == [m.layers[0].weight.data.shape[0]] and m.layers[2].weight.data.shape[1] == widths[0]
+
+
+def _saveable(seed=0):
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(nn.SparseLinear(12, 16, 0.75, grad=alg.MSBP(k=3, alpha=0.5), rng=rng), nn.ReLU(),
+                         nn.Dropout(0.25, rng=np.random.default_rng(1)),
+                         nn.Linear(16, 9, grad=alg.MeSimp(ratio=0.3, p=0.05), rng=rng), nn.ReLU(),
+                         nn.SparseLinear(9, 4, 0.5, bias=False, grad=alg.MeProp(k=2, mode="unified"), rng=rng))
+
+
+def _train_np(model, steps=4, seed=3):
+    rng = np.random.default_rng(seed)
+    opt = nn.Adam(model.params(), lr=1e-2)
+    for _ in range(steps):
+        x, y = rng.standard_normal((8, 12)).astype(np.float32), rng.integers(0, 4, 8)
+        _, g = nn.softmax_cross_entropy(model.forward(x), y)
+        model.backward(g)
+        opt.step()
+    return np.concatenate([p.data.ravel() for p in model.params()])
+
+
+def test_save_load_round_trip(tmp_path):
+    """A trained model saved and loaded computes the same function (against a float64 reference of
+    the loaded arrays too), keeps its layers, policies and mode, and trains on exactly as the
+    original does once the state that is not saved (MSBP's memory, meSimp's counters, Dropout's
+    generator) is started afresh in both."""
+    m = _saveable()
+    _train_np(m)
+    path = tmp_path / "model.safetensors"
+    nn.save(m, path)
+    b = nn.load(path)
+    assert repr(b) == repr(m) and b.training
+    x = np.random.default_rng(9).standard_normal((5, 12)).astype(np.float32)
+    m.eval(), b.eval()
+    assert np.array_equal(b.forward(x), m.forward(x))
+    h = x.astype(np.float64)
+    for layer in b.layers:
+        if isinstance(layer, (nn.Linear, nn.SparseLinear)):
+            w = layer.weight.data if isinstance(layer, nn.Linear) else layer.csr.to_dense()
+            h = h @ w.astype(np.float64).T + (0 if layer.bias is None else layer.bias.data)
+        elif isinstance(layer, nn.ReLU):
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(b.forward(x), h, rtol=1e-5, atol=1e-5)
+    m.train(), b.train()
+    for model in (m, b):
+        model.layers[0].policy.reset()
+        model.layers[3].policy.hits, model.layers[3].policy.seen = None, 0
+        model.layers[2].rng = np.random.default_rng(4)
+    assert np.array_equal(_train_np(b), _train_np(m))
+    m.eval()
+    nn.save(m, path)
+    assert not nn.load(path).training
+
+
+def test_save_load_after_mesimp_shrinks(tmp_path):
+    model = _mlp(alg.MeSimp(k=2, p=0.3), seed=7, widths=(10, 16, 12, 3))
+    rng = np.random.default_rng(6)
+    opt = nn.Adam(model.params(), lr=1e-2)
+    nn.fit(model, opt, rng.standard_normal((40, 10)).astype(np.float32), rng.integers(0, 3, 40), epochs=1, batch=8,
+           progress=False)
+    widths = model.simplify(opt)
+    assert widths[0] < 16
+    nn.save(model, tmp_path / "small.safetensors")
+    back = nn.load(tmp_path / "small.safetensors")
+    assert [m.out_features for m in back.layers if isinstance(m, nn.Linear)][:2] == widths
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    assert np.array_equal(back.forward(x), model.forward(x))
+
+
+def test_sparse_linear_from_csr_against_float64():
+    rng = np.random.default_rng(2)
+    d = rng.standard_normal((6, 11)).astype(np.float32)
+    d[rng.random(d.shape) < 0.7] = 0
+    w, bias = sparsebp.CSR.from_dense(d), rng.standard_normal(6).astype(np.float32)
+    layer = nn.SparseLinear.from_csr(w, bias, grad=alg.MeProp(k=2))
+    w.values[:] = 0  # copied: the caller's arrays are not the layer's
+    bias[:] = 0
+    x = rng.standard_normal((3, 11)).astype(np.float32)
+    want = x.astype(np.float64) @ d.astype(np.float64).T + layer.bias.data
+    np.testing.assert_allclose(layer.forward(x), want, rtol=1e-5, atol=1e-6)
+    assert layer.bias.data.any() and repr(layer.policy) == "MeProp(k=2, mode='example')"
+    with pytest.raises(TypeError, match="weight must be a sparsebp.CSR"):
+        nn.SparseLinear.from_csr(d)
+    with pytest.raises(TypeError, match="bias must be a float32"):
+        nn.SparseLinear.from_csr(w, np.zeros(6))
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+        nn.SparseLinear.from_csr(w, np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="at least one row"):
+        nn.SparseLinear.from_csr(sparsebp.CSR.from_dense(np.zeros((0, 3), np.float32)))
+
+
+def test_save_refuses_what_it_cannot_write(tmp_path):
+    class Mine(alg.MeProp):
+        pass
+
+    class Square:
+        def forward(self, x):
+            return x * x
+
+        def backward(self, g, input_grad=True):
+            return g
+
+        def params(self):
+            return []
+
+    with pytest.raises(TypeError, match="model must be a sparsebp.nn.Sequential"):
+        nn.save([nn.ReLU()], tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        nn.save(_mlp(), tmp_path / "m.pt")
+    with pytest.raises(TypeError, match="layer 1 is a Square"):
+        nn.save(nn.Sequential(nn.Linear(3, 4), Square()), tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match="layer 0 has a policy of its own type"):
+        nn.save(nn.Sequential(nn.Linear(3, 4, grad=Mine(k=1))), tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_load_bad_files(tmp_path):
+    """Every way a file can be wrong is a ValueError naming the file and the entry (never a model
+    with garbage in it); a missing file is a FileNotFoundError."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    m = _saveable()
+    good = tmp_path / "good.safetensors"
+    nn.save(m, good)
+    arrays = load_file(str(good))
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="np") as f:
+        meta = json.loads(f.metadata()["sparsebp"])
+
+    def write(name, arrays=arrays, meta=meta, raw=None):
+        path = tmp_path / name
+        if raw is not None:
+            path.write_bytes(raw)
+        else:
+            save_file(arrays, str(path), metadata=None if meta is None else {"sparsebp": json.dumps(meta)
+                                                                            if not isinstance(meta, str) else meta})
+        return path
+
+    def layer(i, **kw):
+        out = json.loads(json.dumps(meta))
+        out["layers"][i].update(kw)
+        return out
+
+    def arr(**kw):
+        return {**arrays, **kw}
+
+    bad_indices = arrays["0.indices"].copy()
+    bad_indices[0] = 12
+    nan_values = arrays["5.values"].copy()
+    nan_values[1] = np.nan
+    cases = [
+        (write("trunc.safetensors", raw=good.read_bytes()[:100]), "not a readable safetensors file"),
+        (write("nometa.safetensors", meta=None), "not written by sparsebp.nn.save"),
+        (write("badjson.safetensors", meta="{"), "not valid JSON"),
+        (write("torchfmt.safetensors", meta=dict(meta, format="sparsebp.torch")), "not written by sparsebp.nn.save"),
+        (write("version.safetensors", meta=dict(meta, version=2)), "format version 2"),
+        (write("nolayers.safetensors", meta=dict(meta, layers=[])), "non-empty list"),
+        (write("kind.safetensors", meta=layer(1, type="GELU")), "layer 1: unknown layer description"),
+        (write("keys.safetensors", meta=layer(1, p=0.5)), "layer 1: a ReLU must be described by the keys"),
+        (write("width.safetensors", meta=layer(3, in_features=0)), "layer 3: in_features must be a positive int"),
+        (write("biasflag.safetensors", meta=layer(3, bias=1)), "layer 3: bias must be true or false"),
+        (write("drop.safetensors", meta=layer(2, p=1.5)), "layer 2: p must be a number"),
+        (write("policy.safetensors", meta=layer(0, grad={"type": "MSBP", "k": 3, "ratio": None, "alpha": 7})),
+         "layer 0: the grad policy: alpha must lie in"),
+        (write("shape.safetensors", meta=layer(3, out_features=8)), r"'3.bias' must be float32 with shape \(8,\)"),
+        (write("missing.safetensors", arrays={k: v for k, v in arrays.items() if k != "3.bias"}), "'3.bias' is missing"),
+        (write("extra.safetensors", arrays=arr(**{"9.weight": np.zeros(2, np.float32)})),
+         r"entries \['9.weight'\] belong to no layer"),
+        (write("dtype.safetensors", arrays=arr(**{"3.weight": arrays["3.weight"].astype(np.float64)})),
+         "'3.weight' must be float32"),
+        (write("structure.safetensors", arrays=arr(**{"0.indices": bad_indices})), "layer 0: the CSR structure is invalid"),
+        (write("nan.safetensors", arrays=arr(**{"5.values": nan_values})), "'5.values' holds NaN"),
+        (write("chain.safetensors", meta=layer(5, in_features=10),
+               arrays=arr(**{"5.indices": np.minimum(arrays["5.indices"], 9)})), "layer 3 has 9 outputs but layer 5"),
+        (write("mode.safetensors", meta=dict(meta, training="yes")), "training must be true or false"),
+    ]
+    for path, match in cases:
+        with pytest.raises(ValueError, match=match):
+            nn.load(path)
+    with pytest.raises(FileNotFoundError):
+        nn.load(tmp_path / "none.safetensors")
+
+
+def test_clone_keeps_a_subclass_and_clears_state():
+    """A policy subclass given to a layer stays that subclass (clone used to return the built-in
+    base, silently dropping an overridden select), with its own settings and no state; the
+    original keeps its state."""
+
+    class FirstColumns(alg.MeProp):
+        """Always the first k columns (per example), whatever the gradient."""
+
+        def select(self, g):
+            k = self.k_for(g.shape[1])
+            return alg.Selection("example", np.tile(np.arange(k, dtype=np.int32), (g.shape[0], 1)), g)
+
+    pol = FirstColumns(k=2)
+    layer = nn.Linear(5, 6, grad=pol, rng=np.random.default_rng(0))
+    assert type(layer.policy) is FirstColumns and layer.policy is not pol
+    x = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
+    g = np.random.default_rng(2).standard_normal((3, 6)).astype(np.float32)
+    layer.forward(x)
+    dx = layer.backward(g)
+    g_kept = np.zeros_like(g, dtype=np.float64)
+    g_kept[:, :2] = g[:, :2]
+    np.testing.assert_allclose(dx, g_kept @ layer.weight.data.astype(np.float64), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.weight.dense_grad(), g_kept.T @ x.astype(np.float64), rtol=1e-5, atol=1e-6)
+    m = alg.MSBP(k=2, alpha=0.5)
+    m.select(np.ones((3, 6), np.float32))
+    c = m.clone()
+    assert type(c) is alg.MSBP and c.memory is None and m.memory is not None and (c.k, c.alpha) == (2, 0.5)
+    s = alg.MeSimp(k=1, p=0.2)
+    s.select(np.ones((3, 6), np.float32))
+    c = s.clone()
+    assert c.hits is None and c.seen == 0 and s.seen == 3 and c.p == 0.2

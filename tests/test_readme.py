@@ -47,11 +47,12 @@ def test_readme_torch_example(tmp_path, monkeypatch):
     assert nnz == round(0.1 * total)
 
 
-def test_readme_sparse_gradient_example():
+def test_readme_sparse_gradient_example(tmp_path, monkeypatch):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
     with open(path) as f:
         text = f.read()
     code = re.search(r"## Sparse gradients: meProp, MSBP, meSimp \(NumPy\)\n\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
     g, W, ex, un = ns["g"], ns["W"], ns["ex"], ns["un"]
@@ -62,6 +63,10 @@ def test_readme_sparse_gradient_example():
     ref.assert_close(ex.input, gh @ W.astype(np.float64), np.abs(gh) @ np.abs(W.astype(np.float64)), 500, "dx")
     assert np.count_nonzero(np.abs(un.weight).sum(1)) == 20
     assert len(ns["history"]) == 1 and np.isfinite(ns["history"][0]["loss"])
+    model, model2, X = ns["model"], ns["model2"], ns["X"][:64]
+    assert repr(model2) == repr(model)
+    model.eval(), model2.eval()
+    assert np.array_equal(model2.forward(X), model.forward(X))
 
 
 def test_readme_vrpge_example():

@@ -1,7 +1,7 @@
 """A small NumPy training path (no torch): dense and sparse-weight linear layers, each optionally
 with a sparse-gradient policy (``sparsebp.algorithms``), ReLU, dropout, softmax cross-entropy, Adam
-and SGD, and a training loop with a progress bar (``Sequential.train()`` / ``eval()`` switch dropout;
-``evaluate`` always runs in evaluation mode).
+and SGD, a training loop with a progress bar (``Sequential.train()`` / ``eval()`` switch dropout;
+``evaluate`` always runs in evaluation mode), and ``save`` / ``load`` of a model (safetensors).
 
 Arrays are float32, (batch, features), C-ordered. A layer's ``forward`` keeps what its
 ``backward`` needs; ``backward(grad)`` stores parameter gradients in ``Param.grad`` and returns the
@@ -20,15 +20,16 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from . import _core, _cuda, ops
-from .algorithms import MeSimp, SparseGrad
+from .algorithms import MeProp, MeSimp, MSBP, SparseGrad
 from .blocks import check_adam_args, check_lr, check_sgd_args, param_rows, row_gradient
 from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
 
 __all__ = ["Param", "Linear", "SparseLinear", "ReLU", "Dropout", "Sequential", "softmax_cross_entropy", "Adam", "SGD", "fit",
-           "fit_epochs", "evaluate"]
+           "fit_epochs", "evaluate", "save", "load"]
 
 _F32 = np.float32
+_BUILT_IN_POLICIES = (MeProp, MSBP, MeSimp)
 
 
 class Param:
@@ -199,6 +200,30 @@ class SparseLinear:
         self.bias = dense.bias
         self.policy = _check_policy(grad)
         self._x = None
+
+    @classmethod
+    def from_csr(cls, weight: CSR, bias: Optional[np.ndarray] = None, *,
+                 grad: Optional[SparseGrad] = None) -> "SparseLinear":
+        """A layer with the given CSR weight (its structure fixed; its values copied) and bias (a
+        float32 (out,) array, copied; None: no bias), for weights pruned elsewhere."""
+        if not isinstance(weight, CSR):
+            raise TypeError(f"weight must be a sparsebp.CSR; got {type(weight).__name__}")
+        rows, cols = weight.shape
+        if rows < 1 or cols < 1:
+            raise ValueError(f"weight must have at least one row and one column; got shape {weight.shape}")
+        if bias is not None:
+            if not isinstance(bias, np.ndarray) or bias.dtype != _F32:
+                raise TypeError(f"bias must be a float32 numpy.ndarray with shape ({rows},) or None; got "
+                                f"{_cuda.kind_of(bias) if not isinstance(bias, np.ndarray) else bias.dtype}")
+            if bias.shape != (rows,):
+                raise ValueError(f"bias must have shape ({rows},); got {bias.shape}")
+        layer = cls.__new__(cls)
+        layer.csr = weight.copy()
+        layer.values = Param("values", layer.csr.values)
+        layer.bias = None if bias is None else Param("bias", np.array(bias, dtype=_F32))
+        layer.policy = _check_policy(grad)
+        layer._x = None
+        return layer
 
     @property
     def in_features(self) -> int:
@@ -570,3 +595,165 @@ def _fit_epochs(model, optimizer, X, y, epochs, batch, X_test, y_test, seed, des
         if X_test is not None:
             rec["test_acc"] = evaluate(model, X_test, y_test)
         yield rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading a Sequential (safetensors: the arrays, and a JSON description of the layers)
+# ---------------------------------------------------------------------------------------------
+
+_FORMAT, _VERSION = "sparsebp.nn", 1
+
+
+def _layer_entry(i: int, layer, arrays: dict) -> dict:
+    """The JSON description of layer i; its arrays go into ``arrays`` under ``"{i}.<name>"``."""
+    if type(layer) in (Linear, SparseLinear):
+        policy = layer.policy
+        if policy is not None and type(policy) not in _BUILT_IN_POLICIES:
+            raise TypeError(f"layer {i} has a policy of its own type ({type(policy).__name__}), which save cannot "
+                            f"write; the built-in policies are {[c.__name__ for c in _BUILT_IN_POLICIES]}")
+        entry = dict(type=type(layer).__name__, in_features=layer.in_features, out_features=layer.out_features,
+                     bias=layer.bias is not None, grad=None if policy is None else policy.settings())
+        if isinstance(layer, Linear):
+            arrays[f"{i}.weight"] = layer.weight.data
+        else:
+            arrays[f"{i}.indptr"] = layer.csr.indptr
+            arrays[f"{i}.indices"] = layer.csr.indices
+            arrays[f"{i}.values"] = layer.values.data
+        if layer.bias is not None:
+            arrays[f"{i}.bias"] = layer.bias.data
+        return entry
+    if type(layer) is ReLU:
+        return dict(type="ReLU")
+    if type(layer) is Dropout:
+        return dict(type="Dropout", p=layer.p)
+    raise TypeError(f"layer {i} is a {type(layer).__name__}; save writes sparsebp.nn's Linear, SparseLinear, ReLU "
+                    "and Dropout layers")
+
+
+def save(model: Sequential, path) -> None:
+    """Write ``model`` (a ``Sequential`` of ``Linear``, ``SparseLinear``, ``ReLU`` and ``Dropout``
+    layers) to a ``.safetensors`` file: every layer's arrays (a sparse layer's CSR structure and
+    values) and a description of the layers with their sparse-gradient policies' settings. Not
+    saved: state that training rebuilds (an optimizer's moments, MSBP's memory, meSimp's counters,
+    Dropout's generator). ``load(path)`` builds the model again."""
+    import os
+
+    from safetensors.numpy import save_file
+
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model must be a sparsebp.nn.Sequential; got {type(model).__name__}")
+    p = os.fspath(path)
+    if not p.endswith(".safetensors"):
+        raise ValueError(f"path must end in .safetensors; got {p!r}")
+    arrays: dict = {}
+    layers = [_layer_entry(i, layer, arrays) for i, layer in enumerate(model.layers)]
+    meta = dict(format=_FORMAT, version=_VERSION, layers=layers, training=model.training)
+    import json
+
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p, metadata={"sparsebp": json.dumps(meta)})
+
+
+def _array(arrays: dict, key: str, dtype, shape, p: str, used: set) -> np.ndarray:
+    a = arrays.get(key)
+    if a is None:
+        raise ValueError(f"{p}: entry {key!r} is missing")
+    used.add(key)
+    if a.dtype != dtype or (shape is not None and a.shape != shape):
+        raise ValueError(f"{p}: entry {key!r} must be {np.dtype(dtype)} with shape "
+                         f"{'(n,)' if shape is None else shape}; got {a.dtype} {a.shape}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"{p}: entry {key!r} holds NaN or infinite values")
+    return a
+
+
+def _int_field(d: dict, name: str, where: str, p: str) -> int:
+    v = d.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{p}: {where}: {name} must be a positive int; got {v!r}")
+    return v
+
+
+def _build_layer(i: int, d, arrays: dict, p: str, used: set):
+    from .algorithms import from_settings
+
+    where = f"layer {i}"
+    if not isinstance(d, dict) or d.get("type") not in ("Linear", "SparseLinear", "ReLU", "Dropout"):
+        raise ValueError(f"{p}: {where}: unknown layer description {d!r}")
+    kind = d["type"]
+    keys = {"Linear": {"type", "in_features", "out_features", "bias", "grad"}, "ReLU": {"type"},
+            "Dropout": {"type", "p"}}.get(kind, {"type", "in_features", "out_features", "bias", "grad"})
+    if set(d) != keys:
+        raise ValueError(f"{p}: {where}: a {kind} must be described by the keys {sorted(keys)}; got {sorted(d)}")
+    if kind == "ReLU":
+        return ReLU()
+    if kind == "Dropout":
+        try:
+            return Dropout(d["p"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{p}: {where}: {e}") from None
+    n_in, n_out = _int_field(d, "in_features", where, p), _int_field(d, "out_features", where, p)
+    if not isinstance(d["bias"], bool):
+        raise ValueError(f"{p}: {where}: bias must be true or false; got {d['bias']!r}")
+    try:
+        grad = None if d["grad"] is None else from_settings(d["grad"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: {where}: the grad policy: {e}") from None
+    bias = _array(arrays, f"{i}.bias", _F32, (n_out,), p, used) if d["bias"] else None
+    if kind == "Linear":
+        layer = Linear.__new__(Linear)
+        layer.weight = Param("weight", _array(arrays, f"{i}.weight", _F32, (n_out, n_in), p, used).copy())
+        layer.bias = None if bias is None else Param("bias", bias.copy())
+        layer.policy, layer._x = grad, None
+        return layer
+    indptr = _array(arrays, f"{i}.indptr", np.int64, (n_out + 1,), p, used)
+    indices = _array(arrays, f"{i}.indices", np.int32, None, p, used)
+    values = _array(arrays, f"{i}.values", _F32, indices.shape, p, used)
+    try:
+        w = CSR(indptr, indices, values, (n_out, n_in))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: {where}: the CSR structure is invalid: {e}") from None
+    return SparseLinear.from_csr(w, bias, grad=grad)
+
+
+def load(path) -> Sequential:
+    """The model ``save`` wrote to ``path``, in the mode it was saved in. A file that is not one
+    (unreadable, another format, a layer description or array that does not fit, an invalid CSR
+    structure, NaN or infinite values) is a ``ValueError`` naming the file and the entry."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"no model file at {p}")
+    try:
+        with safe_open(p, framework="np") as f:
+            meta_s = (f.metadata() or {}).get("sparsebp")
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{p} is not a readable safetensors file: {e}") from None
+    try:
+        meta = json.loads(meta_s) if meta_s else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: the sparsebp metadata is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise ValueError(f"{p} was not written by sparsebp.nn.save (no {_FORMAT!r} description in it)")
+    if meta.get("version") != _VERSION:
+        raise ValueError(f"{p}: written by format version {meta.get('version')!r}; this sparsebp reads {_VERSION}")
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"{p}: the layer list must be a non-empty list; got {layers!r}")
+    used: set = set()
+    model = Sequential(*[_build_layer(i, d, arrays, p, used) for i, d in enumerate(layers)])
+    extra = sorted(set(arrays) - used)
+    if extra:
+        raise ValueError(f"{p}: entries {extra} belong to no layer")
+    widths = [(i, m) for i, m in enumerate(model.layers) if isinstance(m, (Linear, SparseLinear))]
+    for (i, a), (j, b) in zip(widths, widths[1:]):
+        if a.out_features != b.in_features:
+            raise ValueError(f"{p}: layer {i} has {a.out_features} outputs but layer {j} takes {b.in_features} inputs")
+    training = meta.get("training", True)
+    if not isinstance(training, bool):
+        raise ValueError(f"{p}: training must be true or false; got {training!r}")
+    return model.train(training)

@@ -11,10 +11,13 @@ torch layers (``sparsebp.torch``). The math is in ``design/ALGORITHMS.md`` secti
   ``floor(p * seen)`` examples since the last prune). The layers apply the removal
   (``sparsebp.nn.Linear.remove_units``).
 
-Every policy is an object with per-layer state: give each layer its own (``policy.clone()``).
+Every policy is an object with per-layer state: give each layer its own (``policy.clone()``; the
+layers clone what they are given). ``policy.settings()`` / ``from_settings(d)``: a built-in policy's
+settings as a JSON-able dict and back (what ``sparsebp.nn.save`` and ``sparsebp.torch.save`` store).
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import numpy as np
@@ -84,8 +87,15 @@ class SparseGrad:
         return max(1, int(round(self.ratio * out_features)))
 
     def clone(self) -> "SparseGrad":
-        """A fresh policy with the same settings and no state (one per layer)."""
-        raise NotImplementedError
+        """A fresh policy of the same type with the same settings and no state (one per layer): a
+        deep copy, its state then cleared (``_clear_state``). A subclass keeps its type (it used to
+        come back as the built-in class it derived from, silently dropping what it changed)."""
+        new = copy.deepcopy(self)
+        new._clear_state()
+        return new
+
+    def _clear_state(self) -> None:
+        """Forget what ``select`` learned (nothing, for a stateless policy)."""
 
     def select(self, g: np.ndarray) -> Selection:
         """The selection for one backward of a layer whose output gradient is ``g`` (batch, out,
@@ -112,9 +122,6 @@ class MeProp(SparseGrad):
         if mode not in ("example", "unified"):
             raise ValueError(f"mode must be 'example' or 'unified'; got {mode!r}")
         self.mode = mode
-
-    def clone(self) -> "MeProp":
-        return MeProp(self.k, self.ratio, self.mode)
 
     def select(self, g: np.ndarray) -> Selection:
         k = self.k_for(g.shape[1])
@@ -143,12 +150,11 @@ class MSBP(SparseGrad):
         self.alpha = _unit_number(alpha, "alpha")
         self.memory: Optional[np.ndarray] = None
 
-    def clone(self) -> "MSBP":
-        return MSBP(self.k, self.ratio, self.alpha)
-
     def reset(self) -> None:
         """Forget the memory (the next backward starts from the plain gradient)."""
         self.memory = None
+
+    _clear_state = reset
 
     def select(self, g: np.ndarray) -> Selection:
         k = self.k_for(g.shape[1])
@@ -184,8 +190,8 @@ class MeSimp(MeProp):
         self.hits: Optional[np.ndarray] = None
         self.seen = 0
 
-    def clone(self) -> "MeSimp":
-        return MeSimp(self.k, self.ratio, self.p)
+    def _clear_state(self) -> None:
+        self.hits, self.seen = None, 0
 
     def select(self, g: np.ndarray) -> Selection:
         sel = super().select(g)
