@@ -47,6 +47,30 @@ def test_sparse_linear_with_grad_topk_against_masked_float64(isa, mode):
     ref.assert_close(lin.bias.grad, g2.sum(0), np.abs(g2).sum(0), 11, "db")
 
 
+def test_policy_subclass_is_kept_by_the_torch_layers(isa):
+    """A policy subclass runs its own select in MePropLinear and SparseLinear (clone used to give
+    back the built-in base: plain top-k instead)."""
+
+    class LastColumns(alg.MeProp):
+        def select(self, g):
+            k = self.k_for(g.shape[1])
+            cols = np.tile(np.arange(g.shape[1] - k, g.shape[1], dtype=np.int32), (g.shape[0], 1))
+            return alg.Selection("example", cols, g)
+
+    torch.manual_seed(3)
+    for lin in (st.MePropLinear(12, 8, policy=LastColumns(k=3)),
+                st.SparseLinear(12, 8, sparsity=0.5, grad_policy=LastColumns(k=3))):
+        pol = lin.policy if isinstance(lin, st.MePropLinear) else lin.grad_policy
+        assert type(pol) is LastColumns
+        x = torch.randn(5, 12, requires_grad=True)
+        g = torch.randn(5, 8)
+        lin(x).backward(g)
+        gh = g.double().clone()
+        gh[:, :5] = 0
+        w = lin.weight.detach().double()
+        assert torch.allclose(x.grad.double(), gh @ w, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["example", "unified"])
 def test_sparse_linear_with_grad_topk_follows_an_in_place_structure_change(isa, mode):
     """The backward takes the layer's validated structure from the cache its forward uses: after the
