@@ -23,6 +23,35 @@ def test_demo_quick_run(tmp_path):
     assert "| dense (NumPy) |" in table and "speed-up" in table
 
 
+def test_demo_saves_the_trained_models(tmp_path, capsys):
+    """--save-models: each trained model loads back (sparsebp.nn.load) with the test accuracy the
+    demo reported for its last epoch, on the same test digits."""
+    from sparsebp import cli, nn
+    from sparsebp.datasets import load_mnist
+
+    assert cli.main(["demo", "--quick", "--epochs", "1", "--batch", "64", "--no-torch", "--out", str(tmp_path),
+                     "--save-models"]) == 0
+    out = capsys.readouterr().out
+    Xt, yt = load_mnist("test")
+    Xt, yt = Xt[:500], yt[:500]  # the quick run's test digits
+    rows = {}
+    import csv
+
+    with open(tmp_path / "demo.csv") as f:
+        for r in csv.DictReader(f):
+            rows[r["model"]] = float(r["test_acc"])
+    kinds = {"dense": "dense (NumPy)", "meprop": "meProp k=20", "meprop-unified": "meProp k=20 unified",
+             "msbp": "MSBP k=20, alpha=0.5", "sparse+meprop": "sparse 90% + meProp k=20"}
+    for kind, name in kinds.items():
+        model = nn.load(tmp_path / f"{kind}.safetensors")
+        assert abs(nn.evaluate(model, Xt, yt) - rows[name]) < 1e-9, kind
+    assert isinstance(nn.load(tmp_path / "sparse+meprop.safetensors").layers[0], nn.SparseLinear)
+    assert "safetensors" in out
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--quick", "--out", "", "--save-models"])
+    assert "argument --save-models" in capsys.readouterr().err
+
+
 def test_demo_seed_changes_the_run_and_repeats_it():
     """--seed reaches the models: another seed gives other weights; the same seed the same run."""
     kw = dict(epochs=1, batch=64, out=None, quick=True, progress=False, with_torch=False)

@@ -80,6 +80,8 @@ def _demo(args) -> int:
     batch_fits(args.parser, args.batch, demo.QUICK_TRAIN if args.quick else len(load_mnist("train")[0]))
     if args.out:
         out_folder(args.parser, "--out", args.out)
+    elif args.save_models:
+        args.parser.error("argument --save-models: needs an --out folder to write the models to")
 
     if args.threads is not None:
         import sparsebp
@@ -87,7 +89,7 @@ def _demo(args) -> int:
         sparsebp.set_num_threads(args.threads)
     demo.run(epochs=args.epochs, batch=args.batch, k=args.k, sparsity=args.sparsity, alpha=args.alpha,
              out=args.out, quick=args.quick, with_torch=False if args.no_torch else None, optimizer=args.optimizer,
-             lr=args.lr, dropout=args.dropout, seed=args.seed)
+             lr=args.lr, dropout=args.dropout, seed=args.seed, save_models=args.save_models)
     return 0
 
 
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
     pd.add_argument("--quick", action="store_true", help="2,000 training digits (a smoke run)")
     pd.add_argument("--no-torch", action="store_true", help="leave out the dense torch reference run")
     pd.add_argument("--out", default="demo-results", help="folder for demo.csv and demo.png (default demo-results)")
+    pd.add_argument("--save-models", action="store_true",
+                    help="also write each trained NumPy model to OUT/<model>.safetensors (sparsebp.nn.load reads them)")
     pd.set_defaults(fn=_demo, parser=pd)
     pv = sub.add_parser("vrpge", add_help=False,
                         help="VR-PGE learned unit masks on the MNIST MLP at keep 0.5/0.25/0.1 vs dense vs random "

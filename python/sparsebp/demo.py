@@ -82,13 +82,16 @@ def _torch_dense(X, y, Xt, yt, epochs, batch, lr, seed, progress, optimizer, dro
 def run(epochs: int = 20, batch: int = 32, k: int = 20, sparsity: float = 0.9, alpha: float = 0.5,
         lr: Optional[float] = None, seed: int = 0, out: Optional[str] = "demo-results", quick: bool = False,
         progress: bool = True, with_torch: Optional[bool] = None, optimizer: str = "adam",
-        dropout: float = 0.1) -> Dict[str, List[dict]]:
+        dropout: float = 0.1, save_models: bool = False) -> Dict[str, List[dict]]:
     """Trains every model and prints the table. ``optimizer``: "adam" (the paper's; lr 1e-3) or
     "sgd" (momentum 0.9; lr 0.05). ``dropout``: after each hidden ReLU, in every model (0.1, as in
     the meProp authors' PyTorch code; 0 for none). ``alpha``: the MSBP model's memory ratio, 0.5 by
     default: chosen on held-out training digits, never the test split (``sparsebp.bench.msbp_alpha``;
     the MSBP paper's 0.8 was 0.4-0.5 points below unified meProp there). Returns each model's
-    per-epoch history."""
+    per-epoch history. ``save_models``: also write each NumPy model, trained, to
+    ``out/<kind>.safetensors`` (``sparsebp.nn.load`` reads it back)."""
+    if save_models and not out:
+        raise ValueError("save_models needs an out folder to write the models to")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
     dropout = nn._fraction(dropout, "dropout")
@@ -108,9 +111,9 @@ def run(epochs: int = 20, batch: int = 32, k: int = 20, sparsity: float = 0.9, a
     # Every model trains epoch by epoch in turn (the order rotating each epoch), so their times
     # are measured under the same machine conditions: this machine's speed drifts by tens of
     # percent over a minute, and one model's 5 epochs take several seconds.
-    epochs_of = {}
+    epochs_of, models = {}, {}
     for name, kind in runs:
-        model = build(kind, k, sparsity, alpha, seed, dropout)
+        model = models[kind] = build(kind, k, sparsity, alpha, seed, dropout)
         opt = nn.Adam(model.params(), lr=lr) if optimizer == "adam" else nn.SGD(model.params(), lr=lr, momentum=0.9)
         epochs_of[name] = nn.fit_epochs(model, opt, X, y, epochs=epochs, batch=batch, X_test=Xt, y_test=yt,
                                         seed=seed, desc=name, progress=progress)
@@ -140,6 +143,10 @@ def run(epochs: int = 20, batch: int = 32, k: int = 20, sparsity: float = 0.9, a
         _write_csv(os.path.join(out, "demo.csv"), results)
         png = _plot(os.path.join(out, "demo.png"), results)
         print(f"wrote {out}/demo.csv" + (f" and {png}" if png else " (matplotlib not installed: no PNG)"))
+    if save_models:
+        for kind, model in models.items():
+            nn.save(model, os.path.join(out, f"{kind}.safetensors"))
+        print(f"wrote the trained models to {out}/<model>.safetensors ({', '.join(models)}; sparsebp.nn.load reads them)")
     return results
 
 
