@@ -970,3 +970,56 @@ def test_clone_keeps_a_subclass_and_clears_state():
     s.select(np.ones((3, 6), np.float32))
     c = s.clone()
     assert c.hits is None and c.seen == 0 and s.seen == 3 and c.p == 0.2
+
+
+def _policy_strategy():
+    from hypothesis import strategies as hs
+
+    k_or_ratio = hs.one_of(hs.builds(lambda k: dict(k=k), hs.integers(0, 6)),
+                           hs.builds(lambda r: dict(ratio=r), hs.floats(0.01, 1.0)))
+    return hs.one_of(
+        hs.none(),
+        hs.builds(lambda kr, mode: alg.MeProp(mode=mode, **kr), k_or_ratio, hs.sampled_from(["example", "unified"])),
+        hs.builds(lambda kr, a: alg.MSBP(alpha=a, **kr), k_or_ratio, hs.floats(0.0, 1.0)),
+        hs.builds(lambda kr, p: alg.MeSimp(p=p, **kr), k_or_ratio, hs.floats(0.0, 1.0)))
+
+
+def test_hypothesis_save_load_round_trip(tmp_path_factory):
+    """Random stacks (widths, dense or sparse layers at any sparsity, bias or not, any policy and
+    settings, ReLU / Dropout between) load back with the same layers and the same function."""
+    from hypothesis import given, settings, strategies as hs
+
+    layer_spec = hs.tuples(hs.integers(1, 9), hs.booleans(), hs.floats(0.0, 0.95), hs.booleans(),
+                           _policy_strategy(), hs.sampled_from(["relu", "dropout", "none"]))
+
+    @settings(max_examples=40, deadline=None)
+    @given(hs.integers(1, 9), hs.lists(layer_spec, min_size=1, max_size=4), hs.integers(0, 2 ** 31))
+    def check(n_in, specs, seed):
+        rng = np.random.default_rng(seed)
+        layers, width = [], n_in
+        for out, sparse, s, bias, pol, act in specs:
+            if sparse:
+                layers.append(nn.SparseLinear(width, out, s, bias, grad=pol, rng=rng))
+            else:
+                layers.append(nn.Linear(width, out, bias, grad=pol, rng=rng))
+            if act == "relu":
+                layers.append(nn.ReLU())
+            elif act == "dropout":
+                layers.append(nn.Dropout(s))
+            width = out
+        model = nn.Sequential(*layers).train(bool(seed % 2))
+        path = tmp_path_factory.mktemp("h") / "m.safetensors"
+        nn.save(model, path)
+        back = nn.load(path)
+        assert repr(back) == repr(model) and back.training == model.training
+        for a, b in zip(model.layers, back.layers):
+            assert [p.data.tolist() for p in a.params()] == [p.data.tolist() for p in b.params()]
+            if isinstance(a, nn.SparseLinear):
+                assert np.array_equal(a.csr.to_dense(), b.csr.to_dense())
+            if isinstance(a, (nn.Linear, nn.SparseLinear)) and a.policy is not None:
+                assert a.policy.settings() == b.policy.settings()
+        x = rng.standard_normal((3, n_in)).astype(np.float32)
+        model.eval(), back.eval()
+        assert np.array_equal(back.forward(x), model.forward(x))
+
+    check()
