@@ -14,6 +14,8 @@ updated everywhere.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Iterable, List, Optional
 
@@ -636,8 +638,6 @@ def save(model: Sequential, path) -> None:
     values) and a description of the layers with their sparse-gradient policies' settings. Not
     saved: state that training rebuilds (an optimizer's moments, MSBP's memory, meSimp's counters,
     Dropout's generator). ``load(path)`` builds the model again."""
-    import os
-
     from safetensors.numpy import save_file
 
     if not isinstance(model, Sequential):
@@ -648,8 +648,6 @@ def save(model: Sequential, path) -> None:
     arrays: dict = {}
     layers = [_layer_entry(i, layer, arrays) for i, layer in enumerate(model.layers)]
     meta = dict(format=_FORMAT, version=_VERSION, layers=layers, training=model.training)
-    import json
-
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p, metadata={"sparsebp": json.dumps(meta)})
 
 
@@ -680,8 +678,8 @@ def _build_layer(i: int, d, arrays: dict, p: str, used: set):
     if not isinstance(d, dict) or d.get("type") not in ("Linear", "SparseLinear", "ReLU", "Dropout"):
         raise ValueError(f"{p}: {where}: unknown layer description {d!r}")
     kind = d["type"]
-    keys = {"Linear": {"type", "in_features", "out_features", "bias", "grad"}, "ReLU": {"type"},
-            "Dropout": {"type", "p"}}.get(kind, {"type", "in_features", "out_features", "bias", "grad"})
+    linear_keys = {"type", "in_features", "out_features", "bias", "grad"}
+    keys = {"Linear": linear_keys, "SparseLinear": linear_keys, "ReLU": {"type"}, "Dropout": {"type", "p"}}[kind]
     if set(d) != keys:
         raise ValueError(f"{p}: {where}: a {kind} must be described by the keys {sorted(keys)}; got {sorted(d)}")
     if kind == "ReLU":
@@ -719,9 +717,6 @@ def load(path) -> Sequential:
     """The model ``save`` wrote to ``path``, in the mode it was saved in. A file that is not one
     (unreadable, another format, a layer description or array that does not fit, an invalid CSR
     structure, NaN or infinite values) is a ``ValueError`` naming the file and the entry."""
-    import json
-    import os
-
     from safetensors import safe_open
 
     p = os.fspath(path)

@@ -69,7 +69,7 @@ def _policies(model: nn.Module) -> dict:
         kind, policy = kind_policy
         if type(policy) not in _BUILT_IN_POLICIES:
             warnings.warn(f"the {kind} {n!r} has a policy of its own type ({type(policy).__name__}), which is not "
-                          f"saved: set it again after loading", UserWarning, stacklevel=3)
+                          f"saved: set it again after loading", UserWarning, stacklevel=4)  # (at the save call)
             continue
         out[n] = dict(layer=kind, policy=policy.settings())
     return out
