@@ -22,6 +22,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from . import _core, _cuda, ops
+from ._files import read_safetensors
 from .algorithms import MeProp, MeSimp, MSBP, SparseGrad
 from .blocks import check_adam_args, check_lr, check_sgd_args, param_rows, row_gradient
 from .csr import CSR
@@ -214,11 +215,7 @@ class SparseLinear:
         if rows < 1 or cols < 1:
             raise ValueError(f"weight must have at least one row and one column; got shape {weight.shape}")
         if bias is not None:
-            if not isinstance(bias, np.ndarray) or bias.dtype != _F32:
-                raise TypeError(f"bias must be a float32 numpy.ndarray with shape ({rows},) or None; got "
-                                f"{_cuda.kind_of(bias) if not isinstance(bias, np.ndarray) else bias.dtype}")
-            if bias.shape != (rows,):
-                raise ValueError(f"bias must have shape ({rows},); got {bias.shape}")
+            bias = ops._bias_array(bias, rows)
         layer = cls.__new__(cls)
         layer.csr = weight.copy()
         layer.values = Param("values", layer.csr.values)
@@ -717,21 +714,10 @@ def load(path) -> Sequential:
     """The model ``save`` wrote to ``path``, in the mode it was saved in. A file that is not one
     (unreadable, another format, a layer description or array that does not fit, an invalid CSR
     structure, NaN or infinite values) is a ``ValueError`` naming the file and the entry."""
-    from safetensors import safe_open
-
     p = os.fspath(path)
     if not os.path.exists(p):
         raise FileNotFoundError(f"no model file at {p}")
-    try:
-        with safe_open(p, framework="np") as f:
-            meta_s = (f.metadata() or {}).get("sparsebp")
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{p} is not a readable safetensors file: {e}") from None
-    try:
-        meta = json.loads(meta_s) if meta_s else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: the sparsebp metadata is not valid JSON: {e}") from None
+    arrays, _, meta = read_safetensors(p, "np")
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ValueError(f"{p} was not written by sparsebp.nn.save (no {_FORMAT!r} description in it)")
     if meta.get("version") != _VERSION:

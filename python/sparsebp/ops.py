@@ -76,6 +76,17 @@ def _aligned(shape, order) -> np.ndarray:
     return raw[off:off + n * 4].view(np.float32).reshape(shape, order=order)
 
 
+def _bias_array(bias, rows: int) -> np.ndarray:
+    """``bias`` checked as a float32 (rows,) array (C-contiguous; a TypeError or ValueError naming
+    it otherwise)."""
+    if not isinstance(bias, np.ndarray) or bias.dtype != _F32:
+        raise TypeError(f"bias must be a float32 numpy.ndarray with shape ({rows},); got "
+                        f"{getattr(bias, 'dtype', type(bias).__name__)}")
+    if bias.shape != (rows,):
+        raise ValueError(f"bias must have shape ({rows},); got {bias.shape}")
+    return np.ascontiguousarray(bias)
+
+
 def _check_weight(weight) -> CSR:
     if not isinstance(weight, CSR):
         raise TypeError(f"weight must be a sparsebp.CSR; got {type(weight).__name__}")
@@ -170,12 +181,7 @@ def linear_forward(x: np.ndarray, weight: CSR, bias: Optional[np.ndarray] = None
     v = w.values if values is None else _values_array(values, w.nnz)
     x = _dense_in(x, "x", f"(batch, {cols})", cols)
     if bias is not None:
-        if not isinstance(bias, np.ndarray) or bias.dtype != _F32:
-            raise TypeError(f"bias must be a float32 numpy.ndarray with shape ({rows},); got "
-                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
-        if bias.shape != (rows,):
-            raise ValueError(f"bias must have shape ({rows},); got {bias.shape}")
-        bias = np.ascontiguousarray(bias)
+        bias = _bias_array(bias, rows)
     y = _dense_out(out, "out", (x.shape[0], rows), x)
     # (the engine refuses outputs that share memory with an input, naming both, before writing)
     _core.linear_forward(w.structure, v, x, bias, y)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import algorithms as _alg
+from .._files import read_safetensors
 from .convert import _fit_problems, _places, _replace
 from .meprop import MePropLinear
 from .modules import SparseConv2d, SparseLinear, check_structure_entries, conv_padding
@@ -155,18 +156,8 @@ def _read_any(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     if not os.path.exists(p):
         raise FileNotFoundError(f"no checkpoint at {p}")
     if _is_safetensors(p):
-        try:
-            from safetensors import safe_open
-
-            with safe_open(p, framework="pt") as f:
-                meta_s = (f.metadata() or {}).get("sparsebp")
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{p} is not a readable safetensors file: {e}") from None
-        try:
-            meta = json.loads(meta_s) if meta_s else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: the sparsebp metadata is not valid JSON: {e}") from None
+        state, found, meta = read_safetensors(p, "pt")
+        meta = meta if found else {}
         if not isinstance(meta, dict):
             raise ValueError(f"{p}: the sparsebp metadata must be a JSON object; got {type(meta).__name__}")
         return state, meta
