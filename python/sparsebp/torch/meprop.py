@@ -50,8 +50,8 @@ def make_policy(k: Optional[int] = None, ratio: Optional[float] = None, mode: st
 
 
 def _select(policy: _alg.SparseGrad, g: Tensor):
-    gn = g.detach().to(torch.float32).contiguous().numpy()
-    return policy.select(gn)
+    """The policy's selection for the gradient g, made on the host from a float32 copy of g."""
+    return policy.select(g.detach().to(torch.float32).cpu().contiguous().numpy())
 
 
 def _selected_grad(policy, sel, g: Tensor) -> Tensor:
@@ -60,6 +60,13 @@ def _selected_grad(policy, sel, g: Tensor) -> Tensor:
     if isinstance(policy, _alg.MeProp) or (isinstance(policy, _alg.MSBP) and policy.alpha == 0.0):
         return g
     return torch.from_numpy(sel.grad).to(g.dtype)
+
+
+def _masked(policy: _alg.SparseGrad, sel, g: Tensor):
+    """``(Ĝ, mask)`` of a host selection ``sel``: the gradient it applies to, zero outside it, and
+    the selection as a 0/1 tensor, both on g's device in g's dtype."""
+    mask = torch.from_numpy(_mask_of(sel, tuple(g.shape))).to(g.device, g.dtype)
+    return _selected_grad(policy, sel, g).to(g.device) * mask, mask
 
 
 def _cuda_selected(policy: _alg.SparseGrad, g: Tensor, with_mask: bool = False):
@@ -86,22 +93,15 @@ def _cuda_selected(policy: _alg.SparseGrad, g: Tensor, with_mask: bool = False):
             mask[:, cols] = 1.0
             return gh, mask
         return gh
-    sel = policy.select(g.detach().to(torch.float32).cpu().contiguous().numpy())
-    mask = torch.from_numpy(_mask_of(sel, tuple(g.shape))).to(g.device)
-    gh = _selected_grad(policy, sel, g).to(g.device) * mask
-    return (gh, mask.to(g.dtype)) if with_mask else gh
+    gh, mask = _masked(policy, _select(policy, g), g)
+    return (gh, mask) if with_mask else gh
 
 
 def _selected_graphed(policy: _alg.SparseGrad, g: Tensor) -> Tensor:
     """Ĝ for a graph-building backward (create_graph=True): Ĝ's values, with the derivative in g
     of ``mask * g`` (the selection is piecewise constant in g; MSBP's memory is a constant)."""
     gd = g.detach()
-    if g.is_cuda:
-        gh, mask = _cuda_selected(policy, gd, with_mask=True)
-    else:
-        sel = _select(policy, gd)
-        mask = torch.from_numpy(_mask_of(sel, tuple(g.shape))).to(g.dtype)
-        gh = _selected_grad(policy, sel, gd) * mask
+    gh, mask = _cuda_selected(policy, gd, with_mask=True) if g.is_cuda else _masked(policy, _select(policy, gd), gd)
     return gh + (g - gd) * mask
 
 
@@ -148,7 +148,7 @@ class _MePropLinearFn(torch.autograd.Function):
                 return (torch.from_numpy(res.input) if need_x else None,
                         torch.from_numpy(res.weight) if need_w else None, gb, None)
             # the reference path (gradcheck): the same selection
-            gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))
+            gh, _ = _masked(ctx.policy, sel, g)
         # the selected gradient through dense products (autocast off: a backward may run inside its region)
         with _ops.no_autocast(g):
             return (gh @ w if need_x else None), (gh.t() @ x if need_w else None), gb, None
@@ -236,7 +236,7 @@ class _SparseMePropFn(torch.autograd.Function):
                                                   input_grad=need_x)
                 return ((torch.from_numpy(dx) if need_x else None), (torch.from_numpy(dv) if need_v else None), gb,
                         *none5)
-            gh = _selected_grad(ctx.policy, sel, g) * torch.from_numpy(_mask_of(sel, tuple(g.shape)))  # (gradcheck)
+            gh, _ = _masked(ctx.policy, sel, g)  # (gradcheck)
         # float64 (the reference path) or a graph-building backward: dense products
         gi, gv, _ = _ops.linear_grads_dense(gh, x, values, indptr, indices, out_f, need_x, need_v, False)
         return gi, gv, gb, *none5
