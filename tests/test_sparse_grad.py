@@ -691,26 +691,94 @@ def test_csr_example_backward_bad_input():
         _core.csr_example_backward(W.indptr, W.indices, W.values, 5, sel, g, x, None, dv[:-1])
 
 
-def test_row_positions_against_numpy():
-    """The positions of chosen rows' entries in a CSR (the sparse layers' touched entries), in the
-    order the rows are listed (repeats included), against a NumPy walk; bad rows are errors."""
-    rng = np.random.default_rng(33)
-    lens = rng.integers(0, 6, size=40)
-    lens[[3, 17]] = 0  # empty rows
-    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    for rows in (np.array([], np.int64), np.arange(40), np.array([17, 3, 5, 5, 39, 0]), rng.permutation(40)[:25]):
-        sub, pos = _core.row_positions(indptr, rows)
-        expect = [p for r in rows for p in range(indptr[r], indptr[r + 1])]
-        np.testing.assert_array_equal(pos, np.array(expect, np.int64))
-        np.testing.assert_array_equal(sub, np.concatenate([[0], np.cumsum(lens[rows])]))
-    with pytest.raises(ValueError, match=r"rows\[1\] = 40 is outside \[0, 40\)"):
-        _core.row_positions(indptr, np.array([0, 40]))
-    with pytest.raises(ValueError, match="outside"):
-        _core.row_positions(indptr, np.array([-1]))
-    with pytest.raises(ValueError, match="indptr"):
-        _core.row_positions(indptr.astype(np.int32), np.array([0]))
-    with pytest.raises(ValueError, match="1-D"):
-        _core.row_positions(indptr, np.zeros((2, 2), np.int64))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_csr_unified_backward_against_float64(isa, threads):
+    """Sparse weights with a unified sparse gradient (one set of rows for the batch): dx = G[:, T] W[T]
+    and the weight gradient at the stored entries of the rows in T (zero elsewhere) against float64,
+    with batches below and above the kernels' batch tile, one example and none, empty rows selected,
+    k = 0, every row, a set given out of order, and x in Fortran order; the same bits on 1 and 2
+    threads, out of order or sorted, and with or without dx; inputs left as they were."""
+    import sparsebp
+
+    before = sparsebp.get_num_threads()
+    rng = np.random.default_rng(78)
+    try:
+        for batch, rows, cols, density, k in ((5, 12, 9, 0.5, 3), (200, 150, 300, 0.2, 30), (1, 40, 17, 0.3, 6),
+                                              (0, 10, 8, 0.5, 4), (7, 20, 11, 0.4, 0), (9, 16, 13, 0.6, 16),
+                                              (64, 500, 784, 0.1, 20)):
+            W, dense = _csr_case(rng, rows, cols, density, empty_rows=(0, rows - 1))
+            g = rng.standard_normal((batch, rows)).astype(np.float32)
+            x = rng.standard_normal((batch, cols)).astype(np.float32)
+            # out of order, with the two empty rows first when k >= 2
+            sel = np.concatenate([[rows - 1, 0], 1 + rng.permutation(rows - 2)])[:k].astype(np.int32)
+            copies = [a.copy() for a in (g, x, sel, W.values)]
+            got = {}
+            for n in (1, 2):
+                sparsebp.set_num_threads(n)
+                got[n] = csr_selected_backward(g, x, W, sel, "unified")
+            for a, c in zip((g, x, sel, W.values), copies):
+                np.testing.assert_array_equal(a, c)
+            dx, dv, pos = got[2]
+            gh = np.zeros((batch, rows))
+            gh[:, sel] = g[:, sel]
+            what = f"{batch}x{rows}x{cols} k={k}"
+            assert dx.shape == (batch, cols) and dv.shape == (W.nnz,)
+            ref.assert_close(dx, gh @ dense.astype(np.float64), np.abs(gh) @ np.abs(dense.astype(np.float64)),
+                             max(k, 1), f"dx {what}")
+            rr = np.repeat(np.arange(rows), np.diff(W.indptr))
+            want = (gh.T @ x.astype(np.float64))[rr, W.indices]
+            scale = (np.abs(gh).T @ np.abs(x.astype(np.float64)))[rr, W.indices]
+            ref.assert_close(dv, want, scale, max(batch, 1), f"dvalues {what}")
+            np.testing.assert_array_equal(pos, np.flatnonzero(np.isin(rr, sel)))  # increasing
+            assert np.all(dv[~np.isin(rr, sel)] == 0)
+            for a1, a2 in zip(got[1][:2], got[2][:2]):
+                np.testing.assert_array_equal(a1, a2)
+            for other in (csr_selected_backward(g, x, W, np.sort(sel), "unified"),
+                          csr_selected_backward(g, np.asfortranarray(x), W, sel, "unified")):
+                for a1, a2 in zip(other, got[2]):
+                    np.testing.assert_array_equal(a1, a2)
+            dx0, dv0, pos0 = csr_selected_backward(g, x, W, sel, "unified", input_grad=False)
+            assert dx0 is None
+            np.testing.assert_array_equal(dv0, dv)
+            np.testing.assert_array_equal(pos0, pos)
+    finally:
+        sparsebp.set_num_threads(before)
+
+
+def test_csr_rows_backward_bad_input():
+    """The engine call under the unified path refuses, before writing anything, a selection that is
+    not strictly increasing or leaves the rows, wrong lengths and outputs that share memory with an
+    input or each other."""
+    rng = np.random.default_rng(4)
+    W, _ = _csr_case(rng, 6, 5, 0.6)
+    g = rng.standard_normal((4, 6)).astype(np.float32)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    dx, dv = np.full((4, 5), 7, np.float32), np.full(W.nnz, 7, np.float32)
+    sel = np.array([1, 3], np.int32)
+    for bad, msg in (([3, 1], "strictly increasing; selected.1. = 1 follows 3"), ([1, 1], "strictly increasing"),
+                     ([1, 6], r"outside \[0, 6\)"), ([-1, 2], "outside")):
+        with pytest.raises(ValueError, match=msg):
+            _core.csr_rows_backward(W.structure, W.values, np.array(bad, np.int32), g, x, dx, dv)
+    assert np.all(dx == 7) and np.all(dv == 7)
+    with pytest.raises(ValueError, match="int32"):
+        _core.csr_rows_backward(W.structure, W.values, sel.astype(np.int64), g, x, dx, dv)
+    with pytest.raises(ValueError, match="values must have nnz"):
+        _core.csr_rows_backward(W.structure, W.values[:-1], sel, g, x, dx, dv)
+    with pytest.raises(ValueError, match="dvalues must have nnz"):
+        _core.csr_rows_backward(W.structure, W.values, sel, g, x, dx, dv[:-1])
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        _core.csr_rows_backward(W.structure, W.values, sel, g[:, :5], x, dx, dv)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, in_features\) = \(4, 5\); got \(4, 4\)"):
+        _core.csr_rows_backward(W.structure, W.values, sel, g, x[:, :4], dx, dv)
+    with pytest.raises(ValueError, match=r"grad_output must have shape .* = \(3, 6\); got \(4, 6\)"):
+        _core.csr_rows_backward(W.structure, W.values, sel, g, x[:3], dx, dv)
+    with pytest.raises(ValueError, match="dvalues must not share memory with values"):
+        _core.csr_rows_backward(W.structure, W.values, sel, g, x, dx, W.values)
+    with pytest.raises(ValueError, match="grad_input must not share memory with grad_output"):
+        _core.csr_rows_backward(W.structure, W.values, sel, g, x, g[:, :5], dv)
+    with pytest.raises(ValueError, match="grad_input must not share memory with x"):
+        _core.csr_rows_backward(W.structure, W.values, sel, g, x, x, dv)
+    assert np.all(dx == 7) and np.all(dv == 7)
 
 
 def _msbp_reference(g, memory, alpha, k):

@@ -572,23 +572,37 @@ PYBIND11_MODULE(_core, m) {
       py::arg("w"), py::arg("indices"), py::arg("values"), py::arg("cols"), py::arg("selected"),
       py::arg("grad_output"), py::arg("x"), py::arg("dx"), py::arg("dvalues"));
   m.def(
-      "row_positions",
-      [](const py::array& indptr, const py::object& rows) {
-        if (!py::array_t<int64_t>::check_(indptr) || indptr.ndim() != 1 || indptr.shape(0) < 1 ||
-            !(indptr.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-          throw sparsebp::ValueError("indptr must be a contiguous 1-D int64 array of rows + 1 entries");
-        using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-        const IndexArray r(rows);
-        if (r.ndim() != 1) throw sparsebp::ValueError(str_cat("rows must be 1-D; got ", r.ndim(), "-D"));
-        const int64_t n = r.shape(0);
-        const auto* ip = static_cast<const int64_t*>(indptr.data());
-        py::array_t<int64_t> sub(n + 1);
-        sparsebp::row_positions(ip, indptr.shape(0), r.data(), n, sub.mutable_data(), nullptr);
-        py::array_t<int64_t> pos(sub.data()[n]);
-        sparsebp::row_positions(ip, indptr.shape(0), r.data(), n, sub.mutable_data(), pos.mutable_data());
-        return py::make_tuple(sub, pos);
+      "csr_rows_backward",
+      [](const CsrStructure& w, const py::array& values, const py::array& sel, const py::array& grad_output,
+         const py::array& x, const py::object& grad_input, const py::object& dvalues) {
+        int64_t nv = 0, ndv = 0;
+        const float* v = vector_of<const float>(values, "values", false, &nv);
+        if (!py::array_t<int32_t>::check_(sel) || sel.ndim() != 1 ||
+            !(sel.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+          throw sparsebp::ValueError("selected must be a contiguous 1-D int32 array");
+        const auto gd = dense_of<const float>(grad_output, "grad_output", false);
+        const auto xd = dense_of<const float>(x, "x", false);
+        sparsebp::DenseOut gid{};
+        const bool want_gi = !grad_input.is_none();
+        if (want_gi) gid = dense_of<float>(grad_input.cast<py::array>(), "grad_input", true);
+        float* dv = dvalues.is_none() ? nullptr : vector_of<float>(dvalues.cast<py::array>(), "dvalues", true, &ndv);
+        // Room for the selected rows' entries (a row outside the structure counts 0 here; the
+        // call below refuses it before writing).
+        const auto* sp = static_cast<const int32_t*>(sel.data());
+        int64_t room = 0;
+        for (int64_t i = 0; i < sel.shape(0); ++i)
+          if (sp[i] >= 0 && sp[i] < w.rows()) room += w.indptr()[sp[i] + 1] - w.indptr()[sp[i]];
+        py::array_t<int64_t> positions(std::min(room, w.nnz()));
+        int64_t npos = 0;
+        {
+          py::gil_scoped_release nogil;
+          sparsebp::csr_rows_backward(w, v, nv, sp, sel.shape(0), gd, xd,
+                                      want_gi ? &gid : nullptr, dv, ndv, positions.mutable_data(), &npos);
+        }
+        return positions;  // the positions of the selected rows' entries (increasing)
       },
-      py::arg("indptr"), py::arg("rows"));
+      py::arg("structure"), py::arg("values"), py::arg("selected"), py::arg("grad_output"), py::arg("x"),
+      py::arg("grad_input"), py::arg("dvalues"));
   m.def(
       "spmm_rows",
       [rowmajor, csr_arrays](const py::array& indptr, const py::array& indices, const py::array& values,

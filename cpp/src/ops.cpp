@@ -701,26 +701,6 @@ void spmm_scatter(const int64_t* indptr, int64_t rows, const int32_t* indices, c
   });
 }
 
-void row_positions(const int64_t* indptr, int64_t n_indptr, const int64_t* rows, int64_t n, int64_t* out_indptr,
-                   int64_t* out_pos) {
-  SPARSEBP_CHECK_VALUE(n_indptr >= 1 && n >= 0, "bad shape for row_positions");
-  const int64_t nrows = n_indptr - 1;
-  out_indptr[0] = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = rows[i];
-    SPARSEBP_CHECK_VALUE(r >= 0 && r < nrows, "rows[", i, "] = ", r, " is outside [0, ", nrows, ")");
-    const int64_t len = indptr[r + 1] - indptr[r];
-    SPARSEBP_CHECK_VALUE(len >= 0, "indptr must be non-decreasing (row ", r, ")");
-    out_indptr[i + 1] = out_indptr[i] + len;
-  }
-  if (!out_pos) return;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t start = indptr[rows[i]];
-    int64_t* o = out_pos + out_indptr[i];
-    for (int64_t q = 0, len = out_indptr[i + 1] - out_indptr[i]; q < len; ++q) o[q] = start + q;
-  }
-}
-
 double softmax_xent(const float* z, int64_t rows, int64_t classes, int64_t ldz, const int64_t* labels, float* grad) {
   SPARSEBP_CHECK_VALUE(rows >= 0 && classes >= 1 && ldz >= classes, "bad shape for softmax_xent");
   for (int64_t r = 0; r < rows; ++r)
@@ -1107,6 +1087,75 @@ void csr_example_backward(const int64_t* indptr, const int32_t* indices, const f
           gather_scaled_add(dv, idx, x + ex[e] * ldx, len, gv[e]);
       }
     });
+  }
+}
+
+void csr_rows_backward(const CsrStructure& w, const float* values, int64_t values_len, const int32_t* sel, int64_t n,
+                       const DenseIn& grad_output, const DenseIn& x, const DenseOut* grad_input, float* dvalues,
+                       int64_t dvalues_len, int64_t* positions, int64_t* n_positions) {
+  const int64_t rows = w.rows(), cols = w.cols(), nnz = w.nnz(), B = x.batch;
+  SPARSEBP_CHECK_VALUE(values_len == nnz, "values must have nnz = ", nnz, " entries; got ", values_len);
+  SPARSEBP_CHECK_VALUE(n >= 0, "bad selection length for csr_rows_backward");
+  if (dvalues)
+    SPARSEBP_CHECK_VALUE(dvalues_len == nnz, "dvalues must have nnz = ", nnz, " entries; got ", dvalues_len);
+  check_shape(x, B, cols, "x", "(batch, in_features)");
+  check_shape(grad_output, B, rows, "grad_output", "(batch, out_features)");
+  // The selection: strictly increasing, in [0, rows) (the ends, then the order without branches).
+  if (n > 0) {
+    SPARSEBP_CHECK_VALUE(sel[0] >= 0 && sel[n - 1] < rows, "selected holds rows outside [0, ", rows, "): ", sel[0],
+                         " .. ", sel[n - 1]);
+    bool increasing = true;
+    for (int64_t i = 1; i < n; ++i) increasing &= sel[i] > sel[i - 1];
+    if (!increasing)
+      for (int64_t i = 1; i < n; ++i)
+        SPARSEBP_CHECK_VALUE(sel[i] > sel[i - 1], "selected must be strictly increasing; selected[", i, "] = ", sel[i],
+                             " follows ", sel[i - 1]);
+  }
+  // Outputs must not overlap the inputs or each other (linear_backward checks grad_input against
+  // x and its own scratch; the caller's G and values are checked here).
+  const Span sg = span_of(grad_output, layout_of(grad_output, "grad_output")), sv = span_of(values, values_len);
+  const Span sdv = span_of(dvalues, dvalues_len);
+  if (grad_input)
+    check_no_overlap(span_of(*grad_input, layout_of(*grad_input, "grad_input")), "grad_input",
+                     {{sg, "grad_output"}, {sv, "values"}, {sdv, "dvalues"}});
+  if (dvalues) check_no_overlap(sdv, "dvalues", {{span_of(x, layout_of(x, "x")), "x"}, {sg, "grad_output"}, {sv, "values"}});
+  // The selected rows' sub-matrix: row pointers, column indices and values, and the positions of
+  // its entries in W (the rows' runs, in order).
+  std::vector<int64_t> sub_ptr(static_cast<size_t>(n + 1));
+  sub_ptr[0] = 0;
+  const int64_t* ip = w.indptr();
+  for (int64_t i = 0; i < n; ++i) sub_ptr[i + 1] = sub_ptr[i] + (ip[sel[i] + 1] - ip[sel[i]]);
+  const int64_t sub_nnz = sub_ptr[n];
+  std::vector<int32_t> sub_idx(static_cast<size_t>(sub_nnz));
+  float* sub_vals = workspace().get(7, sub_nnz);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p0 = ip[sel[i]], len = sub_ptr[i + 1] - sub_ptr[i];
+    std::memcpy(sub_idx.data() + sub_ptr[i], w.indices() + p0, static_cast<size_t>(len) * sizeof(int32_t));
+    std::memcpy(sub_vals + sub_ptr[i], values + p0, static_cast<size_t>(len) * sizeof(float));
+    if (positions)
+      for (int64_t q = 0; q < len; ++q) positions[sub_ptr[i] + q] = p0 + q;
+  }
+  if (n_positions) *n_positions = sub_nnz;
+  // (W's rows are valid and in order: the sub-matrix's check is one cheap pass over its entries.)
+  const CsrStructure sub = CsrStructure::build(n, cols, sub_ptr.data(), n + 1, sub_idx.data(), sub_nnz);
+  // G's selected columns, gathered straight into the kernels' feature-major layout.
+  const int64_t ldg = padded_ld(B);
+  float* gs = workspace().get(8, std::max<int64_t>(n, 1) * ldg);
+  const float* g = grad_output.data;
+  const int64_t gb = grad_output.stride_batch, gf = grad_output.stride_feature;
+  for (int64_t i = 0; i < n; ++i) {
+    float* dst = gs + i * ldg;
+    const float* src = g + sel[i] * gf;
+    for (int64_t b = 0; b < B; ++b) dst[b] = src[b * gb];
+  }
+  const DenseIn gsub{gs, B, n, 1, ldg};
+  float* dv_sub = dvalues ? workspace().get(9, sub_nnz) : nullptr;
+  linear_backward(sub, sub_vals, sub_nnz, gsub, x, grad_input, dv_sub, sub_nnz, nullptr, 0);
+  if (dvalues) {
+    std::fill(dvalues, dvalues + nnz, 0.0f);
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(dvalues + ip[sel[i]], dv_sub + sub_ptr[i],
+                  static_cast<size_t>(sub_ptr[i + 1] - sub_ptr[i]) * sizeof(float));
   }
 }
 

@@ -296,22 +296,6 @@ def selected_backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray
     return MePropGrads(dx, dw, db, sel, wrows)
 
 
-def _row_subset(w, rows: np.ndarray):
-    """The CSR of the given rows of w (in that order) and the positions of its entries in w."""
-    from .csr import CSR
-
-    indptr, pos = _row_positions(w, rows)
-    sub = CSR(indptr, w.indices[pos], np.ascontiguousarray(w.values[pos]), (len(rows), w.shape[1]))
-    return sub, pos
-
-
-def _row_positions(w, rows: np.ndarray):
-    """For the given rows of the CSR w (in that order): the row pointers of their sub-matrix and the
-    positions of their entries in w (one C++ pass: the NumPy version, five passes, took ~85 us a
-    layer per step in the demo's sparse + meProp model)."""
-    return _core.row_positions(w.indptr, rows)
-
-
 def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, selected: np.ndarray, mode: str, *,
                           input_grad: bool = True):
     """Sparse weights and sparse gradients together: the backward of ``y = x @ W.T`` for a CSR
@@ -347,10 +331,13 @@ def csr_selected_backward(grad_output: np.ndarray, x: np.ndarray, weight, select
         raise ValueError(f"selected must be 1-D in mode 'unified'; got shape {sel.shape}")
     _check_range(sel, weight.shape[0])
     _check_column_set(sel)
-    rows = np.unique(sel).astype(np.int64)
-    gs = np.ascontiguousarray(g[:, rows])
-    sub, pos = _row_subset(weight, rows)
-    r = ops.linear_backward(gs, x, sub, input_grad=input_grad, bias_grad=False)
-    dv = np.zeros(weight.nnz, dtype=np.float32)
-    dv[pos] = r.grad_values
-    return r.grad_input, dv, pos
+    if _core.first_not_increasing(sel) >= 0:  # a set given out of order (topk_columns sorts its own)
+        sel = np.sort(sel)
+    out_f, in_f = weight.shape
+    xx = ops._dense_in(x, "x", f"({g.shape[0]}, {in_f})", in_f, g.shape[0])
+    dx = ops.empty((g.shape[0], in_f), order="C") if input_grad else None  # (C order, as x)
+    dv = np.empty(weight.nnz, dtype=np.float32)
+    # One C++ call: the selected rows' sub-matrix and G's columns gathered, linear_backward's
+    # kernels on them, dv scattered (these steps from Python took ~70 us a call more).
+    pos = _core.csr_rows_backward(weight.structure, weight.values, sel, g, xx, dx, dv)
+    return dx, dv, pos

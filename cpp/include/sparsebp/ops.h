@@ -127,13 +127,19 @@ void csr_example_backward(const int64_t* indptr, const int32_t* indices, const f
                           int32_t* touched, int64_t* n_touched, bool structure_checked = false,
                           int64_t* positions = nullptr, int64_t* n_positions = nullptr);
 
-// The positions of the given rows' entries in a CSR with row pointers indptr (n_indptr entries:
-// rows + 1, non-decreasing, from 0): for rows[0 .. n) in that order, out_indptr (n + 1) of their
-// sub-matrix and, when out_pos is not null, out_pos[out_indptr[i] + q] = indptr[rows[i]] + q. Each
-// row in [0, rows), else ValueError. out_pos needs room for out_indptr[n] entries (call once with
-// out_pos null to learn it).
-void row_positions(const int64_t* indptr, int64_t n_indptr, const int64_t* rows, int64_t n, int64_t* out_indptr,
-                   int64_t* out_pos);
+// Unified sparse-gradient backward of y = x W^T for a CSR W (rows x cols) with the output gradient
+// G (B x rows) kept only in the columns sel (n of them, strictly increasing, each in [0, rows);
+// ValueError otherwise):
+//   grad_input (B x cols; may be null) = G[:, sel] W[sel, :], overwritten
+//   dvalues (nnz; may be null): entry p of a selected row j gets sum_b G[b, j] x[b, indices[p]];
+//                               every other entry 0
+// linear_backward's kernels over the selected rows' sub-matrix (built here, with G's selected
+// columns, in one call: from Python the same steps cost ~70 us a call more). positions (room for
+// nnz; may be null) / *n_positions: the positions in W of the selected rows' entries, increasing.
+// Outputs must not overlap inputs or each other.
+void csr_rows_backward(const CsrStructure& w, const float* values, int64_t values_len, const int32_t* sel, int64_t n,
+                       const DenseIn& grad_output, const DenseIn& x, const DenseOut* grad_input, float* dvalues,
+                       int64_t dvalues_len, int64_t* positions, int64_t* n_positions);
 
 // Mean softmax cross-entropy of the logits z (rows x classes, row stride ldz) against labels (each
 // in [0, classes), else ValueError), and its gradient into grad (rows x classes, contiguous):
