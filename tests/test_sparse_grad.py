@@ -745,6 +745,28 @@ def test_csr_unified_backward_against_float64(isa, threads):
         sparsebp.set_num_threads(before)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(0, 80), rows=st.integers(1, 60), cols=st.integers(1, 70),
+       density=st.sampled_from([0.0, 0.05, 0.3, 1.0]), frac=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
+def test_hypothesis_csr_unified_backward(isa, batch, rows, cols, density, frac, seed):
+    """Sparse weights with a unified sparse gradient on random shapes, densities (empty and full
+    matrices included) and sets of rows given in any order, against float64."""
+    rng = np.random.default_rng(seed)
+    W, dense = _csr_case(rng, rows, cols, density)
+    g = rng.standard_normal((batch, rows)).astype(np.float32)
+    x = rng.standard_normal((batch, cols)).astype(np.float32)
+    sel = rng.permutation(rows)[:round(frac * rows)].astype(np.int32)
+    dx, dv, pos = csr_selected_backward(g, x, W, sel, "unified")
+    gh = np.zeros((batch, rows))
+    gh[:, sel] = g[:, sel]
+    d64 = dense.astype(np.float64)
+    ref.assert_close(dx, gh @ d64, np.abs(gh) @ np.abs(d64), max(len(sel), 1), "dx")
+    rr = np.repeat(np.arange(rows), np.diff(W.indptr))
+    ref.assert_close(dv, (gh.T @ x.astype(np.float64))[rr, W.indices],
+                     (np.abs(gh).T @ np.abs(x.astype(np.float64)))[rr, W.indices], max(batch, 1), "dvalues")
+    np.testing.assert_array_equal(pos, np.flatnonzero(np.isin(rr, sel)))
+
+
 def test_csr_rows_backward_bad_input():
     """The engine call under the unified path refuses, before writing anything, a selection that is
     not strictly increasing or leaves the rows, wrong lengths and outputs that share memory with an
