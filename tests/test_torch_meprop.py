@@ -11,40 +11,50 @@ import reference as ref  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", ["example", "unified"])
-def test_meprop_linear_against_masked_float64(isa, mode):
+@pytest.mark.parametrize("lead", [(2, 9), (18,), ()])
+def test_meprop_linear_against_masked_float64(isa, mode, lead):
+    """(*, in) inputs: 3-D, 2-D (no reshapes) and 1-D."""
     torch.manual_seed(0)
     lin = st.MePropLinear(37, 50, k=6, mode=mode)
-    x = torch.randn(2, 9, 37, requires_grad=True)  # (*, in) inputs
+    x = torch.randn(*lead, 37, requires_grad=True)
     y = lin(x)
+    assert y.shape == (*lead, 50)
     w64 = lin.weight.detach().double()
     assert torch.allclose(y.double(), x.detach().double() @ w64.T + lin.bias.detach().double(), atol=1e-5)
-    g = torch.randn(2, 9, 50)
+    g = torch.randn(*lead, 50)
     y.backward(g)
     g2 = g.reshape(-1, 50).double().numpy()
     gh = ref.topk_masked(g2, 6, mode)
     x2 = x.detach().reshape(-1, 37).double().numpy()
+    n = x2.shape[0]
+    assert x.grad.shape == x.shape
     ref.assert_close(x.grad.reshape(-1, 37), gh @ w64.numpy(), np.abs(gh) @ np.abs(w64.numpy()), 50, "dx")
-    ref.assert_close(lin.weight.grad, gh.T @ x2, np.abs(gh).T @ np.abs(x2), 18, "dW")
-    ref.assert_close(lin.bias.grad, g2.sum(0), np.abs(g2).sum(0), 18, "db (full gradient)")
+    ref.assert_close(lin.weight.grad, gh.T @ x2, np.abs(gh).T @ np.abs(x2), n, "dW")
+    ref.assert_close(lin.bias.grad, g2.sum(0), np.abs(g2).sum(0), n, "db (full gradient)")
 
 
 @pytest.mark.parametrize("mode", ["example", "unified"])
-def test_sparse_linear_with_grad_topk_against_masked_float64(isa, mode):
+@pytest.mark.parametrize("lead", [(11,), (2, 6), ()])
+def test_sparse_linear_with_grad_topk_against_masked_float64(isa, mode, lead):
+    """(*, in) inputs: 2-D (no reshapes), 3-D and 1-D."""
     torch.manual_seed(1)
     lin = st.SparseLinear(40, 30, sparsity=0.8, grad_topk=4, grad_mode=mode)
-    x = torch.randn(11, 40, requires_grad=True)
+    x = torch.randn(*lead, 40, requires_grad=True)
     y = lin(x)
-    g = torch.randn(11, 30)
+    assert y.shape == (*lead, 30)
+    g = torch.randn(*lead, 30)
     y.backward(g)
     wd = lin.weight.detach().double().numpy()
-    g2 = g.double().numpy()
+    g2 = g.reshape(-1, 30).double().numpy()
     gh = ref.topk_masked(g2, 4, mode)
-    x2 = x.detach().double().numpy()
-    ref.assert_close(x.grad, gh @ wd, np.abs(gh) @ np.abs(wd), 30, "dx")
+    x2 = x.detach().reshape(-1, 40).double().numpy()
+    assert x.grad.shape == x.shape
+    ref.assert_close(x.grad.reshape(-1, 40), gh @ wd, np.abs(gh) @ np.abs(wd), 30, "dx")
     rows = np.repeat(np.arange(30), np.diff(lin.indptr.numpy()))
     cols = lin.indices.numpy()
-    ref.assert_close(lin.values.grad, (gh.T @ x2)[rows, cols], (np.abs(gh).T @ np.abs(x2))[rows, cols], 11, "dvalues")
-    ref.assert_close(lin.bias.grad, g2.sum(0), np.abs(g2).sum(0), 11, "db")
+    n = x2.shape[0]
+    ref.assert_close(lin.values.grad, (gh.T @ x2)[rows, cols], (np.abs(gh).T @ np.abs(x2))[rows, cols], n, "dvalues")
+    ref.assert_close(lin.bias.grad, g2.sum(0), np.abs(g2).sum(0), n, "db")
 
 
 def test_policy_subclass_is_kept_by_the_torch_layers(isa):

@@ -566,23 +566,29 @@ def _check_same_device(**tensors) -> None:
                          "with .to(device) or the input to the module's device")
 
 
-def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
-           in_features: int, out_features: int) -> Tensor:
-    """``y = x @ W.T + bias`` with ``W`` (out_features x in_features) in CSR form (``indptr`` int64,
-    ``indices`` int32, ``values`` the stored entries). ``x`` has shape ``(*, in_features)``;
-    differentiable in ``x``, ``values`` and ``bias``."""
-    # The common call, everything right (a 2-D float x of the right width, plain tensors on one CPU
-    # or usable CUDA device, not being traced), goes straight to the kernels: the checks below give
-    # the errors, and the slow path, when anything is off.
+def _common_call(x, values, bias, indptr, indices, in_features: int, out_features: int) -> bool:
+    """Whether a call of linear is the common one, everything right (a 2-D float x of the right
+    width, plain tensors on one CPU or usable CUDA device, not being traced): it may go straight to
+    the kernels, and linear's checks give the errors (and the slow path) otherwise."""
     dev = x.device if type(x) in _PLAIN else None
-    if (dev is not None and type(values) in _PLAIN and x.dim() == 2 and x.shape[1] == in_features
+    return (dev is not None and type(values) in _PLAIN and x.dim() == 2 and x.shape[1] == in_features
             and x.dtype in _FLOATS and values.dtype == x.dtype and values.device == dev
             and type(indices) in _PLAIN and type(indptr) in _PLAIN and indices.device == dev and indptr.device == dev
             and values.dim() == 1 and indices.dim() == 1 and values.shape[0] == indices.shape[0]
             and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype and bias.device == dev
                                   and bias.dim() == 1 and bias.shape[0] == out_features))
             and (dev.type == "cpu" or (dev.type == "cuda" and _cuda.compiled()))
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling())
+
+
+def linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indptr: Tensor, indices: Tensor,
+           in_features: int, out_features: int) -> Tensor:
+    """``y = x @ W.T + bias`` with ``W`` (out_features x in_features) in CSR form (``indptr`` int64,
+    ``indices`` int32, ``values`` the stored entries). ``x`` has shape ``(*, in_features)``;
+    differentiable in ``x``, ``values`` and ``bias``."""
+    # The common call goes straight to the kernels; the checks below give the errors, and the slow
+    # path, when anything is off.
+    if _common_call(x, values, bias, indptr, indices, in_features, out_features):
         return _linear_eager(x, values, bias, indptr, indices, out_features)
     for v, name in ((in_features, "in_features"), (out_features, "out_features")):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:

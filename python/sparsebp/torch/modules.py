@@ -268,7 +268,7 @@ class SparseLinear(_SparseWeight):
         if policy is not None and torch.is_grad_enabled() and (input.requires_grad or self.values.requires_grad):
             from .meprop import sparse_meprop_linear
 
-            _ops._check_tensor(input, "input")
+            _ops._check_tensor(input, "input")  # (named "input" here; sparse_meprop_linear's says "x")
             return sparse_meprop_linear(input, self.values, self.bias, self.indptr, self.indices, self.in_features,
                                         self.out_features, policy)
         return _ops.linear(input, self.values, self.bias, self.indptr, self.indices, self.in_features,
