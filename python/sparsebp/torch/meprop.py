@@ -240,7 +240,9 @@ class _SparseMePropFn(torch.autograd.Function):
             sel = _select(ctx.policy, g)
             if g.dtype == torch.float32:
                 # (the structure the forward ran on, validated once and cached per index tensors)
-                s = ctx.cpu_structure or _ops.structure_of(indptr, indices, *ctx.shape)
+                s = ctx.cpu_structure
+                if s is None:  # (a forward that did not run the CPU kernel itself)
+                    s = _ops.structure_of(indptr, indices, *ctx.shape)
                 w = CSR._from_structure(s, values.detach().numpy())
                 dx, dv, _ = csr_selected_backward(sel.grad, x.detach().contiguous().numpy(), w, sel.cols, sel.mode,
                                                   input_grad=need_x)
