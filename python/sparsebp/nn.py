@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _core, _cuda, ops
 from ._files import read_safetensors
-from .algorithms import MeProp, MeSimp, MSBP, SparseGrad
+from .algorithms import _BUILT_IN_POLICIES, MeSimp, SparseGrad
 from .blocks import check_adam_args, check_lr, check_sgd_args, param_rows, row_gradient
 from .csr import CSR
 from .sparse_grad import csr_selected_backward, selected_backward
@@ -32,7 +32,6 @@ __all__ = ["Param", "Linear", "SparseLinear", "ReLU", "Dropout", "Sequential", "
            "fit_epochs", "evaluate", "save", "load"]
 
 _F32 = np.float32
-_BUILT_IN_POLICIES = (MeProp, MSBP, MeSimp)
 
 
 class Param:

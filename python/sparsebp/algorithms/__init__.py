@@ -218,6 +218,9 @@ class MeSimp(MeProp):
 
 
 _SETTINGS = {"MeProp": (MeProp, ("mode",)), "MSBP": (MSBP, ("alpha",)), "MeSimp": (MeSimp, ("p",))}
+# The policies with settings (what sparsebp.nn.save and sparsebp.torch.save can write); a subclass
+# of one is not among them (its settings could not rebuild it).
+_BUILT_IN_POLICIES = tuple(cls for cls, _ in _SETTINGS.values())
 
 
 def from_settings(settings: dict) -> SparseGrad:

@@ -48,9 +48,6 @@ def _geometry(m: nn.Module) -> dict:
     return geometry
 
 
-_BUILT_IN_POLICIES = (_alg.MeProp, _alg.MSBP, _alg.MeSimp)
-
-
 def _policy_of(m: nn.Module):
     """(layer kind, its sparse-gradient policy or None) of a module that can have one, else None."""
     if isinstance(m, SparseLinear):
@@ -68,7 +65,7 @@ def _policies(model: nn.Module) -> dict:
         if kind_policy is None or kind_policy[1] is None:
             continue
         kind, policy = kind_policy
-        if type(policy) not in _BUILT_IN_POLICIES:
+        if type(policy) not in _alg._BUILT_IN_POLICIES:
             warnings.warn(f"the {kind} {n!r} has a policy of its own type ({type(policy).__name__}), which is not "
                           f"saved: set it again after loading", UserWarning, stacklevel=4)  # (at the save call)
             continue
