@@ -695,8 +695,8 @@ def test_csr_example_backward_bad_input():
 def test_csr_unified_backward_against_float64(isa, threads):
     """Sparse weights with a unified sparse gradient (one set of rows for the batch): dx = G[:, T] W[T]
     and the weight gradient at the stored entries of the rows in T (zero elsewhere) against float64,
-    with batches below and above the kernels' batch tile, one example and none, empty rows selected,
-    k = 0, every row, a set given out of order, and x in Fortran order; the same bits on 1 and 2
+    with batches below and above the kernels' batch tile, one example and none, empty rows selected
+    (and only empty rows: no entries to copy at all), k = 0, every row, a set given out of order, and x in Fortran order; the same bits on 1 and 2
     threads, out of order or sorted, and with or without dx; inputs left as they were."""
     import sparsebp
 
@@ -705,7 +705,7 @@ def test_csr_unified_backward_against_float64(isa, threads):
     try:
         for batch, rows, cols, density, k in ((5, 12, 9, 0.5, 3), (200, 150, 300, 0.2, 30), (1, 40, 17, 0.3, 6),
                                               (0, 10, 8, 0.5, 4), (7, 20, 11, 0.4, 0), (9, 16, 13, 0.6, 16),
-                                              (64, 500, 784, 0.1, 20)):
+                                              (64, 500, 784, 0.1, 20), (6, 10, 8, 0.5, 2)):
             W, dense = _csr_case(rng, rows, cols, density, empty_rows=(0, rows - 1))
             g = rng.standard_normal((batch, rows)).astype(np.float32)
             x = rng.standard_normal((batch, cols)).astype(np.float32)

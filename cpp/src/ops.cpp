@@ -1130,6 +1130,7 @@ void csr_rows_backward(const CsrStructure& w, const float* values, int64_t value
   float* sub_vals = workspace().get(7, sub_nnz);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t p0 = ip[sel[i]], len = sub_ptr[i + 1] - sub_ptr[i];
+    if (len == 0) continue;  // (an empty row: no copy; with no entries at all the buffers are null)
     std::memcpy(sub_idx.data() + sub_ptr[i], w.indices() + p0, static_cast<size_t>(len) * sizeof(int32_t));
     std::memcpy(sub_vals + sub_ptr[i], values + p0, static_cast<size_t>(len) * sizeof(float));
     if (positions)
@@ -1154,8 +1155,9 @@ void csr_rows_backward(const CsrStructure& w, const float* values, int64_t value
   if (dvalues) {
     std::fill(dvalues, dvalues + nnz, 0.0f);
     for (int64_t i = 0; i < n; ++i)
-      std::memcpy(dvalues + ip[sel[i]], dv_sub + sub_ptr[i],
-                  static_cast<size_t>(sub_ptr[i + 1] - sub_ptr[i]) * sizeof(float));
+      if (sub_ptr[i + 1] > sub_ptr[i])
+        std::memcpy(dvalues + ip[sel[i]], dv_sub + sub_ptr[i],
+                    static_cast<size_t>(sub_ptr[i + 1] - sub_ptr[i]) * sizeof(float));
   }
 }
 
