@@ -696,8 +696,9 @@ def test_csr_unified_backward_against_float64(isa, threads):
     """Sparse weights with a unified sparse gradient (one set of rows for the batch): dx = G[:, T] W[T]
     and the weight gradient at the stored entries of the rows in T (zero elsewhere) against float64,
     with batches below and above the kernels' batch tile, one example and none, empty rows selected
-    (and only empty rows: no entries to copy at all), k = 0, every row, a set given out of order, and x in Fortran order; the same bits on 1 and 2
-    threads, out of order or sorted, and with or without dx; inputs left as they were."""
+    (and only empty rows: no entries to copy at all), k = 0, every row, a set given out of order, and
+    x in Fortran order; the same bits on 1 and 2 threads, out of order or sorted, and with or without
+    dx; inputs left as they were."""
     import sparsebp
 
     before = sparsebp.get_num_threads()
